@@ -1,0 +1,354 @@
+"""The public entry point: `Explainer(model, method=...).attribute(inputs, baselines, target)`.
+
+This module validates what the user passes (so nothing fails deep inside NumPy),
+stacks actual and reference inputs into one batch, asks the scheduler for a forward and
+a backward pass, and turns multipliers into attributions and convergence deltas.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import scheduler
+from .backend import array_module, to_host
+from .errors import InputError, ModelLoadError
+from .folding import fold_constants
+from .graph import FLOAT_DTYPES, Graph, build_graph, read_model
+from .methods import Method, get_method
+
+MAX_RULES = ("cross_max", "paper")
+FINAL_ACTIVATIONS = ("strip", "keep")
+STRIPPED_FINAL_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+class Explainer:
+    """Attributions for an ONNX model.
+
+    Parameters
+    ----------
+    model : path, bytes or onnx.ModelProto
+        The model. It is parsed and checked, never executed as code.
+    method : str
+        "deeplift" (default), "saliency", "input_x_gradient", "guided_backprop", "deconvnet".
+    backend : "numpy" (default), "cupy" or "auto".
+    max_rule : "cross_max" (default) or "paper"
+        DeepLIFT rule for MaxPool/GlobalMaxPool/ReduceMax; see README, "Max rules".
+    final_activation : "strip" (default) or "keep"
+        With "strip", a target read from a final Softmax/LogSoftmax is explained at its
+        logits with mean-normalized weights (paper 2.5), and a final Sigmoid at its input
+        (paper 2.4). "keep" explains the activation itself.
+    rules : mapping op type -> Rule, optional
+        Rules for this Explainer only, overriding registered and built-in ones.
+    output : str, optional
+        Default tensor to explain (any tensor of the graph); the model's only output if omitted.
+    """
+
+    def __init__(self, model: Any, method: str = "deeplift", *, backend: str = "numpy",
+                 max_rule: str = "cross_max", final_activation: str = "strip",
+                 rules: Mapping | None = None, output: str | None = None):
+        self.method: Method = get_method(method)
+        if max_rule not in MAX_RULES:
+            raise InputError(f"max_rule must be one of {MAX_RULES}, got {max_rule!r}")
+        if final_activation not in FINAL_ACTIVATIONS:
+            raise InputError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
+        self.xp = array_module(backend)
+        self.model = read_model(model)
+        self.graph: Graph = build_graph(self.model)
+        fold_constants(self.graph)
+        self.options = {"max_rule": max_rule, "final_activation": final_activation}
+        self.inputs = self._float_inputs()
+        self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules)
+        self.output = self._check_output(output) if output else self._default_output()
+
+    # ---- model inspection ------------------------------------------------------------------
+    def _float_inputs(self):
+        bad = [i for i in self.graph.inputs if i.dtype is None or i.dtype.type not in FLOAT_DTYPES]
+        if bad:
+            names = ", ".join(f"{i.name!r} ({i.dtype})" for i in bad)
+            raise ModelLoadError(f"liftir attributes to floating-point inputs only; this model has "
+                                 f"non-float inputs: {names}")
+        if not self.graph.inputs:
+            raise ModelLoadError("the model has no inputs to attribute to")
+        return list(self.graph.inputs)
+
+    def _default_output(self) -> str:
+        outs = [o.name for o in self.graph.outputs]
+        if len(outs) != 1:
+            raise InputError(f"the model has {len(outs)} outputs ({', '.join(outs)}); pass output=NAME")
+        return outs[0]
+
+    def _check_output(self, name: str) -> str:
+        if name not in self.graph.tensor_names():
+            known = sorted(self.graph.producer)[:20]
+            raise InputError(f"no tensor named {name!r} in the model; tensors include: {', '.join(known)}")
+        if name in self.graph.constants:
+            raise InputError(f"tensor {name!r} is a constant of the model; it has no attribution")
+        return name
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    # ---- input validation --------------------------------------------------------------------
+    def _unpack(self, inputs, what: str):
+        """Inputs as a list in model-input order, plus how to pack results the same way."""
+        names = self.input_names
+        if isinstance(inputs, Mapping):
+            unknown = set(inputs) - set(names)
+            missing = [n for n in names if n not in inputs]
+            if unknown or missing:
+                raise InputError(f"{what}: keys must be the model inputs {names}; "
+                                 f"unknown {sorted(unknown)}, missing {missing}")
+            return [inputs[n] for n in names], ("dict", names)
+        if isinstance(inputs, (tuple, list)) and len(names) > 1:
+            if len(inputs) != len(names):
+                raise InputError(f"{what}: the model has {len(names)} inputs {names}, got {len(inputs)} arrays")
+            return list(inputs), ("tuple", None)
+        if isinstance(inputs, tuple) and len(names) == 1 and len(inputs) == 1:
+            return [inputs[0]], ("tuple", None)
+        if len(names) > 1:
+            raise InputError(f"{what}: the model has {len(names)} inputs {names}; pass a tuple or a dict")
+        return [inputs], ("array", None)
+
+    @staticmethod
+    def _pack(values, kind):
+        form, names = kind
+        if form == "dict":
+            return dict(zip(names, values))
+        if form == "tuple":
+            return tuple(values)
+        return values[0]
+
+    def _as_array(self, value, info, what: str) -> np.ndarray:
+        if hasattr(value, "__cuda_array_interface__"):  # a CuPy (or other GPU) array
+            value = to_host(value)
+        try:
+            arr = np.asarray(value)
+        except Exception as exc:
+            raise InputError(f"{what} for input {info.name!r} is not an array: {exc}") from None
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{what} for input {info.name!r} has dtype {arr.dtype}; "
+                             f"expected real numbers (float, int or bool)")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise InputError(f"{what} for input {info.name!r} contains {bad} NaN/Inf value(s)")
+        return arr.astype(info.dtype, copy=False)
+
+    def _check_shape(self, arr: np.ndarray, info, what: str) -> None:
+        if info.shape is None:
+            return
+        if arr.ndim != len(info.shape):
+            raise InputError(f"{what} for input {info.name!r} has shape {arr.shape}; the model expects "
+                             f"rank {len(info.shape)} ({_shape_str(info.shape)})")
+        for axis, (got, want) in enumerate(zip(arr.shape[1:], info.shape[1:]), start=1):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InputError(f"{what} for input {info.name!r} has shape {arr.shape}; the model expects "
+                                 f"{_shape_str(info.shape)} (axis {axis} must be {want})")
+
+    def _prepare(self, inputs, baselines, need_reference: bool):
+        xs, kind = self._unpack(inputs, "inputs")
+        xs = [self._as_array(x, info, "inputs") for x, info in zip(xs, self.inputs)]
+        for x, info in zip(xs, self.inputs):
+            if x.ndim == 0:
+                raise InputError(f"inputs for {info.name!r} must have a batch axis, got a scalar")
+            self._check_shape(x, info, "inputs")
+        n = xs[0].shape[0]
+        if any(x.shape[0] != n for x in xs):
+            raise InputError(f"all inputs must have the same batch size, got {[x.shape[0] for x in xs]}")
+        if n == 0:
+            raise InputError("inputs have an empty batch")
+        if not need_reference:
+            return xs, None, kind
+        if baselines is None:
+            refs = [np.zeros((1,) + x.shape[1:], x.dtype) for x in xs]
+        else:
+            if len(self.inputs) == 1 and not isinstance(baselines, (Mapping, tuple)):
+                bs = [baselines]
+            elif isinstance(baselines, (int, float)):
+                bs = [baselines] * len(xs)
+            else:
+                bs, _ = self._unpack(baselines, "baselines")
+            refs = [self._baseline(b, x, info) for b, x, info in zip(bs, xs, self.inputs)]
+        if any(r.shape[0] == n and n > 1 for r in refs):  # per-sample references: all to N rows
+            refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
+        return xs, refs, kind
+
+    def _baseline(self, b, x: np.ndarray, info) -> np.ndarray:
+        if np.isscalar(b):
+            return np.full((1,) + x.shape[1:], b, dtype=x.dtype)
+        arr = self._as_array(b, info, "baselines")
+        if arr.shape == x.shape[1:]:
+            arr = arr[None]
+        if arr.ndim != x.ndim or arr.shape[0] not in (1, x.shape[0]):
+            raise InputError(f"baselines for input {info.name!r} have shape {arr.shape}; expected "
+                             f"{x.shape}, (1, {', '.join(map(str, x.shape[1:]))}) or {x.shape[1:]}")
+        try:
+            return np.broadcast_to(arr, (arr.shape[0],) + x.shape[1:])
+        except ValueError:
+            raise InputError(f"baselines for input {info.name!r} of shape {arr.shape} do not broadcast "
+                             f"to the inputs' shape {x.shape}") from None
+
+    # ---- targets -----------------------------------------------------------------------------
+    def _explained_tensor(self, output: str) -> tuple[str, str | None]:
+        """(tensor whose value is explained, final op stripped or None)."""
+        if self.options["final_activation"] != "strip":
+            return output, None
+        src = self.graph.producer.get(output)
+        node = self.graph.nodes.get(src) if src else None
+        if node is None or node.op_type not in STRIPPED_FINAL_OPS:
+            return output, None
+        if node.op_type != "Sigmoid" and node.opset < 13 and len(self._shape_hint(output)) > 2:
+            return output, None  # old-opset softmax over flattened trailing axes: keep it
+        return node.inputs[0], node.op_type
+
+    def _shape_hint(self, name: str):
+        info = self.graph.tensor_info(name)
+        return info.shape if info is not None and info.shape is not None else (None, None)
+
+    def _seed(self, out_shape: tuple[int, ...], target, stripped: str | None, axis: int):
+        """The initial multipliers (K, N, *out_shape[1:]) selecting the explained quantity."""
+        n = out_shape[0]
+        rest = out_shape[1:]
+        mask = np.zeros((1, n) + rest, dtype=np.float64)
+        size = int(np.prod(rest)) if rest else 1
+        if target is None:
+            if size != 1:
+                raise InputError(f"the explained output has shape {('N',) + rest}: pass target= "
+                                 f"(an index, one index per sample, or a tuple over the non-batch axes)")
+            mask[...] = 1.0
+        else:
+            index = self._target_index(target, n, rest)
+            mask[(0, np.arange(n)) + index] = 1.0
+        if stripped in ("Softmax", "LogSoftmax"):
+            ax = axis if axis >= 0 else len(out_shape) + axis
+            if ax == 0:
+                raise InputError("a Softmax over the batch axis cannot be explained per sample")
+            mask = mask - mask.sum(axis=ax + 1, keepdims=True) / out_shape[ax]  # paper 2.5
+        return mask
+
+    @staticmethod
+    def _target_index(target, n: int, rest: tuple[int, ...]) -> tuple:
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            if len(rest) != 1:
+                raise InputError(f"an int target indexes axis 1 of an (N, C) output; this output is "
+                                 f"{('N',) + rest}: pass a tuple with one index per non-batch axis")
+            if not -rest[0] <= target < rest[0]:
+                raise InputError(f"target {target} is out of range for {rest[0]} outputs")
+            return (np.full(n, int(target) % rest[0]),)
+        if isinstance(target, tuple):
+            if len(target) != len(rest) or not all(isinstance(t, (int, np.integer)) for t in target):
+                raise InputError(f"a tuple target needs one int per non-batch axis of the output "
+                                 f"{('N',) + rest}, got {target!r}")
+            for t, size in zip(target, rest):
+                if not -size <= t < size:
+                    raise InputError(f"target {target!r} is out of range for output shape {('N',) + rest}")
+            return tuple(np.full(n, int(t) % size) for t, size in zip(target, rest))
+        if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, str):
+            arr = np.asarray(target)
+            if arr.ndim != 1 or arr.shape[0] != n or arr.dtype.kind not in "iu":
+                raise InputError(f"a sequence target needs one int per sample ({n}), got shape {arr.shape}")
+            if len(rest) != 1:
+                raise InputError(f"per-sample int targets index axis 1 of an (N, C) output; this output is "
+                                 f"{('N',) + rest}")
+            if (arr < -rest[0]).any() or (arr >= rest[0]).any():
+                raise InputError(f"targets {arr.tolist()} out of range for {rest[0]} outputs")
+            return (arr % rest[0],)
+        raise InputError(f"target must be None, an int, a tuple of ints or a sequence of ints, got {target!r}")
+
+    # ---- running ---------------------------------------------------------------------------------
+    def predict(self, inputs, output: str | None = None):
+        """The value of `output` (default: the explained output) for `inputs`, as NumPy."""
+        xs, _, _ = self._prepare(inputs, None, need_reference=False)
+        out = self._check_output(output) if output else self.output
+        feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
+        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), "gradient", self.options)
+        return to_host(run.device(out))
+
+    def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,
+                  return_convergence_delta: bool = False, batch_size: int | None = None,
+                  progress: bool = False):
+        """Attributions of the target output to each input feature, shaped like `inputs`.
+
+        Returns the same container as `inputs` (array, tuple or dict); with
+        `return_convergence_delta=True` also `delta` (N,): the sum of attributions minus
+        f(x)_t - f(x0)_t (DeepLIFT's summation-to-delta; ~0 up to float round-off). For
+        gradient methods delta is None.
+        """
+        xs, refs, kind = self._prepare(inputs, baselines, self.method.uses_reference)
+        out = self._check_output(output) if output else self.output
+        n = xs[0].shape[0]
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
+            target = np.asarray(target)
+            if target.ndim != 1 or target.shape[0] != n:
+                raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
+        step = batch_size or n
+        chunks = range(0, n, step)
+        if progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, total=len(chunks), desc=f"liftir {self.method.name}", unit="batch")
+        attrs_parts, delta_parts = [], []
+        for start in chunks:
+            sl = slice(start, start + step)
+            sub_target = target[sl] if isinstance(target, np.ndarray) else target
+            sub_refs = None if refs is None else [r[sl] if r.shape[0] == n and n > 1 else r for r in refs]
+            a, d = self._attribute_batch([x[sl] for x in xs], sub_refs, sub_target, out)
+            attrs_parts.append(a)
+            delta_parts.append(d)
+        attrs = [np.concatenate([p[i] for p in attrs_parts]) for i in range(len(xs))]
+        result = self._pack(attrs, kind)
+        if return_convergence_delta:
+            delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
+            return result, delta
+        return result
+
+    def _attribute_batch(self, xs, refs, target, output: str):
+        xp = self.xp
+        n = xs[0].shape[0]
+        method = self.method
+        explained, stripped = self._explained_tensor(output)
+        r = 0 if refs is None else refs[0].shape[0]
+        feeds = {}
+        for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs)):
+            stacked = x if ref is None else np.concatenate([x, ref])
+            feeds[name] = xp.asarray(stacked)
+        run = scheduler.forward(self.plan, xp, feeds, n, r, (explained,), method.mode, self.options)
+        value = run.device(explained)
+        axis = self._softmax_axis(output) if stripped else -1
+        seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)
+        seed_dev = xp.asarray(seed.astype(value.dtype))
+        grads = scheduler.backward(run, {explained: seed_dev}, tuple(self.input_names), (explained,))
+        attributions = []
+        for name, x in zip(self.input_names, xs):
+            m = grads[name]
+            if m is None:
+                attributions.append(np.zeros_like(x))
+                continue
+            m = m[0]
+            if method.attribution == "delta":
+                m = m * (run.actual(name) - run.reference(name))
+            elif method.attribution == "input":
+                m = m * run.actual(name)
+            attributions.append(to_host(m).astype(x.dtype, copy=False))
+        delta = None
+        if method.uses_reference:
+            actual = to_host(run.actual(explained)).astype(np.float64)
+            reference = to_host(run.reference(explained)).astype(np.float64)
+            f_act = (seed[0] * actual).reshape(n, -1).sum(axis=1)
+            f_ref = (seed[0] * np.broadcast_to(reference, actual.shape)).reshape(n, -1).sum(axis=1)
+            total = sum(a.astype(np.float64).reshape(n, -1).sum(axis=1) for a in attributions)
+            delta = total - (f_act - f_ref)
+        return attributions, delta
+
+    def _softmax_axis(self, output: str) -> int:
+        node = self.graph.nodes[self.graph.producer[output]]
+        if node.op_type == "Sigmoid":
+            return -1
+        return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape) + ")"

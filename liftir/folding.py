@@ -1,0 +1,82 @@
+"""Constant folding and shape-only ("static") tensors.
+
+Exporters emit a lot of shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat ->
+Reshape). None of it carries attribution, so none of it should need a rule:
+- nodes whose inputs are all constants are evaluated once at load and disappear;
+- nodes that depend only on constants and on *shapes* of activations (through Shape or
+  Size) are "static": evaluated on the host at run time, once per input shape.
+Both use ONNX's own reference evaluator, so their semantics are the standard's.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference import ReferenceEvaluator
+
+from .errors import ModelLoadError
+from .graph import Graph, Node
+
+SHAPE_OF_OPS = frozenset({"Shape", "Size"})
+# Ops whose value is not a function of their inputs: never folded.
+NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                                  "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def evaluate_node(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
+    """Run one node with ONNX's reference implementation on host arrays."""
+    feeds = {name: value for name, value in zip(node.inputs, inputs) if name}
+    try:
+        evaluator = ReferenceEvaluator(node.proto, opsets={node.domain: node.opset})
+        results = evaluator.run(None, feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot evaluate constant node {node.name!r} ({node.op_type}): {exc}") from exc
+    return [np.asarray(r) for r in results]
+
+
+def fold_constants(graph: Graph) -> int:
+    """Evaluate and remove every node computable from constants alone. Returns how many."""
+    folded = 0
+    for name in list(graph.order):
+        node = graph.nodes[name]
+        if node.op_type in NONDETERMINISTIC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if not all(i == "" or i in graph.constants for i in node.inputs):
+            continue
+        values = evaluate_node(node, [graph.constants.get(i) if i else None for i in node.inputs])
+        for out, value in zip(node.outputs, values):
+            if out:
+                graph.constants[out] = value
+        del graph.nodes[name]
+        folded += 1
+    if folded:
+        graph.rebuild()
+    return folded
+
+
+def static_nodes(graph: Graph) -> set[str]:
+    """Nodes whose outputs depend only on constants and on activation shapes."""
+    static_tensors: set[str] = set()
+    result: set[str] = set()
+    for name in graph.order:
+        node = graph.nodes[name]
+        if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
+            continue
+        if node.op_type in SHAPE_OF_OPS or all(
+                not i or i in graph.constants or i in static_tensors for i in node.inputs):
+            result.add(name)
+            static_tensors.update(o for o in node.outputs if o)
+    return result
+
+
+def evaluate_static(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]],
+                    values: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Evaluate a static node given the run's activation shapes and host static values."""
+    if node.op_type in SHAPE_OF_OPS:
+        shape = shapes[node.inputs[0]]
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(shape)), dtype=np.int64)]
+        start = node.attrs.get("start", 0)
+        end = node.attrs.get("end", None)
+        return [np.array(shape[start:end], dtype=np.int64)]
+    inputs = [(graph.constants[i] if i in graph.constants else values[i]) if i else None
+              for i in node.inputs]
+    return evaluate_node(node, inputs)

@@ -1,0 +1,216 @@
+"""The rule contract: how one op type runs forward and maps multipliers backward.
+
+A rule is a small stateless object registered for one or more op types:
+
+    @liftir.register_rule("Softsign")
+    class Softsign(liftir.rule.Elementwise):
+        def f(self, xp, x, ctx):  return x / (1 + abs(x))
+        def df(self, xp, x, ctx): return 1 / (1 + abs(x)) ** 2
+
+`forward(ctx, *inputs)` computes the op on the stacked batch [actual rows; reference
+rows]. `backward(ctx, *grads)` maps the multipliers of the outputs (shape (K, P, ...):
+K targets, P actual rows) to multipliers of the inputs, one per input (None for
+constants). `ctx.mode` says which method's rule to apply ("deeplift", "gradient",
+"guided_backprop", "deconvnet"); linear rules ignore it, since for an affine map the
+DeepLIFT multiplier is the weight, which is also the gradient (paper 2.3.1).
+The scheduler owns all activations; a rule reads them through `ctx`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .errors import RuleError
+
+MODES = ("deeplift", "gradient", "guided_backprop", "deconvnet")
+
+
+class NodeContext:
+    """What a rule may see of one node during a run."""
+
+    def __init__(self, node, run, plan):
+        self.node = node
+        self.attrs: dict[str, Any] = node.attrs
+        self._run = run
+        self._plan = plan
+        self.xp = run.xp
+        self.mode: str = run.mode
+        self.options: dict[str, Any] = run.options
+        self.cache: dict = plan.node_cache.setdefault(node.name, {})
+
+    # ---- attributes and constant inputs -------------------------------------------------
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    def const(self, index: int) -> np.ndarray | None:
+        """Host (NumPy) value of input `index` if it is a constant or shape-derived, else None."""
+        if index >= len(self.node.inputs) or not self.node.inputs[index]:
+            return None
+        return self._run.host_value(self.node.inputs[index])
+
+    def is_const(self, index: int) -> bool:
+        name = self.node.inputs[index] if index < len(self.node.inputs) else ""
+        return not name or self._run.is_host(name)
+
+    def attr_or_input(self, name: str, index: int, default: Any = None) -> Any:
+        """Attributes that later opsets turned into inputs (Squeeze axes, Clip min, Pad pads...)."""
+        if name in self.attrs:
+            return self.attrs[name]
+        value = self.const(index)
+        if value is None:
+            if index < len(self.node.inputs) and self.node.inputs[index]:
+                raise RuleError(f"node {self.node.name!r} ({self.node.op_type}): input {index} "
+                                f"({name}) must be a constant, but it depends on the model input")
+            return default
+        return value.tolist() if value.ndim else value.item()
+
+    # ---- activations of the batched forward (backward only) ----------------------------
+    @property
+    def n_actual(self) -> int:
+        return self._run.n_actual
+
+    def x(self, index: int = 0):
+        """Actual-pass value of input `index` (P rows)."""
+        return self._run.actual(self.node.inputs[index])
+
+    def x0(self, index: int = 0):
+        """Reference-pass value of input `index` (1 or P rows), None in gradient modes."""
+        return self._run.reference(self.node.inputs[index])
+
+    def y(self, index: int = 0):
+        return self._run.actual(self.node.outputs[index])
+
+    def y0(self, index: int = 0):
+        return self._run.reference(self.node.outputs[index])
+
+    def input_value(self, index: int):
+        """Stacked value of input `index` on the device (constants included)."""
+        return self._run.device(self.node.inputs[index])
+
+    def input_shape(self, index: int) -> tuple[int, ...]:
+        """Shape of input `index` for the P actual rows (what its multiplier must look like)."""
+        shape = self._run.shape(self.node.inputs[index])
+        return (self.n_actual,) + tuple(shape[1:])
+
+    # ---- helpers for batch-first kernels --------------------------------------------------
+    @staticmethod
+    def merge_targets(g):
+        """(K, P, ...) -> (K*P, ...): lets batch-first kernels run all targets at once."""
+        return g.reshape((g.shape[0] * g.shape[1],) + g.shape[2:])
+
+    @staticmethod
+    def split_targets(g, k: int):
+        return g.reshape((k, g.shape[0] // k) + g.shape[1:])
+
+
+class Rule:
+    """Base class: forward on the stacked batch, backward from output to input multipliers."""
+
+    op_types: ClassVar[tuple[str, ...]] = ()
+    domain: ClassVar[str] = ""
+    #: methods this rule can serve; None means every mode (true of all linear maps)
+    modes: ClassVar[tuple[str, ...] | None] = None
+    #: the paper section whose rule this implements, shown by `liftir ops`
+    paper_rule: ClassVar[str] = ""
+
+    def forward(self, ctx: NodeContext, *inputs):
+        raise NotImplementedError
+
+    def backward(self, ctx: NodeContext, *grads):
+        raise NotImplementedError
+
+    def supports(self, mode: str) -> bool:
+        return self.modes is None or mode in self.modes
+
+    def describe(self, mode: str) -> str:
+        return self.paper_rule or type(self).__name__
+
+
+def unbroadcast(xp, g, shape: tuple[int, ...]):
+    """Sum a (K, P, ...) multiplier over the axes a broadcasting op expanded `shape` along."""
+    target = (g.shape[0],) + tuple(shape)
+    extra = g.ndim - len(target)
+    if extra > 0:
+        g = g.sum(axis=tuple(range(1, 1 + extra)))
+    axes = tuple(i for i in range(1, g.ndim) if target[i] == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    if g.shape != target:
+        g = xp.broadcast_to(g, target)
+    return g
+
+
+class Linear(Rule):
+    """Affine maps (paper 2.3.1): the multiplier is the weight, in every method."""
+
+    paper_rule = "affine (2.3.1): m = w"
+
+
+class Elementwise(Rule):
+    """y = f(x) elementwise: DeepLIFT's Rescale rule (2.3.4), gradient f'(x) otherwise.
+
+    Subclasses give `f` and its derivative `df`. Set `piecewise_linear = True` when f is
+    piecewise linear: then dy/dx is exact for any non-zero dx, and the derivative is used
+    only where dx is exactly 0. For smooth f the derivative at the midpoint replaces the
+    difference quotient where |dx| is tiny (L'Hopital, eq. 16), which is also the more
+    accurate of the two in floating point there.
+    """
+
+    paper_rule = "rescale (2.3.4): m = dy/dx"
+    modes = MODES
+    piecewise_linear: ClassVar[bool] = False
+
+    def f(self, xp, x, ctx: NodeContext):
+        raise NotImplementedError
+
+    def df(self, xp, x, ctx: NodeContext):
+        raise NotImplementedError
+
+    def forward(self, ctx, x, *params):
+        return self.f(ctx.xp, x, ctx)
+
+    def divided_difference(self, xp, x, x0, ctx: NodeContext):
+        """(f(x) - f(x0)) / (x - x0). Override with a closed form that avoids cancellation."""
+        return rescale_multiplier(xp, x, x0, ctx.y(0), ctx.y0(0), lambda z: self.df(xp, z, ctx),
+                                  self.piecewise_linear)
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        x = ctx.x(0)
+        if ctx.mode == "deeplift":
+            m = self.divided_difference(xp, x, ctx.x0(0), ctx)
+        else:
+            m = self.df(xp, x, ctx)
+        return (g * m,)
+
+
+def sinhc(xp, u):
+    """sinh(u)/u, accurate near 0 (the building block of stable divided differences)."""
+    small = abs(u) < 1e-3
+    safe = xp.where(small, xp.ones_like(u), u)
+    return xp.where(small, 1 + u * u / 6, xp.sinh(safe) / safe)
+
+
+def expm1c(xp, u):
+    """expm1(u)/u, accurate near 0."""
+    small = abs(u) < 1e-3
+    safe = xp.where(small, xp.ones_like(u), u)
+    return xp.where(small, 1 + u * (0.5 + u / 6), xp.expm1(safe) / safe)
+
+
+def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool):
+    """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16)."""
+    dx = x - x0
+    dy = y - y0
+    if piecewise_linear:
+        small = dx == 0
+    else:
+        tol = np.sqrt(np.finfo(dx.dtype).eps) * (1 + abs(x) + abs(x0))
+        small = abs(dx) <= tol
+    safe = xp.where(small, xp.ones_like(dx), dx)
+    quotient = dy / safe
+    if not bool(small.any()):
+        return quotient
+    slope = df((x + x0) * 0.5) if not piecewise_linear else df(x)
+    return xp.where(small, slope, quotient)

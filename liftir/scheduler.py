@@ -1,0 +1,175 @@
+"""The scheduler: one batched forward over [actual; reference], then multipliers in
+reverse topological order.
+
+It knows nothing of particular ops: it receives a graph whose nodes are already bound to
+rules (a `Plan`), runs each rule's forward on the stacked batch, and walks the graph
+backwards summing the multipliers a tensor receives from its consumers (paper eq. 4),
+dropping each one as soon as it has been used.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import networkx as nx
+import numpy as np
+
+from .errors import RuleError, UnsupportedOpError
+from .folding import evaluate_static, static_nodes
+from .graph import Graph
+from .registry import lookup
+from .rule import NodeContext, Rule
+
+
+class Plan:
+    """A graph with every value-carrying node bound to its rule for one mode."""
+
+    def __init__(self, graph: Graph, mode: str, method: str,
+                 overrides: Mapping[str, Rule | type] | None = None):
+        self.graph = graph
+        self.mode = mode
+        self.static = static_nodes(graph)
+        self.rules: dict[str, Rule] = {}
+        self.node_cache: dict[str, dict] = {}
+        self._static_values: dict[tuple, dict[str, np.ndarray]] = {}
+        self._device_constants: dict[str, dict[str, Any]] = {}
+        self._order_cache: dict[tuple[str, ...], list[str]] = {}
+        missing = []
+        for name in graph.order:
+            if name in self.static:
+                continue
+            node = graph.nodes[name]
+            rule = lookup(node.op_type, node.domain, node.opset, overrides)
+            if rule is None or not rule.supports(mode):
+                missing.append((name, node.domain, node.op_type))
+            else:
+                self.rules[name] = rule
+        if missing:
+            raise UnsupportedOpError(missing, method)
+
+    def order_for(self, tensors: tuple[str, ...]) -> list[str]:
+        """Nodes needed to compute `tensors`, in topological order."""
+        if tensors not in self._order_cache:
+            needed: set[str] = set()
+            for t in tensors:
+                src = self.graph.producer.get(t)
+                if src is not None:
+                    needed.add(src)
+                    needed |= nx.ancestors(self.graph.dag, src)
+            self._order_cache[tensors] = [n for n in self.graph.order if n in needed]
+        return self._order_cache[tensors]
+
+    def device_constants(self, xp) -> dict[str, Any]:
+        """Constants uploaded once per backend (a no-op for NumPy)."""
+        key = xp.__name__
+        if key not in self._device_constants:
+            self._device_constants[key] = {k: xp.asarray(v) for k, v in self.graph.constants.items()}
+        return self._device_constants[key]
+
+
+class Run:
+    """The activations of one batched forward: P actual rows, then R reference rows."""
+
+    def __init__(self, plan: Plan, xp, n_actual: int, n_ref: int, mode: str, options: dict):
+        self.plan = plan
+        self.xp = xp
+        self.n_actual = n_actual
+        self.n_ref = n_ref
+        self.mode = mode
+        self.options = options
+        self.values: dict[str, Any] = {}
+        self.static: dict[str, np.ndarray] = {}
+        self.constants = plan.device_constants(xp)
+
+    def is_host(self, name: str) -> bool:
+        return name in self.plan.graph.constants or name in self.static
+
+    def host_value(self, name: str) -> np.ndarray | None:
+        if name in self.plan.graph.constants:
+            return self.plan.graph.constants[name]
+        return self.static.get(name)
+
+    def device(self, name: str):
+        if name in self.values:
+            return self.values[name]
+        if name in self.constants:
+            return self.constants[name]
+        if name in self.static:
+            return self.xp.asarray(self.static[name])
+        raise RuleError(f"tensor {name!r} has not been computed")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.device(name).shape)
+
+    def actual(self, name: str):
+        value = self.device(name)
+        return value[: self.n_actual] if name in self.values else value
+
+    def reference(self, name: str):
+        if self.n_ref == 0:
+            return None
+        value = self.device(name)
+        return value[self.n_actual:] if name in self.values else value
+
+
+def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
+            outputs: tuple[str, ...], mode: str, options: dict) -> Run:
+    """Run every node needed for `outputs` over the stacked batch in `feeds`."""
+    run = Run(plan, xp, n_actual, n_ref, mode, options)
+    run.values.update(feeds)
+    signature = tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
+    cached_static = plan._static_values.get(signature)
+    graph = plan.graph
+    for name in plan.order_for(outputs):
+        node = graph.nodes[name]
+        if name in plan.static:
+            if cached_static is not None and all(o in cached_static for o in node.outputs if o):
+                run.static.update({o: cached_static[o] for o in node.outputs if o})
+                continue
+            shapes = {i: run.shape(i) for i in node.inputs if i and i in run.values}
+            for out, value in zip(node.outputs, evaluate_static(graph, node, shapes, run.static)):
+                if out:
+                    run.static[out] = value
+            continue
+        ctx = NodeContext(node, run, plan)
+        inputs = [run.device(i) if i else None for i in node.inputs]
+        result = plan.rules[name].forward(ctx, *inputs)
+        results = result if isinstance(result, tuple) else (result,)
+        if len(results) < sum(1 for o in node.outputs if o):
+            raise RuleError(f"rule {type(plan.rules[name]).__name__} for node {name!r} ({node.op_type}) "
+                            f"returned {len(results)} outputs, the node has {len(node.outputs)}")
+        for out, value in zip(node.outputs, results):
+            if out:
+                run.values[out] = value
+    plan._static_values.setdefault(signature, {}).update(run.static)
+    return run
+
+
+def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, Any]:
+    """Propagate multipliers from `seeds` (tensor -> (K, P, ...)) back to the tensors `wrt`."""
+    plan = run.plan
+    graph = plan.graph
+    grads: dict[str, Any] = dict(seeds)
+    k = next(iter(seeds.values())).shape[0]
+    for name in reversed(plan.order_for(outputs)):
+        if name in plan.static:
+            continue
+        node = graph.nodes[name]
+        grad_outs = [grads.pop(o, None) if o else None for o in node.outputs]
+        if all(g is None for g in grad_outs):
+            continue
+        rule = plan.rules[name]
+        ctx = NodeContext(node, run, plan)
+        grad_ins = rule.backward(ctx, *grad_outs)
+        if not isinstance(grad_ins, (tuple, list)) or len(grad_ins) > len(node.inputs):
+            raise RuleError(f"rule {type(rule).__name__}.backward for node {name!r} ({node.op_type}) must "
+                            f"return a tuple with one multiplier (or None) per input ({len(node.inputs)})")
+        for index, (inp, g) in enumerate(zip(node.inputs, grad_ins)):
+            if g is None or not inp or run.is_host(inp):
+                continue
+            expected = (k,) + ctx.input_shape(index)
+            if tuple(g.shape) != expected:
+                raise RuleError(f"rule {type(rule).__name__} for node {name!r} ({node.op_type}) returned a "
+                                f"multiplier of shape {tuple(g.shape)} for input {index} ({inp!r}); "
+                                f"expected {expected}")
+            grads[inp] = grads[inp] + g if inp in grads else g
+    return {w: grads.get(w) for w in wrt}

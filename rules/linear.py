@@ -1,0 +1,325 @@
+"""Affine ops (paper 2.3.1): the multiplier is the weight, so backward is the transpose.
+
+The same backward serves every method: for an affine map the DeepLIFT multiplier, the
+gradient, and the guided/deconvnet signals all coincide.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from liftir import kernels as conv_kernels
+from liftir.kernels.windows import OUTSIDE, gather_windows, scatter_add, window_index
+from liftir.registry import builtin_rule
+from liftir.rule import Linear, NodeContext, RuleError, unbroadcast
+
+
+def _require_const(ctx: NodeContext, index: int, what: str):
+    if not ctx.is_const(index):
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: the {what} must be a constant "
+                        f"(liftir treats it as the weight of an affine map)")
+
+
+def _batch_axis_guard(ctx: NodeContext, axes, rank: int, what: str):
+    axes = [a % rank for a in np.atleast_1d(axes).tolist()] if axes is not None else []
+    if 0 in axes:
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} {what} the batch axis 0; liftir "
+                        f"needs every op to keep samples apart on axis 0")
+    return axes
+
+
+@builtin_rule("Add", "Sub")
+class AddSub(Linear):
+    """Sums with broadcasting; both sides may be activations."""
+
+    def forward(self, ctx, a, b):
+        return a + b if ctx.node.op_type == "Add" else a - b
+
+    def backward(self, ctx, g):
+        sign = -1 if ctx.node.op_type == "Sub" else 1
+        ga = None if ctx.is_const(0) else unbroadcast(ctx.xp, g, ctx.input_shape(0))
+        gb = None if ctx.is_const(1) else unbroadcast(ctx.xp, sign * g, ctx.input_shape(1))
+        return ga, gb
+
+
+@builtin_rule("Sum")
+class Sum(Linear):
+    def forward(self, ctx, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+    def backward(self, ctx, g):
+        return tuple(None if ctx.is_const(i) else unbroadcast(ctx.xp, g, ctx.input_shape(i))
+                     for i in range(len(ctx.node.inputs)))
+
+
+@builtin_rule("Neg")
+class Neg(Linear):
+    def forward(self, ctx, x):
+        return -x
+
+    def backward(self, ctx, g):
+        return (-g,)
+
+
+@builtin_rule("Div")
+class Div(Linear):
+    """x / c with a constant divisor (an activation divisor is not affine)."""
+
+    def forward(self, ctx, a, b):
+        if not ctx.is_const(1):
+            raise RuleError(f"Div node {ctx.node.name!r}: liftir supports division by a constant only")
+        return a / b
+
+    def backward(self, ctx, g):
+        b = ctx.xp.asarray(ctx.const(1), dtype=g.dtype)
+        return unbroadcast(ctx.xp, g / b, ctx.input_shape(0)), None
+
+
+@builtin_rule("Gemm")
+class Gemm(Linear):
+    """Y = alpha * A' B' + beta * C with A the activation and B, C constants."""
+
+    def _weight(self, ctx, b):
+        _require_const(ctx, 1, "B operand")
+        if ctx.attr("transA", 0):
+            raise RuleError(f"Gemm node {ctx.node.name!r}: transA=1 would put the batch on axis 1")
+        return b.T if ctx.attr("transB", 0) else b
+
+    def forward(self, ctx, a, b, c=None):
+        y = ctx.attr("alpha", 1.0) * (a @ self._weight(ctx, b))
+        if c is not None:
+            y = y + ctx.attr("beta", 1.0) * c
+        return y.astype(a.dtype, copy=False)
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        w = self._weight(ctx, ctx.input_value(1))
+        ga = (ctx.attr("alpha", 1.0) * (g @ w.T)).astype(g.dtype, copy=False)
+        gc = None
+        if len(ctx.node.inputs) > 2 and ctx.node.inputs[2] and not ctx.is_const(2):
+            gc = unbroadcast(xp, ctx.attr("beta", 1.0) * g, ctx.input_shape(2))
+        return ga, None, gc
+
+
+@builtin_rule("BatchNormalization")
+class BatchNormalization(Linear):
+    """Inference-mode batch norm: a per-channel scale and shift."""
+
+    def _scale_shift(self, ctx, x):
+        if ctx.attr("training_mode", 0):
+            raise RuleError(f"BatchNormalization node {ctx.node.name!r} is in training mode; export the "
+                            f"model in eval mode")
+        for i in range(1, 5):
+            _require_const(ctx, i, "scale/bias/mean/var")
+        xp = ctx.xp
+        if "scale_shift" not in ctx.cache:
+            scale, bias, mean, var = (ctx.const(i).astype(np.float64) for i in range(1, 5))
+            k = scale / np.sqrt(var + ctx.attr("epsilon", 1e-5))
+            ctx.cache["scale_shift"] = (k, bias - mean * k)
+        k, shift = ctx.cache["scale_shift"]
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return xp.asarray(k.reshape(shape), dtype=x.dtype), xp.asarray(shift.reshape(shape), dtype=x.dtype)
+
+    def forward(self, ctx, x, *params):
+        k, shift = self._scale_shift(ctx, x)
+        return x * k + shift
+
+    def backward(self, ctx, g, *unused):
+        k, _ = self._scale_shift(ctx, ctx.x(0))
+        return (g * k,)
+
+
+def _conv_params(ctx, spatial, kernel, transpose=False):
+    nd = len(kernel)
+    strides = list(ctx.attr("strides", [1] * nd))
+    dilations = list(ctx.attr("dilations", [1] * nd))
+    pads = conv_kernels.resolve_auto_pad(
+        ctx.attr("auto_pad", "NOTSET"), list(spatial), list(kernel), strides, dilations,
+        list(ctx.attr("pads", [0] * 2 * nd)), transpose=transpose,
+        output_shape=ctx.attr("output_shape"), output_padding=ctx.attr("output_padding"))
+    return strides, pads, dilations
+
+
+@builtin_rule("Conv")
+class Conv(Linear):
+    """Convolution (1D/2D/3D, groups, strides, pads, dilations, auto_pad). Backward: its transpose."""
+
+    def forward(self, ctx, x, w, b=None):
+        _require_const(ctx, 1, "weight")
+        strides, pads, dilations = _conv_params(ctx, x.shape[2:], w.shape[2:])
+        return conv_kernels.conv(ctx.xp, x, w, b, strides=strides, pads=pads, dilations=dilations,
+                                 group=ctx.attr("group", 1), cache=ctx.cache)
+
+    def backward(self, ctx, g):
+        w = ctx.input_value(1)
+        shape = ctx.input_shape(0)
+        strides, pads, dilations = _conv_params(ctx, shape[2:], w.shape[2:])
+        k = g.shape[0]
+        gx = conv_kernels.conv_adjoint(ctx.xp, ctx.merge_targets(g), w, input_shape=(k * shape[0],) + shape[1:],
+                                       strides=strides, pads=pads, dilations=dilations,
+                                       group=ctx.attr("group", 1), cache=ctx.cache)
+        return ctx.split_targets(gx, k), None, None
+
+
+@builtin_rule("ConvTranspose")
+class ConvTranspose(Linear):
+    def _params(self, ctx, spatial, kernel):
+        strides, pads, dilations = _conv_params(ctx, spatial, kernel, transpose=True)
+        nd = len(kernel)
+        output_padding = list(ctx.attr("output_padding", [0] * nd))
+        if ctx.attr("output_shape") is not None:  # the pads chosen by resolve_auto_pad give this shape
+            output_padding = [0] * nd
+            for d in range(nd):
+                natural = (strides[d] * (spatial[d] - 1) + (kernel[d] - 1) * dilations[d] + 1
+                           - pads[d] - pads[d + nd])
+                output_padding[d] = int(ctx.attr("output_shape")[-nd + d]) - natural
+        return strides, pads, dilations, output_padding
+
+    def forward(self, ctx, x, w, b=None):
+        _require_const(ctx, 1, "weight")
+        strides, pads, dilations, output_padding = self._params(ctx, x.shape[2:], w.shape[2:])
+        return conv_kernels.conv_transpose(ctx.xp, x, w, b, strides=strides, pads=pads, dilations=dilations,
+                                           group=ctx.attr("group", 1), output_padding=output_padding,
+                                           cache=ctx.cache)
+
+    def backward(self, ctx, g):
+        w = ctx.input_value(1)
+        shape = ctx.input_shape(0)
+        strides, pads, dilations, _ = self._params(ctx, shape[2:], w.shape[2:])
+        k = g.shape[0]
+        gx = conv_kernels.conv_transpose_adjoint(ctx.xp, ctx.merge_targets(g), w,
+                                                 input_shape=(k * shape[0],) + shape[1:], strides=strides,
+                                                 pads=pads, dilations=dilations, group=ctx.attr("group", 1),
+                                                 cache=ctx.cache)
+        return ctx.split_targets(gx, k), None, None
+
+
+def _pool_geometry(ctx, spatial):
+    kernel = list(ctx.attr("kernel_shape"))
+    nd = len(kernel)
+    strides = list(ctx.attr("strides", [1] * nd))
+    dilations = list(ctx.attr("dilations", [1] * nd))
+    pads = conv_kernels.resolve_auto_pad(ctx.attr("auto_pad", "NOTSET"), list(spatial), kernel, strides,
+                                         dilations, list(ctx.attr("pads", [0] * 2 * nd)))
+    key = ("windows", tuple(spatial))
+    if key not in ctx.cache:
+        ctx.cache[key] = window_index(tuple(spatial), kernel, strides, pads, dilations,
+                                      bool(ctx.attr("ceil_mode", 0)))
+    return ctx.cache[key]
+
+
+@builtin_rule("AveragePool")
+class AveragePool(Linear):
+    def _counts(self, ctx, index):
+        if ctx.attr("count_include_pad", 0):
+            return (index != OUTSIDE).sum(axis=1)
+        return (index >= 0).sum(axis=1)
+
+    def forward(self, ctx, x):
+        xp = ctx.xp
+        index, out_shape = _pool_geometry(ctx, x.shape[2:])
+        b, c = x.shape[:2]
+        win = gather_windows(xp, x.reshape(b * c, -1), index, 0)
+        counts = xp.asarray(self._counts(ctx, index), dtype=x.dtype)
+        return (win.sum(axis=-1) / counts).reshape((b, c) + out_shape)
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        shape = ctx.input_shape(0)
+        index, _ = _pool_geometry(ctx, shape[2:])
+        k = g.shape[0]
+        rows = k * shape[0] * shape[1]
+        counts = xp.asarray(self._counts(ctx, index), dtype=g.dtype)
+        share = (g.reshape(rows, -1) / counts)[:, :, None]  # (rows, O, 1)
+        values = xp.broadcast_to(share, (rows,) + index.shape).reshape(rows, -1)
+        spatial = int(np.prod(shape[2:]))
+        gx = scatter_add(xp, values, index.reshape(-1), spatial)
+        return (gx.reshape((k,) + shape),)
+
+
+@builtin_rule("GlobalAveragePool")
+class GlobalAveragePool(Linear):
+    def forward(self, ctx, x):
+        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+    def backward(self, ctx, g):
+        shape = ctx.input_shape(0)
+        count = int(np.prod(shape[2:]))
+        return (ctx.xp.broadcast_to(g / count, (g.shape[0],) + shape),)
+
+
+def _reduce_axes(ctx, x_ndim):
+    axes = ctx.attr_or_input("axes", 1, None)
+    if axes is None or (isinstance(axes, list) and not axes):
+        if ctx.attr("noop_with_empty_axes", 0):
+            return []
+        axes = list(range(x_ndim))
+    return _batch_axis_guard(ctx, axes, x_ndim, "reduces over")
+
+
+@builtin_rule("ReduceSum", "ReduceMean")
+class ReduceLinear(Linear):
+    def forward(self, ctx, x, *unused):
+        axes = _reduce_axes(ctx, x.ndim)
+        if not axes:
+            return x
+        fn = x.sum if ctx.node.op_type == "ReduceSum" else x.mean
+        return fn(axis=tuple(axes), keepdims=bool(ctx.attr("keepdims", 1)))
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        shape = ctx.input_shape(0)
+        axes = _reduce_axes(ctx, len(shape))
+        if not axes:
+            return g, None
+        if not ctx.attr("keepdims", 1):
+            g = xp.expand_dims(g, tuple(a + 1 for a in sorted(axes)))
+        if ctx.node.op_type == "ReduceMean":
+            g = g / int(np.prod([shape[a] for a in axes]))
+        return xp.broadcast_to(g, (g.shape[0],) + shape), None
+
+
+@builtin_rule("Pad")
+class Pad(Linear):
+    """Constant, reflect, edge and wrap padding (linear in the padded input)."""
+
+    def _pads(self, ctx, ndim):
+        pads = ctx.attr_or_input("pads", 1, None)
+        axes = ctx.const(3) if len(ctx.node.inputs) > 3 and ctx.node.inputs[3] else None
+        axes = list(range(ndim)) if axes is None else [a % ndim for a in axes.tolist()]
+        width = [(0, 0)] * ndim
+        n = len(axes)
+        for i, a in enumerate(axes):
+            width[a] = (int(pads[i]), int(pads[i + n]))
+        if width[0] != (0, 0):
+            raise RuleError(f"Pad node {ctx.node.name!r} pads the batch axis 0")
+        if any(p < 0 for pair in width for p in pair):
+            raise RuleError(f"Pad node {ctx.node.name!r}: negative pads (cropping) are not supported")
+        return width
+
+    def forward(self, ctx, x, *unused):
+        xp = ctx.xp
+        width = self._pads(ctx, x.ndim)
+        mode = ctx.attr("mode", "constant")
+        if mode == "constant":
+            value = ctx.const(2) if len(ctx.node.inputs) > 2 and ctx.node.inputs[2] else None
+            fill = 0 if value is None or value.size == 0 else value.item()
+            return xp.pad(x, width, mode="constant", constant_values=fill)
+        return xp.pad(x, width, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode])
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        shape = ctx.input_shape(0)
+        width = self._pads(ctx, len(shape))
+        mode = ctx.attr("mode", "constant")
+        if mode == "constant":
+            sl = (slice(None),) + tuple(slice(lo, lo + n) for (lo, _), n in zip(width, shape))
+            return g[sl], None, None
+        # reflect/edge/wrap read input positions several times: scatter-add through an index map
+        index = np.arange(int(np.prod(shape[1:]))).reshape(shape[1:])
+        mapped = np.pad(index, width[1:], mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode])
+        rows = g.shape[0] * g.shape[1]
+        gx = scatter_add(xp, g.reshape(rows, -1), mapped.reshape(-1), index.size)
+        return gx.reshape((g.shape[0],) + shape), None, None

@@ -1,0 +1,75 @@
+"""Products of two activations (paper 2.3.5), and Mul/MatMul with a constant operand.
+
+For y = x1 * x2: dy = dx1 (x0_2 + dx2/2) + dx2 (x0_1 + dx1/2), so the multipliers are
+m1 = x0_2 + dx2/2 and m2 = x0_1 + dx1/2 (the mean of actual and reference of the other
+factor). The same bilinear split holds for MatMul of two activations (attention scores):
+with A' = (A + A0)/2, dY = dA B' + A' dB exactly. With one constant operand both ops are
+affine (2.3.1) and the multiplier is that constant.
+"""
+from __future__ import annotations
+
+from liftir.registry import builtin_rule
+from liftir.rule import MODES, Rule, unbroadcast
+
+
+def _midpoint(ctx, index):
+    x0 = ctx.x0(index)
+    x = ctx.x(index)
+    return x if x0 is None else (x + x0) * 0.5
+
+
+@builtin_rule("Mul")
+class Mul(Rule):
+    modes = MODES
+    paper_rule = "affine (2.3.1) with a constant factor; product (2.3.5) of two activations"
+
+    def forward(self, ctx, a, b):
+        return a * b
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        const_a, const_b = ctx.is_const(0), ctx.is_const(1)
+        # with a constant factor the midpoint is the constant itself: one formula serves both
+        other_b = ctx.input_value(1) if const_b else (_midpoint(ctx, 1) if ctx.mode == "deeplift" else ctx.x(1))
+        other_a = ctx.input_value(0) if const_a else (_midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
+        ga = None if const_a else unbroadcast(xp, g * other_b, ctx.input_shape(0))
+        gb = None if const_b else unbroadcast(xp, g * other_a, ctx.input_shape(1))
+        return ga, gb
+
+
+@builtin_rule("MatMul")
+class MatMul(Rule):
+    modes = MODES
+    paper_rule = "affine (2.3.1) with a constant operand; bilinear product (2.3.5) of two activations"
+
+    def forward(self, ctx, a, b):
+        return ctx.xp.matmul(a, b)
+
+    def _operand(self, ctx, index):
+        if ctx.is_const(index):
+            return ctx.input_value(index)
+        return _midpoint(ctx, index) if ctx.mode == "deeplift" else ctx.x(index)
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        a, b = self._operand(ctx, 0), self._operand(ctx, 1)
+        ga = gb = None
+        if not ctx.is_const(0):
+            if b.ndim == 1:
+                ga = g[..., None] * b
+            else:
+                ga = xp.matmul(g if a.ndim > 1 else g[..., None, :], xp.swapaxes(b, -1, -2))
+                if a.ndim == 1:
+                    ga = ga[..., 0, :]
+            ga = unbroadcast(xp, ga, ctx.input_shape(0))
+        if not ctx.is_const(1):
+            if a.ndim == 1:
+                gb = a[:, None] * (g[..., None, :] if b.ndim > 1 else g[..., None])
+                gb = gb if b.ndim > 1 else gb[..., 0]
+            else:
+                gg = g if b.ndim > 1 else g[..., None]
+                gb = xp.matmul(xp.swapaxes(a, -1, -2), gg)
+                if b.ndim == 1:
+                    gb = gb[..., 0]
+            gb = unbroadcast(xp, gb, ctx.input_shape(1))
+        return ga, gb

@@ -1,0 +1,74 @@
+"""Softmax and LogSoftmax inside the graph (attention) or kept as the final layer.
+
+A final Softmax is normally stripped by the Explainer and explained at its logits with
+the mean-normalized weights of paper 2.5. When a softmax must be propagated through
+(`final_activation="keep"`, or a softmax inside attention), liftir writes it as
+y_i = exp(z_i), z_i = x_i - LSE(x), and uses:
+- Rescale (2.3.4) for the exp: r_i = dy_i / dz_i;
+- for LSE, a function of all inputs, multipliers m_j = p_j * dLSE / sum_k p_k dx_k with
+  p the mean of the actual and reference softmax (the trapezoid estimate of the path
+  integral of its gradient), rescaled so that sum_j m_j dx_j = dLSE exactly.
+This is liftir's rule, not the paper's (the paper gives none for an inner softmax); it
+conserves the difference exactly and reduces to the gradient when dx -> 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from liftir.registry import builtin_rule
+from liftir.rule import MODES, Rule, RuleError, rescale_multiplier
+
+
+def _axis(ctx, ndim):
+    default = -1 if ctx.node.opset >= 13 else 1
+    axis = ctx.attr("axis", default) % ndim
+    if ctx.node.opset < 13 and axis != ndim - 1:
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: opset < 13 softmax over flattened "
+                        f"axes {axis}.. is not supported; re-export with opset >= 13")
+    if axis == 0:
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} normalizes over the batch axis 0")
+    return axis
+
+
+def _log_softmax(xp, x, axis):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+@builtin_rule("Softmax", "LogSoftmax")
+class Softmax(Rule):
+    modes = MODES
+    paper_rule = "exp-rescale with normalized LSE split (liftir; final softmax: 2.5)"
+
+    def forward(self, ctx, x):
+        z = _log_softmax(ctx.xp, x, _axis(ctx, x.ndim))
+        return z if ctx.node.op_type == "LogSoftmax" else ctx.xp.exp(z)
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        x = ctx.x(0)
+        axis = _axis(ctx, x.ndim)
+        z = _log_softmax(xp, x, axis)
+        p = xp.exp(z)
+        log = ctx.node.op_type == "LogSoftmax"
+        if ctx.mode != "deeplift":
+            r = xp.ones_like(p) if log else p
+            weights = p
+        else:
+            x0 = xp.broadcast_to(ctx.x0(0), x.shape)
+            z0 = _log_softmax(xp, x0, axis)
+            p0 = xp.exp(z0)
+            dx = x - x0
+            lse, lse0 = x - z, x0 - z0  # LSE broadcast along the axis
+            d_lse = (lse - lse0).max(axis=axis, keepdims=True)
+            p_mid = (p + p0) * 0.5
+            approx = (p_mid * dx).sum(axis=axis, keepdims=True)
+            tol = np.sqrt(np.finfo(x.dtype).eps) * (1 + abs(d_lse))
+            small = abs(approx) <= tol
+            weights = xp.where(small, p_mid, p_mid * d_lse / xp.where(small, 1, approx))
+            if log:
+                r = xp.ones_like(p)
+            else:
+                r = rescale_multiplier(xp, z, z0, p, p0, xp.exp, piecewise_linear=False)
+        gr = g * r
+        return (gr - weights * gr.sum(axis=axis + 1, keepdims=True),)

@@ -1,0 +1,315 @@
+"""Views and data movement: reshapes, transposes, slices, concatenation, casts.
+
+All linear (paper 2.3.1) with 0/1 weights, so backward moves multipliers back to where
+each value came from, summing where one input value feeds several outputs. Every view
+must keep samples on axis 0; one that mixes the batch is refused with a clear error.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from liftir.kernels.windows import scatter_add
+from liftir.registry import builtin_rule
+from liftir.rule import Linear, RuleError, unbroadcast
+
+
+def _refuse_batch(ctx, what):
+    raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} {what} the batch axis 0; liftir needs "
+                    f"every op to keep samples apart on axis 0")
+
+
+class _Reshaping(Linear):
+    """Any op whose backward is reshaping the multiplier to the input's shape."""
+
+    def backward(self, ctx, g):
+        return (g.reshape((g.shape[0],) + ctx.input_shape(0)),)
+
+
+@builtin_rule("Reshape")
+class Reshape(_Reshaping):
+    """Keeps axis 0 as the batch even when the exporter froze a batch size into the shape."""
+
+    def forward(self, ctx, x, shape_value):
+        shape = [int(s) for s in ctx.const(1)]
+        if not ctx.attr("allowzero", 0):
+            shape = [x.shape[i] if s == 0 and i < x.ndim else s for i, s in enumerate(shape)]
+        per_sample = int(np.prod(x.shape[1:]))
+        rest = shape[1:]
+        known = int(np.prod([s for s in rest if s != -1]))
+        fits = per_sample % known == 0 if -1 in rest else known == per_sample
+        if not fits:
+            _refuse_batch(ctx, "reshapes across")
+        shape[0] = x.shape[0]  # also when the exporter froze a batch size into the shape
+        return x.reshape(shape)
+
+    def backward(self, ctx, g):
+        return super().backward(ctx, g) + (None,)
+
+
+@builtin_rule("Flatten")
+class Flatten(_Reshaping):
+    def forward(self, ctx, x):
+        axis = ctx.attr("axis", 1) % max(x.ndim, 1)
+        if axis == 0:
+            _refuse_batch(ctx, "flattens")
+        return x.reshape((int(np.prod(x.shape[:axis])), -1))
+
+
+@builtin_rule("Squeeze")
+class Squeeze(_Reshaping):
+    def forward(self, ctx, x, *unused):
+        axes = ctx.attr_or_input("axes", 1, None)
+        if axes is None:
+            axes = [i for i, s in enumerate(x.shape) if s == 1 and i > 0]
+        axes = [a % x.ndim for a in np.atleast_1d(axes).tolist()]
+        if 0 in axes:
+            _refuse_batch(ctx, "squeezes")
+        return ctx.xp.squeeze(x, axis=tuple(axes)) if axes else x
+
+    def backward(self, ctx, g):
+        return super().backward(ctx, g) + (None,)
+
+
+@builtin_rule("Unsqueeze")
+class Unsqueeze(_Reshaping):
+    def forward(self, ctx, x, *unused):
+        axes = np.atleast_1d(ctx.attr_or_input("axes", 1, None)).tolist()
+        out_rank = x.ndim + len(axes)
+        axes = sorted(a % out_rank for a in axes)
+        if 0 in axes:
+            _refuse_batch(ctx, "inserts an axis before")
+        return ctx.xp.expand_dims(x, tuple(axes))
+
+    def backward(self, ctx, g):
+        return super().backward(ctx, g) + (None,)
+
+
+@builtin_rule("Identity", "Dropout")
+class Identity(Linear):
+    """Identity, and Dropout in inference (its mask output, if any, is all ones)."""
+
+    def forward(self, ctx, x, *unused):
+        if ctx.node.op_type == "Dropout" and ctx.attr("training_mode") is None and ctx.const(2) is not None \
+                and bool(ctx.const(2)):
+            raise RuleError(f"Dropout node {ctx.node.name!r} is in training mode; export in eval mode")
+        if len(ctx.node.outputs) > 1:
+            return x, ctx.xp.ones(x.shape, dtype=bool)
+        return x
+
+    def backward(self, ctx, g, *unused):
+        return (g,)
+
+
+@builtin_rule("Cast", "CastLike")
+class Cast(Linear):
+    """Casts between float types are identities for attribution; to integers they cut the path."""
+
+    def forward(self, ctx, x, *like):
+        if ctx.node.op_type == "CastLike":
+            dtype = like[0].dtype
+        else:
+            from onnx import helper
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ctx.attr("to")))
+        return x.astype(dtype)
+
+    def backward(self, ctx, g, *unused):
+        source = ctx.x(0).dtype
+        if source.kind != "f":
+            return (None,)
+        return (g.astype(source),)
+
+
+@builtin_rule("Transpose")
+class Transpose(Linear):
+    def _perm(self, ctx, ndim):
+        perm = ctx.attr("perm", list(reversed(range(ndim))))
+        if perm[0] != 0:
+            _refuse_batch(ctx, "moves")
+        return perm
+
+    def forward(self, ctx, x):
+        return x.transpose(self._perm(ctx, x.ndim))
+
+    def backward(self, ctx, g):
+        perm = self._perm(ctx, g.ndim - 1)
+        inverse = np.argsort(perm)
+        return (g.transpose((0,) + tuple(int(p) + 1 for p in inverse)),)
+
+
+@builtin_rule("Concat")
+class Concat(Linear):
+    def forward(self, ctx, *xs):
+        axis = ctx.attr("axis") % xs[0].ndim
+        if axis == 0:
+            _refuse_batch(ctx, "concatenates along")
+        return ctx.xp.concatenate(xs, axis=axis)
+
+    def backward(self, ctx, g):
+        ndim = g.ndim - 1
+        axis = ctx.attr("axis") % ndim
+        grads, start = [], 0
+        for i in range(len(ctx.node.inputs)):
+            size = ctx.input_shape(i)[axis]
+            sl = (slice(None),) * (axis + 1) + (slice(start, start + size),)
+            grads.append(None if ctx.is_const(i) else g[sl])
+            start += size
+        return tuple(grads)
+
+
+@builtin_rule("Split")
+class Split(Linear):
+    def _sizes(self, ctx, x_shape, axis):
+        split = ctx.attr_or_input("split", 1, None)
+        if split is None:
+            n = ctx.attr("num_outputs", len(ctx.node.outputs))
+            size = -(-x_shape[axis] // n)
+            split = [min(size, x_shape[axis] - i * size) for i in range(n)]
+        return [int(s) for s in np.atleast_1d(split)]
+
+    def forward(self, ctx, x, *unused):
+        axis = ctx.attr("axis", 0) % x.ndim
+        if axis == 0:
+            _refuse_batch(ctx, "splits")
+        sizes = self._sizes(ctx, x.shape, axis)
+        return tuple(ctx.xp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=axis))
+
+    def backward(self, ctx, *grads):
+        xp = ctx.xp
+        shape = ctx.input_shape(0)
+        axis = ctx.attr("axis", 0) % len(shape)
+        sizes = self._sizes(ctx, shape, axis)
+        k = next(g for g in grads if g is not None).shape[0]
+        parts = []
+        for g, size in zip(grads, sizes):
+            if g is None:
+                part_shape = (k,) + shape[:axis] + (size,) + shape[axis + 1:]
+                g = xp.zeros(part_shape, dtype=next(g for g in grads if g is not None).dtype)
+            parts.append(g)
+        return (xp.concatenate(parts, axis=axis + 1),)
+
+
+@builtin_rule("Slice")
+class Slice(Linear):
+    def _slices(self, ctx, shape):
+        ndim = len(shape)
+        if "starts" in ctx.attrs:  # opset < 10
+            starts, ends = ctx.attr("starts"), ctx.attr("ends")
+            axes, steps = ctx.attr("axes", list(range(len(starts)))), [1] * len(starts)
+        else:
+            starts, ends = ctx.const(1).tolist(), ctx.const(2).tolist()
+            axes = ctx.const(3).tolist() if ctx.const(3) is not None else list(range(len(starts)))
+            steps = ctx.const(4).tolist() if ctx.const(4) is not None else [1] * len(starts)
+        sl = [slice(None)] * ndim
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a %= ndim
+            size = shape[a]
+            s = int(max(-size - 1, min(s, size)))
+            e = int(max(-size - 1, min(e, size)))
+            if st < 0 and e < -size:
+                e = None
+            sl[a] = slice(s, e, int(st))
+        if sl[0] != slice(None) and range(*sl[0].indices(shape[0])) != range(shape[0]):
+            _refuse_batch(ctx, "slices")
+        sl[0] = slice(None)
+        return tuple(sl)
+
+    def forward(self, ctx, x, *unused):
+        return x[self._slices(ctx, x.shape)]
+
+    def backward(self, ctx, g):
+        shape = ctx.input_shape(0)
+        gx = ctx.xp.zeros((g.shape[0],) + shape, dtype=g.dtype)
+        gx[(slice(None),) + self._slices(ctx, shape)] = g
+        return (gx, None, None, None, None)
+
+
+@builtin_rule("Gather")
+class Gather(Linear):
+    """Gather with constant indices along a non-batch axis (embedding lookups are not this)."""
+
+    def _indices(self, ctx, shape, axis):
+        if not ctx.is_const(1):
+            raise RuleError(f"Gather node {ctx.node.name!r}: the indices must be constants")
+        idx = ctx.const(1).astype(np.int64)
+        return np.where(idx < 0, idx + shape[axis], idx)
+
+    def forward(self, ctx, x, _):
+        axis = ctx.attr("axis", 0) % x.ndim
+        if axis == 0:
+            _refuse_batch(ctx, "gathers along")
+        return ctx.xp.take(x, ctx.xp.asarray(self._indices(ctx, x.shape, axis)), axis=axis)
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        shape = ctx.input_shape(0)
+        axis = ctx.attr("axis", 0) % len(shape)
+        idx = self._indices(ctx, shape, axis)
+        a = axis + 1  # the gathered axes start here in g, after the target axis K
+        g = xp.moveaxis(g, list(range(a, a + idx.ndim)), list(range(g.ndim - idx.ndim, g.ndim)))
+        front = g.shape[: g.ndim - idx.ndim]
+        gx = scatter_add(xp, g.reshape(-1, idx.size), idx.reshape(-1), shape[axis])
+        return xp.moveaxis(gx.reshape(front + (shape[axis],)), -1, a), None
+
+
+@builtin_rule("Expand")
+class Expand(Linear):
+    def forward(self, ctx, x, shape):
+        target = np.broadcast_shapes(tuple(x.shape), tuple(int(s) for s in ctx.const(1)))
+        if target[0] != x.shape[0]:
+            _refuse_batch(ctx, "expands")
+        return ctx.xp.broadcast_to(x, target)
+
+    def backward(self, ctx, g):
+        return unbroadcast(ctx.xp, g, ctx.input_shape(0)), None
+
+
+@builtin_rule("Tile")
+class Tile(Linear):
+    def forward(self, ctx, x, repeats):
+        reps = [int(r) for r in ctx.const(1)]
+        if reps[0] != 1:
+            _refuse_batch(ctx, "tiles")
+        return ctx.xp.tile(x, reps)
+
+    def backward(self, ctx, g):
+        shape = ctx.input_shape(0)
+        reps = [int(r) for r in ctx.const(1)]
+        split = (g.shape[0],) + tuple(v for r, s in zip(reps, shape) for v in (r, s))
+        summed = g.reshape(split).sum(axis=tuple(2 + 2 * i for i in range(len(shape))))
+        return summed, None
+
+
+@builtin_rule("DepthToSpace", "SpaceToDepth")
+class DepthSpace(Linear):
+    """Pixel (un)shuffles: fixed permutations, inverted by the other op."""
+
+    def _move(self, xp, x, op, block, mode):
+        n, c, h, w = x.shape
+        if op == "DepthToSpace":
+            if mode == "CRD":
+                y = x.reshape(n, c // block ** 2, block, block, h, w).transpose(0, 1, 4, 2, 5, 3)
+            else:
+                y = x.reshape(n, block, block, c // block ** 2, h, w).transpose(0, 3, 4, 1, 5, 2)
+            return y.reshape(n, c // block ** 2, h * block, w * block)
+        y = x.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
+        return y.reshape(n, c * block ** 2, h // block, w // block)
+
+    def forward(self, ctx, x):
+        return self._move(ctx.xp, x, ctx.node.op_type, ctx.attr("blocksize"), ctx.attr("mode", "DCR"))
+
+    def backward(self, ctx, g):
+        k = g.shape[0]
+        flat = g.reshape((k * g.shape[1],) + g.shape[2:])
+        block = ctx.attr("blocksize")
+        if ctx.node.op_type == "SpaceToDepth":
+            back = self._move(ctx.xp, flat, "DepthToSpace", block, "DCR")
+        else:
+            mode = ctx.attr("mode", "DCR")
+            n, c, h, w = flat.shape
+            cb = c * block ** 2
+            if mode == "CRD":
+                back = flat.reshape(n, c, h // block, block, w // block, block).transpose(0, 1, 3, 5, 2, 4)
+            else:
+                back = flat.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
+            back = back.reshape(n, cb, h // block, w // block)
+        return (back.reshape((k,) + ctx.input_shape(0)),)
