@@ -16,7 +16,7 @@ from .backend import array_module, to_host
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, read_model
-from .methods import Method, get_method
+from .methods import Method, get_method, integration_points
 
 MAX_RULES = ("cross_max", "paper")
 FINAL_ACTIVATIONS = ("strip", "keep")
@@ -147,7 +147,7 @@ class Explainer:
                 raise InputError(f"{what} for input {info.name!r} has shape {arr.shape}; the model expects "
                                  f"{_shape_str(info.shape)} (axis {axis} must be {want})")
 
-    def _prepare(self, inputs, baselines, need_reference: bool):
+    def _prepare(self, inputs, baselines, need_reference: bool, distribution: bool = False):
         xs, kind = self._unpack(inputs, "inputs")
         xs = [self._as_array(x, info, "inputs") for x, info in zip(xs, self.inputs)]
         for x, info in zip(xs, self.inputs):
@@ -170,17 +170,24 @@ class Explainer:
                 bs = [baselines] * len(xs)
             else:
                 bs, _ = self._unpack(baselines, "baselines")
-            refs = [self._baseline(b, x, info) for b, x, info in zip(bs, xs, self.inputs)]
+            refs = [self._baseline(b, x, info, distribution) for b, x, info in zip(bs, xs, self.inputs)]
+        if distribution:
+            if len({r.shape[0] for r in refs}) != 1:
+                raise InputError(f"all baselines must hold the same number of references, got "
+                                 f"{[r.shape[0] for r in refs]}")
+            return xs, refs, kind
         if any(r.shape[0] == n and n > 1 for r in refs):  # per-sample references: all to N rows
             refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
         return xs, refs, kind
 
-    def _baseline(self, b, x: np.ndarray, info) -> np.ndarray:
+    def _baseline(self, b, x: np.ndarray, info, distribution: bool = False) -> np.ndarray:
         if np.isscalar(b):
             return np.full((1,) + x.shape[1:], b, dtype=x.dtype)
         arr = self._as_array(b, info, "baselines")
         if arr.shape == x.shape[1:]:
             arr = arr[None]
+        if distribution and arr.ndim == x.ndim and arr.shape[1:] == x.shape[1:] and arr.shape[0] >= 1:
+            return arr
         if arr.ndim != x.ndim or arr.shape[0] not in (1, x.shape[0]):
             raise InputError(f"baselines for input {info.name!r} have shape {arr.shape}; expected "
                              f"{x.shape}, (1, {', '.join(map(str, x.shape[1:]))}) or {x.shape[1:]}")
@@ -208,19 +215,39 @@ class Explainer:
         return info.shape if info is not None and info.shape is not None else (None, None)
 
     def _seed(self, out_shape: tuple[int, ...], target, stripped: str | None, axis: int):
-        """The initial multipliers (K, N, *out_shape[1:]) selecting the explained quantity."""
+        """The initial multipliers (K, N, *out_shape[1:]) selecting the explained quantity.
+
+        K is 1 for one target per sample; K > 1 for several (target="all" or an (N, K) /
+        (1, K) array of class indices), explained together in one backward pass.
+        """
         n = out_shape[0]
         rest = out_shape[1:]
-        mask = np.zeros((1, n) + rest, dtype=np.float64)
         size = int(np.prod(rest)) if rest else 1
-        if target is None:
+        if isinstance(target, str):
+            if target != "all":
+                raise InputError(f"target must be an int, a sequence, a tuple or 'all', got {target!r}")
+            mask = np.zeros((size, n, size), dtype=np.float64)
+            mask[np.arange(size), :, np.arange(size)] = 1.0
+            mask = mask.reshape((size, n) + rest)
+        elif isinstance(target, np.ndarray) and target.ndim == 2:
+            if len(rest) != 1:
+                raise InputError(f"several class targets per sample need an (N, C) output; this one is "
+                                 f"{('N',) + rest}")
+            if target.shape[0] not in (1, n) or target.dtype.kind not in "iu":
+                raise InputError(f"a 2-D target must be ints of shape (N, K) or (1, K), got {target.shape}")
+            if (target < -rest[0]).any() or (target >= rest[0]).any():
+                raise InputError(f"targets out of range for {rest[0]} outputs")
+            t = np.broadcast_to(target % rest[0], (n, target.shape[1]))
+            mask = np.zeros((t.shape[1], n) + rest, dtype=np.float64)
+            mask[np.arange(t.shape[1])[None, :], np.arange(n)[:, None], t] = 1.0
+        elif target is None:
             if size != 1:
                 raise InputError(f"the explained output has shape {('N',) + rest}: pass target= "
-                                 f"(an index, one index per sample, or a tuple over the non-batch axes)")
-            mask[...] = 1.0
+                                 f"(an index, one index per sample, a tuple over the non-batch axes, or 'all')")
+            mask = np.ones((1, n) + rest, dtype=np.float64)
         else:
-            index = self._target_index(target, n, rest)
-            mask[(0, np.arange(n)) + index] = 1.0
+            mask = np.zeros((1, n) + rest, dtype=np.float64)
+            mask[(0, np.arange(n)) + self._target_index(target, n, rest)] = 1.0
         if stripped in ("Softmax", "LogSoftmax"):
             ax = axis if axis >= 0 else len(out_shape) + axis
             if ax == 0:
@@ -267,81 +294,204 @@ class Explainer:
         return to_host(run.device(out))
 
     def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,
-                  return_convergence_delta: bool = False, batch_size: int | None = None,
-                  progress: bool = False):
+                  layer: str | None = None, return_convergence_delta: bool = False,
+                  batch_size: int | None = None, progress: bool = False, n_steps: int = 50,
+                  integration: str = "gausslegendre", internal_batch_size: int | None = None):
         """Attributions of the target output to each input feature, shaped like `inputs`.
 
-        Returns the same container as `inputs` (array, tuple or dict); with
-        `return_convergence_delta=True` also `delta` (N,): the sum of attributions minus
-        f(x)_t - f(x0)_t (DeepLIFT's summation-to-delta; ~0 up to float round-off). For
-        gradient methods delta is None.
+        Parameters
+        ----------
+        inputs : array (N, ...), or a tuple / dict (by input name) for several inputs.
+        baselines : the reference input(s): same container, each (N, ...), (1, ...), (...)
+            or a scalar; default zeros. For "deeplift_shap": a distribution (B, ...).
+        target : int (index into axis 1 of an (N, C) output), a sequence of N ints, a tuple
+            over all non-batch axes, None for one number per sample, or several at once:
+            "all" or an (N, K) / (1, K) int array, giving results of shape (N, K, ...).
+        output : tensor to explain (any tensor of the graph); default: the Explainer's.
+        layer : attribute to this hidden tensor instead of the inputs (like Captum's
+            LayerDeepLift): one array of the layer's shape is returned.
+        return_convergence_delta : also return delta (N,) or (N, K): the sum of attributions
+            minus f(x)_t - f(x0)_t (~0 for DeepLIFT; the completeness residual for
+            integrated gradients; None for gradient methods).
+        batch_size : explain this many samples per pass (memory); progress shows a bar.
+        n_steps, integration, internal_batch_size : integrated gradients' quadrature and the
+            most rows one of its forward passes may take.
         """
-        xs, refs, kind = self._prepare(inputs, baselines, self.method.uses_reference)
+        method = self.method
+        xs, refs, kind = self._prepare(inputs, baselines, method.uses_reference,
+                                       distribution=method.name == "deeplift_shap")
         out = self._check_output(output) if output else self.output
+        if layer is not None:
+            layer = self._check_output(layer)
+            if layer in self.input_names:
+                layer = None
         n = xs[0].shape[0]
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if method.name == "integrated_gradients":
+            alphas, weights = integration_points(n_steps, integration)
+            if internal_batch_size is not None and (not isinstance(internal_batch_size, int)
+                                                    or internal_batch_size < 1):
+                raise InputError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
+            quadrature = (alphas, weights, internal_batch_size)
+        else:
+            quadrature = None
         if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
             target = np.asarray(target)
-            if target.ndim != 1 or target.shape[0] != n:
+            if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
                 raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
         step = batch_size or n
         chunks = range(0, n, step)
         if progress:
             from tqdm.auto import tqdm
-            chunks = tqdm(chunks, total=len(chunks), desc=f"liftir {self.method.name}", unit="batch")
-        attrs_parts, delta_parts = [], []
+            chunks = tqdm(chunks, total=len(chunks), desc=f"liftir {method.name}", unit="batch")
+        per_sample_refs = refs is not None and method.name != "deeplift_shap" and refs[0].shape[0] == n and n > 1
+        parts, delta_parts = [], []
         for start in chunks:
             sl = slice(start, start + step)
-            sub_target = target[sl] if isinstance(target, np.ndarray) else target
-            sub_refs = None if refs is None else [r[sl] if r.shape[0] == n and n > 1 else r for r in refs]
-            a, d = self._attribute_batch([x[sl] for x in xs], sub_refs, sub_target, out)
-            attrs_parts.append(a)
+            sub_target = target[sl] if isinstance(target, np.ndarray) and target.shape[0] == n else target
+            sub_refs = None if refs is None else [r[sl] if per_sample_refs else r for r in refs]
+            a, d = self._attribute_batch([x[sl] for x in xs], sub_refs, sub_target, out, layer, quadrature)
+            parts.append(a)
             delta_parts.append(d)
-        attrs = [np.concatenate([p[i] for p in attrs_parts]) for i in range(len(xs))]
-        result = self._pack(attrs, kind)
+        attrs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        result = attrs[0] if layer is not None else self._pack(attrs, kind)
         if return_convergence_delta:
             delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
             return result, delta
         return result
 
-    def _attribute_batch(self, xs, refs, target, output: str):
+    def _forward(self, xs, refs, tensor: str, mode: str | None = None) -> scheduler.Run:
+        """One batched forward over [actual; reference] rows, up to `tensor`."""
+        xp = self.xp
+        n = xs[0].shape[0]
+        r = 0 if refs is None else refs[0].shape[0]
+        feeds = {}
+        for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs)):
+            feeds[name] = xp.asarray(x if ref is None else np.concatenate([x, ref]))
+        return scheduler.forward(self.plan, xp, feeds, n, r, (tensor,), mode or self.method.mode, self.options)
+
+    def _targets_chunk(self, k: int, rows_per_target: int, run) -> int:
+        """How many targets to push through one backward pass (bounds memory)."""
+        per_row = max(int(np.prod(v.shape[1:])) for v in run.values.values())
+        budget = 2 ** 25  # elements of the largest multiplier array: 128 MB in float32
+        return max(1, min(k, budget // max(1, per_row * rows_per_target)))
+
+    def _attribute_batch(self, xs, refs, target, output: str, layer: str | None = None,
+                         quadrature=None, observer=None):
+        if quadrature is not None:
+            return self._integrated_gradients_batch(xs, refs, target, output, layer, quadrature)
         xp = self.xp
         n = xs[0].shape[0]
         method = self.method
         explained, stripped = self._explained_tensor(output)
-        r = 0 if refs is None else refs[0].shape[0]
-        feeds = {}
-        for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs)):
-            stacked = x if ref is None else np.concatenate([x, ref])
-            feeds[name] = xp.asarray(stacked)
-        run = scheduler.forward(self.plan, xp, feeds, n, r, (explained,), method.mode, self.options)
+        run = self._forward(xs, refs, explained)
+        pairs = 1
+        if method.name == "deeplift_shap":
+            pairs = refs[0].shape[0]
+            run = scheduler.PairedRun(run)
         value = run.device(explained)
         axis = self._softmax_axis(output) if stripped else -1
-        seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)
-        seed_dev = xp.asarray(seed.astype(value.dtype))
-        grads = scheduler.backward(run, {explained: seed_dev}, tuple(self.input_names), (explained,))
+        seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)  # (K, n, ...)
+        if pairs > 1:
+            seed = np.repeat(seed, pairs, axis=1)
+        wrt = (layer,) if layer else tuple(self.input_names)
+        k = seed.shape[0]
+        chunk = self._targets_chunk(k, run.n_actual, run)
+        pieces = {w: [] for w in wrt}
+        for start in range(0, k, chunk):
+            seed_dev = xp.asarray(seed[start:start + chunk].astype(value.dtype))
+            grads = scheduler.backward(run, {explained: seed_dev}, wrt, (explained,), observer=observer)
+            for w in wrt:
+                pieces[w].append(self._finish(run, w, grads[w], seed_dev.shape[0]))
         attributions = []
-        for name, x in zip(self.input_names, xs):
-            m = grads[name]
-            if m is None:
-                attributions.append(np.zeros_like(x))
-                continue
-            m = m[0]
-            if method.attribution == "delta":
-                m = m * (run.actual(name) - run.reference(name))
-            elif method.attribution == "input":
-                m = m * run.actual(name)
-            attributions.append(to_host(m).astype(x.dtype, copy=False))
+        for w in wrt:
+            a = np.concatenate(pieces[w])  # (K, P, ...)
+            if pairs > 1:
+                a = a.reshape((k, n, pairs) + a.shape[2:]).mean(axis=2)
+            attributions.append(a)
         delta = None
         if method.uses_reference:
-            actual = to_host(run.actual(explained)).astype(np.float64)
-            reference = to_host(run.reference(explained)).astype(np.float64)
-            f_act = (seed[0] * actual).reshape(n, -1).sum(axis=1)
-            f_ref = (seed[0] * np.broadcast_to(reference, actual.shape)).reshape(n, -1).sum(axis=1)
-            total = sum(a.astype(np.float64).reshape(n, -1).sum(axis=1) for a in attributions)
-            delta = total - (f_act - f_ref)
+            f_act = self._selected(seed, run.actual(explained))
+            f_ref = self._selected(seed, run.reference(explained))
+            total = sum(a.astype(np.float64).reshape(k, a.shape[1], -1).sum(axis=2) for a in attributions)
+            diff = f_act - f_ref
+            if pairs > 1:
+                diff = diff.reshape(k, n, pairs).mean(axis=2)
+            delta = (total - diff).T  # (n, K)
+        multi = k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
+        if multi:
+            attributions = [np.moveaxis(a, 0, 1) for a in attributions]
+        else:
+            attributions = [a[0] for a in attributions]
+            delta = None if delta is None else delta[:, 0]
         return attributions, delta
+
+    def _finish(self, run, tensor: str, m, k: int) -> np.ndarray:
+        """Multipliers (K, P, ...) of `tensor` turned into the method's attributions, on the host."""
+        dtype = run.device(tensor).dtype
+        if m is None:
+            return np.zeros((k, run.n_actual) + tuple(run.device(tensor).shape[1:]), dtype=dtype)
+        if self.method.attribution == "delta":
+            m = m * (run.actual(tensor) - run.reference(tensor))
+        elif self.method.attribution == "input":
+            m = m * run.actual(tensor)
+        return to_host(m).astype(dtype, copy=False)
+
+    @staticmethod
+    def _selected(seed: np.ndarray, value) -> np.ndarray:
+        """sum over output neurons of seed * value: the explained scalar, (K, rows)."""
+        value = to_host(value).astype(np.float64)
+        value = np.broadcast_to(value, seed.shape[1:])
+        return (seed * value[None]).reshape(seed.shape[0], seed.shape[1], -1).sum(axis=2)
+
+    def _integrated_gradients_batch(self, xs, refs, target, output, layer, quadrature):
+        """Gradients at points x0 + alpha (x - x0), weighted and multiplied by x - x0."""
+        if layer is not None:
+            raise InputError("layer attribution is not available for integrated_gradients")
+        alphas, weights, max_rows = quadrature
+        xp = self.xp
+        n = xs[0].shape[0]
+        explained, stripped = self._explained_tensor(output)
+        axis = self._softmax_axis(output) if stripped else -1
+        refs_full = [np.broadcast_to(r, x.shape) for r, x in zip(refs, xs)]
+        steps_per_pass = len(alphas) if max_rows is None else max(1, max_rows // n)
+        total = [np.zeros(x.shape, dtype=np.float64) for x in xs]
+        seed = None
+        for start in range(0, len(alphas), steps_per_pass):
+            a = alphas[start:start + steps_per_pass]
+            w = weights[start:start + steps_per_pass]
+            points = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
+                      .astype(x.dtype) for x, r in zip(xs, refs_full)]  # (S*n, ...) alpha-major
+            run = self._forward(points, None, explained)
+            value = run.device(explained)
+            if seed is None:
+                seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)
+            k = seed.shape[0]
+            seed_rows = np.tile(seed, (1, len(a)) + (1,) * (seed.ndim - 2))
+            grads = scheduler.backward(run, {explained: xp.asarray(seed_rows.astype(value.dtype))},
+                                       tuple(self.input_names), (explained,))
+            for i, name in enumerate(self.input_names):
+                g = grads[name]
+                if g is None:
+                    continue
+                g = to_host(g).astype(np.float64).reshape((k, len(a), n) + xs[i].shape[1:])
+                contribution = np.tensordot(w, g, axes=([0], [1]))  # (k, n, ...)
+                total[i] = total[i] + contribution if total[i].shape == contribution.shape else contribution
+        k = seed.shape[0]
+        attributions = []
+        for x, r, t in zip(xs, refs_full, total):
+            t = np.broadcast_to(t, (k,) + x.shape) if t.shape != (k,) + x.shape else t
+            attributions.append((t * (x - r).astype(np.float64)[None]).astype(x.dtype))
+        ends = self._forward(xs, [r[:] for r in refs_full], explained, mode="gradient")
+        f_act = self._selected(seed, ends.actual(explained))
+        f_ref = self._selected(seed, ends.reference(explained))
+        summed = sum(a.astype(np.float64).reshape(k, n, -1).sum(axis=2) for a in attributions)
+        delta = (summed - (f_act - f_ref)).T
+        multi = k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
+        if multi:
+            return [np.moveaxis(a, 0, 1) for a in attributions], delta
+        return [a[0] for a in attributions], delta[:, 0]
 
     def _softmax_axis(self, output: str) -> int:
         node = self.graph.nodes[self.graph.producer[output]]

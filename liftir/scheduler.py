@@ -8,7 +8,7 @@ dropping each one as soon as it has been used.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import networkx as nx
 import numpy as np
@@ -144,22 +144,37 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     return run
 
 
-def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tuple[str, ...]) -> dict[str, Any]:
-    """Propagate multipliers from `seeds` (tensor -> (K, P, ...)) back to the tensors `wrt`."""
+def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tuple[str, ...],
+             observer: Callable | None = None) -> dict[str, Any]:
+    """Propagate multipliers from `seeds` (tensor -> (K, P, ...)) back to the tensors `wrt`.
+
+    `observer(node, ctx, grad_outs, grad_ins)`, if given, sees every node's multipliers
+    (used by `liftir check` to test each rule's local summation-to-delta).
+    """
     plan = run.plan
     graph = plan.graph
     grads: dict[str, Any] = dict(seeds)
+    captured: dict[str, Any] = {}  # multipliers of wanted intermediate tensors
+    pending = {w for w in wrt if w in graph.producer}
     k = next(iter(seeds.values())).shape[0]
     for name in reversed(plan.order_for(outputs)):
         if name in plan.static:
             continue
         node = graph.nodes[name]
+        for o in node.outputs:
+            if o in pending and o in grads:
+                captured[o] = grads[o]
+        pending.difference_update(node.outputs)
+        if not pending and all(w in captured or w in graph.producer for w in wrt):
+            break  # only intermediate tensors were wanted, and all are reached
         grad_outs = [grads.pop(o, None) if o else None for o in node.outputs]
         if all(g is None for g in grad_outs):
             continue
         rule = plan.rules[name]
         ctx = NodeContext(node, run, plan)
         grad_ins = rule.backward(ctx, *grad_outs)
+        if observer is not None:
+            observer(node, ctx, grad_outs, grad_ins)
         if not isinstance(grad_ins, (tuple, list)) or len(grad_ins) > len(node.inputs):
             raise RuleError(f"rule {type(rule).__name__}.backward for node {name!r} ({node.op_type}) must "
                             f"return a tuple with one multiplier (or None) per input ({len(node.inputs)})")
@@ -172,4 +187,36 @@ def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tup
                                 f"multiplier of shape {tuple(g.shape)} for input {index} ({inp!r}); "
                                 f"expected {expected}")
             grads[inp] = grads[inp] + g if inp in grads else g
-    return {w: grads.get(w) for w in wrt}
+    return {w: captured[w] if w in captured else grads.get(w) for w in wrt}
+
+
+class PairedRun(Run):
+    """Every (actual i, reference b) pair of a forward over N actual and B reference rows.
+
+    DeepLIFT-SHAP needs DeepLIFT for N*B pairs; the forward ran N + B rows once, and this
+    view expands the stored activations into pairs (sample-major) as rules ask for them.
+    """
+
+    def __init__(self, base: Run):
+        super().__init__(base.plan, base.xp, base.n_actual * base.n_ref, base.n_actual * base.n_ref,
+                         base.mode, base.options)
+        self.values, self.static = base.values, base.static
+        self.n_samples, self.n_refs = base.n_actual, base.n_ref
+        self._pairs: dict[tuple[str, bool], Any] = {}
+
+    def _expanded(self, name: str, reference: bool):
+        key = (name, reference)
+        if key not in self._pairs:
+            value = self.values[name]
+            if reference:
+                part = value[self.n_samples:]
+                self._pairs[key] = self.xp.tile(part, (self.n_samples,) + (1,) * (part.ndim - 1))
+            else:
+                self._pairs[key] = self.xp.repeat(value[: self.n_samples], self.n_refs, axis=0)
+        return self._pairs[key]
+
+    def actual(self, name: str):
+        return self._expanded(name, False) if name in self.values else self.device(name)
+
+    def reference(self, name: str):
+        return self._expanded(name, True) if name in self.values else self.device(name)
