@@ -15,7 +15,7 @@ from . import scheduler
 from .backend import array_module, to_host
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
-from .graph import FLOAT_DTYPES, Graph, build_graph, read_model
+from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
 
 MAX_RULES = ("cross_max", "paper")
@@ -43,11 +43,13 @@ class Explainer:
         Rules for this Explainer only, overriding registered and built-in ones.
     output : str, optional
         Default tensor to explain (any tensor of the graph); the model's only output if omitted.
+    precision : "model" (default) or "float64"
+        "float64" runs the whole graph in double precision (slower: no onnxruntime kernels).
     """
 
     def __init__(self, model: Any, method: str = "deeplift", *, backend: str = "numpy",
                  max_rule: str = "cross_max", final_activation: str = "strip",
-                 rules: Mapping | None = None, output: str | None = None):
+                 rules: Mapping | None = None, output: str | None = None, precision: str = "model"):
         self.method: Method = get_method(method)
         if max_rule not in MAX_RULES:
             raise InputError(f"max_rule must be one of {MAX_RULES}, got {max_rule!r}")
@@ -57,6 +59,10 @@ class Explainer:
         self.model = read_model(model)
         self.graph: Graph = build_graph(self.model)
         fold_constants(self.graph)
+        if precision not in ("model", "float64"):
+            raise InputError(f"precision must be 'model' or 'float64', got {precision!r}")
+        if precision == "float64":
+            promote_to_float64(self.graph)
         self.options = {"max_rule": max_rule, "final_activation": final_activation}
         self.inputs = self._float_inputs()
         self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules)

@@ -197,3 +197,20 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     graph = Graph(nx.DiGraph(), nodes, [], constants, inputs, outputs, value_info, opsets, {}, {})
     graph.rebuild()
     return graph
+
+
+def promote_to_float64(graph: Graph) -> None:
+    """Run the whole graph in float64: float constants, inputs and casts to floats.
+
+    For users who want multipliers free of float32 round-off (e.g. the paper's max rule,
+    whose multipliers can explode where the actual max is below the reference max).
+    """
+    double = onnx.TensorProto.DOUBLE
+    for name, value in graph.constants.items():
+        if value.dtype.kind == "f":
+            graph.constants[name] = value.astype(np.float64)
+    graph.inputs = [TensorInfo(i.name, np.dtype(np.float64), i.shape) if i.dtype is not None
+                    and i.dtype.kind == "f" else i for i in graph.inputs]
+    for node in graph.nodes.values():
+        if node.op_type == "Cast" and _np_dtype(node.attrs.get("to", 0)) in (np.float16, np.float32):
+            node.attrs = dict(node.attrs, to=double)
