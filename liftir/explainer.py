@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import scheduler
+from . import revealcancel, scheduler
 from .backend import array_module, to_host
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
@@ -208,6 +208,8 @@ class Explainer:
         """(tensor whose value is explained, final op stripped or None)."""
         if self.options["final_activation"] != "strip":
             return output, None
+        if output not in {o.name for o in self.graph.outputs}:
+            return output, None  # an intermediate neuron (output=...) is explained as it is
         src = self.graph.producer.get(output)
         node = self.graph.nodes.get(src) if src else None
         if node is None or node.op_type not in STRIPPED_FINAL_OPS:
@@ -405,11 +407,22 @@ class Explainer:
         k = seed.shape[0]
         chunk = self._targets_chunk(k, run.n_actual, run)
         pieces = {w: [] for w in wrt}
+        spread, node_backward = None, None
+        if method.name == "deeplift_revealcancel":
+            spread = revealcancel.split_forward(run, self.plan.order_for((explained,)), tuple(self.input_names))
+            node_backward = revealcancel.node_backward(spread)
         for start in range(0, k, chunk):
-            seed_dev = xp.asarray(seed[start:start + chunk].astype(value.dtype))
-            grads = scheduler.backward(run, {explained: seed_dev}, wrt, (explained,), observer=observer)
+            part = seed[start:start + chunk]
+            if spread is not None:  # multipliers of d+ and d- travel stacked
+                part = np.concatenate([part, part])
+            seed_dev = xp.asarray(part.astype(value.dtype))
+            grads = scheduler.backward(run, {explained: seed_dev}, wrt, (explained,), observer=observer,
+                                       node_backward=node_backward)
             for w in wrt:
-                pieces[w].append(self._finish(run, w, grads[w], seed_dev.shape[0]))
+                if spread is not None:
+                    pieces[w].append(self._finish_split(run, w, grads[w], spread, part.shape[0] // 2))
+                else:
+                    pieces[w].append(self._finish(run, w, grads[w], seed_dev.shape[0]))
         attributions = []
         for w in wrt:
             a = np.concatenate(pieces[w])  # (K, P, ...)
@@ -443,6 +456,14 @@ class Explainer:
         elif self.method.attribution == "input":
             m = m * run.actual(tensor)
         return to_host(m).astype(dtype, copy=False)
+
+    def _finish_split(self, run, tensor: str, m, spread, k: int) -> np.ndarray:
+        """RevealCancel: m+ d+ + m- d- with d+- = (d +- D) / 2."""
+        if m is None:
+            return self._finish(run, tensor, None, k)
+        delta = run.actual(tensor) - run.reference(tensor)
+        pos, neg = (delta + spread[tensor]) * 0.5, (delta - spread[tensor]) * 0.5
+        return to_host(m[:k] * pos + m[k:] * neg).astype(run.device(tensor).dtype, copy=False)
 
     @staticmethod
     def _selected(seed: np.ndarray, value) -> np.ndarray:

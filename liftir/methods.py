@@ -36,6 +36,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "guided backpropagation (Springenberg et al. 2014, sec. 3.4)"),
     Method("deconvnet", "deconvnet", False, "none",
            "deconvnet backward pass (Zeiler & Fergus 2014, as in Springenberg et al. Fig. 1)"),
+    Method("deeplift_revealcancel", "deeplift", True, "delta",
+           "DeepLIFT with the RevealCancel rule (Shrikumar et al. 2017)"),
     Method("deeplift_shap", "deeplift", True, "delta",
            "DeepLIFT averaged over a distribution of references (Lundberg & Lee 2017)"),
     Method("integrated_gradients", "gradient", True, "delta",

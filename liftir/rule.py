@@ -142,9 +142,29 @@ def unbroadcast(xp, g, shape: tuple[int, ...]):
 
 
 class Linear(Rule):
-    """Affine maps (paper 2.3.1): the multiplier is the weight, in every method."""
+    """Affine maps (paper 2.3.1): the multiplier is the weight, in every method.
+
+    RevealCancel (Shrikumar et al. 2017) splits differences into positive and negative
+    parts and needs |L|, the map with absolute weights and no bias: `abs_forward` applies
+    it, `abs_backward` its transpose. Ops whose weights are all >= 0 (views, sums,
+    average pools) are their own |L| and need neither override; `signed = True` marks
+    those that do.
+    """
 
     paper_rule = "affine (2.3.1): m = w"
+    signed: ClassVar[bool] = False
+
+    def abs_forward(self, ctx: NodeContext, *deltas):
+        """|L| on the activation inputs `deltas` (None for constants, kept as parameters)."""
+        args = [d if d is not None else (ctx.input_value(i) if ctx.node.inputs[i] else None)
+                for i, d in enumerate(deltas)]
+        return self.forward(ctx, *args)
+
+    def abs_backward(self, ctx: NodeContext, g):
+        return self.backward(ctx, g)
+
+    def is_affine(self, ctx: NodeContext) -> bool:
+        return True
 
 
 class Elementwise(Rule):

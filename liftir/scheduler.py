@@ -145,11 +145,12 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
 
 
 def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tuple[str, ...],
-             observer: Callable | None = None) -> dict[str, Any]:
+             observer: Callable | None = None, node_backward: Callable | None = None) -> dict[str, Any]:
     """Propagate multipliers from `seeds` (tensor -> (K, P, ...)) back to the tensors `wrt`.
 
     `observer(node, ctx, grad_outs, grad_ins)`, if given, sees every node's multipliers
     (used by `liftir check` to test each rule's local summation-to-delta).
+    `node_backward(rule, ctx, grad_outs)` replaces `rule.backward` (RevealCancel uses it).
     """
     plan = run.plan
     graph = plan.graph
@@ -172,7 +173,7 @@ def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tup
             continue
         rule = plan.rules[name]
         ctx = NodeContext(node, run, plan)
-        grad_ins = rule.backward(ctx, *grad_outs)
+        grad_ins = node_backward(rule, ctx, grad_outs) if node_backward else rule.backward(ctx, *grad_outs)
         if observer is not None:
             observer(node, ctx, grad_outs, grad_ins)
         if not isinstance(grad_ins, (tuple, list)) or len(grad_ins) > len(node.inputs):

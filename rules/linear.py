@@ -31,6 +31,17 @@ def _batch_axis_guard(ctx: NodeContext, axes, rank: int, what: str):
 class AddSub(Linear):
     """Sums with broadcasting; both sides may be activations."""
 
+    signed = True  # Sub's -1
+
+    def abs_forward(self, ctx, da, db):
+        terms = [d for d in (da, db) if d is not None]
+        return terms[0] + terms[1] if len(terms) == 2 else terms[0]
+
+    def abs_backward(self, ctx, g):
+        ga = None if ctx.is_const(0) else unbroadcast(ctx.xp, g, ctx.input_shape(0))
+        gb = None if ctx.is_const(1) else unbroadcast(ctx.xp, g, ctx.input_shape(1))
+        return ga, gb
+
     def forward(self, ctx, a, b):
         return a + b if ctx.node.op_type == "Add" else a - b
 
@@ -43,6 +54,9 @@ class AddSub(Linear):
 
 @builtin_rule("Sum")
 class Sum(Linear):
+    def abs_forward(self, ctx, *deltas):
+        return self.forward(ctx, *[d for d in deltas if d is not None])
+
     def forward(self, ctx, *xs):
         out = xs[0]
         for x in xs[1:]:
@@ -56,8 +70,16 @@ class Sum(Linear):
 
 @builtin_rule("Neg")
 class Neg(Linear):
+    signed = True
+
     def forward(self, ctx, x):
         return -x
+
+    def abs_forward(self, ctx, d):
+        return d
+
+    def abs_backward(self, ctx, g):
+        return (g,)
 
     def backward(self, ctx, g):
         return (-g,)
@@ -76,6 +98,15 @@ class Div(Linear):
         b = ctx.xp.asarray(ctx.const(1), dtype=g.dtype)
         return unbroadcast(ctx.xp, g / b, ctx.input_shape(0)), None
 
+    signed = True
+
+    def abs_forward(self, ctx, d, _):
+        return d / abs(ctx.input_value(1))
+
+    def abs_backward(self, ctx, g):
+        b = ctx.xp.asarray(abs(ctx.const(1)), dtype=g.dtype)
+        return unbroadcast(ctx.xp, g / b, ctx.input_shape(0)), None
+
 
 @builtin_rule("Gemm")
 class Gemm(Linear):
@@ -92,6 +123,19 @@ class Gemm(Linear):
         if c is not None:
             y = y + ctx.attr("beta", 1.0) * c
         return y.astype(a.dtype, copy=False)
+
+    signed = True
+
+    def _abs_weight(self, ctx):
+        if "abs_w" not in ctx.cache:
+            ctx.cache["abs_w"] = abs(self._weight(ctx, ctx.input_value(1)) * ctx.attr("alpha", 1.0))
+        return ctx.cache["abs_w"]
+
+    def abs_forward(self, ctx, d, *unused):
+        return d @ self._abs_weight(ctx)
+
+    def abs_backward(self, ctx, g):
+        return g @ self._abs_weight(ctx).T, None, None
 
     def backward(self, ctx, g):
         xp = ctx.xp
@@ -130,15 +174,26 @@ class BatchNormalization(Linear):
         k, _ = self._scale_shift(ctx, ctx.x(0))
         return (g * k,)
 
+    signed = True
+
+    def abs_forward(self, ctx, d, *unused):
+        return d * abs(self._scale_shift(ctx, d)[0])
+
+    def abs_backward(self, ctx, g):
+        return (g * abs(self._scale_shift(ctx, ctx.x(0))[0]),)
+
 
 def _conv_params(ctx, spatial, kernel, transpose=False):
     nd = len(kernel)
     strides = list(ctx.attr("strides", [1] * nd))
     dilations = list(ctx.attr("dilations", [1] * nd))
-    pads = conv_kernels.resolve_auto_pad(
-        ctx.attr("auto_pad", "NOTSET"), list(spatial), list(kernel), strides, dilations,
-        list(ctx.attr("pads", [0] * 2 * nd)), transpose=transpose,
-        output_shape=ctx.attr("output_shape"), output_padding=ctx.attr("output_padding"))
+    try:
+        pads = conv_kernels.resolve_auto_pad(
+            ctx.attr("auto_pad", "NOTSET"), list(spatial), list(kernel), strides, dilations,
+            list(ctx.attr("pads", [0] * 2 * nd)), transpose=transpose,
+            output_shape=ctx.attr("output_shape"), output_padding=ctx.attr("output_padding"))
+    except ValueError as exc:
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: {exc}") from None
     return strides, pads, dilations
 
 
@@ -162,6 +217,32 @@ class Conv(Linear):
                                        group=ctx.attr("group", 1), cache=ctx.cache)
         return ctx.split_targets(gx, k), None, None
 
+    signed = True
+
+    def abs_forward(self, ctx, d, *unused):
+        return self.forward(ctx, d, _abs_weight(ctx), None)
+
+    def abs_backward(self, ctx, g):
+        return _with_abs_weight(ctx, lambda: self.backward(ctx, g))
+
+
+def _abs_weight(ctx):
+    """|w| as one array kept per node, so kernel caches keyed by the weight reuse it."""
+    if "abs_w" not in ctx.cache:
+        ctx.cache["abs_w"] = abs(ctx.input_value(1))
+    return ctx.cache["abs_w"]
+
+
+def _with_abs_weight(ctx, backward):
+    """Run a backward that reads its weight via ctx.input_value(1) with |w| instead."""
+    original = ctx.input_value
+    abs_w = _abs_weight(ctx)
+    ctx.input_value = lambda i: abs_w if i == 1 else original(i)
+    try:
+        return backward()
+    finally:
+        ctx.input_value = original
+
 
 @builtin_rule("ConvTranspose")
 class ConvTranspose(Linear):
@@ -169,7 +250,7 @@ class ConvTranspose(Linear):
         strides, pads, dilations = _conv_params(ctx, spatial, kernel, transpose=True)
         nd = len(kernel)
         output_padding = list(ctx.attr("output_padding", [0] * nd))
-        if ctx.attr("output_shape") is not None:  # the pads chosen by resolve_auto_pad give this shape
+        if ctx.attr("output_shape") is not None:  # what the pads do not give, output_padding adds at the end
             output_padding = [0] * nd
             for d in range(nd):
                 natural = (strides[d] * (spatial[d] - 1) + (kernel[d] - 1) * dilations[d] + 1
@@ -194,6 +275,14 @@ class ConvTranspose(Linear):
                                                  pads=pads, dilations=dilations, group=ctx.attr("group", 1),
                                                  cache=ctx.cache)
         return ctx.split_targets(gx, k), None, None
+
+    signed = True
+
+    def abs_forward(self, ctx, d, *unused):
+        return self.forward(ctx, d, _abs_weight(ctx), None)
+
+    def abs_backward(self, ctx, g):
+        return _with_abs_weight(ctx, lambda: self.backward(ctx, g))
 
 
 def _pool_geometry(ctx, spatial):
@@ -299,13 +388,16 @@ class Pad(Linear):
             raise RuleError(f"Pad node {ctx.node.name!r}: negative pads (cropping) are not supported")
         return width
 
-    def forward(self, ctx, x, *unused):
+    def abs_forward(self, ctx, d, *unused):
+        return self.forward(ctx, d, zero_fill=True)
+
+    def forward(self, ctx, x, *unused, zero_fill=False):
         xp = ctx.xp
         width = self._pads(ctx, x.ndim)
         mode = ctx.attr("mode", "constant")
         if mode == "constant":
-            value = ctx.const(2) if len(ctx.node.inputs) > 2 and ctx.node.inputs[2] else None
-            fill = 0 if value is None or value.size == 0 else value.item()
+            value = None if zero_fill else (ctx.const(2) if len(ctx.node.inputs) > 2 and ctx.node.inputs[2] else None)
+            fill = ctx.attr("value", 0.0) if value is None or value.size == 0 else value.item()  # attr: opset < 11
             return xp.pad(x, width, mode="constant", constant_values=fill)
         return xp.pad(x, width, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode])
 

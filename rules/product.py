@@ -26,6 +26,21 @@ class Mul(Rule):
     def forward(self, ctx, a, b):
         return a * b
 
+    # with a constant factor c, Mul is affine: RevealCancel's |L| multiplies by |c|
+    signed = True
+
+    def is_affine(self, ctx):
+        return ctx.is_const(0) or ctx.is_const(1)
+
+    def abs_forward(self, ctx, da, db):
+        return da * abs(ctx.input_value(1)) if da is not None else abs(ctx.input_value(0)) * db
+
+    def abs_backward(self, ctx, g):
+        xp = ctx.xp
+        if ctx.is_const(1):
+            return unbroadcast(xp, g * abs(ctx.input_value(1)), ctx.input_shape(0)), None
+        return None, unbroadcast(xp, g * abs(ctx.input_value(0)), ctx.input_shape(1))
+
     def backward(self, ctx, g):
         xp = ctx.xp
         const_a, const_b = ctx.is_const(0), ctx.is_const(1)
@@ -44,6 +59,23 @@ class MatMul(Rule):
 
     def forward(self, ctx, a, b):
         return ctx.xp.matmul(a, b)
+
+    signed = True
+
+    def is_affine(self, ctx):
+        return ctx.is_const(0) or ctx.is_const(1)
+
+    def abs_forward(self, ctx, da, db):
+        xp = ctx.xp
+        return xp.matmul(da, abs(ctx.input_value(1))) if da is not None else xp.matmul(abs(ctx.input_value(0)), db)
+
+    def abs_backward(self, ctx, g):
+        original = ctx.input_value
+        ctx.input_value = lambda i: abs(original(i))
+        try:
+            return self.backward(ctx, g)
+        finally:
+            ctx.input_value = original
 
     def _operand(self, ctx, index):
         if ctx.is_const(index):

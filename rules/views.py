@@ -49,8 +49,9 @@ class Reshape(_Reshaping):
 @builtin_rule("Flatten")
 class Flatten(_Reshaping):
     def forward(self, ctx, x):
-        axis = ctx.attr("axis", 1) % max(x.ndim, 1)
-        if axis == 0:
+        axis = ctx.attr("axis", 1)
+        axis = axis + x.ndim if axis < 0 else axis
+        if int(np.prod(x.shape[1:axis])) != 1 or axis == 0:  # rows would mix samples
             _refuse_batch(ctx, "flattens")
         return x.reshape((int(np.prod(x.shape[:axis])), -1))
 
@@ -138,6 +139,13 @@ class Transpose(Linear):
 
 @builtin_rule("Concat")
 class Concat(Linear):
+    def abs_forward(self, ctx, *deltas):
+        xp = ctx.xp
+        ref = next(d for d in deltas if d is not None)
+        parts = [d if d is not None else xp.zeros((ref.shape[0],) + tuple(ctx.input_value(i).shape[1:]), ref.dtype)
+                 for i, d in enumerate(deltas)]
+        return self.forward(ctx, *parts)
+
     def forward(self, ctx, *xs):
         axis = ctx.attr("axis") % xs[0].ndim
         if axis == 0:
@@ -255,7 +263,7 @@ class Gather(Linear):
 class Expand(Linear):
     def forward(self, ctx, x, shape):
         target = np.broadcast_shapes(tuple(x.shape), tuple(int(s) for s in ctx.const(1)))
-        if target[0] != x.shape[0]:
+        if len(target) != x.ndim or target[0] != x.shape[0]:  # new leading axes would push the batch
             _refuse_batch(ctx, "expands")
         return ctx.xp.broadcast_to(x, target)
 

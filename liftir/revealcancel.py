@@ -1,0 +1,129 @@
+"""DeepLIFT's RevealCancel rule (Shrikumar, Greenside & Kundaje, ICML 2017).
+
+Differences are split into positive and negative parts, d = d+ + d-, kept apart through
+affine maps (d_y+ = L+ d_x+ + L- d_x-, d_y- = L+ d_x- + L- d_x+) and combined at each
+elementwise nonlinearity f as
+
+    d_y+ = 1/2 (f(x0 + d+) - f(x0)) + 1/2 (f(x0 + d- + d+) - f(x0 + d-))
+    d_y- = 1/2 (f(x0 + d-) - f(x0)) + 1/2 (f(x0 + d+ + d-) - f(x0 + d+))
+
+with multipliers m+ = d_y+/d_x+ and m- = d_y-/d_x-, so positive and negative evidence
+that cancel are both revealed. Other nonlinearities (max, maxout, products, softmax) use
+their Rescale-family DeepLIFT rule on the combined multiplier and restart the split at
+their output (d+ = max(d, 0)). Summation-to-delta holds throughout.
+
+Implementation: per tensor, liftir keeps D = d+ - d- (so d+- = (d +- D)/2); affine maps
+carry D with |L| (`Linear.abs_forward`). Multipliers of d+ and d- travel stacked on the
+target axis, [m+; m-]; for an affine map, with s = m+ + m- and t = m+ - m-,
+m_x+- = (L^T s +- |L|^T t) / 2.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .rule import Elementwise, Linear, NodeContext
+from .scheduler import Run
+
+
+def _affine(rule, ctx) -> bool:
+    return isinstance(rule, Linear) or (hasattr(rule, "abs_forward") and rule.is_affine(ctx))
+
+
+def split_forward(run: Run, order: list[str], inputs: tuple[str, ...]) -> dict[str, Any]:
+    """D = d+ - d- for every tensor computed in `order` (actual rows)."""
+    plan = run.plan
+    xp = run.xp
+    spread: dict[str, Any] = {name: abs(run.actual(name) - run.reference(name)) for name in inputs}
+    for name in order:
+        if name in plan.static:
+            continue
+        node = plan.graph.nodes[name]
+        rule = plan.rules[name]
+        ctx = NodeContext(node, run, plan)
+        if _affine(rule, ctx):
+            d_in = [spread.get(i) if i and not run.is_host(i) else None for i in node.inputs]
+            if all(d is None for d in d_in):
+                continue
+            out = rule.abs_forward(ctx, *d_in)
+            outs = out if isinstance(out, tuple) else (out,)
+        elif isinstance(rule, Elementwise):
+            pos_y, neg_y = _elementwise_parts(rule, ctx, spread[node.inputs[0]])
+            outs = (pos_y - neg_y,)
+        else:
+            outs = tuple(abs(run.actual(o) - run.reference(o)) if o and o in run.values
+                         and run.values[o].dtype.kind == "f" else None for o in node.outputs)
+        for o, d in zip(node.outputs, outs):
+            if o and d is not None:
+                spread[o] = xp.asarray(d)
+    _warn_if_cancelling(run, spread)
+    return spread
+
+
+def _warn_if_cancelling(run: Run, spread: dict[str, Any]) -> None:
+    """Positive and negative parts that grow far beyond the differences they sum to lose
+    float32 precision (their sum cancels); say so instead of returning a silent error."""
+    dtype = next(iter(spread.values())).dtype
+    if dtype.itemsize > 4:
+        return
+    worst = max(float(abs(d).max()) / (float(abs(run.actual(t) - run.reference(t)).max()) + 1e-30)
+                for t, d in spread.items())
+    if worst > 1e4:
+        warnings.warn(f"RevealCancel: positive and negative parts grew to {worst:.1e} times the differences "
+                      f"they sum to; in float32 summation-to-delta then holds only approximately. Use "
+                      f"Explainer(..., precision='float64') for exact conservation.", RuntimeWarning, stacklevel=4)
+
+
+def _parts(ctx: NodeContext, spread):
+    dx = ctx.x(0) - ctx.x0(0)
+    return (dx + spread) * 0.5, (dx - spread) * 0.5
+
+
+def _elementwise_parts(rule: Elementwise, ctx: NodeContext, spread):
+    """(d_y+, d_y-) of the RevealCancel rule, plus nothing else."""
+    xp = ctx.xp
+    pos, neg = _parts(ctx, spread)
+    x0 = ctx.x0(0)
+    f = lambda z: rule.f(xp, z, ctx)  # noqa: E731
+    f0, f_pos, f_neg, f_all = f(xp.broadcast_to(x0, pos.shape)), f(x0 + pos), f(x0 + neg), ctx.y(0)
+    pos_y = 0.5 * (f_pos - f0) + 0.5 * (f_all - f_neg)
+    neg_y = 0.5 * (f_neg - f0) + 0.5 * (f_all - f_pos)
+    return pos_y, neg_y
+
+
+def node_backward(spread: dict[str, Any]):
+    """A scheduler `node_backward` applying RevealCancel with the forward's split `spread`."""
+
+    def backward(rule, ctx: NodeContext, grads):
+        xp = ctx.xp
+        live = [g for g in grads if g is not None]
+        k = live[0].shape[0] // 2
+        if _affine(rule, ctx):
+            if not getattr(rule, "signed", False):
+                return rule.backward(ctx, *grads)
+            sums = [None if g is None else g[:k] + g[k:] for g in grads]
+            diffs = [None if g is None else g[:k] - g[k:] for g in grads]
+            plain = rule.backward(ctx, *sums)
+            absolute = rule.abs_backward(ctx, *diffs)
+            return tuple(None if p is None else xp.concatenate([(p + a) * 0.5, (p - a) * 0.5])
+                         for p, a in zip(plain, absolute))
+        if isinstance(rule, Elementwise):
+            g = grads[0]
+            pos, neg = _parts(ctx, spread[ctx.node.inputs[0]])
+            pos_y, neg_y = _elementwise_parts(rule, ctx, spread[ctx.node.inputs[0]])
+            slope = rule.df(xp, ctx.x0(0) + 0 * pos, ctx)
+            m_pos = xp.where(pos != 0, pos_y / xp.where(pos != 0, pos, 1), slope)
+            m_neg = xp.where(neg != 0, neg_y / xp.where(neg != 0, neg, 1), slope)
+            return (xp.concatenate([g[:k] * m_pos, g[k:] * m_neg]),)
+        # other nonlinearities: one multiplier per output neuron, by the sign of its difference
+        combined = []
+        for o, g in zip(ctx.node.outputs, grads):
+            if g is None:
+                combined.append(None)
+                continue
+            dy = ctx._run.actual(o) - ctx._run.reference(o)
+            combined.append(xp.where(dy > 0, g[:k], g[k:]))
+        result = rule.backward(ctx, *combined)
+        return tuple(None if m is None else xp.concatenate([m, m]) for m in result)
+
+    return backward
