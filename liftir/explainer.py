@@ -294,11 +294,16 @@ class Explainer:
 
     # ---- running ---------------------------------------------------------------------------------
     def predict(self, inputs, output: str | None = None):
-        """The value of `output` (default: the explained output) for `inputs`, as NumPy."""
+        """The value of `output` (default: the explained output) for `inputs`, as NumPy.
+
+        Computed by the rules' own forwards (the interpreter), never by onnxruntime, so that
+        comparing it with onnxruntime tests liftir.
+        """
         xs, _, _ = self._prepare(inputs, None, need_reference=False)
         out = self._check_output(output) if output else self.output
         feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
-        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), "gradient", self.options)
+        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), "gradient", self.options,
+                                engine="rules")
         return to_host(run.device(out))
 
     def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,

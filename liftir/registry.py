@@ -116,3 +116,9 @@ def registered_ops() -> dict[tuple[str, str], Rule]:
 def rule_origin(domain: str, op_type: str) -> str:
     _ensure_loaded()
     return "plugin" if _user.get((domain, op_type)) else "built-in"
+
+
+def is_builtin(rule: Rule) -> bool:
+    """True for the rule objects shipped in liftir.rules (not user or plugin rules)."""
+    _ensure_loaded()
+    return any(rule is r for entries in _builtin.values() for _, r in entries)

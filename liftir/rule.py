@@ -171,8 +171,8 @@ class Elementwise(Rule):
     """y = f(x) elementwise: DeepLIFT's Rescale rule (2.3.4), gradient f'(x) otherwise.
 
     Subclasses give `f` and its derivative `df`. Set `piecewise_linear = True` when f is
-    piecewise linear: then dy/dx is exact for any non-zero dx, and the derivative is used
-    only where dx is exactly 0. For smooth f the derivative at the midpoint replaces the
+    piecewise linear: then the slope at x is the exact multiplier wherever x and x0 lie on
+    one piece, and dy/dx serves across kinks. For smooth f the derivative at the midpoint replaces the
     difference quotient where |dx| is tiny (L'Hopital, eq. 16), which is also the more
     accurate of the two in floating point there.
     """
@@ -223,14 +223,18 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool):
     """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16)."""
     dx = x - x0
     dy = y - y0
+    eps = np.finfo(dx.dtype).eps
     if piecewise_linear:
-        small = dx == 0
-    else:
-        tol = np.sqrt(np.finfo(dx.dtype).eps) * (1 + abs(x) + abs(x0))
-        small = abs(dx) <= tol
+        # On one linear piece the slope is the divided difference exactly, whereas the quotient
+        # of rounded y's is off by up to eps |y| / |dx| (100% for a step of a few ulps). Take the
+        # slope wherever it accounts for dy up to the rounding of y; elsewhere (a kink or a jump
+        # between x0 and x) the quotient, which conserves dy exactly.
+        slope = df(x)
+        fits = abs(slope * dx - dy) <= 4 * eps * (abs(y) + abs(y0) + abs(slope) * (abs(x) + abs(x0)))
+        return xp.where(fits, slope, dy / xp.where(fits, xp.ones_like(dx), dx))
+    small = abs(dx) <= np.sqrt(eps) * (1 + abs(x) + abs(x0))
     safe = xp.where(small, xp.ones_like(dx), dx)
     quotient = dy / safe
     if not bool(small.any()):
         return quotient
-    slope = df((x + x0) * 0.5) if not piecewise_linear else df(x)
-    return xp.where(small, slope, quotient)
+    return xp.where(small, df((x + x0) * 0.5), quotient)

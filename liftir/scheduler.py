@@ -16,7 +16,7 @@ import numpy as np
 from .errors import RuleError, UnsupportedOpError
 from .folding import evaluate_static, static_nodes
 from .graph import Graph
-from .registry import lookup
+from .registry import is_builtin, lookup
 from .rule import NodeContext, Rule
 
 
@@ -33,6 +33,7 @@ class Plan:
         self._static_values: dict[tuple, dict[str, np.ndarray]] = {}
         self._device_constants: dict[str, dict[str, Any]] = {}
         self._order_cache: dict[tuple[str, ...], list[str]] = {}
+        self._ort_forward: dict[tuple[str, ...], Any] = {}
         missing = []
         for name in graph.order:
             if name in self.static:
@@ -45,6 +46,9 @@ class Plan:
                 self.rules[name] = rule
         if missing:
             raise UnsupportedOpError(missing, method)
+        #: run NumPy float32 forwards as one onnxruntime session (see liftir/ort_forward.py);
+        #: never when a user rule replaces a built-in one, since its forward must be the one used
+        self.use_onnxruntime = all(is_builtin(rule) for rule in self.rules.values())
 
     def order_for(self, tensors: tuple[str, ...]) -> list[str]:
         """Nodes needed to compute `tensors`, in topological order."""
@@ -112,10 +116,15 @@ class Run:
 
 
 def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
-            outputs: tuple[str, ...], mode: str, options: dict) -> Run:
-    """Run every node needed for `outputs` over the stacked batch in `feeds`."""
+            outputs: tuple[str, ...], mode: str, options: dict, engine: str = "auto") -> Run:
+    """Run every node needed for `outputs` over the stacked batch in `feeds`.
+
+    engine "rules" runs each rule's forward; "auto" may use one onnxruntime session instead.
+    """
     run = Run(plan, xp, n_actual, n_ref, mode, options)
     run.values.update(feeds)
+    if engine == "auto" and _forward_on_onnxruntime(plan, run, feeds, outputs):
+        return run
     signature = tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
     cached_static = plan._static_values.get(signature)
     graph = plan.graph
@@ -176,7 +185,9 @@ def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tup
         grad_ins = node_backward(rule, ctx, grad_outs) if node_backward else rule.backward(ctx, *grad_outs)
         if observer is not None:
             observer(node, ctx, grad_outs, grad_ins)
-        if not isinstance(grad_ins, (tuple, list)) or len(grad_ins) > len(node.inputs):
+        # rules may answer for every optional input the op can have (Conv's bias, Gemm's C)
+        # even where the node omits it: trailing Nones are fine
+        if not isinstance(grad_ins, (tuple, list)) or any(g is not None for g in grad_ins[len(node.inputs):]):
             raise RuleError(f"rule {type(rule).__name__}.backward for node {name!r} ({node.op_type}) must "
                             f"return a tuple with one multiplier (or None) per input ({len(node.inputs)})")
         for index, (inp, g) in enumerate(zip(node.inputs, grad_ins)):
@@ -221,3 +232,44 @@ class PairedRun(Run):
 
     def reference(self, name: str):
         return self._expanded(name, True) if name in self.values else self.device(name)
+
+
+def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs: tuple[str, ...]) -> bool:
+    """Fill `run` with one onnxruntime session's forward when that is possible; else False.
+
+    Used for NumPy float32 batches of standard-domain graphs; anything else, or any error
+    from onnxruntime (e.g. a batch size frozen into the graph), falls back to the rules.
+    """
+    if not plan.use_onnxruntime or run.xp is not np or any(v.dtype != np.float32 for v in feeds.values()):
+        return False
+    order = plan.order_for(outputs)
+    key = tuple(outputs)
+    if key not in plan._ort_forward:
+        graph = plan.graph
+        standard = all(graph.nodes[n].domain in ("", "ai.onnx") for n in order)
+        session = None
+        if standard:
+            try:
+                from .ort_forward import OrtForward
+                session = OrtForward(graph, order, outputs)
+            except Exception:  # onnxruntime cannot build it: the rules will do
+                session = None
+        plan._ort_forward[key] = session
+    session = plan._ort_forward[key]
+    if session is None:
+        return False
+    try:
+        values = session(feeds)
+    except Exception:
+        plan._ort_forward[key] = None
+        return False
+    for name in order:
+        node = plan.graph.nodes[name]
+        for o in node.outputs:
+            if not o or o not in values:
+                continue
+            if name in plan.static:
+                run.static[o] = values[o]
+            else:
+                run.values[o] = values[o]
+    return all(o in run.values or o in run.static for o in outputs)

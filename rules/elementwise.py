@@ -10,22 +10,62 @@ from __future__ import annotations
 import math
 
 from liftir.registry import builtin_rule
-from liftir.rule import Elementwise, RuleError, expm1c, sinhc
+from liftir.rule import Elementwise, RuleError, sinhc
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
+# Rational fits of Cephes' ndtr.c (S. L. Moshier): erf on |x| <= 1, erfc on 1 < |x| < 8 and
+# |x| >= 8, each to double precision. Evaluated in the array's own dtype.
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)  # monic
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)  # monic
+_ERFC_R = (5.64189583547755073984e-1, 1.27536670759978104416e0, 5.01905042251180477414e0,
+           6.16021097993053585195e0, 7.40974269950448939160e0, 2.97886665372100240670e0)
+_ERFC_S = (2.26052863220117276590e0, 9.39603524938001434673e0, 1.20489539808096656605e1,
+           1.70814450747565897222e1, 9.60896809063285878198e0, 3.36907645100081516050e0)  # monic
+
+
+def _poly(z, coefs, monic=False):
+    acc = z + coefs[0] if monic else z * 0 + coefs[0]
+    for c in coefs[1:]:
+        acc = acc * z + c
+    return acc
+
+
+def _erf_inner(x):
+    """erf on |x| <= 1 (x clipped there by the caller)."""
+    z = x * x
+    return x * _poly(z, _ERF_T) / _poly(z, _ERF_U, monic=True)
+
+
+def _erfc_outer(xp, x):
+    """erfc for |x| >= 1, with relative accuracy in the tail (no 1 - erf cancellation)."""
+    a = xp.clip(abs(x), 1, 40)  # erfc(40) underflows in float64; clipping keeps the fits finite
+    mid = _poly(a, _ERFC_P) / _poly(a, _ERFC_Q, monic=True)
+    far = _poly(a, _ERFC_R) / _poly(a, _ERFC_S, monic=True)
+    tail = xp.exp(-x * x) * xp.where(a < 8, mid, far)
+    return xp.where(x < 0, 2 - tail, tail)
+
+
 def erf(xp, x):
-    """erf to float32 precision on any backend (NumPy has none): Numerical Recipes' erfc
-    Chebyshev fit, fractional error < 1.2e-7."""
-    z = abs(x)
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
-            -0.82215223 + t * 0.17087277))))))))
-    erfc = t * xp.exp(poly)
-    return xp.where(x >= 0, 1.0 - erfc, erfc - 1.0).astype(x.dtype, copy=False)
+    """erf to the precision of x's dtype on any backend (NumPy has none)."""
+    inner = abs(x) <= 1
+    return xp.where(inner, _erf_inner(xp.clip(x, -1, 1)), 1 - _erfc_outer(xp, x)).astype(x.dtype, copy=False)
+
+
+def erfc(xp, x):
+    """1 - erf(x), accurate relative to its own (tiny) value for large x."""
+    inner = abs(x) <= 1
+    return xp.where(inner, 1 - _erf_inner(xp.clip(x, -1, 1)), _erfc_outer(xp, x)).astype(x.dtype, copy=False)
 
 
 def _far_ratio(xp, x, x0, ctx, near):
@@ -51,6 +91,19 @@ class Relu(Elementwise):
 
     def df(self, xp, x, ctx):
         return (x > 0).astype(x.dtype)
+
+    def divided_difference(self, xp, x, x0, ctx):
+        # Same side of the kink: exactly 1 or 0. Across it (few elements, dx != 0 there):
+        # the quotient, which conserves dy exactly. Cheaper than the generic rule on the
+        # largest tensors of most networks.
+        active = x > 0
+        m = active.astype(x.dtype)
+        across = active != (x0 > 0)
+        if bool(across.any()):
+            x_across = x[across]
+            x0_across = xp.broadcast_to(x0, x.shape)[across]
+            m[across] = (xp.maximum(x_across, 0) - xp.maximum(x0_across, 0)) / (x_across - x0_across)
+        return m
 
     def backward(self, ctx, g):
         xp = ctx.xp
@@ -169,13 +222,15 @@ class Sigmoid(Elementwise):
 
     def df(self, xp, x, ctx):
         s = sigmoid(xp, x)
-        return s * (1 - s)
+        return s * sigmoid(xp, -x)  # s * (1 - s) would cancel to 0 for large x
 
     def divided_difference(self, xp, x, x0, ctx):
-        # sigma(x) - sigma(x0) = sinh(dx/2) / (2 cosh(x/2) cosh(x0/2)): no cancellation
-        # (used where |dx| < 1; larger steps have no cancellation and cosh could overflow)
+        # sigma(x) - sigma(x0) = sinh(dx/2) / (2 cosh(x/2) cosh(x0/2)) has no cancellation; with
+        # 4 cosh(x/2) cosh(x0/2) = e^((|x|+|x0|)/2) (1 + e^-|x|)(1 + e^-|x0|) nothing overflows.
+        # Used where |dx| < 1; larger steps have no cancellation in the plain ratio.
         half = xp.clip((x - x0) * 0.5, -0.5, 0.5)
-        near = (sinhc(xp, half) / (4 * xp.cosh(xp.clip(x, -80, 80) * 0.5) * xp.cosh(xp.clip(x0, -80, 80) * 0.5)))
+        e, e0 = xp.exp(-abs(x)), xp.exp(-abs(x0))
+        near = sinhc(xp, half) * xp.exp(-0.5 * (abs(x) + abs(x0))) / ((1 + e) * (1 + e0))
         return _far_ratio(xp, x, x0, ctx, near)
 
 
@@ -185,11 +240,15 @@ class Tanh(Elementwise):
         return xp.tanh(x)
 
     def df(self, xp, x, ctx):
-        return 1 - xp.tanh(x) ** 2
+        e = xp.exp(-2 * abs(x))
+        return 4 * e / ((1 + e) * (1 + e))  # sech^2 without the cancellation of 1 - tanh^2
 
     def divided_difference(self, xp, x, x0, ctx):
-        # tanh(x) - tanh(x0) = sinh(x - x0) / (cosh(x) cosh(x0))
-        near = sinhc(xp, xp.clip(x - x0, -1, 1)) / (xp.cosh(xp.clip(x, -40, 40)) * xp.cosh(xp.clip(x0, -40, 40)))
+        # tanh(x) - tanh(x0) = sinh(x - x0) / (cosh(x) cosh(x0)), and
+        # cosh(x) cosh(x0) = e^(|x|+|x0|) (1 + e^-2|x|)(1 + e^-2|x0|) / 4
+        e, e0 = xp.exp(-2 * abs(x)), xp.exp(-2 * abs(x0))
+        near = (4 * sinhc(xp, xp.clip(x - x0, -1, 1)) * xp.exp(-(abs(x) + abs(x0)))
+                / ((1 + e) * (1 + e0)))
         return _far_ratio(xp, x, x0, ctx, near)
 
 
@@ -247,7 +306,7 @@ class Celu(Elementwise):
 @builtin_rule("HardSwish")
 class HardSwish(Elementwise):
     def f(self, xp, x, ctx):
-        return x * xp.clip(x / 6 + 0.5, 0, 1)
+        return x * xp.clip(x + 3, 0, 6) / 6  # x/6 + 0.5 would lose digits near x = -3
 
     def df(self, xp, x, ctx):
         return xp.where(x <= -3, 0.0, xp.where(x >= 3, 1.0, x / 3 + 0.5)).astype(x.dtype, copy=False)
@@ -262,7 +321,11 @@ class Exp(Elementwise):
         return xp.exp(x)
 
     def divided_difference(self, xp, x, x0, ctx):
-        return (xp.exp(x0) * expm1c(xp, x - x0)).astype(x.dtype, copy=False)
+        # e^x - e^x0 = 2 e^((x+x0)/2) sinh(dx/2): exact for |dx| < 1; beyond, the plain ratio
+        # (e^x0 alone could underflow, or overflow in expm1(dx), where the ratio is finite)
+        half = xp.clip((x - x0) * 0.5, -0.5, 0.5)
+        near = xp.exp((x + x0) * 0.5) * sinhc(xp, half)
+        return _far_ratio(xp, x, x0, ctx, near)
 
 
 @builtin_rule("Log")
@@ -330,18 +393,23 @@ class Erf(Elementwise):
 
 @builtin_rule("Gelu")
 class Gelu(Elementwise):
+    """x Phi(x), or its tanh form; both written so that x << 0 does not cancel (1 + erf, 1 + tanh)."""
+
+    def _tanh_parts(self, xp, x):
+        u2 = 2 * SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+        return sigmoid(xp, u2), sigmoid(xp, -u2)  # 0.5 (1 + tanh u) = sigma(2u)
+
     def f(self, xp, x, ctx):
         if ctx.attr("approximate", "none") == "tanh":
-            return 0.5 * x * (1 + xp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
-        return 0.5 * x * (1 + erf(xp, x * (1 / math.sqrt(2))))
+            return x * self._tanh_parts(xp, x)[0]
+        return 0.5 * x * erfc(xp, x * (-1 / math.sqrt(2)))
 
     def df(self, xp, x, ctx):
         if ctx.attr("approximate", "none") == "tanh":
-            inner = SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
-            t = xp.tanh(inner)
-            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+            s, s_neg = self._tanh_parts(xp, x)  # 1 - tanh(u)^2 = 4 sigma(2u) sigma(-2u)
+            return (s + 2 * x * s * s_neg * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)).astype(x.dtype, copy=False)
         pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-        return (0.5 * (1 + erf(xp, x * (1 / math.sqrt(2)))) + x * pdf).astype(x.dtype, copy=False)
+        return (0.5 * erfc(xp, x * (-1 / math.sqrt(2))) + x * pdf).astype(x.dtype, copy=False)
 
 
 @builtin_rule("Mish")

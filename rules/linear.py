@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from liftir import kernels as conv_kernels
-from liftir.kernels.windows import OUTSIDE, gather_windows, scatter_add, window_index
+from liftir.kernels.windows import Windows, scatter_to_windows
 from liftir.registry import builtin_rule
 from liftir.rule import Linear, NodeContext, RuleError, unbroadcast
 
@@ -285,47 +285,44 @@ class ConvTranspose(Linear):
         return _with_abs_weight(ctx, lambda: self.backward(ctx, g))
 
 
-def _pool_geometry(ctx, spatial):
-    kernel = list(ctx.attr("kernel_shape"))
-    nd = len(kernel)
-    strides = list(ctx.attr("strides", [1] * nd))
-    dilations = list(ctx.attr("dilations", [1] * nd))
-    pads = conv_kernels.resolve_auto_pad(ctx.attr("auto_pad", "NOTSET"), list(spatial), kernel, strides,
-                                         dilations, list(ctx.attr("pads", [0] * 2 * nd)))
+def _pool_geometry(ctx, spatial) -> Windows:
+    """The node's pooling windows for this input size (cached per node and size)."""
     key = ("windows", tuple(spatial))
     if key not in ctx.cache:
-        ctx.cache[key] = window_index(tuple(spatial), kernel, strides, pads, dilations,
+        kernel = list(ctx.attr("kernel_shape"))
+        nd = len(kernel)
+        strides = list(ctx.attr("strides", [1] * nd))
+        dilations = list(ctx.attr("dilations", [1] * nd))
+        pads = conv_kernels.resolve_auto_pad(ctx.attr("auto_pad", "NOTSET"), list(spatial), kernel, strides,
+                                             dilations, list(ctx.attr("pads", [0] * 2 * nd)))
+        ctx.cache[key] = Windows.make(tuple(spatial), kernel, strides, pads, dilations,
                                       bool(ctx.attr("ceil_mode", 0)))
     return ctx.cache[key]
 
 
 @builtin_rule("AveragePool")
 class AveragePool(Linear):
-    def _counts(self, ctx, index):
-        if ctx.attr("count_include_pad", 0):
-            return (index != OUTSIDE).sum(axis=1)
-        return (index >= 0).sum(axis=1)
+    def _counts(self, ctx, windows: Windows, dtype):
+        key = ("counts", windows.spatial, ctx.xp.__name__, dtype)
+        if key not in ctx.cache:
+            counts = windows.counts(bool(ctx.attr("count_include_pad", 0)))
+            ctx.cache[key] = ctx.xp.asarray(counts, dtype=dtype)
+        return ctx.cache[key]
 
     def forward(self, ctx, x):
-        xp = ctx.xp
-        index, out_shape = _pool_geometry(ctx, x.shape[2:])
-        b, c = x.shape[:2]
-        win = gather_windows(xp, x.reshape(b * c, -1), index, 0)
-        counts = xp.asarray(self._counts(ctx, index), dtype=x.dtype)
-        return (win.sum(axis=-1) / counts).reshape((b, c) + out_shape)
+        windows = _pool_geometry(ctx, x.shape[2:])
+        padded = windows.pad(ctx.xp, x, 0)
+        total = None
+        for sl in windows.offsets():
+            part = padded[(Ellipsis,) + sl]
+            total = part.copy() if total is None else total + part
+        return total / self._counts(ctx, windows, x.dtype)
 
     def backward(self, ctx, g):
-        xp = ctx.xp
         shape = ctx.input_shape(0)
-        index, _ = _pool_geometry(ctx, shape[2:])
-        k = g.shape[0]
-        rows = k * shape[0] * shape[1]
-        counts = xp.asarray(self._counts(ctx, index), dtype=g.dtype)
-        share = (g.reshape(rows, -1) / counts)[:, :, None]  # (rows, O, 1)
-        values = xp.broadcast_to(share, (rows,) + index.shape).reshape(rows, -1)
-        spatial = int(np.prod(shape[2:]))
-        gx = scatter_add(xp, values, index.reshape(-1), spatial)
-        return (gx.reshape((k,) + shape),)
+        windows = _pool_geometry(ctx, shape[2:])
+        share = g / self._counts(ctx, windows, g.dtype)
+        return (scatter_to_windows(ctx.xp, windows, g.shape[:3], lambda k: share, g.dtype),)
 
 
 @builtin_rule("GlobalAveragePool")

@@ -17,54 +17,37 @@ multiplier through the actual pass's switches (argmax positions).
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
-from liftir.kernels.windows import gather_windows, scatter_add
+from liftir.kernels.windows import scatter_to_windows, window_max
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError
 
 from .linear import _pool_geometry, _reduce_axes
 
 
-def _window_max(xp, x_flat, index_dev, index):
-    """(max (B, O), flat input position of the first argmax (B, O)) of each window."""
-    win = gather_windows(xp, x_flat, index, -np.inf)
-    local = win.argmax(axis=-1)
-    pos = index_dev[xp.arange(index.shape[0])[None, :], local]
-    return xp.take_along_axis(win, local[..., None], axis=-1)[..., 0], pos
+def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
+    """Input multipliers of a max from output multipliers g (K, ...).
 
-
-def max_multipliers(ctx, g, x_flat, x0_flat, index):
-    """Input multipliers (K, B, S) from output multipliers g (K, B, O) of a windowed max."""
+    `scatter(at_actual, at_reference)` sums per-output values (either may be None) placed
+    at the actual / reference argmax of each window into an input-shaped array.
+    """
     xp = ctx.xp
-    key = ("index_dev", index.shape, ctx.xp.__name__)
-    if key not in ctx.cache:
-        ctx.cache[key] = xp.asarray(index)
-    index_dev = ctx.cache[key]
-    k, b, o = g.shape
-    s = x_flat.shape[1]
-    y, pos_a = _window_max(xp, x_flat, index_dev, index)
-    rows = k * b
-
-    def scatter(values, positions):  # values (K, B, O'), positions (B, O')
-        pos = xp.broadcast_to(positions[None], values.shape).reshape(rows, -1)
-        return scatter_add(xp, values.reshape(rows, -1), pos, s).reshape(k, b, s)
-
-    gradient = scatter(g, pos_a)
     if ctx.mode != "deeplift":
-        return gradient
-    y0, pos_r = _window_max(xp, x0_flat, index_dev, index)  # R rows: 1 or B
-    y0 = xp.broadcast_to(y0, y.shape)
-    pos_r = xp.broadcast_to(pos_r, pos_a.shape)
+        return scatter(g, None)
     if ctx.options.get("max_rule", "cross_max") == "paper":
-        contrib = scatter(g * (y - y0), pos_a)
+        contrib = scatter(g * (y - y0), None)
     else:
         top = xp.maximum(y, y0)
-        contrib = scatter(xp.concatenate([g * (top - y0), g * (y - top)], axis=-1),
-                          xp.concatenate([pos_a, pos_r], axis=-1))
-    dx = x_flat - x0_flat
+        contrib = scatter(g * (top - y0), g * (y - top))
+    dx = x - x0
     nonzero = dx != 0
-    return xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), gradient)
+    if bool(nonzero.all()):
+        return contrib / dx
+    # where dx == 0 the contribution is 0 by construction; like Captum, pass the gradient
+    return xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), scatter(g, None))
 
 
 class _MaxRule(Rule):
@@ -81,36 +64,57 @@ class MaxPool(_MaxRule):
         xp = ctx.xp
         if ctx.attr("storage_order", 0) and len(ctx.node.outputs) > 1:
             raise RuleError(f"MaxPool node {ctx.node.name!r}: column-major Indices are not supported")
-        index, out_shape = _pool_geometry(ctx, x.shape[2:])
-        b, c = x.shape[:2]
-        key = ("index_dev", index.shape, xp.__name__)
-        if key not in ctx.cache:
-            ctx.cache[key] = xp.asarray(index)
-        y, pos = _window_max(xp, x.reshape(b * c, -1), ctx.cache[key], index)
-        y = y.reshape((b, c) + out_shape)
+        windows = _pool_geometry(ctx, x.shape[2:])
+        y, first = window_max(xp, windows, x)
         if len(ctx.node.outputs) > 1 and ctx.node.outputs[1]:
-            spatial = int(np.prod(x.shape[2:]))
-            base = xp.arange(b * c, dtype=xp.int64)[:, None] * spatial
-            return y, (pos + base).reshape((b, c) + out_shape)
+            return y, self._indices(xp, windows, first, x.shape)
         return y
 
+    @staticmethod
+    def _indices(xp, windows, first, shape):
+        """ONNX Indices: flat positions into the (N, C, *spatial) input."""
+        offsets = xp.asarray(np.array(list(itertools.product(*(range(k) for k in windows.kernel)))))
+        flat = xp.zeros(first.shape, dtype=np.int64)
+        for d in range(windows.nd):
+            grid_shape = [1] * first.ndim
+            grid_shape[2 + d] = windows.out[d]
+            start = xp.arange(windows.out[d]).reshape(grid_shape) * windows.strides[d] - windows.pads[d]
+            coord = start + offsets[first.astype(np.int64), d] * windows.dilations[d]
+            flat = flat * shape[2 + d] + coord
+        base = xp.arange(shape[0] * shape[1], dtype=np.int64).reshape(shape[:2] + (1,) * windows.nd)
+        return flat + base * int(np.prod(shape[2:]))
+
     def backward(self, ctx, g, *unused):
+        xp = ctx.xp
         shape = ctx.input_shape(0)
-        index, _ = _pool_geometry(ctx, shape[2:])
-        k = g.shape[0]
-        bc = shape[0] * shape[1]
-        x = ctx.x(0).reshape(bc, -1)
+        windows = _pool_geometry(ctx, shape[2:])
+        x = ctx.x(0)
+        y, first_a = window_max(xp, windows, x)
         x0 = ctx.x0(0)
-        x0 = None if x0 is None else ctx.xp.broadcast_to(x0, shape).reshape(bc, -1)
-        m = max_multipliers(ctx, g.reshape(k, bc, -1), x, x0, index)
-        return (m.reshape((k,) + shape),)
+        y0 = first_r = None
+        if x0 is not None:
+            y0, first_r = window_max(xp, windows, x0)
+
+        def scatter(at_actual, at_reference):
+            def piece(k):
+                total = 0
+                if at_actual is not None:
+                    total = xp.where(first_a == k, at_actual, 0)
+                if at_reference is not None:
+                    total = total + xp.where(first_r == k, at_reference, 0)
+                return total
+            return scatter_to_windows(xp, windows, g.shape[:3], piece, g.dtype)
+
+        if x0 is None:
+            return (max_rule_multipliers(ctx, g, x, x, y, y, scatter),)
+        return (max_rule_multipliers(ctx, g, x, x0, y, y0, scatter),)
 
 
-def _as_reduction(xp, x, axes):
-    """Move reduced axes last: (B', S) rows and how to undo it."""
+def _as_rows(xp, x, axes):
+    """Move reduced axes last and flatten them: (rows..., S), and how to undo it."""
     rest = [a for a in range(x.ndim) if a not in axes]
     moved = x.transpose(rest + list(axes))
-    return moved.reshape(int(np.prod(moved.shape[: len(rest)])), -1), moved.shape, rest + list(axes)
+    return moved.reshape(moved.shape[: len(rest)] + (-1,)), moved.shape, rest + list(axes)
 
 
 @builtin_rule("GlobalMaxPool", "ReduceMax")
@@ -136,12 +140,27 @@ class ReduceMax(_MaxRule):
         if not axes:
             return g, None
         k = g.shape[0]
-        x, moved_shape, perm = _as_reduction(xp, ctx.x(0), axes)
+        x, moved_shape, perm = _as_rows(xp, ctx.x(0), axes)
+        pos_a = x.argmax(axis=-1)[..., None]
+        y = xp.take_along_axis(x, pos_a, axis=-1)[..., 0]
         x0 = ctx.x0(0)
         if x0 is not None:
-            x0, _, _ = _as_reduction(xp, xp.broadcast_to(x0, shape), axes)
-        s = x.shape[1]
-        index = np.arange(s, dtype=np.int64)[None, :]
-        m = max_multipliers(ctx, g.reshape(k, x.shape[0], 1), x, x0, index)
+            x0, _, _ = _as_rows(xp, xp.broadcast_to(x0, shape), axes)
+            pos_r = x0.argmax(axis=-1)[..., None]
+            y0 = xp.take_along_axis(x0, pos_r, axis=-1)[..., 0]
+        else:
+            x0, pos_r, y0 = x, pos_a, y
+        rows = g.reshape((k,) + y.shape)
+
+        def scatter(at_actual, at_reference):
+            out = xp.zeros((k,) + x.shape, dtype=g.dtype)
+            for pos, values in ((pos_a, at_actual), (pos_r, at_reference)):
+                if values is not None:  # adds, so coinciding argmaxes accumulate
+                    index = xp.broadcast_to(pos[None], (k,) + pos.shape)
+                    current = xp.take_along_axis(out, index, axis=-1)
+                    xp.put_along_axis(out, index, current + values[..., None], axis=-1)
+            return out
+
+        m = max_rule_multipliers(ctx, rows, x, x0, y, y0, scatter)
         m = m.reshape((k,) + moved_shape).transpose([0] + [p + 1 for p in np.argsort(perm)])
         return m, None

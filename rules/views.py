@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from liftir.kernels.windows import scatter_add
+from liftir.kernels.scatter import scatter_add
 from liftir.registry import builtin_rule
 from liftir.rule import Linear, RuleError, unbroadcast
 

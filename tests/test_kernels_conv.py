@@ -263,5 +263,7 @@ def test_resolve_auto_pad_conv_transpose(auto_pad, kernel, strides, dilations, o
 def test_resolve_auto_pad_explicit_and_too_large_output_shape():
     assert resolve_auto_pad("NOTSET", (5, 5), (3, 3), (1, 1), (1, 1), [1, 0, 2, 1]) == [1, 0, 2, 1]
     assert resolve_auto_pad("NOTSET", (5, 5), (3, 3), (1, 1), (1, 1), None) == [0, 0, 0, 0]
+    # natural size 20: onnxruntime takes up to 20 + stride - 1 (extra rows as output_padding), not 23
+    assert resolve_auto_pad("SAME_UPPER", (7,), (2,), (3,), (1,), None, transpose=True, output_shape=(22,)) == [0, 0]
     with pytest.raises(ValueError, match="output_padding"):
-        resolve_auto_pad("SAME_UPPER", (7,), (2,), (3,), (1,), None, transpose=True, output_shape=(21,))
+        resolve_auto_pad("SAME_UPPER", (7,), (2,), (3,), (1,), None, transpose=True, output_shape=(23,))

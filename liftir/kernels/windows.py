@@ -1,18 +1,19 @@
-"""Pooling windows as index maps: which input position each window element reads.
+"""Pooling windows as strided slices, one per kernel offset.
 
-MaxPool, AveragePool and their backward passes all reduce to gathering with, and
-scatter-adding through, one small integer map per node (computed once on the host).
-Scatter-adding with `bincount` accumulates overlapping windows correctly, which a
-max-unpool that writes (overwrites) values does not.
+A pool with kernel k reads, for each of the prod(k) offsets inside the window, one
+strided slice of the padded input: an array shaped like the output. MaxPool,
+AveragePool and their backward passes are then a short loop over offsets (9 for a 3x3
+kernel), each step a whole-array operation. Backward adds each offset's share into its
+slice of the input gradient, so overlapping windows accumulate correctly (a max-unpool
+that writes values, as Captum's does, overwrites them instead).
 """
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
-
-PAD = -1  # window element in the explicit padding
-OUTSIDE = -2  # window element past the padded input (ceil_mode overhang)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
@@ -25,48 +26,94 @@ def pool_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_en
     return out
 
 
-def window_index(spatial: tuple[int, ...], kernel, strides, pads, dilations, ceil_mode=False):
-    """(index (prod(out), prod(kernel)) into the flat unpadded input, PAD/OUTSIDE elsewhere; out shape)."""
-    nd = len(spatial)
-    axes_idx, out_shape = [], []
-    for d in range(nd):
-        out = pool_output_size(spatial[d], kernel[d], strides[d], pads[d], pads[d + nd], dilations[d], ceil_mode)
-        starts = np.arange(out) * strides[d] - pads[d]
-        pos = starts[:, None] + np.arange(kernel[d])[None, :] * dilations[d]  # (out, k)
-        code = np.where((pos >= 0) & (pos < spatial[d]), pos,
-                        np.where(pos < spatial[d] + pads[d + nd], PAD, OUTSIDE))
-        axes_idx.append(code)
-        out_shape.append(out)
-    # combine per-axis positions into flat indices over all axes: (o1..on, k1..kn)
-    flat = np.zeros([1] * (2 * nd), dtype=np.int64)
-    status = np.zeros([1] * (2 * nd), dtype=np.int64)  # 0 inside, 1 pad, 2 outside
-    stride_flat = 1
-    for d in reversed(range(nd)):
-        shape = [1] * (2 * nd)
-        shape[d], shape[nd + d] = axes_idx[d].shape
-        code = axes_idx[d].reshape(shape)
-        flat = flat + np.where(code >= 0, code, 0) * stride_flat
-        status = np.maximum(status, np.where(code == OUTSIDE, 2, np.where(code == PAD, 1, 0)))
-        stride_flat *= spatial[d]
-    index = np.where(status == 0, flat, np.where(status == 1, PAD, OUTSIDE))
-    n_out, n_k = int(np.prod(out_shape)), int(np.prod(kernel))
-    return index.reshape(n_out, n_k), tuple(out_shape)
+@dataclass(frozen=True)
+class Windows:
+    """Geometry of a pool over the trailing len(kernel) axes."""
+
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX [begin..., end...], as given
+    out: tuple[int, ...]
+    extra: tuple[int, ...]  # end padding added so every window of the output fits (ceil_mode)
+
+    @classmethod
+    def make(cls, spatial, kernel, strides, pads, dilations, ceil_mode=False) -> "Windows":
+        nd = len(spatial)
+        out, extra = [], []
+        for d in range(nd):
+            o = pool_output_size(spatial[d], kernel[d], strides[d], pads[d], pads[d + nd], dilations[d], ceil_mode)
+            need = (o - 1) * strides[d] + dilations[d] * (kernel[d] - 1) + 1
+            extra.append(max(0, need - (spatial[d] + pads[d] + pads[d + nd])))
+            out.append(o)
+        return cls(tuple(spatial), tuple(kernel), tuple(strides), tuple(dilations), tuple(pads),
+                   tuple(out), tuple(extra))
+
+    @property
+    def nd(self) -> int:
+        return len(self.kernel)
+
+    def padded_shape(self) -> tuple[int, ...]:
+        nd = self.nd
+        return tuple(s + self.pads[d] + self.pads[d + nd] + self.extra[d] for d, s in enumerate(self.spatial))
+
+    def pad(self, xp, x, fill):
+        """x (..., *spatial) with explicit and ceil-mode padding filled with `fill`."""
+        nd = self.nd
+        if not any(self.pads) and not any(self.extra):
+            return x
+        out = xp.full(x.shape[:-nd] + self.padded_shape(), fill, dtype=x.dtype)
+        out[(Ellipsis,) + tuple(slice(self.pads[d], self.pads[d] + s) for d, s in enumerate(self.spatial))] = x
+        return out
+
+    def unpad(self, x):
+        nd = self.nd
+        return x[(Ellipsis,) + tuple(slice(self.pads[d], self.pads[d] + s) for d, s in enumerate(self.spatial))]
+
+    def offsets(self):
+        """For each kernel offset, the slices of the padded input its window elements read."""
+        for offset in itertools.product(*(range(k) for k in self.kernel)):
+            yield tuple(slice(o * dil, o * dil + (n - 1) * st + 1, st)
+                        for o, dil, n, st in zip(offset, self.dilations, self.out, self.strides))
+
+    def counts(self, include_pad: bool) -> np.ndarray:
+        """How many elements each output window averages over (ONNX count_include_pad)."""
+        inside = np.ones(self.spatial, dtype=np.float64)
+        if include_pad:  # explicit pads count, the ceil-mode overhang does not
+            nd = self.nd
+            inside = np.pad(inside, [(self.pads[d], self.pads[d + nd]) for d in range(nd)], constant_values=1)
+            inside = np.pad(inside, [(0, e) for e in self.extra])
+            padded = inside
+        else:
+            padded = self.pad(np, inside, 0.0)
+        total = np.zeros(self.out)
+        for sl in self.offsets():
+            total += padded[sl]
+        return total
 
 
-def gather_windows(xp, x_flat, index, fill):
-    """x_flat (B, S) -> (B, O, K) window elements; padding reads `fill`."""
-    b, s = x_flat.shape
-    ext = xp.concatenate([x_flat, xp.full((b, 1), fill, dtype=x_flat.dtype)], axis=1)
-    safe = xp.asarray(np.where(index >= 0, index, s))
-    return ext[:, safe]
+def window_max(xp, windows: Windows, x):
+    """(max over each window, index of the first offset attaining it) for x (..., *spatial)."""
+    padded = windows.pad(xp, x, -np.inf)
+    best, first = None, None
+    for k, sl in enumerate(windows.offsets()):
+        part = padded[(Ellipsis,) + sl]
+        if best is None:
+            best = part.copy()
+            first = xp.zeros(part.shape, dtype=np.int16)
+            continue
+        better = part > best  # strict: ties keep the first offset, one deterministic winner
+        best = xp.where(better, part, best)
+        first[better] = k
+    return best, first
 
 
-def scatter_add(xp, values, positions, size: int):
-    """Sum `values` (B, M) into (B, size) at `positions` (B, M) or (M,); negatives dropped."""
-    b = values.shape[0]
-    positions = xp.broadcast_to(xp.asarray(positions), values.shape)
-    keep = positions >= 0
-    offsets = xp.arange(b, dtype=xp.int64)[:, None] * (size + 1)
-    flat = xp.where(keep, positions, size) + offsets
-    out = xp.bincount(flat.ravel(), weights=values.ravel().astype(xp.float64), minlength=b * (size + 1))
-    return out.reshape(b, size + 1)[:, :size].astype(values.dtype)
+def scatter_to_windows(xp, windows: Windows, lead: tuple[int, ...], pieces, dtype):
+    """Sum per-offset values into the (unpadded) input: pieces(k) -> values for offset k or None."""
+    grad = xp.zeros(lead + windows.padded_shape(), dtype=dtype)
+    for k, sl in enumerate(windows.offsets()):
+        values = pieces(k)
+        if values is not None:
+            grad[(Ellipsis,) + sl] += values
+    return windows.unpad(grad)

@@ -1,0 +1,225 @@
+"""The `liftir` command through `main([...])`: explain / check / ops on small models, the
+files they write, and exit codes (0 ok, 1 finding, 2 usage or input error, no traceback)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import cli_models as cm
+import liftir
+from liftir.cli import main
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Model files and inputs on disk."""
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, builder in [("mlp", cm.mlp), ("two", cm.two_inputs), ("cnn", cm.small_cnn),
+                          ("dna", cm.dna_cnn), ("unknown", cm.unknown_op), ("twoout", cm.two_outputs)]:
+        paths[name] = str(tmp_path / f"{name}.onnx")
+        onnx.save(builder(), paths[name])
+    paths["x"] = str(tmp_path / "x.npy")
+    np.save(paths["x"], rng.standard_normal((10, 6)).astype(np.float32))
+    paths["ab"] = str(tmp_path / "ab.npz")
+    np.savez(paths["ab"], a=rng.standard_normal((5, 4)).astype(np.float32),
+             b=rng.standard_normal((5, 4)).astype(np.float32))
+    paths["img"] = str(tmp_path / "img.npy")
+    np.save(paths["img"], rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    paths["seq"] = str(tmp_path / "seq.npy")
+    np.save(paths["seq"], cm.onehot_dna(3))
+    paths["dir"] = tmp_path
+    return paths
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+# ---- explain ----------------------------------------------------------------------------------
+
+def test_explain_writes_attributions_and_deltas(files, capsys):
+    out_path = files["dir"] / "attr.npz"
+    code, out, err = run(capsys, "explain", files["mlp"], "--input", files["x"], "--target", 1,
+                         "--batch-size", 3, "--out", out_path)
+    assert code == 0, err
+    with np.load(out_path) as d:
+        assert d["x"].shape == (10, 6) and d["delta"].shape == (10,)
+        assert np.abs(d["delta"]).max() < 1e-4
+        assert int(d["targets"]) == 1 and str(d["method"]) == "deeplift" and str(d["output"]) == "prob"
+        expected = liftir.Explainer(files["mlp"]).attribute(np.load(files["x"]), target=1)
+        np.testing.assert_allclose(d["x"], expected, rtol=1e-5, atol=1e-6)
+    assert "method      deeplift" in out and "max |delta|" in out and "'x' (10, 6)" in out
+    assert "liftir deeplift" in err  # the progress bar goes to stderr
+
+
+def test_explain_several_targets_and_per_sample_targets(files, capsys):
+    d = files["dir"]
+    code, out, _ = run(capsys, "explain", files["mlp"], "-i", files["x"], "--target", "all",
+                       "--out", d / "all.npz", "--no-progress")
+    assert code == 0 and "all classes" in out
+    with np.load(d / "all.npz") as all_:
+        assert all_["x"].shape == (10, 3, 6) and all_["delta"].shape == (10, 3)
+        code, _, _ = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", "0,2",
+                         "-o", d / "some", "--no-progress")  # .npz appended
+        assert code == 0
+        with np.load(d / "some.npz") as some:
+            np.testing.assert_allclose(some["x"], all_["x"][:, [0, 2]], rtol=1e-5, atol=1e-6)
+    labels = np.arange(10) % 3
+    np.save(d / "labels.npy", labels)
+    code, out, err = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", d / "labels.npy",
+                         "-o", d / "per.npz", "--no-progress")
+    assert code == 0, err
+    assert "one class per sample" in out and err == ""
+
+
+def test_explain_baselines_and_gradient_methods(files, capsys):
+    d = files["dir"]
+    np.save(d / "b.npy", np.full((1, 6), 0.5, np.float32))
+    a = {}
+    for spec in ("0.5", d / "b.npy", "zeros"):
+        code, _, err = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", 0, "-b", spec,
+                           "-o", d / "b_out.npz", "--no-progress")
+        assert code == 0, err
+        with np.load(d / "b_out.npz") as f:
+            a[str(spec)] = f["x"]
+    np.testing.assert_allclose(a["0.5"], a[str(d / "b.npy")])
+    assert not np.allclose(a["0.5"], a["zeros"])
+    code, out, _ = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", 0, "-m", "saliency",
+                       "-o", d / "s.npz", "--no-progress")
+    assert code == 0 and "n/a" in out
+    with np.load(d / "s.npz") as f:
+        assert "delta" not in f.files and str(f["method"]) == "saliency"
+
+
+def test_npz_inputs_round_trip_by_name(files, capsys):
+    d = files["dir"]
+    code, out, err = run(capsys, "explain", files["two"], "-i", files["ab"], "-t", 1,
+                         "-b", files["ab"], "-o", d / "ab_attr.npz", "--no-progress")
+    assert code == 0, err
+    with np.load(d / "ab_attr.npz") as f, np.load(files["ab"]) as x:
+        assert f["a"].shape == f["b"].shape == (5, 4)
+        assert np.abs(f["a"]).max() == 0 and np.abs(f["b"]).max() == 0  # baseline == input
+        assert set(f.files) >= {"a", "b", "delta"}
+        np.testing.assert_array_equal(x["a"].shape, (5, 4))
+    np.savez(d / "wrong.npz", a=np.ones((2, 4), np.float32), c=np.ones((2, 4), np.float32))
+    code, _, err = run(capsys, "explain", files["two"], "-i", d / "wrong.npz", "-t", 0, "-o", d / "w.npz")
+    assert code == 2
+    assert "liftir: error:" in err and "['a', 'b']" in err and "missing ['b']" in err
+    code, _, err = run(capsys, "explain", files["two"], "-i", files["x"], "-t", 0, "-o", d / "w.npz")
+    assert code == 2 and "2 inputs" in err and ".npz" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "{missing}", "-i", "{x}", "-o", "{dir}/o.npz"], "no ONNX model file"),
+    (["explain", "{garbage}", "-i", "{x}", "-o", "{dir}/o.npz"], "not a readable ONNX model"),
+    (["explain", "{mlp}", "-i", "{dir}/nope.npy", "-o", "{dir}/o.npz"], "does not exist"),
+    (["explain", "{mlp}", "-i", "{garbage}", "-o", "{dir}/o.npz"], "not a readable .npy/.npz"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "abc", "-o", "{dir}/o.npz"], "--target must be"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "7", "-o", "{dir}/o.npz"], "out of range"),
+    (["explain", "{mlp}", "-i", "{x}", "-o", "{dir}/o.npz"], "--target all"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "0", "-o", "{dir}/no/such/dir/o.npz"], "does not exist"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "0", "--output", "nope", "-o", "{dir}/o.npz"], "no tensor named"),
+    (["explain", "{cnn}", "-i", "{x}", "-t", "0", "-o", "{dir}/o.npz"], "expects rank 4"),
+    (["explain", "{unknown}", "-i", "{x}", "-o", "{dir}/o.npz"], "mystery1"),
+    (["explain", "{twoout}", "-i", "{x}", "-o", "{dir}/o.npz"], "--output NAME"),
+    (["explain", "{mlp}", "-i", "{x}", "--batch-size", "0", "-o", "{dir}/o.npz"], "positive integer"),
+    (["explain", "{mlp}", "-o", "{dir}/o.npz"], "--input"),
+    (["explain", "{mlp}", "-i", "{x}", "-m", "lime", "-o", "{dir}/o.npz"], "invalid choice"),
+    (["check", "{mlp}", "--rtol", "-1"], "positive number"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_errors_exit_2_with_a_clear_message(files, capsys, argv, message):
+    garbage = files["dir"] / "garbage.bin"
+    garbage.write_bytes(b"\x00\x01 definitely not protobuf or numpy \xff" * 3)
+    fmt = {**{k: str(v) for k, v in files.items()}, "missing": str(files["dir"] / "missing.onnx"),
+           "garbage": str(garbage)}
+    code, _, err = run(capsys, *[a.format(**fmt) for a in argv])
+    assert code == 2
+    assert message in err
+    assert "error:" in err
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "examples:" in out and "exit codes" in out
+    for cmd in ("explain", "check", "ops"):
+        code, out, _ = run(capsys, cmd, "--help")
+        assert code == 0 and "examples:" in out and f"liftir {cmd}" in out
+    code, _, err = run(capsys)
+    assert code == 2 and "COMMAND" in err
+    proc = subprocess.run([sys.executable, "-m", "liftir", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("liftir ")
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, inputs, target", [("mlp", "x", "1"), ("cnn", "img", "2"),
+                                                    ("dna", "seq", None)])
+def test_plot_writes_a_png(files, capsys, model, inputs, target):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("liftir.plots")
+    png = files["dir"] / f"{model}.png"
+    argv = ["explain", files[model], "-i", files[inputs], "-o", files["dir"] / "p.npz",
+            "--plot", png, "--no-progress"] + (["-t", target] if target else [])
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    assert f"plot        {png}" in out
+
+
+# ---- check ------------------------------------------------------------------------------------------
+
+def test_check_ok_and_failing(files, capsys):
+    code, out, err = run(capsys, "check", files["cnn"], "--samples", 3)
+    assert code == 0, out + err
+    assert "OK: every node conserves" in out and "forward vs onnxruntime: ok" in out
+    assert "3 sample(s)" in out
+    cm.register_broken_relu()
+    try:
+        code, out, err = run(capsys, "check", files["cnn"])
+    finally:
+        liftir.unregister_rule("Relu")
+    assert code == 1
+    assert "'relu1' (Relu) loses conservation: residual" in out and "FAIL" in out
+    assert "check failed" in err
+
+
+def test_check_with_given_inputs_and_errors(files, capsys):
+    code, out, _ = run(capsys, "check", files["mlp"], "--input", files["x"], "--baseline", "0.1",
+                       "--rtol", "1e-5", "--max-rule", "paper")
+    assert code == 0 and "10 sample(s)" in out and "max_rule=paper" in out
+    code, out, _ = run(capsys, "check", files["two"], "--input", files["ab"], "--final-activation", "strip")
+    assert code == 0
+    code, _, err = run(capsys, "check", files["unknown"])
+    assert code == 2 and "mystery1" in err and "com.example::Mystery" in err
+
+
+# ---- ops ---------------------------------------------------------------------------------------------
+
+def test_ops_lists_rules_per_method(capsys):
+    code, out, _ = run(capsys, "ops")
+    assert code == 0
+    relu = next(line for line in out.splitlines() if line.split()[:1] == ["Relu"])
+    assert "built-in" in relu and "rescale" in relu
+    code, out, _ = run(capsys, "ops", "--method", "guided_backprop")
+    relu = next(line for line in out.splitlines() if line.split()[:1] == ["Relu"])
+    assert code == 0 and "guided" in relu
+
+
+def test_ops_model_coverage(files, capsys):
+    code, out, _ = run(capsys, "ops", files["cnn"])
+    assert code == 0 and "OK: every op type" in out
+    conv = next(line for line in out.splitlines() if line.split()[:1] == ["Conv"])
+    assert conv.split()[1] == "1" and "built-in" in conv
+    code, out, _ = run(capsys, "ops", files["unknown"])
+    assert code == 1
+    assert "NOT covered" in out and "com.example::Mystery" in out and "'mystery1'" in out
+    assert "Gemm" in out  # the covered part is still listed
