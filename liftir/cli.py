@@ -494,6 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_examples(args) -> None:
+    """`example:NAME` arguments name the model and inputs shipped in liftir.data."""
+    from .data import resolve
+    if getattr(args, "model", None):
+        args.model = resolve(args.model, ".onnx")
+    for field in ("input", "baseline"):
+        if getattr(args, field, None):
+            setattr(args, field, resolve(getattr(args, field), ".npy"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `liftir` command; returns the exit code (never raises SystemExit)."""
     parser = build_parser()
@@ -505,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _resolve_examples(args)
         return args.func(args)
     except (LiftirError, CLIError) as exc:
         message = str(exc)

@@ -190,6 +190,9 @@ class Elementwise(Rule):
     def forward(self, ctx, x, *params):
         return self.f(ctx.xp, x, ctx)
 
+    def describe(self, mode: str) -> str:
+        return self.paper_rule if mode == "deeplift" else "gradient: m = f'(x)"
+
     def divided_difference(self, xp, x, x0, ctx: NodeContext):
         """(f(x) - f(x0)) / (x - x0). Override with a closed form that avoids cancellation."""
         return rescale_multiplier(xp, x, x0, ctx.y(0), ctx.y0(0), lambda z: self.df(xp, z, ctx),

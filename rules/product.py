@@ -12,6 +12,12 @@ from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, unbroadcast
 
 
+def _describe(mode: str) -> str:
+    if mode == "deeplift":
+        return "product (2.3.5): m1 = x0_2 + dx2/2; affine (2.3.1) with a constant operand"
+    return "gradient: m1 = x2; affine with a constant operand"
+
+
 def _midpoint(ctx, index):
     x0 = ctx.x0(index)
     x = ctx.x(index)
@@ -25,6 +31,9 @@ class Mul(Rule):
 
     def forward(self, ctx, a, b):
         return a * b
+
+    def describe(self, mode):
+        return _describe(mode)
 
     # with a constant factor c, Mul is affine: RevealCancel's |L| multiplies by |c|
     signed = True
@@ -59,6 +68,9 @@ class MatMul(Rule):
 
     def forward(self, ctx, a, b):
         return ctx.xp.matmul(a, b)
+
+    def describe(self, mode):
+        return _describe(mode)
 
     signed = True
 
