@@ -309,7 +309,8 @@ class Explainer:
     def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,
                   layer: str | None = None, return_convergence_delta: bool = False,
                   batch_size: int | None = None, progress: bool = False, n_steps: int = 50,
-                  integration: str = "gausslegendre", internal_batch_size: int | None = None):
+                  integration: str = "gausslegendre", internal_batch_size: int | None = None,
+                  abs: bool = False):  # noqa: A002 - Captum's Saliency names it so
         """Attributions of the target output to each input feature, shaped like `inputs`.
 
         Parameters
@@ -329,6 +330,7 @@ class Explainer:
         batch_size : explain this many samples per pass (memory); progress shows a bar.
         n_steps, integration, internal_batch_size : integrated gradients' quadrature and the
             most rows one of its forward passes may take.
+        abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
         """
         method = self.method
         xs, refs, kind = self._prepare(inputs, baselines, method.uses_reference,
@@ -368,6 +370,10 @@ class Explainer:
             parts.append(a)
             delta_parts.append(d)
         attrs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        if abs:
+            if method.name != "saliency":
+                raise InputError(f"abs=True is an option of method 'saliency', not {method.name!r}")
+            attrs = [np.abs(a) for a in attrs]
         result = attrs[0] if layer is not None else self._pack(attrs, kind)
         if return_convergence_delta:
             delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
