@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from liftir import kernels as conv_kernels
+from liftir.kernels.scatter import scatter_add
 from liftir.kernels.windows import Windows, scatter_to_windows
 from liftir.registry import builtin_rule
 from liftir.rule import Linear, NodeContext, RuleError, unbroadcast
@@ -197,8 +198,20 @@ def _conv_params(ctx, spatial, kernel, transpose=False):
     return strides, pads, dilations
 
 
+class _ConvFamily(Linear):
+    """RevealCancel's |L| for a convolution is the same op with |w| and no bias."""
+
+    signed = True
+
+    def abs_forward(self, ctx, d, *unused):
+        return self.forward(ctx, d, _abs_weight(ctx), None)
+
+    def abs_backward(self, ctx, g):
+        return _with_abs_weight(ctx, lambda: self.backward(ctx, g))
+
+
 @builtin_rule("Conv")
-class Conv(Linear):
+class Conv(_ConvFamily):
     """Convolution (1D/2D/3D, groups, strides, pads, dilations, auto_pad). Backward: its transpose."""
 
     def forward(self, ctx, x, w, b=None):
@@ -216,14 +229,6 @@ class Conv(Linear):
                                        strides=strides, pads=pads, dilations=dilations,
                                        group=ctx.attr("group", 1), cache=ctx.cache)
         return ctx.split_targets(gx, k), None, None
-
-    signed = True
-
-    def abs_forward(self, ctx, d, *unused):
-        return self.forward(ctx, d, _abs_weight(ctx), None)
-
-    def abs_backward(self, ctx, g):
-        return _with_abs_weight(ctx, lambda: self.backward(ctx, g))
 
 
 def _abs_weight(ctx):
@@ -245,7 +250,7 @@ def _with_abs_weight(ctx, backward):
 
 
 @builtin_rule("ConvTranspose")
-class ConvTranspose(Linear):
+class ConvTranspose(_ConvFamily):
     def _params(self, ctx, spatial, kernel):
         strides, pads, dilations = _conv_params(ctx, spatial, kernel, transpose=True)
         nd = len(kernel)
@@ -275,14 +280,6 @@ class ConvTranspose(Linear):
                                                  pads=pads, dilations=dilations, group=ctx.attr("group", 1),
                                                  cache=ctx.cache)
         return ctx.split_targets(gx, k), None, None
-
-    signed = True
-
-    def abs_forward(self, ctx, d, *unused):
-        return self.forward(ctx, d, _abs_weight(ctx), None)
-
-    def abs_backward(self, ctx, g):
-        return _with_abs_weight(ctx, lambda: self.backward(ctx, g))
 
 
 def _pool_geometry(ctx, spatial) -> Windows:

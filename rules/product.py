@@ -12,43 +12,50 @@ from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, unbroadcast
 
 
-def _describe(mode: str) -> str:
-    if mode == "deeplift":
-        return "product (2.3.5): m1 = x0_2 + dx2/2; affine (2.3.1) with a constant operand"
-    return "gradient: m1 = x2; affine with a constant operand"
-
-
 def _midpoint(ctx, index):
     x0 = ctx.x0(index)
     x = ctx.x(index)
     return x if x0 is None else (x + x0) * 0.5
 
 
-@builtin_rule("Mul")
-class Mul(Rule):
-    modes = MODES
-    paper_rule = "affine (2.3.1) with a constant factor; product (2.3.5) of two activations"
+class _Bilinear(Rule):
+    """Shared by Mul and MatMul: bilinear in two activations, affine with a constant operand."""
 
-    def forward(self, ctx, a, b):
-        return a * b
+    modes = MODES
+    paper_rule = "affine (2.3.1) with a constant operand; product (2.3.5) of two activations"
+    signed = True  # a constant operand may be negative: RevealCancel's |L| uses |constant|
 
     def describe(self, mode):
-        return _describe(mode)
-
-    # with a constant factor c, Mul is affine: RevealCancel's |L| multiplies by |c|
-    signed = True
+        if mode == "deeplift":
+            return "product (2.3.5): m1 = x0_2 + dx2/2; affine (2.3.1) with a constant operand"
+        return "gradient: m1 = x2; affine with a constant operand"
 
     def is_affine(self, ctx):
         return ctx.is_const(0) or ctx.is_const(1)
 
+    def _op(self, xp):
+        raise NotImplementedError
+
+    def forward(self, ctx, a, b):
+        return self._op(ctx.xp)(a, b)
+
     def abs_forward(self, ctx, da, db):
-        return da * abs(ctx.input_value(1)) if da is not None else abs(ctx.input_value(0)) * db
+        op = self._op(ctx.xp)
+        return op(da, abs(ctx.input_value(1))) if da is not None else op(abs(ctx.input_value(0)), db)
 
     def abs_backward(self, ctx, g):
-        xp = ctx.xp
-        if ctx.is_const(1):
-            return unbroadcast(xp, g * abs(ctx.input_value(1)), ctx.input_shape(0)), None
-        return None, unbroadcast(xp, g * abs(ctx.input_value(0)), ctx.input_shape(1))
+        original = ctx.input_value
+        ctx.input_value = lambda i: abs(original(i))
+        try:
+            return self.backward(ctx, g)
+        finally:
+            ctx.input_value = original
+
+
+@builtin_rule("Mul")
+class Mul(_Bilinear):
+    def _op(self, xp):
+        return xp.multiply
 
     def backward(self, ctx, g):
         xp = ctx.xp
@@ -62,32 +69,9 @@ class Mul(Rule):
 
 
 @builtin_rule("MatMul")
-class MatMul(Rule):
-    modes = MODES
-    paper_rule = "affine (2.3.1) with a constant operand; bilinear product (2.3.5) of two activations"
-
-    def forward(self, ctx, a, b):
-        return ctx.xp.matmul(a, b)
-
-    def describe(self, mode):
-        return _describe(mode)
-
-    signed = True
-
-    def is_affine(self, ctx):
-        return ctx.is_const(0) or ctx.is_const(1)
-
-    def abs_forward(self, ctx, da, db):
-        xp = ctx.xp
-        return xp.matmul(da, abs(ctx.input_value(1))) if da is not None else xp.matmul(abs(ctx.input_value(0)), db)
-
-    def abs_backward(self, ctx, g):
-        original = ctx.input_value
-        ctx.input_value = lambda i: abs(original(i))
-        try:
-            return self.backward(ctx, g)
-        finally:
-            ctx.input_value = original
+class MatMul(_Bilinear):
+    def _op(self, xp):
+        return xp.matmul
 
     def _operand(self, ctx, index):
         if ctx.is_const(index):

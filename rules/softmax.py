@@ -5,15 +5,13 @@ the mean-normalized weights of paper 2.5. When a softmax must be propagated thro
 (`final_activation="keep"`, or a softmax inside attention), liftir writes it as
 y_i = exp(z_i), z_i = x_i - LSE(x), and uses:
 - Rescale (2.3.4) for the exp: r_i = dy_i / dz_i;
-- for LSE, a function of all inputs, multipliers m_j = p_j * dLSE / sum_k p_k dx_k with
-  p the mean of the actual and reference softmax (the trapezoid estimate of the path
-  integral of its gradient), rescaled so that sum_j m_j dx_j = dLSE exactly.
+- for LSE, a function of all inputs, multipliers m_j = p_j + c dx_j / |dx|^2 with p the
+  mean of the actual and reference softmax (the trapezoid estimate of the path integral of
+  its gradient) and c = dLSE - sum_k p_k dx_k, so that sum_j m_j dx_j = dLSE exactly.
 This is liftir's rule, not the paper's (the paper gives none for an inner softmax); it
 conserves the difference exactly and reduces to the gradient when dx -> 0.
 """
 from __future__ import annotations
-
-import numpy as np
 
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, rescale_multiplier
@@ -33,6 +31,19 @@ def _axis(ctx, ndim):
 def _log_softmax(xp, x, axis):
     shifted = x - x.max(axis=axis, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def _lse_difference(xp, x, x0, p0, dx, axis):
+    """LSE(x) - LSE(x0) without cancellation: log1p(sum_j p0_j expm1(dx_j)) (an identity)
+    where every |dx_j| < 1, the difference of the two LSEs beyond."""
+    near = (abs(dx) < 1).all(axis=axis, keepdims=True)
+    small = xp.log1p((p0 * xp.expm1(xp.where(near, dx, 0))).sum(axis=axis, keepdims=True))
+
+    def lse(v):
+        top = v.max(axis=axis, keepdims=True)
+        return top + xp.log(xp.exp(v - top).sum(axis=axis, keepdims=True))
+
+    return xp.where(near, small, lse(x) - lse(x0))
 
 
 @builtin_rule("Softmax", "LogSoftmax")
@@ -59,13 +70,14 @@ class Softmax(Rule):
             z0 = _log_softmax(xp, x0, axis)
             p0 = xp.exp(z0)
             dx = x - x0
-            lse, lse0 = x - z, x0 - z0  # LSE broadcast along the axis
-            d_lse = (lse - lse0).max(axis=axis, keepdims=True)
+            d_lse = _lse_difference(xp, x, x0, p0, dx, axis)
             p_mid = (p + p0) * 0.5
+            # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
+            # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
+            # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
             approx = (p_mid * dx).sum(axis=axis, keepdims=True)
-            tol = np.sqrt(np.finfo(x.dtype).eps) * (1 + abs(d_lse))
-            small = abs(approx) <= tol
-            weights = xp.where(small, p_mid, p_mid * d_lse / xp.where(small, 1, approx))
+            norm2 = (dx * dx).sum(axis=axis, keepdims=True)
+            weights = p_mid + (d_lse - approx) * dx / xp.where(norm2 > 0, norm2, 1)
             if log:
                 r = xp.ones_like(p)
             else:

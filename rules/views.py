@@ -283,7 +283,7 @@ class Tile(Linear):
         shape = ctx.input_shape(0)
         reps = [int(r) for r in ctx.const(1)]
         split = (g.shape[0],) + tuple(v for r, s in zip(reps, shape) for v in (r, s))
-        summed = g.reshape(split).sum(axis=tuple(2 + 2 * i for i in range(len(shape))))
+        summed = g.reshape(split).sum(axis=tuple(1 + 2 * i for i in range(len(shape))))  # the repeat axes
         return summed, None
 
 
