@@ -188,7 +188,7 @@ class Explainer:
 
     def _baseline(self, b, x: np.ndarray, info, distribution: bool = False) -> np.ndarray:
         if np.isscalar(b):
-            return np.full((1,) + x.shape[1:], b, dtype=x.dtype)
+            return np.full((1,) + x.shape[1:], self._as_array(b, info, "baselines"), dtype=x.dtype)
         arr = self._as_array(b, info, "baselines")
         if arr.shape == x.shape[1:]:
             arr = arr[None]

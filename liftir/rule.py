@@ -113,6 +113,8 @@ class Rule:
     modes: ClassVar[tuple[str, ...] | None] = None
     #: the paper section whose rule this implements, shown by `liftir ops`
     paper_rule: ClassVar[str] = ""
+    #: inputs read for their type only, never their values (CastLike's `target_type`)
+    type_only_inputs: ClassVar[tuple[int, ...]] = ()
 
     def forward(self, ctx: NodeContext, *inputs):
         raise NotImplementedError
@@ -180,6 +182,9 @@ class Elementwise(Rule):
     paper_rule = "rescale (2.3.4): m = dy/dx"
     modes = MODES
     piecewise_linear: ClassVar[bool] = False
+    #: piecewise linear with every piece x, -x or a constant: then the float quotient dy/dx is
+    #: exact on a piece, and the slope test below can be skipped (Relu, Abs, Clip, steps)
+    exact_pieces: ClassVar[bool] = False
 
     def f(self, xp, x, ctx: NodeContext):
         raise NotImplementedError
@@ -196,7 +201,7 @@ class Elementwise(Rule):
     def divided_difference(self, xp, x, x0, ctx: NodeContext):
         """(f(x) - f(x0)) / (x - x0). Override with a closed form that avoids cancellation."""
         return rescale_multiplier(xp, x, x0, ctx.y(0), ctx.y0(0), lambda z: self.df(xp, z, ctx),
-                                  self.piecewise_linear)
+                                  self.piecewise_linear, self.exact_pieces)
 
     def backward(self, ctx, g):
         xp = ctx.xp
@@ -222,11 +227,15 @@ def expm1c(xp, u):
     return xp.where(small, 1 + u * (0.5 + u / 6), xp.expm1(safe) / safe)
 
 
-def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool):
+def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
     """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16)."""
     dx = x - x0
     dy = y - y0
     eps = np.finfo(dx.dtype).eps
+    if exact_pieces:
+        same = dx == 0
+        quotient = dy / xp.where(same, xp.ones_like(dx), dx)
+        return xp.where(same, df(x), quotient) if bool(same.any()) else quotient
     if piecewise_linear:
         # On one linear piece the slope is the divided difference exactly, whereas the quotient
         # of rounded y's is off by up to eps |y| / |dx| (100% for a step of a few ulps). Take the

@@ -124,6 +124,7 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     run = Run(plan, xp, n_actual, n_ref, mode, options)
     run.values.update(feeds)
     if engine == "auto" and _forward_on_onnxruntime(plan, run, feeds, outputs):
+        _check_batch_axis(plan, run, outputs, feeds)
         return run
     signature = tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
     cached_static = plan._static_values.get(signature)
@@ -232,6 +233,27 @@ class PairedRun(Run):
 
     def reference(self, name: str):
         return self._expanded(name, True) if name in self.values else self.device(name)
+
+
+def _check_batch_axis(plan: Plan, run: Run, outputs: tuple[str, ...], feeds: dict[str, Any]) -> None:
+    """Every value computed from the samples must keep them on axis 0. The rules' forwards
+    refuse ops that mix them; a forward that bypasses the rules (onnxruntime's) is checked here."""
+    batched = set(feeds)
+    rows = next(iter(feeds.values())).shape[0]
+    for name in plan.order_for(outputs):
+        if name in plan.static:
+            continue
+        node = plan.graph.nodes[name]
+        type_only = plan.rules[name].type_only_inputs
+        if not any(i in batched for k, i in enumerate(node.inputs) if k not in type_only):
+            continue
+        for o in node.outputs:
+            value = run.values.get(o)
+            batched.add(o)
+            if value is not None and (value.ndim == 0 or value.shape[0] != rows):
+                raise RuleError(f"{node.op_type} node {name!r} gives {o!r} the shape {tuple(value.shape)}, "
+                                f"whose axis 0 is not the batch ({rows} rows): liftir needs every op to "
+                                f"keep samples apart on axis 0")
 
 
 def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs: tuple[str, ...]) -> bool:

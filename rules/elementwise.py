@@ -85,6 +85,7 @@ def sigmoid(xp, x):
 @builtin_rule("Relu")
 class Relu(Elementwise):
     piecewise_linear = True
+    exact_pieces = True
 
     def f(self, xp, x, ctx):
         return xp.maximum(x, 0)
@@ -152,6 +153,7 @@ class PRelu(Elementwise):
 @builtin_rule("Clip")
 class Clip(Elementwise):
     piecewise_linear = True
+    exact_pieces = True
 
     def _bounds(self, ctx):
         lo = ctx.attr_or_input("min", 1, None)
@@ -196,6 +198,7 @@ class HardSigmoid(Elementwise):
 @builtin_rule("ThresholdedRelu")
 class ThresholdedRelu(Elementwise):
     piecewise_linear = True
+    exact_pieces = True
 
     def f(self, xp, x, ctx):
         return xp.where(x > ctx.attr("alpha", 1.0), x, 0).astype(x.dtype, copy=False)
@@ -207,6 +210,7 @@ class ThresholdedRelu(Elementwise):
 @builtin_rule("Abs")
 class Abs(Elementwise):
     piecewise_linear = True
+    exact_pieces = True
 
     def f(self, xp, x, ctx):
         return abs(x)
@@ -440,6 +444,7 @@ class Pow(Elementwise):
         return (p * x ** (p - 1)).astype(x.dtype, copy=False)
 
     def backward(self, ctx, g):
+        self._exponent(ctx)  # the check forward makes, for a forward run by onnxruntime
         return super().backward(ctx, g) + (None,)
 
 
@@ -448,6 +453,7 @@ class PiecewiseConstant(Elementwise):
     """Steps: zero gradient everywhere, yet DeepLIFT's dy/dx still conserves the difference."""
 
     piecewise_linear = True
+    exact_pieces = True
 
     def f(self, xp, x, ctx):
         fn = {"Floor": xp.floor, "Ceil": xp.ceil, "Round": xp.round, "Sign": xp.sign}[ctx.node.op_type]

@@ -105,6 +105,8 @@ class Identity(Linear):
 class Cast(Linear):
     """Casts between float types are identities for attribution; to integers they cut the path."""
 
+    type_only_inputs = (1,)  # CastLike(constant, activation) is a constant per sample
+
     def forward(self, ctx, x, *like):
         if ctx.node.op_type == "CastLike":
             dtype = like[0].dtype

@@ -245,5 +245,11 @@ def loop_deeplift(seq: nn.Sequential, x, x0, target: int, rule: str = "cross_max
     return m * (x - x0), acts[-1][:, target] - acts0[-1][:, target]
 
 
+@functools.lru_cache(maxsize=None)
+def _explainer(key, dynamo, optimize, items):
+    return liftir.Explainer(proto(key, dynamo, optimize), **dict(items))
+
+
 def explainer(key: str, dynamo: bool = False, optimize: bool = True, **kw) -> liftir.Explainer:
-    return liftir.Explainer(proto(key, dynamo, optimize), **kw)
+    """An Explainer of the cached export, itself cached per options (they are reusable)."""
+    return _explainer(key, dynamo, optimize, tuple(sorted(kw.items())))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from captum.attr import DeepLift
 
 import attr_refs as R
@@ -23,13 +24,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
 # key -> batch size; all four Captum-exact per zoo.captum_caveat
-MODELS = {"mlp": 4, "allconv": 3, "resnet": 3, "vgg": 3}
+MODELS = {"mlp": 4, "allconv": 3, "resnet": 3, "vgg": 2}
 DELTA_TOL = 1e-5  # |delta| / max|f(x) - f(x0)|
 
 
 @pytest.fixture(scope="session")
 def exported():
-    """(key, dynamo, optimize) -> float32 ModelProto, each exported once per session."""
+    """(key, dynamo, optimize) -> float32 ModelProto, each exported once per session
+    (attr_refs caches them, so the three test modules share the exports)."""
     return R.proto
 
 
@@ -55,23 +57,23 @@ def check_summation(key, x, x0, t, a, delta, label, tol=DELTA_TOL):
     assert np.abs(residual).max() <= tol * scale, f"{label}: true residual {np.abs(residual).max():.2e}"
 
 
-@pytest.mark.parametrize("target", ["int", "per_sample"])
-@pytest.mark.parametrize("baseline", ["per_sample", "broadcast"])
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 @pytest.mark.parametrize("key", list(MODELS))
-def test_deeplift_matches_captum(key, dynamo, baseline, target, exported):
+def test_deeplift_matches_captum(key, dynamo):
     """The core claim: liftir's DeepLIFT on either export is Captum's DeepLift (Rescale,
-    cross-max pools) to float32 accuracy, and sums to delta."""
+    cross-max pools) to float32 accuracy, and sums to delta. Two calls cover per-sample
+    and broadcast (1, ...) baselines, per-sample and int targets."""
     n = MODELS[key]
-    x, x0, t = _data(key, n, baseline, target)
-    ex = liftir.Explainer(exported(key, dynamo))
-    a, delta = ex.attribute(x, x0, target=t, return_convergence_delta=True)
-    c, cdelta = R.captum(DeepLift, key, call=(x,), baselines=x0, target=t, return_convergence_delta=True)
-    assert a.dtype == np.float32 and a.shape == x.shape
-    assert np.abs(cdelta).max() < 1e-10  # the float64 anchor itself conserves
-    label = f"deeplift {key} {'dynamo' if dynamo else 'torchscript'} {baseline} {target}"
-    R.assert_close(a, c, label)
-    check_summation(key, x, x0, t, a, delta, label)
+    ex = R.explainer(key, dynamo)
+    for baseline, target in [("per_sample", "per_sample"), ("broadcast", "int")]:
+        x, x0, t = _data(key, n, baseline, target)
+        a, delta = ex.attribute(x, x0, target=t, return_convergence_delta=True)
+        c, cdelta = R.captum(DeepLift, key, call=(x,), baselines=x0, target=t, return_convergence_delta=True)
+        assert a.dtype == np.float32 and a.shape == x.shape
+        assert np.abs(cdelta).max() < 1e-10  # the float64 anchor itself conserves
+        label = f"deeplift {key} {'dynamo' if dynamo else 'torchscript'} {baseline}-baseline {target}-target"
+        R.assert_close(a, c, label)
+        check_summation(key, x, x0, t, a, delta, label)
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
@@ -92,10 +94,31 @@ def test_deeplift_float64_export_is_exact(key):
     """In float64 (a float64 export, float64 inputs) liftir equals Captum to ~1e-13: the
     float32 gaps above are rounding, not a rule difference."""
     x, x0, t = _data(key, MODELS[key], "per_sample", "per_sample")
-    a = liftir.Explainer(R.proto64(key)).attribute(x.astype(np.float64), x0.astype(np.float64), target=t)
+    a, delta = liftir.Explainer(R.proto64(key)).attribute(x.astype(np.float64), x0.astype(np.float64), target=t,
+                                                          return_convergence_delta=True)
     c = R.captum(DeepLift, key, call=(x,), baselines=x0, target=t)
     assert a.dtype == np.float64
     R.assert_close(a, c, f"deeplift float64 {key}", tol=1e-10)
+    check_summation(key, x, x0, t, a, delta, f"float64 {key}", tol=1e-10)
+
+
+def test_float32_conditioning_is_shared_with_captum():
+    """A case where float32 cannot reach the 1e-5 anchor (vgg, 64x64, one reference of
+    the SHAP distribution): liftir float32 is ~6e-5 from Captum float64, Captum float32
+    ~8e-5 -- the error is float32 cancellation in the transposed convs of the first block
+    (layer attributions at conv2's output are still ~1e-6), not a rule difference: liftir
+    in float64 matches to ~1e-13. Asserts liftir is no worse than Captum in float32."""
+    key = "vgg"
+    x, x0 = R.inputs(key, 3, 1), R.inputs(key, 8, 5)[3:4]
+    t = [0, 3, 1]
+    c64 = R.captum(DeepLift, key, call=(x,), baselines=x0, target=t)
+    c32 = DeepLift(R.model(key)).attribute(torch.from_numpy(x), baselines=torch.from_numpy(x0),
+                                           target=t).detach().numpy()
+    a32 = R.explainer(key).attribute(x, x0, target=t)
+    a64 = liftir.Explainer(R.proto64(key)).attribute(x.astype(np.float64), x0.astype(np.float64), target=t)
+    R.assert_close(a64, c64, "vgg hard case float64", tol=1e-10)
+    r_captum = R.rel(c32, c64)
+    R.assert_close(a32, c64, "vgg hard case float32 (vs captum32 %.1e)" % r_captum, tol=max(2 * r_captum, R.TOL))
 
 
 # --------------------------------------------------------------------------- max rules
@@ -122,6 +145,8 @@ def test_captum_is_wrong_here(key):
     assert np.abs(cdelta).max() > 1e-2 * np.abs(diff).max()
     assert R.rel(c, ref) > 1e-2
     assert np.abs(ref.reshape(3, -1).sum(1) - diff).max() < 1e-12  # the loop conserves
+    a, delta = R.explainer(key).attribute(x, x0, target=1, return_convergence_delta=True)
+    check_summation(key, x, x0, 1, a, delta, f"liftir {key}")  # and so does liftir
 
 
 RULE_CASES = [("adjacent", False), ("adjacent", True), ("overlap", False)]
@@ -138,7 +163,7 @@ def test_cross_max_matches_loop(key, dynamo, exported):
     check_summation(key, x, x0, t, a, delta, key)
 
 
-@pytest.mark.parametrize("key", ["adjacent", "overlap", "vgg"])
+@pytest.mark.parametrize("key", ["adjacent", "overlap", "convpool"])
 def test_paper_rule_matches_loop(key):
     """The paper's max rule, composed by hand, in float64. (In float32 the rule is
     ill-conditioned where y < y0: the multiplier g (y - y0) / dx at the actual argmax
@@ -146,9 +171,10 @@ def test_paper_rule_matches_loop(key):
     ~1e-4 from float64 -- see test_paper_rule_float32_conserves.)"""
     x, x0 = R.inputs(key, 3, 1), R.inputs(key, 3, 2)
     ref, _ = R.loop_deeplift(R.model64(key), x, x0, 1, "paper")
-    a = liftir.Explainer(R.proto64(key), max_rule="paper").attribute(
-        x.astype(np.float64), x0.astype(np.float64), target=1)
+    a, delta = liftir.Explainer(R.proto64(key), max_rule="paper").attribute(
+        x.astype(np.float64), x0.astype(np.float64), target=1, return_convergence_delta=True)
     R.assert_close(a, ref, f"paper-vs-loop float64 {key}", tol=1e-10)
+    check_summation(key, x, x0, 1, a, delta, f"paper float64 {key}", tol=1e-10)
     cross, _ = R.loop_deeplift(R.model64(key), x, x0, 1, "cross_max")
     assert R.rel(cross, ref) > 1e-2  # the two rules really differ on these data
 

@@ -120,7 +120,8 @@ def all_conv(seed: int = 0, width: int = 32, n_classes: int = 10) -> nn.Module:
     of pooling, ReLU, 1x1 conv to classes, global average pooling.
 
     ``width`` replaces the paper's 96 (and 2*width its 192); the default 32 keeps tests
-    fast, the benchmark uses width=96 (the paper's net, ~1.4 M parameters).
+    fast, the benchmark uses width=96 (the paper's net, ~1.4 M parameters). Unlike the
+    paper there is no ReLU after the class conv, so the outputs are signed logits.
     """
     w1, w2 = width, 2 * width
 

@@ -1,0 +1,208 @@
+"""scikit-learn -> skl2onnx -> liftir: explaining an MLPClassifier's probabilities.
+
+Two models, both exported with ``options={id(clf): {"zipmap": False}}`` so that the class
+probabilities come out as a plain (N, C) tensor named "probabilities" instead of
+ZipMap's list of dicts:
+
+* breast cancer (30 features, 2 classes): ``StandardScaler`` + ``MLPClassifier`` in one
+  Pipeline. skl2onnx writes the scaler as the ``ai.onnx.ml`` op ``Scaler`` and the binary
+  head as ``Concat(1 - Sigmoid(z), Sigmoid(z))``;
+* iris (4 features, 3 classes): the multiclass head is ``Softmax`` then ``Identity``.
+
+What liftir needs here (the script prints each step):
+
+1. The exported graph also computes the label: ArgMax -> ArrayFeatureExtractor
+   (ai.onnx.ml) -> Reshape -> Cast. liftir has no rule for ArgMax or
+   ArrayFeatureExtractor (there is no useful one: the label is piecewise constant), and
+   the Explainer asks for a rule for every node of the graph, also those that do not lead
+   to the explained output; so we cut the graph at "probabilities" first
+   (``onnx.utils.Extractor``).
+2. liftir has no built-in rule for ``ai.onnx.ml::Scaler``. It is affine, y = (x - offset)
+   * scale, so a ten-line user rule does it (ScalerRule below), passed to this Explainer
+   only with ``rules={"ai.onnx.ml::Scaler": ScalerRule()}``.
+
+DeepLIFT's reference is the training-set mean patient (raw units; 0 after the scaler).
+
+Usage: ``python examples/frameworks/sklearn_mlp.py [--out DIR]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import onnx
+from sklearn.datasets import load_iris
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from skl2onnx import to_onnx
+
+import liftir
+from liftir.plots import feature_bars
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import breast_cancer, op_types, rel_diff, run_ort  # noqa: E402
+
+
+class ScalerRule(liftir.rule.Linear):
+    """ai.onnx.ml Scaler, y = (x - offset) * scale per feature: affine, so m = scale (2.3.1)."""
+
+    signed = True  # negative scales are allowed
+
+    @staticmethod
+    def _params(ctx, dtype):
+        offset = np.asarray(ctx.attr("offset", [0.0]), dtype=dtype)
+        scale = np.asarray(ctx.attr("scale", [1.0]), dtype=dtype)
+        return ctx.xp.asarray(offset), ctx.xp.asarray(scale)
+
+    def forward(self, ctx, x):
+        offset, scale = self._params(ctx, x.dtype)
+        return (x - offset) * scale
+
+    def backward(self, ctx, g):
+        return (g * self._params(ctx, g.dtype)[1],)
+
+    def abs_forward(self, ctx, d):
+        return d * abs(self._params(ctx, d.dtype)[1])
+
+    def abs_backward(self, ctx, g):
+        return (g * abs(self._params(ctx, g.dtype)[1]),)
+
+
+def cut_at(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """The part of the graph that computes `output` from the inputs."""
+    inputs = [i.name for i in model.graph.input]
+    return onnx.utils.Extractor(model).extract_model(inputs, [output])
+
+
+def producer_of(model: onnx.ModelProto, op_type: str) -> str:
+    """Output tensor of the (last) node of a given op type."""
+    return [n.output[0] for n in model.graph.node if n.op_type == op_type][-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "out"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    results = {}
+
+    # ---- breast cancer: Pipeline(StandardScaler, MLPClassifier) ----------------------------
+    x_tr, x_te, y_tr, y_te, features, classes = breast_cancer(args.seed)
+    pipe = make_pipeline(StandardScaler(), MLPClassifier((32, 16), max_iter=1000,
+                                                         random_state=args.seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipe.fit(x_tr, y_tr)
+    acc = float(pipe.score(x_te, y_te))
+    full = to_onnx(pipe, x_tr[:1], options={id(pipe[-1]): {"zipmap": False}},
+                   target_opset={"": 17, "ai.onnx.ml": 3})
+    onnx.save(full, os.path.join(args.out, "sklearn_breast_cancer.onnx"))
+    print(f"breast cancer MLP: test accuracy {acc:.4f}")
+    print("skl2onnx graph:", " -> ".join(op_types(full)))
+    try:
+        liftir.Explainer(full, method="deeplift", output="probabilities")
+        print("liftir accepts the full graph")
+    except liftir.UnsupportedOpError as exc:
+        print("liftir on the full graph:", str(exc).splitlines()[0])
+    model = cut_at(full, "probabilities")
+    print("cut at 'probabilities':", " -> ".join(op_types(model)))
+    p_onnx = run_ort(model, x_te)
+    results["breast_cancer"] = {"test_accuracy": acc,
+                                "ops": op_types(full),
+                                "max_abs_diff_predict_proba_vs_onnx":
+                                    float(np.abs(p_onnx - pipe.predict_proba(x_te)).max())}
+    print(f"ONNX probabilities vs predict_proba: max |diff| "
+          f"{results['breast_cancer']['max_abs_diff_predict_proba_vs_onnx']:.1e}")
+
+    rules = {"ai.onnx.ml::Scaler": ScalerRule()}
+    reference = x_tr.mean(axis=0, keepdims=True)  # the mean patient
+    target = classes.index("malignant")
+    ex = liftir.Explainer(model, method="deeplift", rules=rules)
+    t0 = time.perf_counter()
+    attr, delta = ex.attribute(x_te, baselines=reference, target=target, output="probabilities",
+                               return_convergence_delta=True)
+    seconds = time.perf_counter() - t0
+    # The same at the Sigmoid's input (the logit): final_activation="strip" applies when the
+    # explained tensor comes straight out of a Sigmoid (paper 2.4).
+    sigmoid = producer_of(model, "Sigmoid")  # P(class 1) = P(benign)
+    logit_attr, logit_delta = ex.attribute(x_te, baselines=reference, output=sigmoid, target=0,
+                                           return_convergence_delta=True)
+    ig = liftir.Explainer(model, method="integrated_gradients", rules=rules).attribute(
+        x_te, baselines=reference, target=target, output="probabilities")
+    bc = results["breast_cancer"]
+    bc["deeplift_max_abs_delta"] = float(np.abs(delta).max())
+    bc["deeplift_logit_max_abs_delta"] = float(np.abs(logit_delta).max())
+    bc["deeplift_vs_integrated_gradients_rel_diff"] = rel_diff(attr, ig)
+    bc["deeplift_seconds"] = round(seconds, 3)
+    print(f"DeepLIFT of P(malignant) for {len(x_te)} test patients in {seconds:.2f} s: "
+          f"max |delta| {bc['deeplift_max_abs_delta']:.1e}; of the benign logit (Sigmoid "
+          f"stripped): max |delta| {bc['deeplift_logit_max_abs_delta']:.1e}")
+    print(f"DeepLIFT vs integrated gradients (50 steps), same reference: max |diff| / max = "
+          f"{bc['deeplift_vs_integrated_gradients_rel_diff']:.2f}")
+    mean_abs = np.abs(attr).mean(axis=0)
+    top = np.argsort(-mean_abs)[:5]
+    bc["top_features_mean_abs_deeplift"] = {features[i]: float(mean_abs[i]) for i in top}
+    print("top features by mean |DeepLIFT| of P(malignant): "
+          + ", ".join(f"{features[i]} {mean_abs[i]:.3f}" for i in top))
+
+    import matplotlib.figure  # noqa: PLC0415
+    fig = matplotlib.figure.Figure(figsize=(13, 5.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    i = int(np.argmax(p_onnx[:, target] * (y_te == target)))  # a confidently malignant patient
+    feature_bars(attr[i], features, top_k=12, ax=ax1, xlabel="DeepLIFT contribution",
+                 title=f"test patient {i}: P(malignant) = {p_onnx[i, target]:.3f} vs "
+                       f"{float(run_ort(model, reference)[0, target]):.3f} for the mean patient")
+    feature_bars(mean_abs, features, top_k=12, ax=ax2, xlabel="mean |DeepLIFT contribution|",
+                 title=f"all {len(x_te)} test patients: mean |contribution| to P(malignant)")
+    fig.suptitle("scikit-learn MLPClassifier (StandardScaler + MLP) via skl2onnx: "
+                 "DeepLIFT, reference = training mean")
+    path = os.path.join(args.out, "sklearn_breast_cancer_bars.png")
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+    # ---- iris: multiclass head Softmax -> Identity ------------------------------------------
+    xi, yi = load_iris(return_X_y=True)
+    xi = xi.astype(np.float32)
+    xi_tr, xi_te, yi_tr, yi_te = train_test_split(xi, yi, test_size=0.3, random_state=args.seed,
+                                                  stratify=yi)
+    clf = MLPClassifier((16,), max_iter=2000, random_state=args.seed).fit(xi_tr, yi_tr)
+    iris = cut_at(to_onnx(clf, xi_tr[:1], options={id(clf): {"zipmap": False}},
+                          target_opset={"": 17, "ai.onnx.ml": 3}), "probabilities")
+    print(f"\niris MLP: test accuracy {clf.score(xi_te, yi_te):.4f}; graph (cut): "
+          + " -> ".join(op_types(iris)))
+    ex = liftir.Explainer(iris, method="deeplift")
+    pred = run_ort(iris, xi_te).argmax(1)
+    ref = xi_tr.mean(0, keepdims=True)
+    a_prob, d_prob = ex.attribute(xi_te, baselines=ref, target=pred, output="probabilities",
+                                  return_convergence_delta=True)
+    softmax = producer_of(iris, "Softmax")
+    a_logit, d_logit = ex.attribute(xi_te, baselines=ref, target=pred, output=softmax,
+                                    return_convergence_delta=True)
+    results["iris"] = {"test_accuracy": float(clf.score(xi_te, yi_te)), "ops": op_types(iris),
+                       "probabilities_max_abs_delta": float(np.abs(d_prob).max()),
+                       "softmax_stripped_max_abs_delta": float(np.abs(d_logit).max())}
+    print(f"  output='probabilities' (after the Identity: the Softmax is propagated through, "
+          f"contributions sum to the probability change): max |delta| "
+          f"{results['iris']['probabilities_max_abs_delta']:.1e}")
+    print(f"  output={softmax!r} (the Softmax's own output: stripped, paper 2.5 normalized "
+          f"logits): max |delta| {results['iris']['softmax_stripped_max_abs_delta']:.1e}")
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    print(f"total {results['total_seconds']} s")
+    with open(os.path.join(args.out, "sklearn_results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
