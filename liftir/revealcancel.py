@@ -85,7 +85,7 @@ def _elementwise_parts(rule: Elementwise, ctx: NodeContext, spread):
     pos, neg = _parts(ctx, spread)
     x0 = ctx.x0(0)
     f = lambda z: rule.f(xp, z, ctx)  # noqa: E731
-    f0, f_pos, f_neg, f_all = f(xp.broadcast_to(x0, pos.shape)), f(x0 + pos), f(x0 + neg), ctx.y(0)
+    f0, f_pos, f_neg, f_all = f(xp.broadcast_to(x0, pos.shape)), f(x0 + pos), f(x0 + neg), f(ctx.x(0))
     pos_y = 0.5 * (f_pos - f0) + 0.5 * (f_all - f_neg)
     neg_y = 0.5 * (f_neg - f0) + 0.5 * (f_all - f_pos)
     return pos_y, neg_y

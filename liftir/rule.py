@@ -199,9 +199,14 @@ class Elementwise(Rule):
         return self.paper_rule if mode == "deeplift" else "gradient: m = f'(x)"
 
     def divided_difference(self, xp, x, x0, ctx: NodeContext):
-        """(f(x) - f(x0)) / (x - x0). Override with a closed form that avoids cancellation."""
-        return rescale_multiplier(xp, x, x0, ctx.y(0), ctx.y0(0), lambda z: self.df(xp, z, ctx),
-                                  self.piecewise_linear, self.exact_pieces)
+        """(f(x) - f(x0)) / (x - x0). Override with a closed form that avoids cancellation.
+
+        y and y0 are recomputed with this rule's f rather than read from the forward pass:
+        onnxruntime's fast activations can be thousands of ulps off in the tails, which the
+        quotient would turn into percent-level multiplier errors.
+        """
+        return rescale_multiplier(xp, x, x0, self.f(xp, x, ctx), self.f(xp, x0, ctx),
+                                  lambda z: self.df(xp, z, ctx), self.piecewise_linear, self.exact_pieces)
 
     def backward(self, ctx, g):
         xp = ctx.xp

@@ -68,11 +68,12 @@ def erfc(xp, x):
     return xp.where(inner, 1 - _erf_inner(xp.clip(x, -1, 1)), _erfc_outer(xp, x)).astype(x.dtype, copy=False)
 
 
-def _far_ratio(xp, x, x0, ctx, near):
+def _far_ratio(rule, xp, x, x0, ctx, near):
     """Plain (y - y0)/(x - x0) where |dx| >= 1 (no cancellation there), `near` elsewhere."""
     dx = x - x0
     far = abs(dx) >= 1
-    ratio = (ctx.y(0) - ctx.y0(0)) / xp.where(far, dx, 1)
+    # y recomputed with f, not read from the forward: see Elementwise.divided_difference
+    ratio = (rule.f(xp, x, ctx) - rule.f(xp, x0, ctx)) / xp.where(far, dx, 1)
     return xp.where(far, ratio, near).astype(x.dtype, copy=False)
 
 
@@ -235,7 +236,7 @@ class Sigmoid(Elementwise):
         half = xp.clip((x - x0) * 0.5, -0.5, 0.5)
         e, e0 = xp.exp(-abs(x)), xp.exp(-abs(x0))
         near = sinhc(xp, half) * xp.exp(-0.5 * (abs(x) + abs(x0))) / ((1 + e) * (1 + e0))
-        return _far_ratio(xp, x, x0, ctx, near)
+        return _far_ratio(self, xp, x, x0, ctx, near)
 
 
 @builtin_rule("Tanh")
@@ -253,7 +254,7 @@ class Tanh(Elementwise):
         e, e0 = xp.exp(-2 * abs(x)), xp.exp(-2 * abs(x0))
         near = (4 * sinhc(xp, xp.clip(x - x0, -1, 1)) * xp.exp(-(abs(x) + abs(x0)))
                 / ((1 + e) * (1 + e0)))
-        return _far_ratio(xp, x, x0, ctx, near)
+        return _far_ratio(self, xp, x, x0, ctx, near)
 
 
 @builtin_rule("Softplus")
@@ -329,7 +330,7 @@ class Exp(Elementwise):
         # (e^x0 alone could underflow, or overflow in expm1(dx), where the ratio is finite)
         half = xp.clip((x - x0) * 0.5, -0.5, 0.5)
         near = xp.exp((x + x0) * 0.5) * sinhc(xp, half)
-        return _far_ratio(xp, x, x0, ctx, near)
+        return _far_ratio(self, xp, x, x0, ctx, near)
 
 
 @builtin_rule("Log")
