@@ -97,11 +97,9 @@ class MaxPool(_MaxRule):
 
         def scatter(at_actual, at_reference):
             def piece(k):
-                total = 0
-                if at_actual is not None:
-                    total = xp.where(first_a == k, at_actual, 0)
+                total = at_actual * (first_a == k) if at_actual is not None else 0
                 if at_reference is not None:
-                    total = total + xp.where(first_r == k, at_reference, 0)
+                    total = total + at_reference * (first_r == k)
                 return total
             return scatter_to_windows(xp, windows, g.shape[:3], piece, g.dtype)
 

@@ -94,18 +94,19 @@ class Windows:
 
 
 def window_max(xp, windows: Windows, x):
-    """(max over each window, index of the first offset attaining it) for x (..., *spatial)."""
+    """(max over each window, index of the first offset attaining it) for x (..., *spatial).
+
+    Two passes: the running maximum, then offsets in reverse marking where they equal it, so
+    the first offset wins ties (one deterministic winner per window).
+    """
     padded = windows.pad(xp, x, -np.inf)
-    best, first = None, None
-    for k, sl in enumerate(windows.offsets()):
-        part = padded[(Ellipsis,) + sl]
-        if best is None:
-            best = part.copy()
-            first = xp.zeros(part.shape, dtype=np.int16)
-            continue
-        better = part > best  # strict: ties keep the first offset, one deterministic winner
-        best = xp.where(better, part, best)
-        first[better] = k
+    slices = [(Ellipsis,) + sl for sl in windows.offsets()]
+    best = padded[slices[0]].copy()
+    for sl in slices[1:]:
+        xp.maximum(best, padded[sl], out=best)
+    first = xp.full(best.shape, len(slices) - 1, dtype=np.int16)
+    for k in range(len(slices) - 2, -1, -1):
+        xp.putmask(first, padded[slices[k]] == best, k)
     return best, first
 
 
