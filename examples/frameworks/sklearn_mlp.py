@@ -8,6 +8,9 @@ ZipMap's list of dicts:
   Pipeline. skl2onnx writes the scaler as the ``ai.onnx.ml`` op ``Scaler`` and the binary
   head as ``Concat(1 - Sigmoid(z), Sigmoid(z))``;
 * iris (4 features, 3 classes): the multiclass head is ``Softmax`` then ``Identity``.
+  Because of the Identity, the Softmax is not the final op and is propagated through
+  (contributions add up to the change in probability); cut the graph at the Softmax's
+  output to have liftir strip it and explain the 2.5-normalized logits instead.
 
 What liftir needs here (the script prints each step):
 
@@ -15,10 +18,9 @@ What liftir needs here (the script prints each step):
    (ai.onnx.ml) -> Reshape -> Cast. liftir has no rule for ArgMax or
    ArrayFeatureExtractor (there is no useful one: the label is piecewise constant), and
    the Explainer asks for a rule for every node of the graph, also those that do not lead
-   to the explained output; so we cut the graph at "probabilities" first
-   (``onnx.utils.Extractor``).
+   to the explained output; so we cut the graph at "probabilities" first (cut_at).
 2. liftir has no built-in rule for ``ai.onnx.ml::Scaler``. It is affine, y = (x - offset)
-   * scale, so a ten-line user rule does it (ScalerRule below), passed to this Explainer
+   * scale, so a short user rule does it (ScalerRule below), passed to this Explainer
    only with ``rules={"ai.onnx.ml::Scaler": ScalerRule()}``.
 
 DeepLIFT's reference is the training-set mean patient (raw units; 0 after the scaler).
@@ -78,14 +80,38 @@ class ScalerRule(liftir.rule.Linear):
 
 
 def cut_at(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
-    """The part of the graph that computes `output` from the inputs."""
-    inputs = [i.name for i in model.graph.input]
-    return onnx.utils.Extractor(model).extract_model(inputs, [output])
+    """The part of the graph that computes `output` (a float tensor) from the inputs.
+
+    (onnx.utils.Extractor needs shape information for `output`, which onnx's shape
+    inference does not produce for every skl2onnx graph; this only walks the nodes.)
+    """
+    needed, keep = {output}, []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    del new.graph.node[:]
+    new.graph.node.extend(reversed(keep))
+    kept_inits = [t for t in new.graph.initializer if t.name in needed]
+    del new.graph.initializer[:]
+    new.graph.initializer.extend(kept_inits)
+    del new.graph.output[:]
+    new.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT,
+                                                               ["N", None]))
+    onnx.checker.check_model(new)
+    return new
 
 
-def producer_of(model: onnx.ModelProto, op_type: str) -> str:
+def output_of(model: onnx.ModelProto, op_type: str) -> str:
     """Output tensor of the (last) node of a given op type."""
     return [n.output[0] for n in model.graph.node if n.op_type == op_type][-1]
+
+
+def input_of(model: onnx.ModelProto, op_type: str) -> str:
+    """First input tensor of the (last) node of a given op type."""
+    return [n.input[0] for n in model.graph.node if n.op_type == op_type][-1]
 
 
 def main(argv=None) -> int:
@@ -133,10 +159,9 @@ def main(argv=None) -> int:
     attr, delta = ex.attribute(x_te, baselines=reference, target=target, output="probabilities",
                                return_convergence_delta=True)
     seconds = time.perf_counter() - t0
-    # The same at the Sigmoid's input (the logit): final_activation="strip" applies when the
-    # explained tensor comes straight out of a Sigmoid (paper 2.4).
-    sigmoid = producer_of(model, "Sigmoid")  # P(class 1) = P(benign)
-    logit_attr, logit_delta = ex.attribute(x_te, baselines=reference, output=sigmoid, target=0,
+    # The same for the logit z of P(benign) = Sigmoid(z): any tensor can be explained.
+    logit = input_of(model, "Sigmoid")
+    logit_attr, logit_delta = ex.attribute(x_te, baselines=reference, output=logit, target=0,
                                            return_convergence_delta=True)
     ig = liftir.Explainer(model, method="integrated_gradients", rules=rules).attribute(
         x_te, baselines=reference, target=target, output="probabilities")
@@ -144,12 +169,14 @@ def main(argv=None) -> int:
     bc["deeplift_max_abs_delta"] = float(np.abs(delta).max())
     bc["deeplift_logit_max_abs_delta"] = float(np.abs(logit_delta).max())
     bc["deeplift_vs_integrated_gradients_rel_diff"] = rel_diff(attr, ig)
+    bc["deeplift_vs_integrated_gradients_corr"] = float(np.corrcoef(attr.ravel(), ig.ravel())[0, 1])
     bc["deeplift_seconds"] = round(seconds, 3)
     print(f"DeepLIFT of P(malignant) for {len(x_te)} test patients in {seconds:.2f} s: "
-          f"max |delta| {bc['deeplift_max_abs_delta']:.1e}; of the benign logit (Sigmoid "
-          f"stripped): max |delta| {bc['deeplift_logit_max_abs_delta']:.1e}")
-    print(f"DeepLIFT vs integrated gradients (50 steps), same reference: max |diff| / max = "
-          f"{bc['deeplift_vs_integrated_gradients_rel_diff']:.2f}")
+          f"max |delta| {bc['deeplift_max_abs_delta']:.1e}; of the logit (the Sigmoid's input "
+          f"{logit!r}): max |delta| {bc['deeplift_logit_max_abs_delta']:.1e}")
+    print(f"DeepLIFT vs integrated gradients (50 steps, same reference; different methods, both "
+          f"complete): correlation {bc['deeplift_vs_integrated_gradients_corr']:.3f}, max |diff| / "
+          f"max {bc['deeplift_vs_integrated_gradients_rel_diff']:.2f}")
     mean_abs = np.abs(attr).mean(axis=0)
     top = np.argsort(-mean_abs)[:5]
     bc["top_features_mean_abs_deeplift"] = {features[i]: float(mean_abs[i]) for i in top}
@@ -177,26 +204,40 @@ def main(argv=None) -> int:
     xi_tr, xi_te, yi_tr, yi_te = train_test_split(xi, yi, test_size=0.3, random_state=args.seed,
                                                   stratify=yi)
     clf = MLPClassifier((16,), max_iter=2000, random_state=args.seed).fit(xi_tr, yi_tr)
-    iris = cut_at(to_onnx(clf, xi_tr[:1], options={id(clf): {"zipmap": False}},
-                          target_opset={"": 17, "ai.onnx.ml": 3}), "probabilities")
+    iris_full = to_onnx(clf, xi_tr[:1], options={id(clf): {"zipmap": False}},
+                        target_opset={"": 17, "ai.onnx.ml": 3})
+    iris = cut_at(iris_full, "probabilities")
     print(f"\niris MLP: test accuracy {clf.score(xi_te, yi_te):.4f}; graph (cut): "
           + " -> ".join(op_types(iris)))
-    ex = liftir.Explainer(iris, method="deeplift")
     pred = run_ort(iris, xi_te).argmax(1)
     ref = xi_tr.mean(0, keepdims=True)
-    a_prob, d_prob = ex.attribute(xi_te, baselines=ref, target=pred, output="probabilities",
-                                  return_convergence_delta=True)
-    softmax = producer_of(iris, "Softmax")
-    a_logit, d_logit = ex.attribute(xi_te, baselines=ref, target=pred, output=softmax,
-                                    return_convergence_delta=True)
+    # As exported, the graph output "probabilities" is an Identity of the Softmax, so the
+    # Softmax is an inner op: liftir propagates through it and the contributions add up
+    # to the change in probability.
+    a_prob, d_prob = liftir.Explainer(iris, method="deeplift").attribute(
+        xi_te, baselines=ref, target=pred, return_convergence_delta=True)
+    # Cut at the Softmax's own output and the Softmax is the final op: with the default
+    # final_activation="strip" liftir explains the logits with the mean-normalized
+    # weights of paper 2.5 (contributions add up to z_t - mean_j z_j's change).
+    softmax_model = cut_at(iris_full, output_of(iris_full, "Softmax"))
+    a_logit, d_logit = liftir.Explainer(softmax_model, method="deeplift").attribute(
+        xi_te, baselines=ref, target=pred, return_convergence_delta=True)
+    p_change = float(np.mean(np.take_along_axis(run_ort(iris, xi_te) - run_ort(iris, ref),
+                                                pred[:, None], 1)))
     results["iris"] = {"test_accuracy": float(clf.score(xi_te, yi_te)), "ops": op_types(iris),
                        "probabilities_max_abs_delta": float(np.abs(d_prob).max()),
-                       "softmax_stripped_max_abs_delta": float(np.abs(d_logit).max())}
-    print(f"  output='probabilities' (after the Identity: the Softmax is propagated through, "
-          f"contributions sum to the probability change): max |delta| "
-          f"{results['iris']['probabilities_max_abs_delta']:.1e}")
-    print(f"  output={softmax!r} (the Softmax's own output: stripped, paper 2.5 normalized "
-          f"logits): max |delta| {results['iris']['softmax_stripped_max_abs_delta']:.1e}")
+                       "probabilities_mean_total": float(a_prob.sum(1).mean()),
+                       "mean_probability_change": p_change,
+                       "softmax_stripped_max_abs_delta": float(np.abs(d_logit).max()),
+                       "softmax_stripped_mean_total": float(a_logit.sum(1).mean())}
+    r = results["iris"]
+    print(f"  'probabilities' (Softmax -> Identity; the Softmax is propagated through): contributions "
+          f"sum to {r['probabilities_mean_total']:.3f} on average = the mean change of the "
+          f"predicted class' probability {p_change:.3f}; max |delta| "
+          f"{r['probabilities_max_abs_delta']:.1e}")
+    print(f"  cut at the Softmax (final, stripped: 2.5-normalized logits): contributions sum to "
+          f"{r['softmax_stripped_mean_total']:.3f} on average; max |delta| "
+          f"{r['softmax_stripped_max_abs_delta']:.1e}")
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     print(f"total {results['total_seconds']} s")
     with open(os.path.join(args.out, "sklearn_results.json"), "w") as fh:
