@@ -21,6 +21,7 @@ from .methods import Method, get_method, integration_points
 MAX_RULES = ("cross_max", "paper")
 FINAL_ACTIVATIONS = ("strip", "keep")
 STRIPPED_FINAL_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+PASS_THROUGH_OPS = ("Identity", "Cast", "Dropout")
 
 
 class Explainer:
@@ -67,6 +68,10 @@ class Explainer:
         self.inputs = self._float_inputs()
         self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules)
         self.output = self._check_output(output) if output else self._default_output()
+        # every unsupported op on the way to what will be explained, all at once, up front
+        # (with several outputs and none chosen: the float ones; integer label heads are not explained)
+        self.plan.require((self.output,) if self.output else tuple(
+            o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f"))
 
     # ---- model inspection ------------------------------------------------------------------
     def _float_inputs(self):
@@ -79,11 +84,18 @@ class Explainer:
             raise ModelLoadError("the model has no inputs to attribute to")
         return list(self.graph.inputs)
 
-    def _default_output(self) -> str:
+    def _default_output(self) -> str | None:
+        """The model's only output; None when it has several (then each call names one)."""
         outs = [o.name for o in self.graph.outputs]
-        if len(outs) != 1:
+        return outs[0] if len(outs) == 1 else None
+
+    def _output_for_call(self, output: str | None) -> str:
+        out = self._check_output(output) if output else self.output
+        if out is None:
+            outs = [o.name for o in self.graph.outputs]
             raise InputError(f"the model has {len(outs)} outputs ({', '.join(outs)}); pass output=NAME")
-        return outs[0]
+        self.plan.require((out,))
+        return out
 
     def _check_output(self, name: str) -> str:
         if name not in self.graph.tensor_names():
@@ -178,9 +190,9 @@ class Explainer:
                 bs, _ = self._unpack(baselines, "baselines")
             refs = [self._baseline(b, x, info, distribution) for b, x, info in zip(bs, xs, self.inputs)]
         if distribution:
-            if len({r.shape[0] for r in refs}) != 1:
-                raise InputError(f"all baselines must hold the same number of references, got "
-                                 f"{[r.shape[0] for r in refs]}")
+            if len({r.shape[:r.ndim - xs[0].ndim + 1] for r in refs}) != 1:
+                raise InputError(f"all baselines must hold the same number of references, got shapes "
+                                 f"{[r.shape for r in refs]}")
             return xs, refs, kind
         if any(r.shape[0] == n and n > 1 for r in refs):  # per-sample references: all to N rows
             refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
@@ -193,7 +205,9 @@ class Explainer:
         if arr.shape == x.shape[1:]:
             arr = arr[None]
         if distribution and arr.ndim == x.ndim and arr.shape[1:] == x.shape[1:] and arr.shape[0] >= 1:
-            return arr
+            return arr  # (B, ...): one distribution shared by the batch
+        if distribution and arr.ndim == x.ndim + 1 and arr.shape[0] == x.shape[0] and arr.shape[2:] == x.shape[1:]:
+            return arr  # (N, B, ...): each sample's own references (e.g. its dinucleotide shuffles)
         if arr.ndim != x.ndim or arr.shape[0] not in (1, x.shape[0]):
             raise InputError(f"baselines for input {info.name!r} have shape {arr.shape}; expected "
                              f"{x.shape}, (1, {', '.join(map(str, x.shape[1:]))}) or {x.shape[1:]}")
@@ -204,17 +218,26 @@ class Explainer:
                              f"to the inputs' shape {x.shape}") from None
 
     # ---- targets -----------------------------------------------------------------------------
+    def _final_activation(self, output: str):
+        """The Softmax/LogSoftmax/Sigmoid node a model output comes from, or None.
+
+        Looks through Identity, Cast and Dropout (skl2onnx ends Softmax -> Identity).
+        """
+        if output not in {o.name for o in self.graph.outputs}:
+            return None  # an intermediate neuron (output=...) is explained as it is
+        node = self.graph.nodes.get(self.graph.producer.get(output, ""))
+        while node is not None and node.op_type in PASS_THROUGH_OPS:
+            node = self.graph.nodes.get(self.graph.producer.get(node.inputs[0], ""))
+        return node if node is not None and node.op_type in STRIPPED_FINAL_OPS else None
+
     def _explained_tensor(self, output: str) -> tuple[str, str | None]:
         """(tensor whose value is explained, final op stripped or None)."""
         if self.options["final_activation"] != "strip":
             return output, None
-        if output not in {o.name for o in self.graph.outputs}:
-            return output, None  # an intermediate neuron (output=...) is explained as it is
-        src = self.graph.producer.get(output)
-        node = self.graph.nodes.get(src) if src else None
-        if node is None or node.op_type not in STRIPPED_FINAL_OPS:
+        node = self._final_activation(output)
+        if node is None:
             return output, None
-        if node.op_type != "Sigmoid" and node.opset < 13 and len(self._shape_hint(output)) > 2:
+        if node.op_type != "Sigmoid" and node.opset < 13 and len(self._shape_hint(node.outputs[0])) > 2:
             return output, None  # old-opset softmax over flattened trailing axes: keep it
         return node.inputs[0], node.op_type
 
@@ -300,7 +323,7 @@ class Explainer:
         comparing it with onnxruntime tests liftir.
         """
         xs, _, _ = self._prepare(inputs, None, need_reference=False)
-        out = self._check_output(output) if output else self.output
+        out = self._output_for_call(output)
         feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
         run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), "gradient", self.options,
                                 engine="rules")
@@ -317,7 +340,8 @@ class Explainer:
         ----------
         inputs : array (N, ...), or a tuple / dict (by input name) for several inputs.
         baselines : the reference input(s): same container, each (N, ...), (1, ...), (...)
-            or a scalar; default zeros. For "deeplift_shap": a distribution (B, ...).
+            or a scalar; default zeros. For "deeplift_shap": a distribution (B, ...) shared by
+            the batch, or (N, B, ...) with each sample's own references.
         target : int (index into axis 1 of an (N, C) output), a sequence of N ints, a tuple
             over all non-batch axes, None for one number per sample, or several at once:
             "all" or an (N, K) / (1, K) int array, giving results of shape (N, K, ...).
@@ -333,9 +357,9 @@ class Explainer:
         abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
         """
         method = self.method
+        out = self._output_for_call(output)
         xs, refs, kind = self._prepare(inputs, baselines, method.uses_reference,
                                        distribution=method.name == "deeplift_shap")
-        out = self._check_output(output) if output else self.output
         if layer is not None:
             layer = self._check_output(layer)
             if layer in self.input_names:
@@ -360,7 +384,10 @@ class Explainer:
         if progress:
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, total=len(chunks), desc=f"liftir {method.name}", unit="batch")
-        per_sample_refs = refs is not None and method.name != "deeplift_shap" and refs[0].shape[0] == n and n > 1
+        if method.name == "deeplift_shap":  # chunk (N, B, ...) references with their samples
+            per_sample_refs = refs[0].ndim == xs[0].ndim + 1
+        else:
+            per_sample_refs = refs is not None and refs[0].shape[0] == n and n > 1
         parts, delta_parts = [], []
         for start in chunks:
             sl = slice(start, start + step)
@@ -404,11 +431,15 @@ class Explainer:
         n = xs[0].shape[0]
         method = self.method
         explained, stripped = self._explained_tensor(output)
-        run = self._forward(xs, refs, explained)
         pairs = 1
         if method.name == "deeplift_shap":
-            pairs = refs[0].shape[0]
-            run = scheduler.PairedRun(run)
+            own = refs[0].ndim == xs[0].ndim + 1  # (n, B, ...): already in pair order once flattened
+            pairs = refs[0].shape[1] if own else refs[0].shape[0]
+            if own:
+                refs = [r.reshape((-1,) + r.shape[2:]) for r in refs]
+            run = scheduler.PairedRun(self._forward(xs, refs, explained), pairs, tile_references=not own)
+        else:
+            run = self._forward(xs, refs, explained)
         value = run.device(explained)
         axis = self._softmax_axis(output) if stripped else -1
         seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)  # (K, n, ...)
@@ -532,11 +563,10 @@ class Explainer:
         return [a[0] for a in attributions], delta[:, 0]
 
     def _softmax_axis(self, output: str) -> int:
-        node = self.graph.nodes[self.graph.producer[output]]
-        if node.op_type == "Sigmoid":
+        node = self._final_activation(output)
+        if node is None or node.op_type == "Sigmoid":
             return -1
         return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
-
 
 def _shape_str(shape) -> str:
     return "(" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape) + ")"

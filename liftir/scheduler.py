@@ -34,21 +34,32 @@ class Plan:
         self._device_constants: dict[str, dict[str, Any]] = {}
         self._order_cache: dict[tuple[str, ...], list[str]] = {}
         self._ort_forward: dict[tuple[str, ...], Any] = {}
-        missing = []
+        self.method = method
+        #: nodes with no rule for this mode; fatal only on the way to an explained tensor
+        #: (a classifier's label head, ArgMax and friends, need none to explain its scores)
+        self.missing: dict[str, tuple[str, str]] = {}
+        self._required: set[tuple[str, ...]] = set()
         for name in graph.order:
             if name in self.static:
                 continue
             node = graph.nodes[name]
             rule = lookup(node.op_type, node.domain, node.opset, overrides)
             if rule is None or not rule.supports(mode):
-                missing.append((name, node.domain, node.op_type))
+                self.missing[name] = (node.domain, node.op_type)
             else:
                 self.rules[name] = rule
-        if missing:
-            raise UnsupportedOpError(missing, method)
         #: run NumPy float32 forwards as one onnxruntime session (see liftir/ort_forward.py);
         #: never when a user rule replaces a built-in one, since its forward must be the one used
         self.use_onnxruntime = all(is_builtin(rule) for rule in self.rules.values())
+
+    def require(self, tensors: tuple[str, ...]) -> None:
+        """Raise UnsupportedOpError listing every rule-less node needed for `tensors`."""
+        if tensors in self._required:
+            return
+        missing = [(name,) + self.missing[name] for name in self.order_for(tensors) if name in self.missing]
+        if missing:
+            raise UnsupportedOpError(missing, self.method)
+        self._required.add(tensors)
 
     def order_for(self, tensors: tuple[str, ...]) -> list[str]:
         """Nodes needed to compute `tensors`, in topological order."""
@@ -204,29 +215,33 @@ def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tup
 
 
 class PairedRun(Run):
-    """Every (actual i, reference b) pair of a forward over N actual and B reference rows.
+    """Every (actual i, reference b) pair of a forward over N actual rows and their references.
 
-    DeepLIFT-SHAP needs DeepLIFT for N*B pairs; the forward ran N + B rows once, and this
-    view expands the stored activations into pairs (sample-major) as rules ask for them.
+    DeepLIFT-SHAP needs DeepLIFT for N*B pairs; the forward ran the N actual rows once, and
+    this view expands the stored activations into pairs (sample-major) as rules ask for them.
+    References are B rows shared by all samples (tiled N times) or N*B rows already in pair
+    order (each sample's own references).
     """
 
-    def __init__(self, base: Run):
-        super().__init__(base.plan, base.xp, base.n_actual * base.n_ref, base.n_actual * base.n_ref,
-                         base.mode, base.options)
+    def __init__(self, base: Run, pairs: int, tile_references: bool = True):
+        n = base.n_actual
+        super().__init__(base.plan, base.xp, n * pairs, n * pairs, base.mode, base.options)
         self.values, self.static = base.values, base.static
-        self.n_samples, self.n_refs = base.n_actual, base.n_ref
-        self._pairs: dict[tuple[str, bool], Any] = {}
+        self.n_samples, self.pairs, self.tile_references = n, pairs, tile_references
+        self._expanded_cache: dict[tuple[str, bool], Any] = {}
 
     def _expanded(self, name: str, reference: bool):
         key = (name, reference)
-        if key not in self._pairs:
+        if key not in self._expanded_cache:
             value = self.values[name]
-            if reference:
+            if not reference:
+                self._expanded_cache[key] = self.xp.repeat(value[: self.n_samples], self.pairs, axis=0)
+            elif self.tile_references:
                 part = value[self.n_samples:]
-                self._pairs[key] = self.xp.tile(part, (self.n_samples,) + (1,) * (part.ndim - 1))
+                self._expanded_cache[key] = self.xp.tile(part, (self.n_samples,) + (1,) * (part.ndim - 1))
             else:
-                self._pairs[key] = self.xp.repeat(value[: self.n_samples], self.n_refs, axis=0)
-        return self._pairs[key]
+                self._expanded_cache[key] = value[self.n_samples:]
+        return self._expanded_cache[key]
 
     def actual(self, name: str):
         return self._expanded(name, False) if name in self.values else self.device(name)

@@ -415,3 +415,29 @@ class Pad(Linear):
         rows = g.shape[0] * g.shape[1]
         gx = scatter_add(xp, g.reshape(rows, -1), mapped.reshape(-1), index.size)
         return gx.reshape((g.shape[0],) + shape), None, None
+
+
+@builtin_rule("Scaler", domain="ai.onnx.ml")
+class Scaler(Linear):
+    """scikit-learn's StandardScaler/MinMaxScaler as skl2onnx exports it: y = (x - offset) * scale."""
+
+    signed = True
+
+    def _params(self, ctx, x):
+        xp = ctx.xp
+        offset = xp.asarray(np.asarray(ctx.attr("offset", [0.0]), dtype=x.dtype))
+        scale = xp.asarray(np.asarray(ctx.attr("scale", [1.0]), dtype=x.dtype))
+        return offset, scale
+
+    def forward(self, ctx, x):
+        offset, scale = self._params(ctx, x)
+        return (x - offset) * scale
+
+    def backward(self, ctx, g):
+        return (g * self._params(ctx, g)[1],)
+
+    def abs_forward(self, ctx, d):
+        return d * abs(self._params(ctx, d)[1])
+
+    def abs_backward(self, ctx, g):
+        return (g * abs(self._params(ctx, g)[1]),)

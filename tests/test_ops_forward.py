@@ -393,10 +393,22 @@ for _op in ("Softmax", "LogSoftmax"):
     ]
 
 
+def _ml_scaler(offset, scale):
+    """skl2onnx's Scaler (domain ai.onnx.ml), as a StandardScaler pipeline exports it."""
+    node = helper.make_node("Scaler", ["x0"], ["y0"], domain="ai.onnx.ml", offset=offset, scale=scale)
+    return model([node], {"x0": (2, 3)}, ["y0"], extra_opsets={"ai.onnx.ml": 1}, output_shapes={"y0": (None, 3)})
+
+
+CASES["ai.onnx.ml::Scaler"] = [
+    Case("per-feature-op17", lambda: _ml_scaler([0.5, -1.0, 2.0], [2.0, 0.5, -3.0])),
+    Case("one-value-op17", lambda: _ml_scaler([0.25], [4.0])),
+]
+
+
 def _params():
     params = []
     for (domain, op_type) in liftir.registered_ops():
-        cases = CASES.get(op_type) if not domain else None
+        cases = CASES.get(f"{domain}::{op_type}" if domain else op_type)
         if not cases:
             params.append(pytest.param(op_type, None, id=f"{domain}::{op_type}-NO-CASE"))
             continue
@@ -429,7 +441,7 @@ def test_forward_matches_onnxruntime(op_type, case):
 
 def test_every_case_names_a_registered_op():
     """A case keyed by a misspelt op would never run."""
-    ops = {op for _, op in liftir.registered_ops()}
+    ops = {f"{domain}::{op}" if domain else op for domain, op in liftir.registered_ops()}
     assert set(CASES) <= ops, set(CASES) - ops
 
 
