@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import RuleError
+from .kernels.parallel import over_rows
 
 MODES = ("deeplift", "gradient", "guided_backprop", "deconvnet")
 
@@ -215,7 +216,16 @@ class Elementwise(Rule):
             m = self.divided_difference(xp, x, ctx.x0(0), ctx)
         else:
             m = self.df(xp, x, ctx)
-        return (g * m,)
+        return (scale_rows(xp, g, m),)
+
+
+def scale_rows(xp, g, m):
+    """g (K, P, ...) * m (P, ...), split over CPU threads on large arrays."""
+    if m.shape != g.shape[1:]:
+        return g * m
+    out = xp.empty(g.shape, dtype=np.result_type(g.dtype, m.dtype))
+    over_rows(xp, lambda s: xp.multiply(g[:, s], m[s], out=out[:, s]), m.shape[0], g.size)
+    return out
 
 
 def sinhc(xp, u):

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
 from liftir.rule import Elementwise, RuleError, sinhc
 
@@ -79,6 +80,23 @@ def _far_ratio(rule, xp, x, x0, ctx, near):
     return xp.where(far, ratio, near).astype(x.dtype, copy=False)
 
 
+def _relu_quotient(xp, x, x0, out):
+    """DeepLIFT's Rescale multiplier of a ReLU into `out`, with as few passes as possible.
+
+    relu(x) - relu(x0) equals x - x0 bit for bit when both are positive, so the quotient is
+    exactly 1 there, 0 where both are <= 0, and conserves dy across the kink; only dx == 0
+    needs the slope instead.
+    """
+    dx = x - x0
+    xp.maximum(x, 0, out=out)
+    out -= xp.maximum(x0, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xp.divide(out, dx, out=out)
+    still = dx == 0
+    if bool(still.any()):
+        out[still] = x[still] > 0
+
+
 def sigmoid(xp, x):
     # exp of -|x| never overflows
     e = xp.exp(-abs(x))
@@ -97,14 +115,11 @@ class Relu(Elementwise):
         return (x > 0).astype(x.dtype)
 
     def divided_difference(self, xp, x, x0, ctx):
-        # relu(x) - relu(x0) equals x - x0 bit for bit when both are positive, so the quotient
-        # is exactly 1 there, 0 where both are <= 0, and conserves dy across the kink; only
-        # dx == 0 needs the slope. Whole-array arithmetic: 5x faster than masking the kink.
-        dx = x - x0
-        m = xp.maximum(x, 0) - xp.maximum(x0, 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            m /= dx
-        return xp.where(dx == 0, (x > 0).astype(x.dtype), m)
+        m = xp.empty_like(x)
+        rows = x.shape[0]
+        over_rows(xp, lambda s: _relu_quotient(xp, x[s], x0[s] if x0.shape[0] == rows else x0, m[s]),
+                  rows, x.size)
+        return m
 
     def backward(self, ctx, g):
         xp = ctx.xp

@@ -8,20 +8,17 @@ ZipMap's list of dicts:
   Pipeline. skl2onnx writes the scaler as the ``ai.onnx.ml`` op ``Scaler`` and the binary
   head as ``Concat(1 - Sigmoid(z), Sigmoid(z))``;
 * iris (4 features, 3 classes): the multiclass head is ``Softmax`` then ``Identity``.
-  Because of the Identity, the Softmax is not the final op and is propagated through
-  (contributions add up to the change in probability); cut the graph at the Softmax's
-  output to have liftir strip it and explain the 2.5-normalized logits instead.
 
-What liftir needs here (the script prints each step):
+What liftir does with such a graph (the script prints each step):
 
 1. The exported graph also computes the label: ArgMax -> ArrayFeatureExtractor
-   (ai.onnx.ml) -> Reshape -> Cast. liftir has no rule for ArgMax or
-   ArrayFeatureExtractor (there is no useful one: the label is piecewise constant), and
-   the Explainer asks for a rule for every node of the graph, also those that do not lead
-   to the explained output; so we cut the graph at "probabilities" first (cut_at).
-2. liftir has no built-in rule for ``ai.onnx.ml::Scaler``. It is affine, y = (x - offset)
-   * scale, so a short user rule does it (ScalerRule below), passed to this Explainer
-   only with ``rules={"ai.onnx.ml::Scaler": ScalerRule()}``.
+   (ai.onnx.ml) -> Reshape -> Cast. It needs no rule: liftir asks for rules only on the
+   way to the explained output, "probabilities".
+2. ``ai.onnx.ml::Scaler`` is affine, y = (x - offset) * scale: a built-in rule (2.3.1).
+3. The final Softmax is found through the Identity: by default (final_activation="strip")
+   liftir explains the logits with the mean-normalized weights of paper 2.5;
+   final_activation="keep" explains the probability itself (contributions then add up to
+   the change in probability).
 
 DeepLIFT's reference is the training-set mean patient (raw units; 0 after the scaler).
 
@@ -52,61 +49,6 @@ from liftir.plots import feature_bars
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import breast_cancer, op_types, rel_diff, run_ort  # noqa: E402
-
-
-class ScalerRule(liftir.rule.Linear):
-    """ai.onnx.ml Scaler, y = (x - offset) * scale per feature: affine, so m = scale (2.3.1)."""
-
-    signed = True  # negative scales are allowed
-
-    @staticmethod
-    def _params(ctx, dtype):
-        offset = np.asarray(ctx.attr("offset", [0.0]), dtype=dtype)
-        scale = np.asarray(ctx.attr("scale", [1.0]), dtype=dtype)
-        return ctx.xp.asarray(offset), ctx.xp.asarray(scale)
-
-    def forward(self, ctx, x):
-        offset, scale = self._params(ctx, x.dtype)
-        return (x - offset) * scale
-
-    def backward(self, ctx, g):
-        return (g * self._params(ctx, g.dtype)[1],)
-
-    def abs_forward(self, ctx, d):
-        return d * abs(self._params(ctx, d.dtype)[1])
-
-    def abs_backward(self, ctx, g):
-        return (g * abs(self._params(ctx, g.dtype)[1]),)
-
-
-def cut_at(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
-    """The part of the graph that computes `output` (a float tensor) from the inputs.
-
-    (onnx.utils.Extractor needs shape information for `output`, which onnx's shape
-    inference does not produce for every skl2onnx graph; this only walks the nodes.)
-    """
-    needed, keep = {output}, []
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    del new.graph.node[:]
-    new.graph.node.extend(reversed(keep))
-    kept_inits = [t for t in new.graph.initializer if t.name in needed]
-    del new.graph.initializer[:]
-    new.graph.initializer.extend(kept_inits)
-    del new.graph.output[:]
-    new.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT,
-                                                               ["N", None]))
-    onnx.checker.check_model(new)
-    return new
-
-
-def output_of(model: onnx.ModelProto, op_type: str) -> str:
-    """Output tensor of the (last) node of a given op type."""
-    return [n.output[0] for n in model.graph.node if n.op_type == op_type][-1]
 
 
 def input_of(model: onnx.ModelProto, op_type: str) -> str:
@@ -141,9 +83,8 @@ def main(argv=None) -> int:
         print("liftir accepts the full graph")
     except liftir.UnsupportedOpError as exc:
         print("liftir on the full graph:", str(exc).splitlines()[0])
-    model = cut_at(full, "probabilities")
-    print("cut at 'probabilities':", " -> ".join(op_types(model)))
-    p_onnx = run_ort(model, x_te)
+    model = full
+    p_onnx = run_ort(model, x_te, "probabilities")
     results["breast_cancer"] = {"test_accuracy": acc,
                                 "ops": op_types(full),
                                 "max_abs_diff_predict_proba_vs_onnx":
@@ -151,10 +92,9 @@ def main(argv=None) -> int:
     print(f"ONNX probabilities vs predict_proba: max |diff| "
           f"{results['breast_cancer']['max_abs_diff_predict_proba_vs_onnx']:.1e}")
 
-    rules = {"ai.onnx.ml::Scaler": ScalerRule()}
     reference = x_tr.mean(axis=0, keepdims=True)  # the mean patient
     target = classes.index("malignant")
-    ex = liftir.Explainer(model, method="deeplift", rules=rules)
+    ex = liftir.Explainer(model, method="deeplift")
     t0 = time.perf_counter()
     attr, delta = ex.attribute(x_te, baselines=reference, target=target, output="probabilities",
                                return_convergence_delta=True)
@@ -163,7 +103,7 @@ def main(argv=None) -> int:
     logit = input_of(model, "Sigmoid")
     logit_attr, logit_delta = ex.attribute(x_te, baselines=reference, output=logit, target=0,
                                            return_convergence_delta=True)
-    ig = liftir.Explainer(model, method="integrated_gradients", rules=rules).attribute(
+    ig = liftir.Explainer(model, method="integrated_gradients").attribute(
         x_te, baselines=reference, target=target, output="probabilities")
     bc = results["breast_cancer"]
     bc["deeplift_max_abs_delta"] = float(np.abs(delta).max())
@@ -189,7 +129,7 @@ def main(argv=None) -> int:
     i = int(np.argmax(p_onnx[:, target] * (y_te == target)))  # a confidently malignant patient
     feature_bars(attr[i], features, top_k=12, ax=ax1, xlabel="DeepLIFT contribution",
                  title=f"test patient {i}: P(malignant) = {p_onnx[i, target]:.3f} vs "
-                       f"{float(run_ort(model, reference)[0, target]):.3f} for the mean patient")
+                       f"{float(run_ort(model, reference, 'probabilities')[0, target]):.3f} for the mean patient")
     feature_bars(mean_abs, features, top_k=12, ax=ax2, xlabel="mean |DeepLIFT contribution|",
                  title=f"all {len(x_te)} test patients: mean |contribution| to P(malignant)")
     fig.suptitle("scikit-learn MLPClassifier (StandardScaler + MLP) via skl2onnx: "
@@ -206,23 +146,22 @@ def main(argv=None) -> int:
     clf = MLPClassifier((16,), max_iter=2000, random_state=args.seed).fit(xi_tr, yi_tr)
     iris_full = to_onnx(clf, xi_tr[:1], options={id(clf): {"zipmap": False}},
                         target_opset={"": 17, "ai.onnx.ml": 3})
-    iris = cut_at(iris_full, "probabilities")
-    print(f"\niris MLP: test accuracy {clf.score(xi_te, yi_te):.4f}; graph (cut): "
+    iris = iris_full
+    print(f"\niris MLP: test accuracy {clf.score(xi_te, yi_te):.4f}; graph: "
           + " -> ".join(op_types(iris)))
-    pred = run_ort(iris, xi_te).argmax(1)
+    pred = run_ort(iris, xi_te, "probabilities").argmax(1)
     ref = xi_tr.mean(0, keepdims=True)
-    # As exported, the graph output "probabilities" is an Identity of the Softmax, so the
-    # Softmax is an inner op: liftir propagates through it and the contributions add up
-    # to the change in probability.
-    a_prob, d_prob = liftir.Explainer(iris, method="deeplift").attribute(
+    # final_activation="keep": the probability itself is explained, through the Softmax;
+    # contributions add up to the change in probability.
+    a_prob, d_prob = liftir.Explainer(iris, method="deeplift", output="probabilities",
+                                      final_activation="keep").attribute(
         xi_te, baselines=ref, target=pred, return_convergence_delta=True)
-    # Cut at the Softmax's own output and the Softmax is the final op: with the default
-    # final_activation="strip" liftir explains the logits with the mean-normalized
-    # weights of paper 2.5 (contributions add up to z_t - mean_j z_j's change).
-    softmax_model = cut_at(iris_full, output_of(iris_full, "Softmax"))
-    a_logit, d_logit = liftir.Explainer(softmax_model, method="deeplift").attribute(
+    # The default, final_activation="strip": the Softmax (seen through the Identity) is the
+    # final op, so liftir explains the logits with the mean-normalized weights of paper 2.5
+    # (contributions add up to the change of z_t - mean_j z_j).
+    a_logit, d_logit = liftir.Explainer(iris, method="deeplift", output="probabilities").attribute(
         xi_te, baselines=ref, target=pred, return_convergence_delta=True)
-    p_change = float(np.mean(np.take_along_axis(run_ort(iris, xi_te) - run_ort(iris, ref),
+    p_change = float(np.mean(np.take_along_axis(run_ort(iris, xi_te, "probabilities") - run_ort(iris, ref, "probabilities"),
                                                 pred[:, None], 1)))
     results["iris"] = {"test_accuracy": float(clf.score(xi_te, yi_te)), "ops": op_types(iris),
                        "probabilities_max_abs_delta": float(np.abs(d_prob).max()),
@@ -231,11 +170,11 @@ def main(argv=None) -> int:
                        "softmax_stripped_max_abs_delta": float(np.abs(d_logit).max()),
                        "softmax_stripped_mean_total": float(a_logit.sum(1).mean())}
     r = results["iris"]
-    print(f"  'probabilities' (Softmax -> Identity; the Softmax is propagated through): contributions "
+    print(f"  'probabilities', final_activation='keep' (propagated through the Softmax): contributions "
           f"sum to {r['probabilities_mean_total']:.3f} on average = the mean change of the "
           f"predicted class' probability {p_change:.3f}; max |delta| "
           f"{r['probabilities_max_abs_delta']:.1e}")
-    print(f"  cut at the Softmax (final, stripped: 2.5-normalized logits): contributions sum to "
+    print(f"  'probabilities', default strip (2.5-normalized logits): contributions sum to "
           f"{r['softmax_stripped_mean_total']:.3f} on average; max |delta| "
           f"{r['softmax_stripped_max_abs_delta']:.1e}")
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
