@@ -194,6 +194,8 @@ class Explainer:
                 raise InputError(f"all baselines must hold the same number of references, got shapes "
                                  f"{[r.shape for r in refs]}")
             return xs, refs, kind
+        if n > 1 and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
+            refs = [r[:1] for r in refs]  # zeros_like(x) & co.: one reference row, forwarded once
         if any(r.shape[0] == n and n > 1 for r in refs):  # per-sample references: all to N rows
             refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
         return xs, refs, kind

@@ -21,6 +21,7 @@ import itertools
 
 import numpy as np
 
+from liftir.kernels.parallel import over_rows
 from liftir.kernels.windows import scatter_to_windows, window_max
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError
@@ -88,24 +89,49 @@ class MaxPool(_MaxRule):
         xp = ctx.xp
         shape = ctx.input_shape(0)
         windows = _pool_geometry(ctx, shape[2:])
-        x = ctx.x(0)
+        x, x0 = ctx.x(0), ctx.x0(0)
+        rows = shape[0]
+        reference = None if x0 is None else window_max(xp, windows, x0)  # 1 or P rows
+        out = xp.empty(g.shape[:1] + tuple(shape), dtype=g.dtype)
+
+        def rows_of(a, s):
+            return a[s] if a.shape[0] == rows else a
+
+        def work(s):  # samples are independent: row chunks run on parallel threads
+            out[:, s] = self._multipliers(ctx, windows, g[:, s], x[s], rows_of(x0, s) if x0 is not None else None,
+                                          None if reference is None else tuple(rows_of(a, s) for a in reference))
+
+        over_rows(xp, work, rows, g.size)
+        return (out,)
+
+    @staticmethod
+    def _multipliers(ctx, windows, g, x, x0, reference):
+        """max_rule_multipliers for one chunk of rows, its three scatters fused in one loop."""
+        xp = ctx.xp
         y, first_a = window_max(xp, windows, x)
-        x0 = ctx.x0(0)
-        y0 = first_r = None
-        if x0 is not None:
-            y0, first_r = window_max(xp, windows, x0)
-
-        def scatter(at_actual, at_reference):
-            def piece(k):
-                total = at_actual * (first_a == k) if at_actual is not None else 0
-                if at_reference is not None:
-                    total = total + at_reference * (first_r == k)
-                return total
-            return scatter_to_windows(xp, windows, g.shape[:3], piece, g.dtype)
-
-        if x0 is None:
-            return (max_rule_multipliers(ctx, g, x, x, y, y, scatter),)
-        return (max_rule_multipliers(ctx, g, x, x0, y, y0, scatter),)
+        if ctx.mode != "deeplift":
+            return scatter_to_windows(xp, windows, g.shape[:3], lambda k: g * (first_a == k), g.dtype)
+        y0, first_r = reference
+        if ctx.options.get("max_rule", "cross_max") == "paper":
+            at_actual, at_reference = g * (y - y0), None
+        else:
+            top = xp.maximum(y, y0)
+            at_actual, at_reference = g * (top - y0), g * (y - top)
+        lead = g.shape[:3]
+        contrib = xp.zeros(lead + windows.padded_shape(), dtype=g.dtype)
+        gradient = xp.zeros(lead + windows.padded_shape(), dtype=g.dtype)
+        for k, sl in enumerate(windows.offsets()):
+            index = (Ellipsis,) + sl
+            hit = first_a == k
+            contrib[index] += at_actual * hit
+            if at_reference is not None:
+                contrib[index] += at_reference * (first_r == k)
+            gradient[index] += g * hit
+        contrib, gradient = windows.unpad(contrib), windows.unpad(gradient)
+        dx = x - x0
+        nonzero = dx != 0
+        # where dx == 0 the contribution is 0 by construction; like Captum, pass the gradient
+        return xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), gradient)
 
 
 def _as_rows(xp, x, axes):
