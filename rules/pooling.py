@@ -117,21 +117,26 @@ class MaxPool(_MaxRule):
         else:
             top = xp.maximum(y, y0)
             at_actual, at_reference = g * (top - y0), g * (y - top)
+        dx = x - x0
+        nonzero = dx != 0
+        # where dx == 0 the contribution is 0 by construction; like Captum, pass the gradient
+        # there (needed only if such positions exist: rare after a conv, common after a ReLU)
+        need_gradient = not bool(nonzero.all())
         lead = g.shape[:3]
         contrib = xp.zeros(lead + windows.padded_shape(), dtype=g.dtype)
-        gradient = xp.zeros(lead + windows.padded_shape(), dtype=g.dtype)
+        gradient = xp.zeros(lead + windows.padded_shape(), dtype=g.dtype) if need_gradient else None
         for k, sl in enumerate(windows.offsets()):
             index = (Ellipsis,) + sl
             hit = first_a == k
             contrib[index] += at_actual * hit
             if at_reference is not None:
                 contrib[index] += at_reference * (first_r == k)
-            gradient[index] += g * hit
-        contrib, gradient = windows.unpad(contrib), windows.unpad(gradient)
-        dx = x - x0
-        nonzero = dx != 0
-        # where dx == 0 the contribution is 0 by construction; like Captum, pass the gradient
-        return xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), gradient)
+            if need_gradient:
+                gradient[index] += g * hit
+        contrib = windows.unpad(contrib)
+        if not need_gradient:
+            return contrib / dx
+        return xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), windows.unpad(gradient))
 
 
 def _as_rows(xp, x, axes):
