@@ -280,7 +280,7 @@ def compare_with_onnxruntime(model, inputs, rtol: float = 1e-4, atol: float = 1e
                                             f"{', '.join(map(repr, domains))}", rtol=rtol, atol=atol)
     outs = [o.name for o in proto.graph.output]
     ex = Explainer(proto, method="saliency", output=outs[0])
-    xs, _, _ = ex._prepare(inputs, None, need_reference=False)
+    xs, _, _ = ex.prepare_inputs(inputs, None, need_reference=False)
     ours = _rules_forward(ex, xs, tuple(outs))
     theirs = dict(zip(outs, _ort_session(model, proto).run(outs, dict(zip(ex.input_names, xs)))))
     return _compare(ours, theirs, rtol, atol)
@@ -330,12 +330,12 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
         inputs = generate_inputs(ex, samples, seed)
         notes.append("inputs: standard normal of the declared shapes" +
                      ("" if baselines is not None else "; baselines: zeros"))
-    xs, refs, _ = ex._prepare(inputs, baselines, need_reference=True)
+    xs, refs, _ = ex.prepare_inputs(inputs, baselines, need_reference=True)
     n = xs[0].shape[0]
     targets = [output] if output else (_float_outputs(ex) or [ex.output])
-    explained = list(dict.fromkeys(ex._explained_tensor(t)[0] for t in targets))
+    explained = list(dict.fromkeys(ex.explained_tensor(t)[0] for t in targets))
     for t in targets:
-        stripped = ex._explained_tensor(t)
+        stripped = ex.explained_tensor(t)
         if stripped[1]:
             notes.append(f"final {stripped[1]} of {t!r} stripped: explained at {stripped[0]!r}")
     forward_outputs = tuple(dict.fromkeys(explained + [o for o in graph_outputs

@@ -165,7 +165,12 @@ class Explainer:
                 raise InputError(f"{what} for input {info.name!r} has shape {arr.shape}; the model expects "
                                  f"{_shape_str(info.shape)} (axis {axis} must be {want})")
 
-    def _prepare(self, inputs, baselines, need_reference: bool, distribution: bool = False):
+    def prepare_inputs(self, inputs, baselines, need_reference: bool, distribution: bool = False):
+        """Validated inputs and baselines as lists of NumPy arrays in model-input order.
+
+        Returns (inputs, baselines or None, how to pack results like `inputs`). Every
+        problem is an InputError naming the input; used by `liftir check` and the CLI too.
+        """
         xs, kind = self._unpack(inputs, "inputs")
         xs = [self._as_array(x, info, "inputs") for x, info in zip(xs, self.inputs)]
         for x, info in zip(xs, self.inputs):
@@ -232,7 +237,7 @@ class Explainer:
             node = self.graph.nodes.get(self.graph.producer.get(node.inputs[0], ""))
         return node if node is not None and node.op_type in STRIPPED_FINAL_OPS else None
 
-    def _explained_tensor(self, output: str) -> tuple[str, str | None]:
+    def explained_tensor(self, output: str) -> tuple[str, str | None]:
         """(tensor whose value is explained, final op stripped or None)."""
         if self.options["final_activation"] != "strip":
             return output, None
@@ -324,7 +329,7 @@ class Explainer:
         Computed by the rules' own forwards (the interpreter), never by onnxruntime, so that
         comparing it with onnxruntime tests liftir.
         """
-        xs, _, _ = self._prepare(inputs, None, need_reference=False)
+        xs, _, _ = self.prepare_inputs(inputs, None, need_reference=False)
         out = self._output_for_call(output)
         feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
         run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), "gradient", self.options,
@@ -360,7 +365,7 @@ class Explainer:
         """
         method = self.method
         out = self._output_for_call(output)
-        xs, refs, kind = self._prepare(inputs, baselines, method.uses_reference,
+        xs, refs, kind = self.prepare_inputs(inputs, baselines, method.uses_reference,
                                        distribution=method.name == "deeplift_shap")
         if layer is not None:
             layer = self._check_output(layer)
@@ -432,7 +437,7 @@ class Explainer:
         xp = self.xp
         n = xs[0].shape[0]
         method = self.method
-        explained, stripped = self._explained_tensor(output)
+        explained, stripped = self.explained_tensor(output)
         pairs = 1
         if method.name == "deeplift_shap":
             own = refs[0].ndim == xs[0].ndim + 1  # (n, B, ...): already in pair order once flattened
@@ -523,7 +528,7 @@ class Explainer:
         alphas, weights, max_rows = quadrature
         xp = self.xp
         n = xs[0].shape[0]
-        explained, stripped = self._explained_tensor(output)
+        explained, stripped = self.explained_tensor(output)
         axis = self._softmax_axis(output) if stripped else -1
         refs_full = [np.broadcast_to(r, x.shape) for r, x in zip(refs, xs)]
         steps_per_pass = len(alphas) if max_rows is None else max(1, max_rows // n)

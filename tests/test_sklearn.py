@@ -44,7 +44,7 @@ def test_probabilities_explained_with_the_label_head_left_alone(pipeline):
     assert attr.shape == (20, 4)
     assert np.abs(delta).max() < 1e-5
     # the final Softmax (followed by an Identity) is stripped: explained at the logits, 2.5
-    explained, stripped = ex._explained_tensor("probabilities")
+    explained, stripped = ex.explained_tensor("probabilities")
     assert stripped == "Softmax" and explained != "probabilities"
 
 
