@@ -8,6 +8,8 @@ half-line, so it is computed in closed form for all elements at once, no samplin
 """
 from __future__ import annotations
 
+import numpy as np
+
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, unbroadcast
 
@@ -54,12 +56,12 @@ class Maxout(Rule):
         actual = [ctx.x(i) * sign for i in range(n)]
         if ctx.mode == "deeplift":
             refs = [ctx.x0(i) * sign for i in range(n)]
-            shape = xp.broadcast_shapes(*[a.shape for a in actual], *[r.shape for r in refs])
+            shape = np.broadcast_shapes(*[a.shape for a in actual], *[r.shape for r in refs])
             starts = [xp.broadcast_to(r, shape) for r in refs]
             slopes = [xp.broadcast_to(a, shape) - s for a, s in zip(actual, starts)]
             weights = envelope_fractions(xp, starts, slopes)
         else:  # gradient: the first input attaining the max at the actual point
-            shape = xp.broadcast_shapes(*[a.shape for a in actual])
+            shape = np.broadcast_shapes(*[a.shape for a in actual])
             top = actual[0]
             for a in actual[1:]:
                 top = xp.maximum(top, a)

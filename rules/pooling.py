@@ -181,13 +181,15 @@ class ReduceMax(_MaxRule):
             x0, pos_r, y0 = x, pos_a, y
         rows = g.reshape((k,) + y.shape)
 
+        positions = xp.arange(x.shape[-1])
+
         def scatter(at_actual, at_reference):
+            # one-hot placement (an argmax mask per row): adds, so coinciding argmaxes
+            # accumulate, and needs nothing beyond broadcasting on any backend
             out = xp.zeros((k,) + x.shape, dtype=g.dtype)
             for pos, values in ((pos_a, at_actual), (pos_r, at_reference)):
-                if values is not None:  # adds, so coinciding argmaxes accumulate
-                    index = xp.broadcast_to(pos[None], (k,) + pos.shape)
-                    current = xp.take_along_axis(out, index, axis=-1)
-                    xp.put_along_axis(out, index, current + values[..., None], axis=-1)
+                if values is not None:
+                    out += values[..., None] * (positions == pos)
             return out
 
         m = max_rule_multipliers(ctx, rows, x, x0, y, y0, scatter)

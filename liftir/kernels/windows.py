@@ -106,7 +106,10 @@ def window_max(xp, windows: Windows, x):
         xp.maximum(best, padded[sl], out=best)
     first = xp.full(best.shape, len(slices) - 1, dtype=np.int16)
     for k in range(len(slices) - 2, -1, -1):
-        xp.putmask(first, padded[slices[k]] == best, k)
+        if xp is np:
+            np.putmask(first, padded[slices[k]] == best, k)
+        else:
+            first = xp.where(padded[slices[k]] == best, k, first).astype(np.int16)
     return best, first
 
 
