@@ -44,10 +44,6 @@ def array_module(backend: str = "numpy") -> ModuleType:
                        "(cupy-cuda12x) on a GPU machine, or use backend='numpy' / 'auto'")
 
 
-def is_cupy(xp: ModuleType) -> bool:
-    return xp.__name__.startswith("cupy")
-
-
 def to_host(a):
     """A NumPy copy of any backend array (no copy for NumPy arrays)."""
     if isinstance(a, np.ndarray) or np.isscalar(a):

@@ -414,7 +414,7 @@ class Explainer:
             return result, delta
         return result
 
-    def _forward(self, xs, refs, tensor: str, mode: str | None = None) -> scheduler.Run:
+    def _forward(self, xs, refs, tensor: str) -> scheduler.Run:
         """One batched forward over [actual; reference] rows, up to `tensor`."""
         xp = self.xp
         n = xs[0].shape[0]
@@ -422,7 +422,7 @@ class Explainer:
         feeds = {}
         for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs)):
             feeds[name] = xp.asarray(x if ref is None else np.concatenate([x, ref]))
-        return scheduler.forward(self.plan, xp, feeds, n, r, (tensor,), mode or self.method.mode, self.options)
+        return scheduler.forward(self.plan, xp, feeds, n, r, (tensor,), self.method.mode, self.options)
 
     def _targets_chunk(self, k: int, rows_per_target: int, run) -> int:
         """How many targets to push through one backward pass (bounds memory)."""
@@ -430,8 +430,7 @@ class Explainer:
         budget = 2 ** 25  # elements of the largest multiplier array: 128 MB in float32
         return max(1, min(k, budget // max(1, per_row * rows_per_target)))
 
-    def _attribute_batch(self, xs, refs, target, output: str, layer: str | None = None,
-                         quadrature=None, observer=None):
+    def _attribute_batch(self, xs, refs, target, output: str, layer: str | None = None, quadrature=None):
         if quadrature is not None:
             return self._integrated_gradients_batch(xs, refs, target, output, layer, quadrature)
         xp = self.xp
@@ -465,8 +464,7 @@ class Explainer:
             if spread is not None:  # multipliers of d+ and d- travel stacked
                 part = np.concatenate([part, part])
             seed_dev = xp.asarray(part.astype(value.dtype))
-            grads = scheduler.backward(run, {explained: seed_dev}, wrt, (explained,), observer=observer,
-                                       node_backward=node_backward)
+            grads = scheduler.backward(run, {explained: seed_dev}, wrt, (explained,), node_backward=node_backward)
             for w in wrt:
                 if spread is not None:
                     pieces[w].append(self._finish_split(run, w, grads[w], spread, part.shape[0] // 2))
@@ -487,13 +485,15 @@ class Explainer:
             if pairs > 1:
                 diff = diff.reshape(k, n, pairs).mean(axis=2)
             delta = (total - diff).T  # (n, K)
-        multi = k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
-        if multi:
-            attributions = [np.moveaxis(a, 0, 1) for a in attributions]
-        else:
-            attributions = [a[0] for a in attributions]
-            delta = None if delta is None else delta[:, 0]
-        return attributions, delta
+        return self._per_target(attributions, delta, target)
+
+    @staticmethod
+    def _per_target(attributions, delta, target):
+        """(K, N, ...) results as (N, K, ...) for several targets, (N, ...) for one."""
+        k = attributions[0].shape[0]
+        if k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2):
+            return [np.moveaxis(a, 0, 1) for a in attributions], delta
+        return [a[0] for a in attributions], None if delta is None else delta[:, 0]
 
     def _finish(self, run, tensor: str, m, k: int) -> np.ndarray:
         """Multipliers (K, P, ...) of `tensor` turned into the method's attributions, on the host."""
@@ -530,15 +530,14 @@ class Explainer:
         n = xs[0].shape[0]
         explained, stripped = self.explained_tensor(output)
         axis = self._softmax_axis(output) if stripped else -1
-        refs_full = [np.broadcast_to(r, x.shape) for r, x in zip(refs, xs)]
         steps_per_pass = len(alphas) if max_rows is None else max(1, max_rows // n)
-        total = [np.zeros(x.shape, dtype=np.float64) for x in xs]
+        averaged: list = [None] * len(xs)  # weighted sums of gradients, (K, n, ...) per input
         seed = None
         for start in range(0, len(alphas), steps_per_pass):
             a = alphas[start:start + steps_per_pass]
             w = weights[start:start + steps_per_pass]
             points = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
-                      .astype(x.dtype) for x, r in zip(xs, refs_full)]  # (S*n, ...) alpha-major
+                      .astype(x.dtype) for x, r in zip(xs, refs)]  # (S*n, ...) alpha-major
             run = self._forward(points, None, explained)
             value = run.device(explained)
             if seed is None:
@@ -548,26 +547,19 @@ class Explainer:
             grads = scheduler.backward(run, {explained: xp.asarray(seed_rows.astype(value.dtype))},
                                        tuple(self.input_names), (explained,))
             for i, name in enumerate(self.input_names):
-                g = grads[name]
-                if g is None:
+                if grads[name] is None:
                     continue
-                g = to_host(g).astype(np.float64).reshape((k, len(a), n) + xs[i].shape[1:])
-                contribution = np.tensordot(w, g, axes=([0], [1]))  # (k, n, ...)
-                total[i] = total[i] + contribution if total[i].shape == contribution.shape else contribution
+                g = to_host(grads[name]).astype(np.float64).reshape((k, len(a), n) + xs[i].shape[1:])
+                part = np.tensordot(w, g, axes=([0], [1]))  # (k, n, ...)
+                averaged[i] = part if averaged[i] is None else averaged[i] + part
         k = seed.shape[0]
-        attributions = []
-        for x, r, t in zip(xs, refs_full, total):
-            t = np.broadcast_to(t, (k,) + x.shape) if t.shape != (k,) + x.shape else t
-            attributions.append((t * (x - r).astype(np.float64)[None]).astype(x.dtype))
-        ends = self._forward(xs, [r[:] for r in refs_full], explained, mode="gradient")
+        attributions = [(np.zeros((k,) + x.shape) if avg is None else avg * (x - r).astype(np.float64)[None])
+                        .astype(x.dtype) for x, r, avg in zip(xs, refs, averaged)]
+        ends = self._forward(xs, refs, explained)  # f(x) and f(x0), for the completeness residual
         f_act = self._selected(seed, ends.actual(explained))
         f_ref = self._selected(seed, ends.reference(explained))
         summed = sum(a.astype(np.float64).reshape(k, n, -1).sum(axis=2) for a in attributions)
-        delta = (summed - (f_act - f_ref)).T
-        multi = k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
-        if multi:
-            return [np.moveaxis(a, 0, 1) for a in attributions], delta
-        return [a[0] for a in attributions], delta[:, 0]
+        return self._per_target(attributions, (summed - (f_act - f_ref)).T, target)
 
     def _softmax_axis(self, output: str) -> int:
         node = self._final_activation(output)

@@ -235,13 +235,6 @@ def sinhc(xp, u):
     return xp.where(small, 1 + u * u / 6, xp.sinh(safe) / safe)
 
 
-def expm1c(xp, u):
-    """expm1(u)/u, accurate near 0."""
-    small = abs(u) < 1e-3
-    safe = xp.where(small, xp.ones_like(u), u)
-    return xp.where(small, 1 + u * (0.5 + u / 6), xp.expm1(safe) / safe)
-
-
 def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
     """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16)."""
     dx = x - x0
