@@ -307,13 +307,15 @@ def _rows(a, k: int, p: int) -> np.ndarray:
 def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol: float = 1e-4,
                 seed: int = 0, max_rule: str = "cross_max", *, output: str | None = None,
                 final_activation: str = "keep", rules=None, backend: str = "numpy",
-                forward_rtol: float = 1e-4, forward_atol: float = 1e-5) -> CheckReport:
+                forward_rtol: float = 1e-4, forward_atol: float = 1e-5,
+                precision: str = "model") -> CheckReport:
     """Check DeepLIFT's summation-to-delta at every node, and the forward against onnxruntime.
 
     Inputs default to standard normal of the declared shapes (a symbolic batch axis gets
     `samples` rows), baselines to zeros. Every float model output (or `output`) is
     seeded with standard-normal multipliers. `final_activation="keep"` (default) also
     checks a final Softmax/Sigmoid rule; "strip" checks what `Explainer` explains.
+    `precision="float64"` checks the graph run in double precision, as `Explainer` runs it.
     """
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise InputError(f"samples must be a positive int, got {samples!r}")
@@ -323,7 +325,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
     label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else (proto.graph.name or "<model>")
     graph_outputs = [o.name for o in proto.graph.output]
     ex = Explainer(proto, method="deeplift", backend=backend, max_rule=max_rule,
-                   final_activation=final_activation, rules=rules,
+                   final_activation=final_activation, rules=rules, precision=precision,
                    output=output or (graph_outputs[0] if len(graph_outputs) > 1 else None))
     notes: list[str] = []
     if inputs is None:
@@ -461,3 +463,39 @@ def _forward_vs_ort(source, proto, ex, xs, step, ours, rtol, atol) -> ForwardChe
         return ForwardCheck("skipped", note=f"onnxruntime could not run the model: {first}",
                             rtol=rtol, atol=atol)
     return _compare(ours, theirs, rtol, atol)
+
+
+def exercise_rules(ex: Explainer, inputs=None, output: str | None = None, samples: int = 2,
+                   seed: int = 0) -> list[str]:
+    """Run every rule on the way to the explained output(s) once, forward and backward.
+
+    Op coverage alone cannot see a rule's own requirements (a Div by an activation, a Pow
+    with a computed exponent, a pad of the batch axis): they are met or not only once the
+    rule runs. This runs what `Explainer.attribute` runs, with each rule's own forward
+    (never onnxruntime) and the explainer's method, and lets the rule's LiftirError out.
+    Inputs default to standard normal of the declared shapes. Returns the explained
+    tensors.
+    """
+    if inputs is None:
+        inputs = generate_inputs(ex, samples, seed)
+    method = ex.method
+    xs, refs, _ = ex.prepare_inputs(inputs, None, need_reference=method.uses_reference)
+    targets = [output or ex.output] if (output or ex.output) else _float_outputs(ex)
+    for t in targets:
+        ex.plan.require((t,))
+    explained = list(dict.fromkeys(ex.explained_tensor(t)[0] for t in targets))
+    step = _fixed_batch(ex, xs[0].shape[0])
+    xs = [x[:step] for x in xs]
+    p = xs[0].shape[0]
+    n_ref = refs[0].shape[0] if refs is not None else 0
+    feeds = {name: ex.xp.asarray(np.concatenate([x, r]) if refs is not None else x)
+             for name, x, r in zip(ex.input_names, xs, refs if refs is not None else xs)}
+    extra = {"engine": "rules"} if _FORWARD_HAS_ENGINE else {}
+    run = scheduler.forward(ex.plan, ex.xp, feeds, p, n_ref, tuple(explained), method.mode, ex.options, **extra)
+    rng = np.random.default_rng(seed + 1)
+    seeds = {}
+    for t in explained:
+        value = run.actual(t)
+        seeds[t] = ex.xp.asarray(rng.standard_normal((1,) + tuple(value.shape)).astype(value.dtype))
+    scheduler.backward(run, seeds, tuple(ex.input_names), tuple(explained))
+    return explained

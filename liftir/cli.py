@@ -1,8 +1,14 @@
 """The `liftir` command: explain a model, check its rules, list op coverage.
 
-Exit codes: 0 success; 1 a finding (`check` failed, `ops` found uncovered op types);
-2 a usage or input problem (bad arguments, unreadable files, liftir errors), reported
-as one 'liftir: error: ...' line on stderr without a traceback; 130 interrupted.
+Exit codes, the same for every command: 0 success; 1 conservation lost (`check` found a
+node or the model not conserving, or the forward differing from onnxruntime); 2 a usage,
+input or support problem (bad arguments, unreadable files, an op or a use of an op liftir
+has no rule for), reported as one 'liftir: error: ...' line on stderr without a
+traceback (`ops` lists what is not covered, then exits 2); 130 interrupted.
+
+Output files are checked before anything is computed (folder exists and is writable) and
+written to a temporary file in the same folder, then renamed: a run that fails part-way
+leaves an existing file as it was.
 """
 from __future__ import annotations
 
@@ -14,10 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import __version__
-from .errors import LiftirError
+from .errors import InputError, LiftirError
 
 PROG = "liftir"
 RESERVED_KEYS = ("delta", "targets", "method", "output")
+DEFAULT_BATCH = 128
 
 MAIN_EPILOG = """\
 examples:
@@ -25,7 +32,9 @@ examples:
   liftir check model.onnx                  # per-node summation-to-delta + onnxruntime forward
   liftir ops model.onnx                    # which op types of the model have rules
 
-exit codes: 0 ok, 1 check failed / ops not covered, 2 bad arguments or files, 130 interrupted.
+exit codes: 0 ok; 1 conservation lost or forward differs from onnxruntime (check);
+  2 bad arguments or files, or the model needs a rule liftir does not have (explain,
+  check and ops alike); 130 interrupted.
 Run 'liftir COMMAND --help' for the options of each command.
 """
 
@@ -39,9 +48,17 @@ examples:
 inputs and baselines: a .npy for a one-input model; a .npz with one array per model input
 (matched by name; a single array fits a single input whatever its name).
 --baseline: zeros (default), a number, or a .npy/.npz of shape (N, ...), (1, ...) or (...).
---target: INT (one class), i,j,... or 'all' (several classes at once: attributions
-(N, K, ...), delta (N, K)), or a .npy of one int per sample. Not needed when the output
-has one value per sample.
+--target: INT (one class for every sample); i,j,... or 'all' (SEVERAL CLASSES for every
+sample: attributions (N, K, ...), delta (N, K)); or a .npy of one int per sample. Class
+indices count from 0; negative indices are refused. Not needed when the output has one
+value per sample.
+  Note: '--target 1,2,3' is NOT Python's target=[1, 2, 3] (one class per sample): it is
+  target=[[1, 2, 3]], classes 1, 2 and 3 for every sample. Per-sample classes: np.save
+  them and pass --target labels.npy.
+--precision float64 runs the whole graph in double precision (the remedy the float32
+warnings name); default: the model's own precision.
+--batch-size: samples per pass; default 128, or fewer (at least 8) so that the progress
+bar moves when one is shown (on a terminal, for runs of more than a second).
 The .npz written holds one attribution array per input name, 'delta' (summation-to-delta
 residual per sample; reference methods only), 'targets', 'method' and 'output'.
 --plot picks the figure from the first input's rank: 4-D images -> heatmap, (N, L, 4) or
@@ -65,7 +82,13 @@ OPS_EPILOG = """\
 examples:
   liftir ops                       # every op type liftir has a rule for
   liftir ops --method guided_backprop
-  liftir ops model.onnx            # coverage of one model; exit 1 if some op has no rule
+  liftir ops model.onnx            # coverage of one model; exit 2 if explain would refuse it
+  liftir ops model.onnx --input x.npy
+
+With MODEL, ops builds what explain builds and runs every rule once (forward and the
+method's backward) on inputs of the declared shapes (or --input), so that a rule's own
+requirement (a Div by an activation, a non-constant Pow exponent, ...) is reported here
+too, not only a missing op type.
 """
 
 
@@ -129,6 +152,60 @@ def load_arrays(path: str, what: str) -> np.ndarray | dict[str, np.ndarray]:
     return arrays
 
 
+def check_writable(path: str, what: str, reads: Sequence[str] = ()) -> str:
+    """`path` as it will be written, refused now if it cannot be (before a long run).
+
+    The folder must exist and be writable, the path must not be a folder, and it must not
+    be one of the files the run reads.
+    """
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if not os.path.isdir(parent):
+        raise CLIError(f"cannot write {what} {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {what} {path!r}: directory {parent!r} is not writable")
+    if os.path.isdir(full):
+        raise CLIError(f"cannot write {what} {path!r}: it is a directory")
+    if os.path.exists(full) and not os.access(full, os.W_OK):
+        raise CLIError(f"cannot write {what} {path!r}: the file is not writable")
+    for other in reads:
+        if other and os.path.exists(full) and os.path.exists(other) and os.path.samefile(other, full):
+            raise CLIError(f"{what} {path!r} is also a file this run reads; choose another name")
+    return path
+
+
+def write_atomically(path: str, write) -> None:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it to `path`.
+
+    A run that fails part-way (an exception, a full disk) leaves an existing `path`
+    untouched and no partial file behind. The file gets the mode a plain open() would give
+    (or keeps the existing file's).
+    """
+    import tempfile  # noqa: PLC0415
+
+    full = os.path.abspath(path)
+    parent, name = os.path.split(full)
+    suffix = os.path.splitext(name)[1]  # matplotlib picks the format from it
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    try:
+        if os.path.exists(full):
+            mode = os.stat(full).st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, full)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def match_inputs(arrays, names: list[str], what: str, path: str) -> dict[str, np.ndarray]:
     """Arrays keyed by model input name (.npz keys must name the inputs)."""
     if isinstance(arrays, np.ndarray):
@@ -154,7 +231,7 @@ def _load_model_explainer(args, method: str, output=None):
 
     return Explainer(args.model, method=method, backend=getattr(args, "backend", "numpy"),
                      max_rule=args.max_rule, final_activation=getattr(args, "final_activation", "strip"),
-                     output=output)
+                     output=output, precision=getattr(args, "precision", "model"))
 
 
 def _baselines(spec: str | None, names: list[str]):
@@ -207,7 +284,26 @@ def _describe_target(target) -> str:
     return str(target)
 
 
+def _output_path(args) -> str:
+    return args.out if args.out.endswith(".npz") else args.out + ".npz"
+
+
+def _auto_batch_size(n: int, bar_possible: bool) -> int:
+    """128 rows per pass, or fewer (>= 8) so that a visible progress bar moves ~10 times."""
+    if not bar_possible:
+        return DEFAULT_BATCH
+    return int(min(DEFAULT_BATCH, max(8, -(-n // 10))))
+
+
 def cmd_explain(args) -> int:
+    # every output path is checked before the model is even loaded: a typo costs nothing
+    reads = [args.model, args.input, args.baseline, args.target]
+    out = check_writable(_output_path(args), "--out", reads)
+    if args.plot:
+        check_writable(args.plot, "--plot", reads)
+        if os.path.abspath(args.plot) == os.path.abspath(out):
+            raise CLIError(f"--out and --plot name the same file {out!r}")
+        _plots_module()
     ex = _load_model_explainer(args, args.method, args.output)
     names = ex.input_names
     inputs = match_inputs(load_arrays(args.input, "input"), names, "input", args.input)
@@ -220,12 +316,15 @@ def cmd_explain(args) -> int:
     n = next(iter(sizes.values()))
     if n == 0:
         raise CLIError(f"{args.input!r} holds an empty batch")
+    if args.plot:
+        _plot_kind(inputs[names[0]])  # no figure for this shape: say so before computing
     base = _baselines(args.baseline, names)
     target, multi = _parse_target(args.target, n)
+    progress = not args.no_progress
+    batch_size = args.batch_size or _auto_batch_size(n, progress and sys.stderr.isatty())
     try:
         attrs, delta = ex.attribute(inputs, base, target, return_convergence_delta=True,
-                                    batch_size=args.batch_size, progress=not args.no_progress,
-                                    n_steps=args.n_steps)
+                                    batch_size=batch_size, progress=progress, n_steps=args.n_steps)
     except LiftirError as exc:
         if args.target is None and "target" in str(exc):
             raise CLIError(f"{exc}\n  on the command line: --target INT, --target i,j,... or --target all") from None
@@ -242,12 +341,13 @@ def cmd_explain(args) -> int:
         arrays["targets"] = np.asarray(target)
     arrays["method"] = np.asarray(ex.method.name)
     arrays["output"] = np.asarray(ex.output)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise CLIError(f"cannot write {out!r}: directory {parent!r} does not exist")
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+
     try:
-        np.savez(out, **arrays)
+        write_atomically(out, write_npz)
     except OSError as exc:
         raise CLIError(f"cannot write {out!r}: {exc}") from None
 
@@ -265,7 +365,8 @@ def cmd_explain(args) -> int:
 
     out_shape = ex.predict({k: v[:1] for k, v in inputs.items()}).shape[1:]
     print(f"liftir explain: {args.model}")
-    print(f"  method      {ex.method.name}" + (f" (max_rule {args.max_rule})" if ex.method.mode == "deeplift" else ""))
+    print(f"  method      {ex.method.name}" + (f" (max_rule {args.max_rule})" if ex.method.mode == "deeplift" else "")
+          + (" in float64" if args.precision == "float64" else ""))
     for name in names:
         print(f"  input       {name!r} {tuple(inputs[name].shape)} {inputs[name].dtype}")
     print(f"  output      {ex.output!r} (N, {', '.join(map(str, out_shape))})")
@@ -284,38 +385,56 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def _plot(path: str, x: np.ndarray, attr: np.ndarray, method: str, target) -> str:
-    """Draw the first sample's attributions, the figure chosen by the input's rank."""
+def _plots_module():
     try:
         from . import plots  # noqa: PLC0415 - matplotlib is optional
+        import matplotlib  # noqa: F401, PLC0415
     except ImportError as exc:
-        raise CLIError(f"--plot needs liftir.plots and matplotlib: {exc}") from None
+        raise CLIError(f"--plot needs matplotlib (pip install 'liftir[plot]'): {exc}") from None
+    return plots
+
+
+def _plot_kind(x: np.ndarray) -> str:
+    """Which figure the first input's shape gets; a CLIError when none fits."""
+    if x.ndim == 4:
+        c_first, c_last = x.shape[1] in (1, 3, 4), x.shape[-1] in (1, 3, 4)
+        return "image_first" if c_first else "image_last" if c_last else "image_mean"
+    if x.ndim == 3 and x.shape[-1] == 4:
+        return "dna"
+    if x.ndim == 3 and x.shape[1] == 4:
+        return "dna_first"
+    if x.ndim == 3:
+        return "image_2d"
+    if x.ndim == 2:
+        return "bars"
+    raise CLIError(f"--plot: no figure for inputs of shape {x.shape} (images are 4-D, "
+                   f"one-hot sequences (N, L, 4) or (N, 4, L), tabular data 2-D)")
+
+
+def _plot(path: str, x: np.ndarray, attr: np.ndarray, method: str, target) -> str:
+    """Draw the first sample's attributions, the figure chosen by the input's rank."""
+    plots = _plots_module()
+    kind = _plot_kind(x)
     x0 = np.asarray(x[0], dtype=float)
     a0 = np.asarray(attr[0], dtype=float)
     title = f"{method}, sample 0" + ("" if target is None else f", target {target}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise CLIError(f"cannot write plot {path!r}: directory {parent!r} does not exist")
-    try:
-        if x.ndim == 4:
-            c_first, c_last = x0.shape[0] in (1, 3, 4), x0.shape[-1] in (1, 3, 4)
-            if c_first or c_last:
-                plots.image_heatmaps(x0, {method: a0}, channels_last=not c_first, title=title, path=path)
-            else:  # many channels (NCHW): show the channel mean and per-pixel sums
-                plots.image_heatmaps(x0.mean(axis=0), {method: a0.sum(axis=0)}, title=title, path=path)
-        elif x.ndim == 3 and x.shape[-1] == 4:
-            plots.dna_logo(a0, title=title, path=path)
-        elif x.ndim == 3 and x.shape[1] == 4:
-            plots.dna_logo(a0.T, title=title, path=path)
-        elif x.ndim == 3:
-            plots.image_heatmaps(x0, {method: a0}, title=title, path=path)
-        elif x.ndim == 2:
-            plots.feature_bars(a0, title=title, path=path)
+
+    def draw(tmp: str) -> None:
+        if kind in ("image_first", "image_last"):
+            plots.image_heatmaps(x0, {method: a0}, channels_last=kind == "image_last", title=title, path=tmp)
+        elif kind == "image_2d":
+            plots.image_heatmaps(x0, {method: a0}, title=title, path=tmp)
+        elif kind == "image_mean":  # many channels (NCHW): the channel mean and per-pixel sums
+            plots.image_heatmaps(x0.mean(axis=0), {method: a0.sum(axis=0)}, title=title, path=tmp)
+        elif kind == "dna":
+            plots.dna_logo(a0, title=title, path=tmp)
+        elif kind == "dna_first":
+            plots.dna_logo(a0.T, title=title, path=tmp)
         else:
-            raise CLIError(f"--plot: no figure for inputs of shape {x.shape} (images are 4-D, "
-                           f"one-hot sequences (N, L, 4) or (N, 4, L), tabular data 2-D)")
-    except ImportError as exc:
-        raise CLIError(f"--plot needs matplotlib: {exc}") from None
+            plots.feature_bars(a0, title=title, path=tmp)
+
+    try:
+        write_atomically(path, draw)
     except (ValueError, OSError) as exc:
         raise CLIError(f"--plot {path!r}: {exc}") from None
     return path
@@ -337,7 +456,7 @@ def cmd_check(args) -> int:
         baselines = _baselines(args.baseline, names)
     report = check_model(args.model, inputs, baselines, samples=args.samples, rtol=args.rtol,
                          seed=args.seed, max_rule=args.max_rule, output=args.output,
-                         final_activation=args.final_activation)
+                         final_activation=args.final_activation, precision=args.precision)
     print(report)
     if report.ok:
         return 0
@@ -410,16 +529,46 @@ def cmd_ops(args) -> int:
     skipped = folded + len(static)
     if skipped:
         print(f"{skipped} node(s) are constant or shape arithmetic and need no rule (folded/static)")
-    if not missing:
-        print("OK: every op type of the model has a rule")
-        return 0
-    count = sum(len(nodes) for _, nodes, _ in missing)
-    print(f"NOT covered ({len(missing)} op types, {count} nodes):")
-    for qualified, nodes, why in missing:
-        shown = ", ".join(repr(n) for n in nodes[:10]) + (f", ... ({len(nodes) - 10} more)" if len(nodes) > 10 else "")
-        print(f"  {qualified}  {len(nodes)} node(s), {why}: {shown}")
-    print("Add a rule with @liftir.register_rule (or a plugin package, see examples/custom_rule).")
-    return 1
+    if missing:
+        count = sum(len(nodes) for _, nodes, _ in missing)
+        print(f"NOT covered ({len(missing)} op types, {count} nodes):")
+        for qualified, nodes, why in missing:
+            shown = ", ".join(repr(n) for n in nodes[:10]) + (f", ... ({len(nodes) - 10} more)" if len(nodes) > 10 else "")
+            print(f"  {qualified}  {len(nodes)} node(s), {why}: {shown}")
+        print("Add a rule with @liftir.register_rule (or a plugin package, see examples/custom_rule).")
+        # a label head without rules does not stop explain: say what explain itself says
+        try:
+            _load_model_explainer(args, args.method, args.output)
+        except LiftirError as exc:
+            print(f"{PROG}: error: explain and check refuse this model: {exc}", file=sys.stderr)
+            return 2
+        print("(explain does not need these nodes: they are not on the way to the explained output)")
+    return _ops_run_rules(args, method.name)
+
+
+def _ops_run_rules(args, method: str) -> int:
+    """Build what explain builds and run every rule once: a rule's own requirements too."""
+    from .check import exercise_rules  # noqa: PLC0415
+
+    ex = _load_model_explainer(args, method, args.output)
+    inputs = None
+    if args.input:
+        inputs = match_inputs(load_arrays(args.input, "input"), ex.input_names, "input", args.input)
+    try:
+        explained = exercise_rules(ex, inputs, args.output)
+    except InputError as exc:
+        if inputs is None and "pass inputs" in str(exc):
+            print(f"OK: every op type has a rule; the rules' own requirements were NOT checked: {exc} "
+                  f"(liftir ops MODEL --input x.npy)")
+            return 0
+        raise
+    except LiftirError as exc:
+        print(f"NOT supported: {exc}")
+        print(f"{PROG}: error: explain and check refuse this model: {exc}", file=sys.stderr)
+        return 2
+    print(f"OK: every op type of the model has a rule, and every rule on the way to "
+          f"{', '.join(map(repr, explained))} ran ({method}, forward and backward)")
+    return 0
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -443,15 +592,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", "-b", metavar="B", default=None,
                    help="reference input: zeros (default), a number, or a .npy/.npz")
     p.add_argument("--target", "-t", metavar="T", default=None,
-                   help="INT, i,j,..., 'all', or a .npy of one int per sample")
+                   help="INT: one class for every sample; i,j,... or 'all': several classes for "
+                        "every sample (unlike Python's target=[i, j, ...], which is one class per "
+                        "sample); FILE.npy: one class per sample. Indices count from 0")
     p.add_argument("--method", "-m", default="deeplift", choices=list(METHODS), metavar="METHOD",
                    help=f"one of {', '.join(METHODS)} (default: deeplift)")
     p.add_argument("--output", metavar="TENSOR", default=None,
                    help="tensor to explain (default: the model's only output)")
     p.add_argument("--n-steps", type=_positive_int, default=50, metavar="S",
                    help="integration steps for integrated_gradients (default: 50)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, metavar="N",
-                   help="samples per batch (default: 128)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="samples per pass (default: 128, fewer when a progress bar shows)")
+    p.add_argument("--precision", choices=["model", "float64"], default="model",
+                   help="float64: run the whole graph in double precision (default: the model's)")
     p.add_argument("--max-rule", choices=["cross_max", "paper"], default="cross_max",
                    help="DeepLIFT rule for max pooling (default: cross_max)")
     p.add_argument("--final-activation", choices=["strip", "keep"], default="strip",
@@ -480,16 +633,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="TENSOR", default=None, help="tensor to seed (default: every model output)")
     p.add_argument("--final-activation", choices=["keep", "strip"], default="keep",
                    help="check a final softmax/sigmoid rule too (keep, default) or seed its logits")
+    p.add_argument("--precision", choices=["model", "float64"], default="model",
+                   help="float64: check the graph run in double precision (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("ops", formatter_class=fmt, epilog=OPS_EPILOG,
                        help="list op types with rules, or a model's coverage",
-                       description="List the op types liftir has rules for, or which op types of "
-                                   "MODEL are covered (exit 1 if some are not).")
+                       description="List the op types liftir has rules for, or whether MODEL can "
+                                   "be explained: its op types' coverage, then every rule run once "
+                                   "(exit 2 if explain would refuse the model).")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None, help="ONNX model file (optional)")
     p.add_argument("--method", "-m", default="deeplift", choices=list(METHODS), metavar="METHOD",
                    help=f"one of {', '.join(METHODS)} (default: deeplift)")
+    p.add_argument("--input", "-i", metavar="FILE", default=None,
+                   help="inputs (.npy/.npz) to run the rules on; default: standard normal of the "
+                        "declared shapes")
+    p.add_argument("--output", metavar="TENSOR", default=None,
+                   help="tensor explain would explain (default: every float model output)")
     p.set_defaults(func=cmd_ops, max_rule="cross_max")
     return parser
 

@@ -17,6 +17,7 @@ from .errors import InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
+from .progress import Progress
 
 MAX_RULES = ("cross_max", "paper")
 FINAL_ACTIVATIONS = ("strip", "keep")
@@ -273,9 +274,8 @@ class Explainer:
                                  f"{('N',) + rest}")
             if target.shape[0] not in (1, n) or target.dtype.kind not in "iu":
                 raise InputError(f"a 2-D target must be ints of shape (N, K) or (1, K), got {target.shape}")
-            if (target < -rest[0]).any() or (target >= rest[0]).any():
-                raise InputError(f"targets out of range for {rest[0]} outputs")
-            t = np.broadcast_to(target % rest[0], (n, target.shape[1]))
+            _check_indices(target, rest[0], "targets")
+            t = np.broadcast_to(target, (n, target.shape[1]))
             mask = np.zeros((t.shape[1], n) + rest, dtype=np.float64)
             mask[np.arange(t.shape[1])[None, :], np.arange(n)[:, None], t] = 1.0
         elif target is None:
@@ -299,17 +299,17 @@ class Explainer:
             if len(rest) != 1:
                 raise InputError(f"an int target indexes axis 1 of an (N, C) output; this output is "
                                  f"{('N',) + rest}: pass a tuple with one index per non-batch axis")
-            if not -rest[0] <= target < rest[0]:
-                raise InputError(f"target {target} is out of range for {rest[0]} outputs")
-            return (np.full(n, int(target) % rest[0]),)
+            _check_indices(np.asarray([target]), rest[0], "target")
+            return (np.full(n, int(target)),)
         if isinstance(target, tuple):
             if len(target) != len(rest) or not all(isinstance(t, (int, np.integer)) for t in target):
                 raise InputError(f"a tuple target needs one int per non-batch axis of the output "
                                  f"{('N',) + rest}, got {target!r}")
             for t, size in zip(target, rest):
-                if not -size <= t < size:
-                    raise InputError(f"target {target!r} is out of range for output shape {('N',) + rest}")
-            return tuple(np.full(n, int(t) % size) for t, size in zip(target, rest))
+                if not 0 <= t < size:
+                    raise InputError(f"target {target!r} is out of range for output shape {('N',) + rest} "
+                                     f"(indices count from 0; negative indices are not accepted)")
+            return tuple(np.full(n, int(t)) for t in target)
         if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, str):
             arr = np.asarray(target)
             if arr.ndim != 1 or arr.shape[0] != n or arr.dtype.kind not in "iu":
@@ -317,9 +317,8 @@ class Explainer:
             if len(rest) != 1:
                 raise InputError(f"per-sample int targets index axis 1 of an (N, C) output; this output is "
                                  f"{('N',) + rest}")
-            if (arr < -rest[0]).any() or (arr >= rest[0]).any():
-                raise InputError(f"targets {arr.tolist()} out of range for {rest[0]} outputs")
-            return (arr % rest[0],)
+            _check_indices(arr, rest[0], "targets")
+            return (arr,)
         raise InputError(f"target must be None, an int, a tuple of ints or a sequence of ints, got {target!r}")
 
     # ---- running ---------------------------------------------------------------------------------
@@ -358,7 +357,9 @@ class Explainer:
         return_convergence_delta : also return delta (N,) or (N, K): the sum of attributions
             minus f(x)_t - f(x0)_t (~0 for DeepLIFT; the completeness residual for
             integrated gradients; None for gradient methods).
-        batch_size : explain this many samples per pass (memory); progress shows a bar.
+        batch_size : explain this many samples per pass (memory).
+        progress : show a bar on stderr counting samples (integrated gradients: sample-steps),
+            once a run has lasted a second and only when stderr is a terminal.
         n_steps, integration, internal_batch_size : integrated gradients' quadrature and the
             most rows one of its forward passes may take.
         abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
@@ -388,21 +389,22 @@ class Explainer:
                 raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
         step = batch_size or n
         chunks = range(0, n, step)
-        if progress:
-            from tqdm.auto import tqdm
-            chunks = tqdm(chunks, total=len(chunks), desc=f"liftir {method.name}", unit="batch")
+        steps = len(quadrature[0]) if quadrature is not None else 1  # IG counts sample-steps
+        bar = Progress(n * steps, f"liftir {method.name}", "step" if steps > 1 else "sample", progress)
         if method.name == "deeplift_shap":  # chunk (N, B, ...) references with their samples
             per_sample_refs = refs[0].ndim == xs[0].ndim + 1
         else:
             per_sample_refs = refs is not None and refs[0].shape[0] == n and n > 1
         parts, delta_parts = [], []
-        for start in chunks:
-            sl = slice(start, start + step)
-            sub_target = target[sl] if isinstance(target, np.ndarray) and target.shape[0] == n else target
-            sub_refs = None if refs is None else [r[sl] if per_sample_refs else r for r in refs]
-            a, d = self._attribute_batch([x[sl] for x in xs], sub_refs, sub_target, out, layer, quadrature)
-            parts.append(a)
-            delta_parts.append(d)
+        with bar:
+            for start in chunks:
+                sl = slice(start, start + step)
+                sub_target = target[sl] if isinstance(target, np.ndarray) and target.shape[0] == n else target
+                sub_refs = None if refs is None else [r[sl] if per_sample_refs else r for r in refs]
+                a, d = self._attribute_batch([x[sl] for x in xs], sub_refs, sub_target, out, layer, quadrature,
+                                             bar)
+                parts.append(a)
+                delta_parts.append(d)
         attrs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
         if abs:
             if method.name != "saliency":
@@ -430,9 +432,10 @@ class Explainer:
         budget = 2 ** 25  # elements of the largest multiplier array: 128 MB in float32
         return max(1, min(k, budget // max(1, per_row * rows_per_target)))
 
-    def _attribute_batch(self, xs, refs, target, output: str, layer: str | None = None, quadrature=None):
+    def _attribute_batch(self, xs, refs, target, output: str, layer: str | None = None, quadrature=None,
+                         bar: Progress | None = None):
         if quadrature is not None:
-            return self._integrated_gradients_batch(xs, refs, target, output, layer, quadrature)
+            return self._integrated_gradients_batch(xs, refs, target, output, layer, quadrature, bar)
         xp = self.xp
         n = xs[0].shape[0]
         method = self.method
@@ -485,6 +488,8 @@ class Explainer:
             if pairs > 1:
                 diff = diff.reshape(k, n, pairs).mean(axis=2)
             delta = (total - diff).T  # (n, K)
+        if bar is not None:
+            bar.update(n)
         return self._per_target(attributions, delta, target)
 
     @staticmethod
@@ -521,7 +526,7 @@ class Explainer:
         value = np.broadcast_to(value, seed.shape[1:])
         return (seed * value[None]).reshape(seed.shape[0], seed.shape[1], -1).sum(axis=2)
 
-    def _integrated_gradients_batch(self, xs, refs, target, output, layer, quadrature):
+    def _integrated_gradients_batch(self, xs, refs, target, output, layer, quadrature, bar=None):
         """Gradients at points x0 + alpha (x - x0), weighted and multiplied by x - x0."""
         if layer is not None:
             raise InputError("layer attribution is not available for integrated_gradients")
@@ -552,6 +557,8 @@ class Explainer:
                 g = to_host(grads[name]).astype(np.float64).reshape((k, len(a), n) + xs[i].shape[1:])
                 part = np.tensordot(w, g, axes=([0], [1]))  # (k, n, ...)
                 averaged[i] = part if averaged[i] is None else averaged[i] + part
+            if bar is not None:
+                bar.update(n * len(a))
         k = seed.shape[0]
         attributions = [(np.zeros((k,) + x.shape) if avg is None else avg * (x - r).astype(np.float64)[None])
                         .astype(x.dtype) for x, r, avg in zip(xs, refs, averaged)]
@@ -566,6 +573,33 @@ class Explainer:
         if node is None or node.op_type == "Sigmoid":
             return -1
         return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
+
+def _check_indices(indices: np.ndarray, size: int, what: str) -> None:
+    """Class indices must lie in [0, size): name the first offender and where it sits.
+
+    Negative indices are refused rather than wrapped as in Python, so that a typo such as
+    `-t -1` cannot silently explain the last class.
+    """
+    flat = indices.reshape(-1)
+    bad = np.flatnonzero((flat < 0) | (flat >= size))
+    if not bad.size:
+        return
+    value = int(flat[bad[0]])
+    where = ""
+    if flat.size > 1:
+        position = tuple(int(i) for i in np.unravel_index(bad[0], indices.shape))
+        if len(position) == 2 and indices.shape[0] == 1:  # (1, K): the same classes for every sample
+            position = position[1:]
+        where = f" at position {position[0] if len(position) == 1 else position}"
+    why = ("negative (class indices count from 0; negative indices are not accepted)" if value < 0
+           else f"out of range for {size} outputs (0 to {size - 1})")
+    more = ""
+    if bad.size > 1:
+        others = sorted({int(v) for v in flat[bad]} - {value})
+        more = (f"; {bad.size} of the {flat.size} entries are out of range"
+                + (f" (also {', '.join(map(str, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""))
+    raise InputError(f"{what}: {value}{where} is {why}{more}")
+
 
 def _shape_str(shape) -> str:
     return "(" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape) + ")"

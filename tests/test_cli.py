@@ -20,7 +20,8 @@ def files(tmp_path):
     rng = np.random.default_rng(0)
     paths = {}
     for name, builder in [("mlp", cm.mlp), ("two", cm.two_inputs), ("cnn", cm.small_cnn),
-                          ("dna", cm.dna_cnn), ("unknown", cm.unknown_op), ("twoout", cm.two_outputs)]:
+                          ("dna", cm.dna_cnn), ("unknown", cm.unknown_op), ("twoout", cm.two_outputs),
+                          ("div", cm.div_by_activation)]:
         paths[name] = str(tmp_path / f"{name}.onnx")
         onnx.save(builder(), paths[name])
     paths["x"] = str(tmp_path / "x.npy")
@@ -57,7 +58,7 @@ def test_explain_writes_attributions_and_deltas(files, capsys):
         expected = liftir.Explainer(files["mlp"]).attribute(np.load(files["x"]), target=1)
         np.testing.assert_allclose(d["x"], expected, rtol=1e-5, atol=1e-6)
     assert "method      deeplift" in out and "max |delta|" in out and "'x' (10, 6)" in out
-    assert "liftir deeplift" in err  # the progress bar goes to stderr
+    assert err == ""  # no progress bar: stderr is not a terminal (see test_progress.py)
 
 
 def test_explain_several_targets_and_per_sample_targets(files, capsys):
@@ -124,6 +125,14 @@ def test_npz_inputs_round_trip_by_name(files, capsys):
     (["explain", "{mlp}", "-i", "{garbage}", "-o", "{dir}/o.npz"], "not a readable .npy/.npz"),
     (["explain", "{mlp}", "-i", "{x}", "-t", "abc", "-o", "{dir}/o.npz"], "--target must be"),
     (["explain", "{mlp}", "-i", "{x}", "-t", "7", "-o", "{dir}/o.npz"], "out of range"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "-1", "-o", "{dir}/o.npz"], "-1 is negative"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "1,2000", "-o", "{dir}/o.npz"],
+     "2000 at position 1 is out of range for 3 outputs"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "0", "-o", "{x}.npz", "--plot", "{x}.npz"], "same file"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "0", "-o", "{dir}/o.npz", "--plot", "{dir}/no/p.png"],
+     "does not exist"),
+    (["explain", "{mlp}", "-i", "{x}", "-t", "0", "-o", "{dir}/o.npz", "--precision", "half"],
+     "invalid choice"),
     (["explain", "{mlp}", "-i", "{x}", "-o", "{dir}/o.npz"], "--target all"),
     (["explain", "{mlp}", "-i", "{x}", "-t", "0", "-o", "{dir}/no/such/dir/o.npz"], "does not exist"),
     (["explain", "{mlp}", "-i", "{x}", "-t", "0", "--output", "nope", "-o", "{dir}/o.npz"], "no tensor named"),
@@ -220,6 +229,144 @@ def test_ops_model_coverage(files, capsys):
     conv = next(line for line in out.splitlines() if line.split()[:1] == ["Conv"])
     assert conv.split()[1] == "1" and "built-in" in conv
     code, out, _ = run(capsys, "ops", files["unknown"])
-    assert code == 1
+    assert code == 2  # explain and check refuse it too (exit 2 in all three)
     assert "NOT covered" in out and "com.example::Mystery" in out and "'mystery1'" in out
     assert "Gemm" in out  # the covered part is still listed
+
+
+# ---- output files: checked first, written whole or not at all ------------------------------------
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_bad_output_path_is_refused_before_anything_is_computed(files, capsys, monkeypatch):
+    import liftir.cli as cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(cli, "_load_model_explainer", no_model)
+    d = files["dir"]
+    np.savez(d / "xin.npz", x=np.load(files["x"]))
+    before = _listing(d)
+    for extra, message in ((["-o", d / "missing" / "o.npz"], "does not exist"),
+                           (["-o", d / "o.npz", "--plot", d / "missing" / "p.png"], "does not exist"),
+                           (["-o", d / "xin.npz"], "also a file this run reads"),
+                           (["-o", d / "o.npz", "--plot", d / "xin.npz"], "also a file this run reads")):
+        code, _, err = run(capsys, "explain", files["mlp"], "-i", d / "xin.npz", "-t", 0, *extra)
+        assert code == 2 and message in err, (extra, err)
+    assert _listing(d) == before  # nothing written, not even o.npz
+    (d / "folder.npz").mkdir()
+    code, _, err = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", 0, "-o", d / "folder.npz")
+    assert code == 2 and "is a directory" in err
+
+
+@pytest.mark.parametrize("which", ["out", "plot"])
+def test_a_run_failing_while_writing_leaves_the_old_file_untouched(files, capsys, monkeypatch, which):
+    pytest.importorskip("matplotlib")
+    d = files["dir"]
+    old_npz, old_png = d / "attr.npz", d / "attr.png"
+    old_npz.write_bytes(b"old attributions " * 1000)
+    old_png.write_bytes(b"old figure " * 1000)
+    before = _listing(d)
+
+    def half_written(target, *args, **kwargs):  # writes garbage, then the disk fills up
+        opened = open(target, "wb") if isinstance(target, str) else target
+        opened.write(b"\x00garbage" * 4000)
+        opened.flush()
+        raise OSError(28, "No space left on device")
+
+    if which == "out":
+        monkeypatch.setattr(np, "savez", half_written)
+    else:
+        import liftir.plots
+        monkeypatch.setattr(liftir.plots, "feature_bars", lambda a, **kw: half_written(kw["path"]))
+    code, _, err = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", 0, "-o", old_npz,
+                       "--plot", old_png, "--no-progress")
+    assert code == 2 and "No space left" in err
+    if which == "out":  # the plot comes after the .npz: with the .npz lost it is not drawn
+        assert old_npz.read_bytes() == b"old attributions " * 1000
+    assert old_png.read_bytes() == b"old figure " * 1000
+    assert _listing(d) == before  # no temporary file left behind
+
+
+def test_outputs_replace_existing_files_whole(files, capsys):
+    d = files["dir"]
+    (d / "attr.npz").write_bytes(b"x" * 50_000)  # larger than the new file: no stale tail
+    code, _, err = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", 0, "-o", d / "attr.npz",
+                       "--no-progress")
+    assert code == 0, err
+    with np.load(d / "attr.npz") as f:
+        assert f["x"].shape == (10, 6)
+    assert not [p for p in d.iterdir() if p.name.startswith(".attr.npz")]
+
+
+# ---- options -----------------------------------------------------------------------------------
+
+def test_precision_float64(files, capsys):
+    d = files["dir"]
+    code, out, err = run(capsys, "explain", files["cnn"], "-i", files["img"], "-t", 1, "-b", "0.3",
+                         "--precision", "float64", "-o", d / "f64.npz", "--no-progress")
+    assert code == 0, err
+    assert "in float64" in out
+    x = np.load(files["img"])
+    expected, delta = liftir.Explainer(files["cnn"], precision="float64").attribute(
+        x, baselines=0.3, target=1, return_convergence_delta=True)
+    with np.load(d / "f64.npz") as f:
+        assert f["x"].dtype == np.float64
+        np.testing.assert_allclose(f["x"], expected, rtol=1e-12, atol=1e-14)
+        assert np.abs(f["delta"]).max() < 1e-10  # summation-to-delta in double precision
+    code, out, _ = run(capsys, "check", files["cnn"], "--precision", "float64", "--rtol", "1e-9")
+    assert code == 0 and "OK: every node conserves" in out
+
+
+def test_target_help_says_how_the_cli_list_differs_from_python(capsys):
+    code, out, _ = run(capsys, "explain", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "'--target 1,2,3' is NOT Python's target=[1, 2, 3]" in flat
+    assert "target=[[1, 2, 3]]" in flat and "--target labels.npy" in flat
+
+
+def test_cli_list_target_equals_python_2d_target(files, capsys):
+    d = files["dir"]
+    code, _, err = run(capsys, "explain", files["mlp"], "-i", files["x"], "-t", "2,0", "-o", d / "k.npz",
+                       "--no-progress")
+    assert code == 0, err
+    x = np.load(files["x"])
+    expected, delta = liftir.Explainer(files["mlp"]).attribute(x, target=[[2, 0]], return_convergence_delta=True)
+    with np.load(d / "k.npz") as f:
+        np.testing.assert_allclose(f["x"], expected, rtol=1e-5, atol=1e-6)
+        assert f["delta"].shape == (10, 2) and np.abs(f["delta"]).max() < 1e-4
+
+
+# ---- a model whose op types all have rules, but one rule's requirement is not met ---------------
+
+def test_ops_explain_and_check_agree_on_a_div_by_an_activation(files, capsys):
+    code, out, err = run(capsys, "ops", files["div"])
+    assert code == 2
+    assert "NOT supported" in out and "div_by_activation" in out and "constant" in out
+    assert "OK" not in out
+    np.save(files["dir"] / "x3.npy", np.ones((4, 3), np.float32))
+    code, _, err_explain = run(capsys, "explain", files["div"], "-i", files["dir"] / "x3.npy", "-t", 0,
+                               "-o", files["dir"] / "o.npz", "--no-progress")
+    assert code == 2 and "div_by_activation" in err_explain
+    code, _, err_check = run(capsys, "check", files["div"])
+    assert code == 2 and "div_by_activation" in err_check
+
+
+def test_ops_runs_the_rules_of_a_supported_model(files, capsys):
+    code, out, _ = run(capsys, "ops", files["cnn"], "--method", "guided_backprop")
+    assert code == 0 and "every rule on the way to 'y' ran (guided_backprop" in out
+    code, out, _ = run(capsys, "ops", files["two"], "--input", files["ab"])
+    assert code == 0 and "ran" in out
+
+
+def test_auto_batch_size_lets_a_visible_bar_move():
+    from liftir.cli import _auto_batch_size
+
+    assert _auto_batch_size(1000, bar_possible=False) == 128
+    assert _auto_batch_size(128, bar_possible=True) == 13  # ~10 updates
+    assert _auto_batch_size(20, bar_possible=True) == 8
+    assert _auto_batch_size(100_000, bar_possible=True) == 128

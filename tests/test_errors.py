@@ -222,7 +222,12 @@ BAD_CALLS = {
     "complex-scalar-baseline": (lambda e: e.attribute(X, baselines=1j, target=0), "dtype"),
     # targets and outputs
     "target-too-big": (lambda e: e.attribute(X, target=3), "out of range"),
-    "target-too-negative": (lambda e: e.attribute(X, target=-4), "out of range"),
+    "target-negative": (lambda e: e.attribute(X, target=-1), "-1 is negative"),
+    "targets-negative": (lambda e: e.attribute(X, target=[0, -1, 2]), "-1 at position 1 is negative"),
+    "targets-2d-negative": (lambda e: e.attribute(X, target=np.array([[0, -3]])), "-3 at position 1"),
+    "targets-2d-out-of-range": (lambda e: e.attribute(X, target=np.array([[1, 2000]])),
+                                "2000 at position 1 is out of range for 3 outputs"),
+    "target-tuple-negative": (lambda e: e.attribute(X, target=(-1,)), "negative indices are not accepted"),
     "targets-out-of-range": (lambda e: e.attribute(X, target=[0, 1, 7]), "out of range"),
     "targets-wrong-count": (lambda e: e.attribute(X, target=[0, 1]), "one int per sample"),
     "targets-float": (lambda e: e.attribute(X, target=[0.5, 1.0, 2.0]), "int"),
