@@ -45,3 +45,21 @@ def test_main_job_on_the_shipped_example(tmp_path, capsys):
     assert saved["image"].shape == x.shape
     # summation-to-delta on the shipped model
     assert np.abs(saved["delta"]).max() < 1e-4
+
+
+def test_papers_are_cited_so_that_a_clone_can_find_them():
+    assert "../shared" not in README  # not part of a clone
+    for arxiv in ("1605.01713", "1704.02685", "1412.6806"):
+        assert f"arXiv:{arxiv}" in README
+    assert "Striving for Simplicity: The All Convolutional Net" in README
+    assert "Not Just a Black Box" in README
+
+
+def test_readme_says_what_happens_to_non_finite_inputs():
+    assert re.search(r"NaN or ±Inf are refused", README)
+
+
+def test_readme_documents_the_cli_target_list_and_exit_codes():
+    flat = " ".join(README.split())
+    assert "`--target 1,2,3` explains classes 1, 2 and 3 **for every sample**" in flat
+    assert "Exit codes, the same for every command" in flat
