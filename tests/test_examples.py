@@ -1,7 +1,10 @@
 """The examples run end to end (small sizes) and their key numbers hold.
 
 Each example is a script run in a subprocess, as a user would, writing into a temporary
-folder; the checks read its printed output and results JSON. The whole file takes well
+folder; the checks read its printed output and results JSON. They check liftir's numbers
+against an anchor (Captum in float64, onnxruntime, the torch module, summation-to-delta),
+never a training outcome (an accuracy, an auROC), which depends on the machine's BLAS
+kernels and thread count. The whole file takes well
 under two minutes on two CPU cores (most of it is importing torch five times).
 """
 from __future__ import annotations
@@ -59,24 +62,29 @@ def test_genomics_quick(tmp_path):
 
 
 def test_all_conv_digits(tmp_path):
-    run_example("all_conv/all_conv_digits.py", "--epochs", "15", "--maxpool", "--out",
-                str(tmp_path))
+    """On the shipped trained weights (no training: its outcome depends on the machine's
+    kernels), liftir's four methods equal Captum's in float64 on the same torch module."""
+    out = run_example("all_conv/all_conv_digits.py", "--maxpool", "--out", str(tmp_path))
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["test_accuracy"] > 0.5  # 15 epochs (0.74); the default 60 reach 0.98
-    assert res["deeplift_max_abs_delta"] < 1e-4
-    # liftir's four methods agree with Captum's on the torch module
-    assert res["captum_max_rel_diff"], "captum comparison missing"
-    assert max(res["captum_max_rel_diff"].values()) < 1e-4
+    assert res["weights"] == "shipped" and "train_seconds" not in res
+    assert "epoch" not in out
+    assert res["max_abs_diff_torch_vs_onnx"] < 1e-4  # the export is the torch module
+    assert res["deeplift_max_abs_delta"] < 1e-4  # summation to delta on all 450 test digits
+    rel = res["captum_max_rel_diff"]
+    assert set(rel) == {"saliency", "deconvnet", "guided backprop", "deeplift",
+                        "deeplift, liftir in float64"}
+    # liftir in float32 against Captum in float64: float32 round-off only
+    assert max(v for k, v in rel.items() if "float64" not in k) < 1e-5
+    assert rel["deeplift, liftir in float64"] < 1e-10  # both in float64: the same rule
     assert res["neuron_deconvnet_relative_spread"] < 1e-5  # no switches: image-independent
-    assert max(res["maxpool_captum_max_rel_diff"].values()) < 1e-4  # deconvnet via switches
+    assert max(res["maxpool_captum_max_rel_diff"].values()) < 1e-5  # deconvnet via switches
     pngs_ok(tmp_path, ["methods.png", "neuron.png", "maxpool_deconvnet.png"])
 
 
 def test_sklearn_mlp(tmp_path):
     out = run_example("frameworks/sklearn_mlp.py", "--out", str(tmp_path))
     res = json.loads((tmp_path / "sklearn_results.json").read_text())
-    bc = res["breast_cancer"]
-    assert bc["test_accuracy"] > 0.9
+    bc = res["breast_cancer"]  # (its test accuracy is a training outcome: not tested)
     assert bc["max_abs_diff_predict_proba_vs_onnx"] < 1e-5
     assert bc["deeplift_max_abs_delta"] < 1e-4 and bc["deeplift_logit_max_abs_delta"] < 1e-4
     assert "ai.onnx.ml::Scaler" in bc["ops"]

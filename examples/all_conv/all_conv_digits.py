@@ -12,9 +12,12 @@ three backward passes that differ only at the ReLUs:
 DeepLIFT (Shrikumar et al. 2016) instead divides each ReLU's output difference from a
 reference (here the blank image, all zeros) by its input difference.
 
-Steps: train in PyTorch on the 8x8 digits (upsampled to 16x16 so the maps are less
-blocky; no download: the data ship with scikit-learn), export to ONNX (logits output),
-report test accuracy, then draw
+Steps: load the network's trained weights (shipped next to this script,
+all_conv_digits_weights.npz: 60 epochs on the 8x8 digits upsampled to 16x16 so the maps are
+less blocky; no download: the data ship with scikit-learn; ``--train`` retrains them, which
+takes minutes and whose accuracy depends on the machine's kernels), export to ONNX (logits
+output), report test accuracy, check liftir against Captum run in float64 on the same torch
+module, then draw
 
 * methods.png: each method's map for a few test digits (explaining the predicted class);
 * neuron.png: one unit of an intermediate layer, as in the paper's Figure 3 -- the test
@@ -24,7 +27,7 @@ report test accuracy, then draw
   max-pool inserted after training, where deconvnet routes its signal through the
   pooling "switches" (the argmax of each window).
 
-Usage: ``python examples/all_conv/all_conv_digits.py [--out DIR] [--epochs N] [--maxpool]``
+Usage: ``python examples/all_conv/all_conv_digits.py [--out DIR] [--maxpool] [--train [--epochs N]]``
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import liftir
 from liftir.plots import image_heatmaps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_WEIGHTS = os.path.join(HERE, "all_conv_digits_weights.npz")
 INPUT, OUTPUT = "image", "logits"
 METHODS = ("saliency", "deconvnet", "guided_backprop", "deeplift")
 
@@ -112,6 +116,18 @@ def train(model, x, y, epochs: int, seed: int, batch: int = 64, lr: float = 3e-3
     return model.eval()
 
 
+def save_weights(model: nn.Module, path: str) -> None:
+    """The state dict as plain float32 arrays (.npz: nothing pickled, loads anywhere)."""
+    np.savez_compressed(path, **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    with np.load(path, allow_pickle=False) as arrays:
+        state = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def export_onnx(model: nn.Module, example: np.ndarray) -> onnx.ModelProto:
     """TorchScript exporter (opset 17, dynamic batch): its tensor names follow the modules."""
     buf = io.BytesIO()
@@ -144,15 +160,19 @@ def compare_with_captum(model: nn.Module, xs: np.ndarray, targets: np.ndarray,
                         maps: dict, label: str = "") -> dict:
     """Captum's Saliency, Deconvolution, GuidedBackprop and DeepLift on the torch model.
 
-    Compares the methods present in `maps`; returns max |liftir - captum| / max |captum|
-    per method (empty if Captum is missing).
+    Captum runs on a float64 copy of the module, so the reference carries no float32
+    round-off of its own. Compares the methods present in `maps`; returns
+    max |liftir - captum| / max |captum| per method (empty if Captum is missing).
     """
     try:
         from captum.attr import Deconvolution, DeepLift, GuidedBackprop, Saliency  # noqa: PLC0415
     except ImportError:
         print("captum not installed: skipping the comparison")
         return {}
-    x = torch.from_numpy(xs)
+    import copy  # noqa: PLC0415
+
+    model = copy.deepcopy(model).double().eval()
+    x = torch.from_numpy(xs.astype(np.float64))
     t = torch.from_numpy(targets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,12 +181,13 @@ def compare_with_captum(model: nn.Module, xs: np.ndarray, targets: np.ndarray,
                 "guided backprop": lambda: GuidedBackprop(model).attribute(x, target=t),
                 "deeplift": lambda: DeepLift(model).attribute(
                     x, baselines=torch.zeros_like(x[:1]), target=t)}
+        runs["deeplift, liftir in float64"] = runs["deeplift"]
         ref = {name: run() for name, run in runs.items() if name in maps}
     out = {}
     for name, r in ref.items():
         r = r.detach().numpy()
         out[name] = float(np.abs(maps[name] - r).max() / np.abs(r).max())
-    print(f"liftir vs Captum on the torch model{label} (max |diff| / max |captum|): "
+    print(f"liftir vs Captum (float64) on the torch model{label} (max |diff| / max |captum|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in out.items()))
     return out
 
@@ -187,13 +208,18 @@ def with_maxpool(model: AllConv) -> nn.Module:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--train", action="store_true",
+                        help="train the network instead of loading the shipped weights "
+                             "(writes OUT/all_conv_digits_weights.npz)")
+    parser.add_argument("--epochs", type=int, default=60, help="with --train (default: 60)")
+    parser.add_argument("--width", type=int, default=16, help="with --train (default: 16)")
     parser.add_argument("--n-show", type=int, default=5, help="test digits in methods.png")
     parser.add_argument("--maxpool", action="store_true",
                         help="also draw deconvnet through a max-pool inserted after training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.train and args.width != 16:
+        parser.error("--width needs --train (the shipped weights are for width 16)")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -201,9 +227,17 @@ def main(argv=None) -> int:
 
     x_tr, x_te, y_tr, y_te = load_data(args.seed)
     print(f"digits: {len(x_tr)} training, {len(x_te)} test images of {x_tr.shape[1:]}")
-    t0 = time.perf_counter()
-    model = train(AllConv(args.width), x_tr, y_tr, args.epochs, args.seed)
-    results["train_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.train:
+        t0 = time.perf_counter()
+        model = train(AllConv(args.width), x_tr, y_tr, args.epochs, args.seed)
+        results["train_seconds"] = round(time.perf_counter() - t0, 1)
+        results["weights"] = os.path.join(args.out, os.path.basename(SHIPPED_WEIGHTS))
+        save_weights(model, results["weights"])
+        print(f"trained in {results['train_seconds']} s; wrote {results['weights']}")
+    else:
+        model = load_weights(AllConv(), SHIPPED_WEIGHTS)
+        results["weights"] = "shipped"
+        print(f"loaded the shipped weights {os.path.relpath(SHIPPED_WEIGHTS)} (--train to retrain)")
     proto = export_onnx(model, x_te[:2])
     onnx.save(proto, os.path.join(args.out, "all_conv.onnx"))
     logits = run_ort(proto, x_te)[0]
@@ -213,7 +247,7 @@ def main(argv=None) -> int:
     results["test_accuracy"] = float((pred == y_te).mean())
     results["max_abs_diff_torch_vs_onnx"] = diff
     print(f"test accuracy {results['test_accuracy']:.4f} "
-          f"(ONNX vs torch logits: max |diff| {diff:.1e}); trained in {results['train_seconds']} s")
+          f"(ONNX vs torch logits: max |diff| {diff:.1e})")
 
     # ---- four methods on a few test digits, explaining the predicted class' logit --------
     rng = np.random.default_rng(args.seed)
@@ -240,7 +274,11 @@ def main(argv=None) -> int:
             a = ex.attribute(xs, target=ts)
         timings[method] = time.perf_counter() - t0
         maps[method.replace("_", " ")] = a
+    # the same DeepLIFT with liftir's graph in double precision: equal to Captum's float64
+    maps["deeplift, liftir in float64"] = liftir.Explainer(proto, precision="float64").attribute(
+        xs, baselines=0.0, target=ts)
     results["captum_max_rel_diff"] = compare_with_captum(model, xs, ts, maps)
+    maps.pop("deeplift, liftir in float64")
     path = os.path.join(args.out, "methods.png")
     image_heatmaps(xs, maps, row_labels=[f"predicted {t}" for t in ts], path=path,
                    title="All-Conv net on digits: what drives the predicted class' logit "
