@@ -64,7 +64,7 @@ def _run(capsys, *argv):
 
 def test_without_the_plugin_the_op_is_reported_uncovered(model_path, capsys):
     code, out, _ = _run(capsys, "ops", model_path)
-    assert code == 1 and "com.example::Swish" in out and "'swish1'" in out
+    assert code == 2 and "com.example::Swish" in out and "'swish1'" in out  # as check and explain
     code, _, err = _run(capsys, "check", model_path)
     assert code == 2 and "swish1" in err
 
