@@ -57,8 +57,8 @@ value per sample.
   them and pass --target labels.npy.
 --precision float64 runs the whole graph in double precision (the remedy the float32
 warnings name); default: the model's own precision.
---batch-size: samples per pass; default 128, or fewer (at least 8) so that the progress
-bar moves when one is shown (on a terminal, for runs of more than a second).
+--batch-size: samples per pass; default 128, or on a terminal ~N/10 (8 to 128) so that
+the progress bar, which appears once a run has lasted a second, moves (--no-progress: 128).
 The .npz written holds one attribution array per input name, 'delta' (summation-to-delta
 residual per sample; reference methods only), 'targets', 'method' and 'output'.
 --plot picks the figure from the first input's rank: 4-D images -> heatmap, (N, L, 4) or
@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=_positive_int, default=50, metavar="S",
                    help="integration steps for integrated_gradients (default: 50)")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="samples per pass (default: 128, fewer when a progress bar shows)")
+                   help="samples per pass (default: 128; on a terminal ~N/10 so the progress bar moves)")
     p.add_argument("--precision", choices=["model", "float64"], default="model",
                    help="float64: run the whole graph in double precision (default: the model's)")
     p.add_argument("--max-rule", choices=["cross_max", "paper"], default="cross_max",

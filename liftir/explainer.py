@@ -574,6 +574,7 @@ class Explainer:
             return -1
         return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
 
+
 def _check_indices(indices: np.ndarray, size: int, what: str) -> None:
     """Class indices must lie in [0, size): name the first offender and where it sits.
 
