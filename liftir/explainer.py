@@ -351,6 +351,7 @@ class Explainer:
         target : int (index into axis 1 of an (N, C) output), a sequence of N ints, a tuple
             over all non-batch axes, None for one number per sample, or several at once:
             "all" or an (N, K) / (1, K) int array, giving results of shape (N, K, ...).
+            Indices count from 0; negative ones are refused (InputError naming the index).
         output : tensor to explain (any tensor of the graph); default: the Explainer's.
         layer : attribute to this hidden tensor instead of the inputs (like Captum's
             LayerDeepLift): one array of the layer's shape is returned.
