@@ -103,22 +103,33 @@ class Graph:
 
 
 def read_model(source: Any) -> onnx.ModelProto:
-    """Parse a path, bytes or ModelProto into a checked ModelProto (a copy, never the caller's)."""
+    """Parse a path, bytes or ModelProto into a checked ModelProto (a copy, never the caller's).
+
+    `example:NAME` names a model shipped in liftir.data. A model from memory must hold all
+    its tensors (it never reads a file); a model from a path may keep tensors in external
+    files, read only from inside the model's own folder.
+    """
+    from .data import resolve_model  # `example:NAME`, resolved here for every caller
+    source = resolve_model(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        _refuse_external_data(model, "the given onnx.ModelProto")
     elif isinstance(source, (bytes, bytearray, memoryview)):
         model = _parse_bytes(bytes(source), "the given bytes")
+        _refuse_external_data(model, "the given bytes")
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise ModelLoadError(f"no ONNX model file at {path!r}")
-        with open(path, "rb") as f:
-            model = _parse_bytes(f.read(), repr(path))
+            what = "a directory" if os.path.isdir(path) else "nothing"
+            raise ModelLoadError(f"no ONNX model file at {path!r} ({what} there)")
         try:
-            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-        except Exception as exc:  # missing or unsafe external data file
-            raise ModelLoadError(f"{path!r}: cannot load its external tensor data: {exc}") from exc
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the ONNX model file {path!r}: {exc}") from exc
+        model = _parse_bytes(data, repr(path))
+        _load_external_data(model, path)
     else:
         raise ModelLoadError(
             f"expected a path, bytes or onnx.ModelProto, got {type(source).__name__}")
@@ -129,6 +140,90 @@ def read_model(source: Any) -> onnx.ModelProto:
     except Exception as exc:  # onnx.checker.ValidationError and friends
         raise ModelLoadError(f"the ONNX model does not pass onnx.checker: {exc}") from exc
     return model
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers, attributes, subgraphs, functions."""
+    def in_graph(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            yield from in_nodes([node])
+
+    def in_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
+                        attr.sparse_tensors):
+                    yield sparse.values
+                    yield sparse.indices
+                if attr.HasField("g"):
+                    yield from in_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from in_graph(sub)
+
+    yield from in_graph(model.graph)
+    for function in model.functions:
+        yield from in_nodes(function.node)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _refuse_external_data(model: onnx.ModelProto, what: str) -> None:
+    """A model in memory has no folder: reading its external files would read the cwd."""
+    external = _external_tensors(model)
+    if external:
+        names = ", ".join(repr(t.name) for t in external[:5])
+        raise ModelLoadError(
+            f"{what} keeps {len(external)} tensor(s) ({names}) in external data files; a model "
+            f"given in memory is never allowed to read files. Pass the model's path instead (its "
+            f"external files are read from its own folder), or embed the data "
+            f"(onnx.load(path) then onnx.save(model, path, save_as_external_data=False)).")
+
+
+def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Read external tensor data into the model, only from files inside the model's folder.
+
+    A location must be relative, without `..`, and must resolve (symlinks followed) to a
+    regular file inside the folder; offset and length must lie within the file.
+    """
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for tensor in _external_tensors(model):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path!r}: tensor {tensor.name!r} keeps its data in external file {location!r}"
+        parts = location.replace("\\", "/").split("/")
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or \
+                os.path.splitdrive(location)[0] or ".." in parts:
+            raise ModelLoadError(f"{where}: external data must be a relative path inside the model's "
+                                 f"folder (no absolute path, no '..')")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([folder, target]) != folder:
+            raise ModelLoadError(f"{where}, which resolves outside the model's folder {folder!r} "
+                                 f"(a symlink?); refused")
+        if not os.path.isfile(target):
+            raise ModelLoadError(f"{where}, which does not exist in the model's folder {folder!r}")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise ModelLoadError(f"{where}: its offset/length are not integers") from None
+        size = os.path.getsize(target)
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            raise ModelLoadError(f"{where}: offset {offset} and length {length} lie outside the "
+                                 f"file ({size} bytes)")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read() if length is None else f.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _parse_bytes(data: bytes, what: str) -> onnx.ModelProto:
