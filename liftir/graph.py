@@ -269,7 +269,7 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
 def build_graph(model: onnx.ModelProto) -> Graph:
     """Turn a checked ModelProto into the IR (no folding yet)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
     except Exception:
         inferred = model  # shape inference is a help, not a requirement
     g = inferred.graph
