@@ -8,8 +8,9 @@ affine (2.3.1) and the multiplier is that constant.
 """
 from __future__ import annotations
 
+from liftir.errors import InputError
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, unbroadcast
+from liftir.rule import MODES, Rule, RuleError, unbroadcast
 
 
 def _midpoint(ctx, index):
@@ -72,6 +73,30 @@ class Mul(_Bilinear):
 class MatMul(_Bilinear):
     def _op(self, xp):
         return xp.matmul
+
+    @staticmethod
+    def _refuse_batch_contraction(node, ranks, shapes) -> None:
+        """A 1-D first operand, or a second operand of rank <= 2, sums over its axis 0."""
+        for index, rank, limit in ((0, ranks[0], 1), (1, ranks[1], 2)):
+            if rank is not None and rank <= limit:
+                raise RuleError(f"MatMul node {node.name!r}: its {'first' if index == 0 else 'second'} "
+                                f"operand is a {rank}-D activation of shape {shapes[index]}, so the "
+                                f"product sums over its axis 0, the batch axis; liftir needs every op "
+                                f"to keep samples apart on axis 0")
+
+    def check_shapes(self, node, shapes):
+        shapes = list(shapes) + [None] * (2 - len(shapes))
+        self._refuse_batch_contraction(node, [None if s is None else len(s) for s in shapes[:2]], shapes)
+
+    def forward(self, ctx, a, b):
+        """Refuse a product that contracts the batch axis; name the node on a shape mismatch."""
+        ranks = [None if ctx.is_const(i) else x.ndim for i, x in enumerate((a, b))]
+        self._refuse_batch_contraction(ctx.node, ranks, [tuple(a.shape), tuple(b.shape)])
+        try:
+            return ctx.xp.matmul(a, b)
+        except ValueError as exc:
+            raise InputError(f"MatMul node {ctx.node.name!r}: operands of shapes {tuple(a.shape)} and "
+                             f"{tuple(b.shape)} do not multiply ({exc})") from None
 
     def _operand(self, ctx, index):
         if ctx.is_const(index):
