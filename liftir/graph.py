@@ -294,18 +294,75 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     return graph
 
 
+# Ops whose output element type is an attribute (`to` / `dtype`), not their inputs' type.
+DTYPE_ATTRIBUTES = {"Cast": "to", "RandomNormal": "dtype", "RandomUniform": "dtype",
+                    "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "EyeLike": "dtype",
+                    "Bernoulli": "dtype"}
+_SMALL_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
 def promote_to_float64(graph: Graph) -> None:
-    """Run the whole graph in float64: float constants, inputs and casts to floats.
+    """Run the whole graph in float64: every float constant, input, output and every op
+    that makes floats of its own type (Cast to, ConstantOfShape value, Constant value_*,
+    RandomNormal dtype, EyeLike dtype, ...), subgraphs included.
 
     For users who want multipliers free of float32 round-off (e.g. the paper's max rule,
-    whose multipliers can explode where the actual max is below the reference max).
+    whose multipliers can explode where the actual max is below the reference max). Both
+    the decoded attributes (read by the rules) and the node protos (run by ONNX's reference
+    evaluator for shape arithmetic) are rewritten, so that no float32 is left to meet a
+    float64 (a traced `torch.zeros(..., dtype=x.dtype) + bias` would otherwise fail).
     """
-    double = onnx.TensorProto.DOUBLE
     for name, value in graph.constants.items():
         if value.dtype.kind == "f":
             graph.constants[name] = value.astype(np.float64)
-    graph.inputs = [TensorInfo(i.name, np.dtype(np.float64), i.shape) if i.dtype is not None
-                    and i.dtype.kind == "f" else i for i in graph.inputs]
+
+    def promoted(info: TensorInfo) -> TensorInfo:
+        is_float = info.dtype is not None and info.dtype.kind == "f"
+        return TensorInfo(info.name, np.dtype(np.float64), info.shape) if is_float else info
+
+    graph.inputs = [promoted(i) for i in graph.inputs]
+    graph.outputs = [promoted(o) for o in graph.outputs]
+    graph.value_info = {k: promoted(v) for k, v in graph.value_info.items()}
     for node in graph.nodes.values():
-        if node.op_type == "Cast" and _np_dtype(node.attrs.get("to", 0)) in (np.float16, np.float32):
-            node.attrs = dict(node.attrs, to=double)
+        proto = onnx.NodeProto()  # a copy: the loaded ModelProto stays as it was read
+        proto.CopyFrom(node.proto)
+        if _promote_node_proto(proto):
+            node.proto = proto
+            node.attrs = {a.name: _decode_attribute(a) for a in proto.attribute}
+
+
+def _promote_tensor(tensor: onnx.TensorProto) -> None:
+    if tensor.data_type in _SMALL_FLOATS:
+        value = numpy_helper.to_array(tensor).astype(np.float64)
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
+
+def _promote_value_info(vi: onnx.ValueInfoProto) -> None:
+    if vi.type.tensor_type.elem_type in _SMALL_FLOATS:
+        vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+
+
+def _promote_node_proto(proto: onnx.NodeProto) -> bool:
+    """Rewrite one node proto in place so it makes float64; True if anything changed."""
+    before = proto.SerializeToString()
+    dtype_attr = DTYPE_ATTRIBUTES.get(proto.op_type) if proto.domain in ("", "ai.onnx") else None
+    for attr in list(proto.attribute):
+        if attr.name == dtype_attr and attr.i in _SMALL_FLOATS:
+            attr.i = onnx.TensorProto.DOUBLE
+        elif attr.name in ("value_float", "value_floats") and proto.op_type == "Constant":
+            value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float64)
+            proto.attribute.remove(attr)
+            proto.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+        elif attr.type == onnx.AttributeProto.TENSOR:  # ConstantOfShape / Constant value, ...
+            _promote_tensor(attr.t)
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            for t in attr.tensors:
+                _promote_tensor(t)
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+            for t in sub.initializer:
+                _promote_tensor(t)
+            for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
+                _promote_value_info(vi)
+            for inner in sub.node:
+                _promote_node_proto(inner)
+    return proto.SerializeToString() != before

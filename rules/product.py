@@ -53,6 +53,16 @@ class _Bilinear(Rule):
             ctx.input_value = original
 
 
+def _actual_rows(ctx, index, value):
+    """A shape-derived operand (e.g. ConstantOfShape(Shape(x))) spans all stacked rows,
+    actual and reference; it is equal on both, so the P actual rows of it pair with g."""
+    rows = ctx.n_actual
+    stacked = ctx.node.inputs[index] and not ctx.node.inputs[index] in ctx._plan.graph.constants
+    if stacked and value.ndim and value.shape[0] not in (1, rows):
+        return value[:rows]
+    return value
+
+
 @builtin_rule("Mul")
 class Mul(_Bilinear):
     def _op(self, xp):
@@ -62,8 +72,8 @@ class Mul(_Bilinear):
         xp = ctx.xp
         const_a, const_b = ctx.is_const(0), ctx.is_const(1)
         # with a constant factor the midpoint is the constant itself: one formula serves both
-        other_b = ctx.input_value(1) if const_b else (_midpoint(ctx, 1) if ctx.mode == "deeplift" else ctx.x(1))
-        other_a = ctx.input_value(0) if const_a else (_midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
+        other_b = _actual_rows(ctx, 1, ctx.input_value(1)) if const_b else (_midpoint(ctx, 1) if ctx.mode == "deeplift" else ctx.x(1))
+        other_a = _actual_rows(ctx, 0, ctx.input_value(0)) if const_a else (_midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
         ga = None if const_a else unbroadcast(xp, g * other_b, ctx.input_shape(0))
         gb = None if const_b else unbroadcast(xp, g * other_a, ctx.input_shape(1))
         return ga, gb
