@@ -135,11 +135,26 @@ def read_model(source: Any) -> onnx.ModelProto:
             f"expected a path, bytes or onnx.ModelProto, got {type(source).__name__}")
     if not model.HasField("graph") or not model.graph.node:
         raise ModelLoadError("the ONNX model has no graph or an empty graph")
+    _check_opsets(model)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError and friends
         raise ModelLoadError(f"the ONNX model does not pass onnx.checker: {exc}") from exc
     return model
+
+
+def _check_opsets(model: onnx.ModelProto) -> None:
+    """Refuse opsets of the standard domains newer than this onnx knows: their ops' meaning
+    is unknown here (onnx.checker lets them through; onnxruntime refuses them)."""
+    newest = {"": onnx.defs.onnx_opset_version(), "ai.onnx.ml": max(
+        s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.domain == "ai.onnx.ml")}
+    for entry in model.opset_import:
+        domain = "" if entry.domain == "ai.onnx" else entry.domain
+        if domain in newest and not 1 <= entry.version <= newest[domain]:
+            raise ModelLoadError(
+                f"the model imports opset {entry.version} of the ONNX domain {entry.domain or 'ai.onnx'!r}; "
+                f"this onnx {onnx.__version__} knows opsets 1 to {newest[domain]}: re-export with an "
+                f"opset in that range, or upgrade onnx")
 
 
 def _all_tensors(model: onnx.ModelProto):

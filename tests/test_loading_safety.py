@@ -140,3 +140,103 @@ def test_external_data_in_a_constant_attribute_is_refused_from_memory(cwd_with_w
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(ModelLoadError, match="external data"):
         liftir.Explainer(m.SerializeToString())
+
+
+# ---- a corpus of broken models --------------------------------------------------------------
+
+def _graph_model(nodes, inputs=("x",), outputs=("y",), opset=13, consts=None):
+    graph = helper.make_graph(
+        nodes, "bad", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in outputs],
+        [numpy_helper.from_array(v, k) for k, v in (consts or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _corpus():
+    good = gemm_model().SerializeToString()
+    cycle = _graph_model([helper.make_node("Relu", ["b"], ["a"], name="r1"),
+                          helper.make_node("Relu", ["a"], ["b"], name="r2"),
+                          helper.make_node("Add", ["x", "a"], ["y"], name="add")])
+    return {
+        "truncated": (good[: len(good) // 2], "not a readable ONNX model|no graph|does not pass"),
+        "truncated-by-one": (good[:-1], "not a readable ONNX model|no graph|does not pass"),
+        "empty": (b"", "no graph"),
+        "garbage": (b"\x08\x07\x12\x03abc\xff\xff\xff", "not a readable ONNX model|no graph"),
+        "opset-from-the-future": (_graph_model([helper.make_node("Relu", ["x"], ["y"])], opset=999),
+                                  "opset 999 of the ONNX domain 'ai.onnx'.*knows opsets 1 to"),
+        "opset-zero": (_graph_model([helper.make_node("Relu", ["x"], ["y"])], opset=0), "opset 0|onnx.checker"),
+        "opset-too-old-for-op": (_graph_model([helper.make_node("Gelu", ["x"], ["y"])], opset=13), "onnx.checker"),
+        "graph-cycle": (cycle, "onnx.checker|cycle"),
+        "missing-input": (_graph_model([helper.make_node("Add", ["x", "nowhere"], ["y"])]), "onnx.checker"),
+        "output-never-produced": (_graph_model([helper.make_node("Relu", ["x"], ["z"])]), "onnx.checker"),
+        "no-nodes": (_graph_model([], outputs=("x",)), "empty graph"),
+    }
+
+
+@pytest.mark.parametrize("name, form", [(name, form) for name, (source, _) in _corpus().items()
+                                        for form in ("bytes", "path") + (() if isinstance(source, bytes)
+                                                                         else ("ModelProto",))])
+def test_broken_models_get_a_clear_model_load_error_and_change_nothing(tmp_path, monkeypatch, name, form):
+    source, match = _corpus()[name]
+    data = source if isinstance(source, bytes) else source.SerializeToString()
+    if form == "ModelProto":
+        arg = source
+    elif form == "path":
+        arg = tmp_path / "bad.onnx"
+        arg.write_bytes(data)
+    else:
+        arg = data
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(ModelLoadError, match=match) as caught:
+        liftir.Explainer(arg)
+    assert len(str(caught.value)) < 2000  # a message, not a dump
+    assert snapshot(tmp_path) == before
+    if form == "ModelProto":
+        assert source.SerializeToString() == data
+    assert liftir.Explainer(gemm_model()).predict(X).shape == (2, 3)  # nothing else broke
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d / "absent.onnx", "no ONNX model file.*nothing there"),
+    (lambda d: d, "no ONNX model file.*a directory"),
+    (lambda d: str(d) + "/", "no ONNX model file.*a directory"),
+    (lambda d: str(d / "a\0b.onnx"), "no ONNX model file|cannot read"),
+    (lambda d: "", "no ONNX model file"),
+    (lambda d: _write(d / "empty.onnx", b""), "no graph"),
+    (lambda d: _write(d / "text.onnx", b"not a protobuf\n" * 50), "not a readable ONNX model|no graph"),
+    (lambda d: (os.symlink(d / "loop", d / "loop") or d / "loop"), "no ONNX model file"),
+], ids=["absent", "directory", "directory-slash", "nul-byte", "empty-string", "empty-file", "text-file",
+        "symlink-loop"])
+def test_bad_paths(tmp_path, make, match):
+    path = make(tmp_path)
+    before = snapshot(tmp_path) if not os.path.islink(tmp_path / "loop") else None
+    with pytest.raises(ModelLoadError, match=match):
+        liftir.Explainer(path)
+    if before is not None:
+        assert snapshot(tmp_path) == before
+
+
+# ---- example:NAME from Python ----------------------------------------------------------------
+
+def test_shipped_examples_from_python():
+    ex = liftir.Explainer("example:digits")
+    from liftir.data import resolve_input
+    x = resolve_input("example:digits")
+    attr, delta = ex.attribute("example:digits", target=3, return_convergence_delta=True)
+    assert attr.shape == x.shape
+    np.testing.assert_array_equal(attr, ex.attribute(x, target=3))
+    np.testing.assert_allclose(delta, 0, atol=1e-4)
+    from liftir.testing import assert_summation_to_delta
+    assert_summation_to_delta("example:digits")  # every entry point takes the same names
+
+
+@pytest.mark.parametrize("name", ["example:nope", "example:", "example:../data/digits", "example:/etc/passwd"])
+def test_unknown_examples_are_named(name):
+    with pytest.raises(InputError, match="no shipped example.*available: example:digits"):
+        liftir.Explainer(name)
