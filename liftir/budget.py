@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from onnx.reference import ReferenceEvaluator
 
-from .errors import ModelLoadError
+from .errors import FoldingLimitError
 
 LIMITS = {"max_elements": 1 << 28, "max_iterations": 100_000, "seconds": 60.0}
 
@@ -32,10 +32,6 @@ BROADCAST_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "Equal",
     "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "BitShift",
     "BitwiseAnd", "BitwiseOr", "BitwiseXor", "PRelu"})
-
-
-class FoldingLimitError(ModelLoadError):
-    """Evaluating a constant part of the model would exceed the folding budget."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import liftir
 from liftir import budget
-from liftir.budget import FoldingLimitError
+from liftir.errors import FoldingLimitError
 from liftir.cli import main
 from liftir.errors import ModelLoadError
 

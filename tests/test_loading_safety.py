@@ -90,6 +90,8 @@ def test_a_model_path_reads_its_own_external_data(tmp_path):
     np.testing.assert_allclose(got, X @ W, rtol=1e-6)
     explainer = liftir.Explainer(path)
     assert all(t.data_location != TensorProto.EXTERNAL for t in explainer.model.graph.initializer)
+    from liftir.check import check_model  # its onnxruntime comparison runs the loaded proto
+    assert check_model(path, samples=2).ok
 
 
 @pytest.mark.parametrize("location, match", [
@@ -232,8 +234,10 @@ def test_shipped_examples_from_python():
     assert attr.shape == x.shape
     np.testing.assert_array_equal(attr, ex.attribute(x, target=3))
     np.testing.assert_allclose(delta, 0, atol=1e-4)
+    from liftir.check import check_model
     from liftir.testing import assert_summation_to_delta
     assert_summation_to_delta("example:digits")  # every entry point takes the same names
+    assert check_model("example:digits", samples=2).ok
 
 
 @pytest.mark.parametrize("name", ["example:nope", "example:", "example:../data/digits", "example:/etc/passwd"])
