@@ -23,7 +23,7 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.kernels.windows import scatter_to_windows, window_max
-from liftir.errors import InputError
+from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError
 
@@ -153,6 +153,19 @@ class ReduceMax(_MaxRule):
         if ctx.node.op_type == "GlobalMaxPool":
             return list(range(2, ndim))
         return _reduce_axes(ctx, ndim)
+
+    def check_shapes(self, node, shapes):
+        """A declared empty axis among the reduced ones is refused at build."""
+        shape = shapes[0] if shapes else None
+        if shape is None or node.op_type != "ReduceMax" or len(node.inputs) > 1:
+            return  # axes given as an input (opset 18) are checked at call time
+        axes = node.attrs.get("axes")
+        if axes is None and not node.attrs.get("noop_with_empty_axes", 0):
+            axes = range(len(shape))
+        empty = [a % len(shape) for a in (axes or []) if shape[a % len(shape)] == 0]
+        if empty:
+            raise ModelLoadError(f"ReduceMax node {node.name!r} takes the max over axis {empty[0]} of "
+                                 f"its input of declared shape {shape}, which is empty")
 
     def _keepdims(self, ctx):
         return ctx.node.op_type == "GlobalMaxPool" or bool(ctx.attr("keepdims", 1))

@@ -109,11 +109,18 @@ def test_expand_to_an_incompatible_shape_names_the_node():
 
 
 def test_reduce_max_over_an_empty_axis():
-    m = model([helper.make_node("ReduceMax", ["x"], ["y"], name="rmax", axes=[1], keepdims=0)],
-              {"x": (1, 0, 3)}, ["y"], output_shapes={"y": ("N", 3)}, opset=13, check=False)
-    ex = rules_only(liftir.Explainer(m))
+    def reduce_max(shape):
+        return model([helper.make_node("ReduceMax", ["x"], ["y"], name="rmax", axes=[1], keepdims=0)],
+                     {"x": shape}, ["y"], output_shapes={"y": ("N", 3)}, opset=13, check=False)
+
+    with pytest.raises(ModelLoadError, match=r"ReduceMax node 'rmax' takes the max over axis 1 .*empty"):
+        liftir.Explainer(reduce_max((1, 0, 3)))  # declared: refused at build
+    ex = rules_only(liftir.Explainer(reduce_max((1, "K", 3))))  # symbolic: refused at the call
     with pytest.raises(InputError, match=r"ReduceMax node 'rmax' takes the max over axis 1 .*empty"):
         ex.attribute(np.ones((2, 0, 3), np.float32), target=0)
+    attr, delta = ex.attribute(RNG.standard_normal((2, 5, 3)).astype(np.float32), target=0,
+                               return_convergence_delta=True)  # still usable
+    np.testing.assert_allclose(delta, 0, atol=1e-5)
 
 
 def test_every_error_here_is_a_liftir_error():
