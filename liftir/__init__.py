@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from . import rule
-from .errors import (BackendError, InputError, LiftirError, ModelLoadError, RuleError,
-                     UnsupportedOpError)
+from .errors import (BackendError, FoldingLimitError, InputError, LiftirError, ModelLoadError,
+                     RuleError, UnsupportedOpError)
 from .explainer import Explainer
 from .methods import METHODS
 from .registry import register_rule, registered_ops, unregister_rule
@@ -17,5 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Explainer", "METHODS", "register_rule", "unregister_rule", "registered_ops", "rule",
-    "LiftirError", "ModelLoadError", "UnsupportedOpError", "InputError", "BackendError", "RuleError",
+    "LiftirError", "ModelLoadError", "FoldingLimitError", "UnsupportedOpError", "InputError",
+    "BackendError", "RuleError",
 ]

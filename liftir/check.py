@@ -19,6 +19,7 @@ import numpy as np
 
 from . import scheduler
 from .backend import to_host
+from .data import resolve_model
 from .errors import InputError
 from .explainer import Explainer
 from .graph import FLOAT_DTYPES, read_model
@@ -241,8 +242,11 @@ def _ort_session(source, model):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if isinstance(source, (str, os.PathLike)):
-        return ort.InferenceSession(os.fspath(source), options, providers=["CPUExecutionProvider"])
+    # the loaded proto holds any external data liftir read (from the model's folder only), so
+    # onnxruntime never opens files itself; a path only past protobuf's 2 GiB limit
+    if model.ByteSize() >= 2**31 and isinstance(source, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(resolve_model(source)), options,
+                                    providers=["CPUExecutionProvider"])
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -14,6 +14,11 @@ class ModelLoadError(LiftirError):
     """The file or bytes are not a valid ONNX model liftir can read."""
 
 
+class FoldingLimitError(ModelLoadError):
+    """Evaluating a constant part of the model at load would exceed liftir.budget.LIMITS
+    (a giant constant, an unbounded loop): refused before the work is done."""
+
+
 class UnsupportedOpError(LiftirError):
     """The model uses ops with no rule for the chosen method.
 

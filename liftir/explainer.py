@@ -13,6 +13,7 @@ import numpy as np
 
 from . import revealcancel, scheduler
 from .backend import array_module, to_host
+from .data import resolve_input
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
@@ -30,8 +31,9 @@ class Explainer:
 
     Parameters
     ----------
-    model : path, bytes or onnx.ModelProto
-        The model. It is parsed and checked, never executed as code.
+    model : path, bytes, onnx.ModelProto or "example:NAME"
+        The model. It is parsed and checked, never executed as code. A model in memory
+        must embed its tensors; from a path, external data is read from its folder only.
     method : str
         "deeplift" (default), "saliency", "input_x_gradient", "guided_backprop", "deconvnet".
     backend : "numpy" (default), "cupy" or "auto".
@@ -172,6 +174,7 @@ class Explainer:
         Returns (inputs, baselines or None, how to pack results like `inputs`). Every
         problem is an InputError naming the input; used by `liftir check` and the CLI too.
         """
+        inputs, baselines = resolve_input(inputs), resolve_input(baselines)  # `example:NAME`
         xs, kind = self._unpack(inputs, "inputs")
         xs = [self._as_array(x, info, "inputs") for x, info in zip(xs, self.inputs)]
         for x, info in zip(xs, self.inputs):

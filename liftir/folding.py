@@ -5,13 +5,14 @@ Reshape). None of it carries attribution, so none of it should need a rule:
 - nodes whose inputs are all constants are evaluated once at load and disappear;
 - nodes that depend only on constants and on *shapes* of activations (through Shape or
   Size) are "static": evaluated on the host at run time, once per input shape.
-Both use ONNX's own reference evaluator, so their semantics are the standard's.
+Both use ONNX's own reference evaluator, so their semantics are the standard's, under a
+budget (liftir/budget.py) so that a small model cannot ask for unbounded work at load.
 """
 from __future__ import annotations
 
 import numpy as np
-from onnx.reference import ReferenceEvaluator
 
+from .budget import FoldingLimitError, budget, run_node
 from .errors import ModelLoadError
 from .graph import Graph, Node
 
@@ -25,15 +26,34 @@ def evaluate_node(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarra
     """Run one node with ONNX's reference implementation on host arrays."""
     feeds = {name: value for name, value in zip(node.inputs, inputs) if name}
     try:
-        evaluator = ReferenceEvaluator(node.proto, opsets={node.domain: node.opset})
-        results = evaluator.run(None, feeds)
+        results = run_node(node.proto, {node.domain: node.opset}, feeds, node.name)
     except Exception as exc:
+        limit = _limit_error(exc)
+        if limit is not None:
+            raise limit from None
         raise ModelLoadError(f"cannot evaluate constant node {node.name!r} ({node.op_type}): {exc}") from exc
     return [np.asarray(r) for r in results]
 
 
+def _limit_error(exc: BaseException | None) -> FoldingLimitError | None:
+    """The budget refusal behind `exc`, if the reference evaluator wrapped one."""
+    while exc is not None:
+        if isinstance(exc, FoldingLimitError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def fold_constants(graph: Graph) -> int:
-    """Evaluate and remove every node computable from constants alone. Returns how many."""
+    """Evaluate and remove every node computable from constants alone. Returns how many.
+
+    The whole pass shares one budget (liftir.budget.LIMITS): past it, FoldingLimitError.
+    """
+    with budget():
+        return _fold(graph)
+
+
+def _fold(graph: Graph) -> int:
     folded = 0
     for name in list(graph.order):
         node = graph.nodes[name]

@@ -103,32 +103,142 @@ class Graph:
 
 
 def read_model(source: Any) -> onnx.ModelProto:
-    """Parse a path, bytes or ModelProto into a checked ModelProto (a copy, never the caller's)."""
+    """Parse a path, bytes or ModelProto into a checked ModelProto (a copy, never the caller's).
+
+    `example:NAME` names a model shipped in liftir.data. A model from memory must hold all
+    its tensors (it never reads a file); a model from a path may keep tensors in external
+    files, read only from inside the model's own folder.
+    """
+    from .data import resolve_model  # `example:NAME`, resolved here for every caller
+    source = resolve_model(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        _refuse_external_data(model, "the given onnx.ModelProto")
     elif isinstance(source, (bytes, bytearray, memoryview)):
         model = _parse_bytes(bytes(source), "the given bytes")
+        _refuse_external_data(model, "the given bytes")
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise ModelLoadError(f"no ONNX model file at {path!r}")
-        with open(path, "rb") as f:
-            model = _parse_bytes(f.read(), repr(path))
+            what = "a directory" if os.path.isdir(path) else "nothing"
+            raise ModelLoadError(f"no ONNX model file at {path!r} ({what} there)")
         try:
-            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-        except Exception as exc:  # missing or unsafe external data file
-            raise ModelLoadError(f"{path!r}: cannot load its external tensor data: {exc}") from exc
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the ONNX model file {path!r}: {exc}") from exc
+        model = _parse_bytes(data, repr(path))
+        _load_external_data(model, path)
     else:
         raise ModelLoadError(
             f"expected a path, bytes or onnx.ModelProto, got {type(source).__name__}")
     if not model.HasField("graph") or not model.graph.node:
         raise ModelLoadError("the ONNX model has no graph or an empty graph")
+    _check_opsets(model)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError and friends
         raise ModelLoadError(f"the ONNX model does not pass onnx.checker: {exc}") from exc
     return model
+
+
+def _check_opsets(model: onnx.ModelProto) -> None:
+    """Refuse opsets of the standard domains newer than this onnx knows: their ops' meaning
+    is unknown here (onnx.checker lets them through; onnxruntime refuses them)."""
+    newest = {"": onnx.defs.onnx_opset_version(), "ai.onnx.ml": max(
+        s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.domain == "ai.onnx.ml")}
+    for entry in model.opset_import:
+        domain = "" if entry.domain == "ai.onnx" else entry.domain
+        if domain in newest and not 1 <= entry.version <= newest[domain]:
+            raise ModelLoadError(
+                f"the model imports opset {entry.version} of the ONNX domain {entry.domain or 'ai.onnx'!r}; "
+                f"this onnx {onnx.__version__} knows opsets 1 to {newest[domain]}: re-export with an "
+                f"opset in that range, or upgrade onnx")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers, attributes, subgraphs, functions."""
+    def in_graph(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            yield from in_nodes([node])
+
+    def in_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
+                        attr.sparse_tensors):
+                    yield sparse.values
+                    yield sparse.indices
+                if attr.HasField("g"):
+                    yield from in_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from in_graph(sub)
+
+    yield from in_graph(model.graph)
+    for function in model.functions:
+        yield from in_nodes(function.node)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _refuse_external_data(model: onnx.ModelProto, what: str) -> None:
+    """A model in memory has no folder: reading its external files would read the cwd."""
+    external = _external_tensors(model)
+    if external:
+        names = ", ".join(repr(t.name) for t in external[:5])
+        raise ModelLoadError(
+            f"{what} keeps {len(external)} tensor(s) ({names}) in external data files; a model "
+            f"given in memory is never allowed to read files. Pass the model's path instead (its "
+            f"external files are read from its own folder), or embed the data "
+            f"(onnx.load(path) then onnx.save(model, path, save_as_external_data=False)).")
+
+
+def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Read external tensor data into the model, only from files inside the model's folder.
+
+    A location must be relative, without `..`, and must resolve (symlinks followed) to a
+    regular file inside the folder; offset and length must lie within the file.
+    """
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for tensor in _external_tensors(model):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path!r}: tensor {tensor.name!r} keeps its data in external file {location!r}"
+        parts = location.replace("\\", "/").split("/")
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or \
+                os.path.splitdrive(location)[0] or ".." in parts:
+            raise ModelLoadError(f"{where}: external data must be a relative path inside the model's "
+                                 f"folder (no absolute path, no '..')")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([folder, target]) != folder:
+            raise ModelLoadError(f"{where}, which resolves outside the model's folder {folder!r} "
+                                 f"(a symlink?); refused")
+        if not os.path.isfile(target):
+            raise ModelLoadError(f"{where}, which does not exist in the model's folder {folder!r}")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise ModelLoadError(f"{where}: its offset/length are not integers") from None
+        size = os.path.getsize(target)
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            raise ModelLoadError(f"{where}: offset {offset} and length {length} lie outside the "
+                                 f"file ({size} bytes)")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read() if length is None else f.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _parse_bytes(data: bytes, what: str) -> onnx.ModelProto:
@@ -174,7 +284,7 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
 def build_graph(model: onnx.ModelProto) -> Graph:
     """Turn a checked ModelProto into the IR (no folding yet)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
     except Exception:
         inferred = model  # shape inference is a help, not a requirement
     g = inferred.graph
@@ -199,18 +309,75 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     return graph
 
 
+# Ops whose output element type is an attribute (`to` / `dtype`), not their inputs' type.
+DTYPE_ATTRIBUTES = {"Cast": "to", "RandomNormal": "dtype", "RandomUniform": "dtype",
+                    "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "EyeLike": "dtype",
+                    "Bernoulli": "dtype"}
+_SMALL_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
 def promote_to_float64(graph: Graph) -> None:
-    """Run the whole graph in float64: float constants, inputs and casts to floats.
+    """Run the whole graph in float64: every float constant, input, output and every op
+    that makes floats of its own type (Cast to, ConstantOfShape value, Constant value_*,
+    RandomNormal dtype, EyeLike dtype, ...), subgraphs included.
 
     For users who want multipliers free of float32 round-off (e.g. the paper's max rule,
-    whose multipliers can explode where the actual max is below the reference max).
+    whose multipliers can explode where the actual max is below the reference max). Both
+    the decoded attributes (read by the rules) and the node protos (run by ONNX's reference
+    evaluator for shape arithmetic) are rewritten, so that no float32 is left to meet a
+    float64 (a traced `torch.zeros(..., dtype=x.dtype) + bias` would otherwise fail).
     """
-    double = onnx.TensorProto.DOUBLE
     for name, value in graph.constants.items():
         if value.dtype.kind == "f":
             graph.constants[name] = value.astype(np.float64)
-    graph.inputs = [TensorInfo(i.name, np.dtype(np.float64), i.shape) if i.dtype is not None
-                    and i.dtype.kind == "f" else i for i in graph.inputs]
+
+    def promoted(info: TensorInfo) -> TensorInfo:
+        is_float = info.dtype is not None and info.dtype.kind == "f"
+        return TensorInfo(info.name, np.dtype(np.float64), info.shape) if is_float else info
+
+    graph.inputs = [promoted(i) for i in graph.inputs]
+    graph.outputs = [promoted(o) for o in graph.outputs]
+    graph.value_info = {k: promoted(v) for k, v in graph.value_info.items()}
     for node in graph.nodes.values():
-        if node.op_type == "Cast" and _np_dtype(node.attrs.get("to", 0)) in (np.float16, np.float32):
-            node.attrs = dict(node.attrs, to=double)
+        proto = onnx.NodeProto()  # a copy: the loaded ModelProto stays as it was read
+        proto.CopyFrom(node.proto)
+        if _promote_node_proto(proto):
+            node.proto = proto
+            node.attrs = {a.name: _decode_attribute(a) for a in proto.attribute}
+
+
+def _promote_tensor(tensor: onnx.TensorProto) -> None:
+    if tensor.data_type in _SMALL_FLOATS:
+        value = numpy_helper.to_array(tensor).astype(np.float64)
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
+
+def _promote_value_info(vi: onnx.ValueInfoProto) -> None:
+    if vi.type.tensor_type.elem_type in _SMALL_FLOATS:
+        vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+
+
+def _promote_node_proto(proto: onnx.NodeProto) -> bool:
+    """Rewrite one node proto in place so it makes float64; True if anything changed."""
+    before = proto.SerializeToString()
+    dtype_attr = DTYPE_ATTRIBUTES.get(proto.op_type) if proto.domain in ("", "ai.onnx") else None
+    for attr in list(proto.attribute):
+        if attr.name == dtype_attr and attr.i in _SMALL_FLOATS:
+            attr.i = onnx.TensorProto.DOUBLE
+        elif attr.name in ("value_float", "value_floats") and proto.op_type == "Constant":
+            value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float64)
+            proto.attribute.remove(attr)
+            proto.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+        elif attr.type == onnx.AttributeProto.TENSOR:  # ConstantOfShape / Constant value, ...
+            _promote_tensor(attr.t)
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            for t in attr.tensors:
+                _promote_tensor(t)
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+            for t in sub.initializer:
+                _promote_tensor(t)
+            for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
+                _promote_value_info(vi)
+            for inner in sub.node:
+                _promote_node_proto(inner)
+    return proto.SerializeToString() != before

@@ -12,7 +12,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Callable, Mapping
 
-from .errors import LiftirError
+from .errors import InputError, LiftirError
 from .rule import Rule
 
 ENTRY_POINT_GROUP = "liftir.rules"
@@ -91,6 +91,35 @@ def _pick(entries: list[tuple[int, Rule]] | None, opset: int) -> Rule | None:
         return None
     eligible = [rule for since, rule in entries if since <= opset]
     return eligible[-1] if eligible else None
+
+
+def check_overrides(overrides: Mapping | None) -> dict[str, Rule] | None:
+    """Validate an Explainer's `rules=`: op type (or 'domain::op') -> Rule instance or class.
+
+    Every entry is checked up front, used by the model or not, so that a typo'd value
+    fails with the op named instead of deep inside the scheduler.
+    """
+    if overrides is None:
+        return None
+    if not isinstance(overrides, Mapping):
+        raise InputError(f"rules= must be a mapping of op type -> liftir.rule.Rule (class or "
+                         f"instance), got {type(overrides).__name__}")
+    checked: dict[str, Rule] = {}
+    for key, rule in overrides.items():
+        if not isinstance(key, str) or not key or key.startswith("::") or key.endswith("::"):
+            raise InputError(f"rules=: keys are op types such as 'Relu' or 'com.example::Swish', "
+                             f"got {key!r}")
+        if isinstance(rule, type) and issubclass(rule, Rule):
+            try:
+                rule = rule()
+            except Exception as exc:
+                raise InputError(f"rules={{{key!r}: {rule.__name__}}}: the rule class cannot be "
+                                 f"instantiated without arguments ({exc}); pass an instance") from exc
+        if not isinstance(rule, Rule):
+            raise InputError(f"rules={{{key!r}: {rule!r}}}: the rule for op {key!r} must be a "
+                             f"liftir.rule.Rule subclass or instance, got {type(rule).__name__}")
+        checked[key] = rule
+    return checked
 
 
 def lookup(op_type: str, domain: str = "", opset: int = 10**6,

@@ -129,6 +129,14 @@ class Rule:
     def describe(self, mode: str) -> str:
         return self.paper_rule or type(self).__name__
 
+    def check_shapes(self, node, shapes) -> None:
+        """Refuse at Explainer build what the model's declared shapes already rule out.
+
+        `shapes`: per input, the activation's shape (ints where known, str/None where
+        symbolic), or None for constants, shape-derived values and unknown shapes.
+        Raise a liftir error naming the node; the default accepts everything.
+        """
+
 
 def unbroadcast(xp, g, shape: tuple[int, ...]):
     """Sum a (K, P, ...) multiplier over the axes a broadcasting op expanded `shape` along."""

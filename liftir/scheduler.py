@@ -16,7 +16,7 @@ import numpy as np
 from .errors import RuleError, UnsupportedOpError
 from .folding import evaluate_static, static_nodes
 from .graph import Graph
-from .registry import is_builtin, lookup
+from .registry import check_overrides, is_builtin, lookup
 from .rule import NodeContext, Rule
 
 
@@ -39,6 +39,8 @@ class Plan:
         #: (a classifier's label head, ArgMax and friends, need none to explain its scores)
         self.missing: dict[str, tuple[str, str]] = {}
         self._required: set[tuple[str, ...]] = set()
+        overrides = check_overrides(overrides)
+        host = set(graph.constants) | {o for n in self.static for o in graph.nodes[n].outputs}
         for name in graph.order:
             if name in self.static:
                 continue
@@ -48,6 +50,7 @@ class Plan:
                 self.missing[name] = (node.domain, node.op_type)
             else:
                 self.rules[name] = rule
+                rule.check_shapes(node, [None if i in host else _declared_shape(graph, i) for i in node.inputs])
         #: run NumPy float32 forwards as one onnxruntime session (see liftir/ort_forward.py);
         #: never when a user rule replaces a built-in one, since its forward must be the one used
         self.use_onnxruntime = all(is_builtin(rule) for rule in self.rules.values())
@@ -79,6 +82,12 @@ class Plan:
         if key not in self._device_constants:
             self._device_constants[key] = {k: xp.asarray(v) for k, v in self.graph.constants.items()}
         return self._device_constants[key]
+
+
+def _declared_shape(graph: Graph, tensor: str):
+    """An activation's shape as declared or inferred at load (None where unknown)."""
+    info = graph.tensor_info(tensor) if tensor else None
+    return info.shape if info is not None else None
 
 
 class Run:
@@ -300,6 +309,10 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
     except Exception:
         plan._ort_forward[key] = None
         return False
+    if all(v.size for v in feeds.values()) and any(
+            getattr(values.get(o), "size", 1) == 0 for n in order if n not in plan.static
+            for o in plan.graph.nodes[n].outputs if o):
+        return False  # an empty activation from full inputs: the rules say which node and why
     for name in order:
         node = plan.graph.nodes[name]
         for o in node.outputs:

@@ -10,6 +10,7 @@ import numpy as np
 from liftir import kernels as conv_kernels
 from liftir.kernels.scatter import scatter_add
 from liftir.kernels.windows import Windows, scatter_to_windows
+from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
 from liftir.rule import Linear, NodeContext, RuleError, unbroadcast
 
@@ -288,23 +289,44 @@ class ConvTranspose(_ConvFamily):
         return ctx.split_targets(gx, k), None, None
 
 
+def _pool_windows(node, spatial, error=InputError) -> Windows:
+    """The node's pooling windows over `spatial`; a window larger than the input is refused
+    (onnx.checker and onnxruntime let it through, and its output would be empty)."""
+    attrs = node.attrs
+    kernel = list(attrs["kernel_shape"])
+    nd = len(kernel)
+    strides = list(attrs.get("strides", [1] * nd))
+    dilations = list(attrs.get("dilations", [1] * nd))
+    pads = conv_kernels.resolve_auto_pad(attrs.get("auto_pad", "NOTSET"), list(spatial), kernel, strides,
+                                         dilations, list(attrs.get("pads", [0] * 2 * nd)))
+    windows = Windows.make(tuple(spatial), kernel, strides, pads, dilations, bool(attrs.get("ceil_mode", 0)))
+    if any(o < 1 for o in windows.out):
+        spans = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilations))
+        raise error(f"{node.op_type} node {node.name!r}: its window (kernel {tuple(kernel)}, dilations "
+                    f"{tuple(dilations)}: spans {spans}) is larger than its input's spatial size "
+                    f"{tuple(spatial)} with pads {tuple(pads)}; the output would be empty")
+    return windows
+
+
 def _pool_geometry(ctx, spatial) -> Windows:
     """The node's pooling windows for this input size (cached per node and size)."""
     key = ("windows", tuple(spatial))
     if key not in ctx.cache:
-        kernel = list(ctx.attr("kernel_shape"))
-        nd = len(kernel)
-        strides = list(ctx.attr("strides", [1] * nd))
-        dilations = list(ctx.attr("dilations", [1] * nd))
-        pads = conv_kernels.resolve_auto_pad(ctx.attr("auto_pad", "NOTSET"), list(spatial), kernel, strides,
-                                             dilations, list(ctx.attr("pads", [0] * 2 * nd)))
-        ctx.cache[key] = Windows.make(tuple(spatial), kernel, strides, pads, dilations,
-                                      bool(ctx.attr("ceil_mode", 0)))
+        ctx.cache[key] = _pool_windows(ctx.node, spatial)
     return ctx.cache[key]
 
 
+class _Pool:
+    """Mixin of the windowed pools: refuse at build a window the declared input cannot hold."""
+
+    def check_shapes(self, node, shapes):
+        shape = shapes[0] if shapes else None
+        if shape is not None and len(shape) > 2 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
+            _pool_windows(node, shape[2:], ModelLoadError)
+
+
 @builtin_rule("AveragePool")
-class AveragePool(Linear):
+class AveragePool(_Pool, Linear):
     def _counts(self, ctx, windows: Windows, dtype):
         key = ("counts", windows.spatial, ctx.xp.__name__, dtype)
         if key not in ctx.cache:

@@ -23,10 +23,11 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.kernels.windows import scatter_to_windows, window_max
+from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError
 
-from .linear import _pool_geometry, _reduce_axes
+from .linear import _Pool, _pool_geometry, _reduce_axes
 
 
 def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
@@ -60,7 +61,7 @@ class _MaxRule(Rule):
 
 
 @builtin_rule("MaxPool")
-class MaxPool(_MaxRule):
+class MaxPool(_Pool, _MaxRule):
     def forward(self, ctx, x):
         xp = ctx.xp
         if ctx.attr("storage_order", 0) and len(ctx.node.outputs) > 1:
@@ -153,6 +154,19 @@ class ReduceMax(_MaxRule):
             return list(range(2, ndim))
         return _reduce_axes(ctx, ndim)
 
+    def check_shapes(self, node, shapes):
+        """A declared empty axis among the reduced ones is refused at build."""
+        shape = shapes[0] if shapes else None
+        if shape is None or node.op_type != "ReduceMax" or len(node.inputs) > 1:
+            return  # axes given as an input (opset 18) are checked at call time
+        axes = node.attrs.get("axes")
+        if axes is None and not node.attrs.get("noop_with_empty_axes", 0):
+            axes = range(len(shape))
+        empty = [a % len(shape) for a in (axes or []) if shape[a % len(shape)] == 0]
+        if empty:
+            raise ModelLoadError(f"ReduceMax node {node.name!r} takes the max over axis {empty[0]} of "
+                                 f"its input of declared shape {shape}, which is empty")
+
     def _keepdims(self, ctx):
         return ctx.node.op_type == "GlobalMaxPool" or bool(ctx.attr("keepdims", 1))
 
@@ -160,6 +174,10 @@ class ReduceMax(_MaxRule):
         axes = self._axes(ctx, x.ndim)
         if not axes:
             return x
+        empty = [a for a in axes if x.shape[a] == 0]
+        if empty:  # ONNX would give -inf, from which no difference-from-reference is defined
+            raise InputError(f"{ctx.node.op_type} node {ctx.node.name!r} takes the max over axis "
+                             f"{empty[0]} of its input of shape {tuple(x.shape)}, which is empty")
         return x.max(axis=tuple(axes), keepdims=self._keepdims(ctx))
 
     def backward(self, ctx, g, *unused):

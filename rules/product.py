@@ -8,8 +8,9 @@ affine (2.3.1) and the multiplier is that constant.
 """
 from __future__ import annotations
 
+from liftir.errors import InputError
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, unbroadcast
+from liftir.rule import MODES, Rule, RuleError, unbroadcast
 
 
 def _midpoint(ctx, index):
@@ -52,6 +53,16 @@ class _Bilinear(Rule):
             ctx.input_value = original
 
 
+def _actual_rows(ctx, index, value):
+    """A shape-derived operand (e.g. ConstantOfShape(Shape(x))) spans all stacked rows,
+    actual and reference; it is equal on both, so the P actual rows of it pair with g."""
+    rows = ctx.n_actual
+    stacked = ctx.node.inputs[index] and not ctx.node.inputs[index] in ctx._plan.graph.constants
+    if stacked and value.ndim and value.shape[0] not in (1, rows):
+        return value[:rows]
+    return value
+
+
 @builtin_rule("Mul")
 class Mul(_Bilinear):
     def _op(self, xp):
@@ -61,8 +72,8 @@ class Mul(_Bilinear):
         xp = ctx.xp
         const_a, const_b = ctx.is_const(0), ctx.is_const(1)
         # with a constant factor the midpoint is the constant itself: one formula serves both
-        other_b = ctx.input_value(1) if const_b else (_midpoint(ctx, 1) if ctx.mode == "deeplift" else ctx.x(1))
-        other_a = ctx.input_value(0) if const_a else (_midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
+        other_b = _actual_rows(ctx, 1, ctx.input_value(1)) if const_b else (_midpoint(ctx, 1) if ctx.mode == "deeplift" else ctx.x(1))
+        other_a = _actual_rows(ctx, 0, ctx.input_value(0)) if const_a else (_midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
         ga = None if const_a else unbroadcast(xp, g * other_b, ctx.input_shape(0))
         gb = None if const_b else unbroadcast(xp, g * other_a, ctx.input_shape(1))
         return ga, gb
@@ -72,6 +83,30 @@ class Mul(_Bilinear):
 class MatMul(_Bilinear):
     def _op(self, xp):
         return xp.matmul
+
+    @staticmethod
+    def _refuse_batch_contraction(node, ranks, shapes) -> None:
+        """A 1-D first operand, or a second operand of rank <= 2, sums over its axis 0."""
+        for index, rank, limit in ((0, ranks[0], 1), (1, ranks[1], 2)):
+            if rank is not None and rank <= limit:
+                raise RuleError(f"MatMul node {node.name!r}: its {'first' if index == 0 else 'second'} "
+                                f"operand is a {rank}-D activation of shape {shapes[index]}, so the "
+                                f"product sums over its axis 0, the batch axis; liftir needs every op "
+                                f"to keep samples apart on axis 0")
+
+    def check_shapes(self, node, shapes):
+        shapes = list(shapes) + [None] * (2 - len(shapes))
+        self._refuse_batch_contraction(node, [None if s is None else len(s) for s in shapes[:2]], shapes)
+
+    def forward(self, ctx, a, b):
+        """Refuse a product that contracts the batch axis; name the node on a shape mismatch."""
+        ranks = [None if ctx.is_const(i) else x.ndim for i, x in enumerate((a, b))]
+        self._refuse_batch_contraction(ctx.node, ranks, [tuple(a.shape), tuple(b.shape)])
+        try:
+            return ctx.xp.matmul(a, b)
+        except ValueError as exc:
+            raise InputError(f"MatMul node {ctx.node.name!r}: operands of shapes {tuple(a.shape)} and "
+                             f"{tuple(b.shape)} do not multiply ({exc})") from None
 
     def _operand(self, ctx, index):
         if ctx.is_const(index):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from liftir.kernels.scatter import scatter_add
+from liftir.errors import InputError
 from liftir.registry import builtin_rule
 from liftir.rule import Linear, RuleError, unbroadcast
 
@@ -264,10 +265,34 @@ class Gather(Linear):
 @builtin_rule("Expand")
 class Expand(Linear):
     def forward(self, ctx, x, shape):
-        target = np.broadcast_shapes(tuple(x.shape), tuple(int(s) for s in ctx.const(1)))
-        if len(target) != x.ndim or target[0] != x.shape[0]:  # new leading axes would push the batch
+        return ctx.xp.broadcast_to(x, self._target(ctx, tuple(x.shape)))
+
+    @staticmethod
+    def _target(ctx, have: tuple[int, ...]) -> tuple[int, ...]:
+        """The broadcast shape, keeping the stacked rows on axis 0.
+
+        A traced export may bake its batch size into the shape (Expand to (8, C) for a
+        batch of 8): when that matches the call's batch, the 8 is read as "the batch"
+        and every stacked row (actual and reference) keeps its own sample.
+        """
+        want = [int(s) for s in ctx.const(1)]
+        if len(want) > len(have):  # new leading axes would push the batch off axis 0
             _refuse_batch(ctx, "expands")
-        return ctx.xp.broadcast_to(x, target)
+        if len(want) == len(have) and want[0] not in (1, have[0]):
+            if want[0] != ctx.n_actual:
+                raise InputError(f"Expand node {ctx.node.name!r} expands axis 0 to {want[0]}, a batch "
+                                 f"size baked into the model at export, but this call has "
+                                 f"{ctx.n_actual} samples: export with a dynamic batch axis, or pass "
+                                 f"{want[0]} samples at a time (batch_size={want[0]})")
+            want[0] = 1
+        aligned = [1] * (len(have) - len(want)) + want
+        target = []
+        for axis, (h, w) in enumerate(zip(have, aligned)):
+            if h != w and 1 not in (h, w):
+                raise InputError(f"Expand node {ctx.node.name!r} cannot broadcast its input of shape "
+                                 f"{have} to {tuple(want)} (axis {axis}: {h} vs {w})")
+            target.append(h if w == 1 else w)
+        return tuple(target)
 
     def backward(self, ctx, g):
         return unbroadcast(ctx.xp, g, ctx.input_shape(0)), None
