@@ -156,6 +156,10 @@ class Linear(Rule):
 
     paper_rule = "affine (2.3.1): m = w"
     signed: ClassVar[bool] = False
+    #: a layer of weights (dense, conv): RevealCancel splits its output by the sign of each
+    #: term w_i dx_i (the 2017 paper's linear rule) instead of carrying the inputs' split,
+    #: whose positive and negative parts would grow by |W| per layer and cancel
+    splits_by_term: ClassVar[bool] = False
 
     def abs_forward(self, ctx: NodeContext, *deltas):
         """|L| on the activation inputs `deltas` (None for constants, kept as parameters)."""

@@ -132,6 +132,7 @@ class Gemm(Linear):
         return y.astype(a.dtype, copy=False)
 
     signed = True
+    splits_by_term = True
 
     def _abs_weight(self, ctx):
         if "abs_w" not in ctx.cache:
@@ -208,6 +209,7 @@ class _ConvFamily(Linear):
     """RevealCancel's |L| for a convolution is the same op with |w| and no bias."""
 
     signed = True
+    splits_by_term = True
 
     def abs_forward(self, ctx, d, *unused):
         return self.forward(ctx, d, _abs_weight(ctx), None)
