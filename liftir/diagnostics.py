@@ -34,8 +34,8 @@ def warn_if_not_conserving(explainer, xs, refs, attributions, delta, *, output: 
     """Warn (ConvergenceWarning) if any sample's |delta| exceeds the tolerance.
 
     `attributions`: per input, (N, ...) or (N, K, ...); `delta`: (N,) or (N, K). The
-    tolerance is relative_tolerance(dtype) * |f(x) - f(x0)| plus eps * sum |attributions|
-    (a row whose contributions cancel exactly to zero has only round-off left).
+    tolerance is relative_tolerance(dtype) * |f(x) - f(x0)|, floored at eps * sum |attributions|
+    times the same factor for a row whose output does not move (f(x) = f(x0)).
     """
     if delta is None or explainer.method.name not in CONSERVING_METHODS:
         return
@@ -48,7 +48,7 @@ def warn_if_not_conserving(explainer, xs, refs, attributions, delta, *, output: 
     magnitude = sum(np.abs(a.astype(np.float64)).reshape(n, k, -1).sum(axis=2) for a in attributions)
     difference = total - rows  # f(x) - f(x0) of each sample and target
     eps = float(np.finfo(dtype).eps)
-    limit = relative_tolerance(dtype) * np.abs(difference) + eps * magnitude
+    limit = relative_tolerance(dtype) * np.maximum(np.abs(difference), eps * magnitude)
     bad = np.abs(rows) > limit
     if not bad.any():
         return
