@@ -17,6 +17,7 @@ from .errors import InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
+from .training_mode import refuse_training_mode
 
 MAX_RULES = ("cross_max", "paper")
 FINAL_ACTIVATIONS = ("strip", "keep")
@@ -60,6 +61,7 @@ class Explainer:
         self.model = read_model(model)
         self.graph: Graph = build_graph(self.model)
         fold_constants(self.graph)
+        refuse_training_mode(self.graph)
         if precision not in ("model", "float64"):
             raise InputError(f"precision must be 'model' or 'float64', got {precision!r}")
         if precision == "float64":
