@@ -320,5 +320,5 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
 
 def _log_fallback(what: str, exc: Exception) -> None:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    logger.warning("liftir: onnxruntime %s (%s); liftir's own rules compute the forward instead "
+    logger.warning("onnxruntime %s (%s); liftir's own rules compute the forward instead "
                    "(slower, same results)", what, first[:300])

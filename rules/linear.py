@@ -11,7 +11,7 @@ from liftir import kernels as conv_kernels
 from liftir.kernels.scatter import scatter_add
 from liftir.kernels.windows import Windows, scatter_to_windows
 from liftir.registry import builtin_rule
-from liftir.rule import Linear, NodeContext, RuleError, unbroadcast
+from liftir.rule import Linear, NodeContext, RuleError, accurate_sum, unbroadcast
 
 
 def _require_const(ctx: NodeContext, index: int, what: str):
@@ -333,7 +333,7 @@ class AveragePool(Linear):
 @builtin_rule("GlobalAveragePool")
 class GlobalAveragePool(Linear):
     def forward(self, ctx, x):
-        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+        return accurate_sum(x, tuple(range(2, x.ndim)), keepdims=True, mean=True)
 
     def backward(self, ctx, g):
         shape = ctx.input_shape(0)
@@ -356,8 +356,8 @@ class ReduceLinear(Linear):
         axes = _reduce_axes(ctx, x.ndim)
         if not axes:
             return x
-        fn = x.sum if ctx.node.op_type == "ReduceSum" else x.mean
-        return fn(axis=tuple(axes), keepdims=bool(ctx.attr("keepdims", 1)))
+        return accurate_sum(x, tuple(axes), keepdims=bool(ctx.attr("keepdims", 1)),
+                            mean=ctx.node.op_type == "ReduceMean")
 
     def backward(self, ctx, g):
         xp = ctx.xp
