@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import liftir
-from onnx_builders import op_model, run_ort
+from onnx_builders import helper, op_model, run_ort
+from onnx_builders import model as build_model
 
 NODE_DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")
 CASE_NAMES = ("test_spacetodepth", "test_spacetodepth_example", "test_spacetodepth_dcr_mode_example",
@@ -102,27 +103,25 @@ def test_backward_is_the_transpose_of_onnxruntimes_permutation(op, mode, opset):
 
 @pytest.mark.parametrize("op, torch_op", [("SpaceToDepth", torch.nn.functional.pixel_unshuffle),
                                           ("DepthToSpace", torch.nn.functional.pixel_shuffle)])
-def test_crd_saliency_equals_torch_pixel_shuffle_autograd(op, torch_op):
-    model = _op(op, "CRD", 28)
+def test_crd_equals_torch_pixel_shuffle_forward_and_autograd(op, torch_op):
+    """torch's pixel (un)shuffle is CRD: same forward, and through a permutation -> weights ->
+    ReLU -> sum graph the saliency equals autograd and DeepLIFT sums to delta."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal(SHAPES[op]).astype(np.float32)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     y = torch_op(xt, 2)
-    np.testing.assert_array_equal(liftir.Explainer(model, "saliency").predict(x), y.detach().numpy().astype(np.float32))
-    w = rng.standard_normal(tuple(y.shape[1:])).astype(np.float32).astype(np.float64)
-    (y * torch.tensor(w)).sum().backward()
-    # DeepLIFT through the permutation then a weighted sum: summation-to-delta, and equal to autograd
-    consts = {"w": w[None].astype(np.float32), "axes": np.array([1, 2, 3], np.int64)}
-    from onnx_builders import helper, model as build
+    np.testing.assert_array_equal(liftir.Explainer(_op(op, "CRD", 28), "saliency").predict(x),
+                                  y.detach().numpy().astype(np.float32))
+    w = rng.standard_normal(tuple(y.shape[1:])).astype(np.float32)
     nodes = [helper.make_node(op, ["x"], ["y"], blocksize=2, mode="CRD"), helper.make_node("Mul", ["y", "w"], ["z"]),
              helper.make_node("Relu", ["z"], ["r"]), helper.make_node("ReduceSum", ["r", "axes"], ["o"], keepdims=0)]
-    graph = build(nodes, {"x": SHAPES[op]}, ["o"], consts, opset=28)
-    x0 = rng.standard_normal((1,) + SHAPES[op][1:]).astype(np.float32)
-    attr, delta = liftir.Explainer(graph).attribute(x, baselines=x0, target=None, return_convergence_delta=True)
-    assert np.abs(delta).max() < 1e-4
+    graph = build_model(nodes, {"x": SHAPES[op]}, ["o"], {"w": w[None], "axes": np.array([1, 2, 3], np.int64)},
+                        opset=28)
+    z = y * torch.tensor(w, dtype=torch.float64)
+    assert (z > 0).any() and not (z > 0).all()
+    torch.relu(z).sum().backward()
     saliency = liftir.Explainer(graph, "saliency", precision="float64").attribute(x.astype(np.float64), target=None)
-    relu_mask = (torch_op(torch.tensor(x, dtype=torch.float64), 2).numpy() * w > 0)
-    xt.grad = None
-    (torch.relu(torch_op(xt, 2) * torch.tensor(w))).sum().backward()
     np.testing.assert_allclose(saliency, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
-    assert relu_mask.any() and not relu_mask.all()
+    x0 = rng.standard_normal((1,) + SHAPES[op][1:]).astype(np.float32)
+    _, delta = liftir.Explainer(graph).attribute(x, baselines=x0, target=None, return_convergence_delta=True)
+    assert np.abs(delta).max() < 1e-4

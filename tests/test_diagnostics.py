@@ -43,7 +43,7 @@ def test_paper_max_rule_with_dx_zero_at_the_argmax_warns(precision):
     assert len(record) == 1
     message = str(record[0].message)
     assert "'pool' (MaxPool" in message and "max_rule='cross_max'" in message
-    assert "float64" not in message.split("(deeplift,")[1] or precision == "float64"
+    assert "precision='float64'" not in message  # not a round-off miss: float64 is no cure
     # the default rule conserves on the same inputs, silently
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
