@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import revealcancel, scheduler
+from . import diagnostics, revealcancel, scheduler
 from .backend import array_module, to_host
 from .data import resolve_input
 from .errors import InputError, ModelLoadError
@@ -19,6 +19,7 @@ from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
 from .progress import Progress
+from .training_mode import refuse_training_mode
 
 MAX_RULES = ("cross_max", "paper")
 FINAL_ACTIVATIONS = ("strip", "keep")
@@ -63,11 +64,13 @@ class Explainer:
         self.model = read_model(model)
         self.graph: Graph = build_graph(self.model)
         fold_constants(self.graph)
+        refuse_training_mode(self.graph)
         if precision not in ("model", "float64"):
             raise InputError(f"precision must be 'model' or 'float64', got {precision!r}")
         if precision == "float64":
             promote_to_float64(self.graph)
         self.options = {"max_rule": max_rule, "final_activation": final_activation}
+        self.rule_overrides = rules
         self.inputs = self._float_inputs()
         self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules)
         self.output = self._check_output(output) if output else self._default_output()
@@ -415,8 +418,9 @@ class Explainer:
                 raise InputError(f"abs=True is an option of method 'saliency', not {method.name!r}")
             attrs = [np.abs(a) for a in attrs]
         result = attrs[0] if layer is not None else self._pack(attrs, kind)
+        delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
+        diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer)
         if return_convergence_delta:
-            delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
             return result, delta
         return result
 

@@ -50,11 +50,14 @@ class OrtForward:
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 4  # a failure falls back to the rules, logged by liftir in one line
         self.session = ort.InferenceSession(model.SerializeToString(), options,
                                             providers=["CPUExecutionProvider"])
         self.names = keep
         self.input_names = [i.name for i in graph.inputs]
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.names, {k: feeds[k] for k in self.input_names})
+        values = self.session.run(self.names, {k: feeds[k] for k in self.input_names}, self.run_options)
         return dict(zip(self.names, values))

@@ -138,15 +138,33 @@ class Rule:
         """
 
 
+#: terms summed in the array's own float32/float16 before liftir accumulates in float64 instead
+EXACT_SUM_TERMS = 4096
+
+
+def accurate_sum(x, axis: tuple[int, ...], keepdims: bool = False, mean: bool = False):
+    """x.sum (or x.mean) over `axis`, accumulated in float64 when many low-precision terms add up.
+
+    NumPy adds along a non-innermost axis (and across its buffers) one term at a time: 2^20
+    float32 terms are then ~1% off, and 2^24 equal terms stop growing at all (a huge Expand
+    reduced by ReduceSum came out 90% low). Few terms keep the array's own precision.
+    """
+    count = int(np.prod([x.shape[a] for a in axis]))
+    fn = x.mean if mean else x.sum
+    if x.dtype.kind != "f" or x.dtype.itemsize >= 8 or count <= EXACT_SUM_TERMS:
+        return fn(axis=axis, keepdims=keepdims)
+    return fn(axis=axis, keepdims=keepdims, dtype=np.float64).astype(x.dtype)
+
+
 def unbroadcast(xp, g, shape: tuple[int, ...]):
     """Sum a (K, P, ...) multiplier over the axes a broadcasting op expanded `shape` along."""
     target = (g.shape[0],) + tuple(shape)
     extra = g.ndim - len(target)
     if extra > 0:
-        g = g.sum(axis=tuple(range(1, 1 + extra)))
+        g = accurate_sum(g, tuple(range(1, 1 + extra)))
     axes = tuple(i for i in range(1, g.ndim) if target[i] == 1 and g.shape[i] != 1)
     if axes:
-        g = g.sum(axis=axes, keepdims=True)
+        g = accurate_sum(g, axes, keepdims=True)
     if g.shape != target:
         g = xp.broadcast_to(g, target)
     return g
@@ -164,6 +182,10 @@ class Linear(Rule):
 
     paper_rule = "affine (2.3.1): m = w"
     signed: ClassVar[bool] = False
+    #: a layer of weights (dense, conv): RevealCancel splits its output by the sign of each
+    #: term w_i dx_i (the 2017 paper's linear rule) instead of carrying the inputs' split,
+    #: whose positive and negative parts would grow by |W| per layer and cancel
+    splits_by_term: ClassVar[bool] = False
 
     def abs_forward(self, ctx: NodeContext, *deltas):
         """|L| on the activation inputs `deltas` (None for constants, kept as parameters)."""

@@ -8,6 +8,7 @@ dropping each one as soon as it has been used.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping
 
 import networkx as nx
@@ -18,6 +19,8 @@ from .folding import evaluate_static, static_nodes
 from .graph import Graph
 from .registry import check_overrides, is_builtin, lookup
 from .rule import NodeContext, Rule
+
+logger = logging.getLogger("liftir")
 
 
 class Plan:
@@ -284,7 +287,8 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
     """Fill `run` with one onnxruntime session's forward when that is possible; else False.
 
     Used for NumPy float32 batches of standard-domain graphs; anything else, or any error
-    from onnxruntime (e.g. a batch size frozen into the graph), falls back to the rules.
+    from onnxruntime (e.g. a batch size frozen into the graph), falls back to the rules,
+    and an error says so in one logged line (onnxruntime's own log is silenced).
     """
     if not plan.use_onnxruntime or run.xp is not np or any(v.dtype != np.float32 for v in feeds.values()):
         return False
@@ -298,7 +302,8 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
             try:
                 from .ort_forward import OrtForward
                 session = OrtForward(graph, order, outputs)
-            except Exception:  # onnxruntime cannot build it: the rules will do
+            except Exception as exc:  # onnxruntime cannot build it: the rules will do
+                _log_fallback("cannot build a session for this graph", exc)
                 session = None
         plan._ort_forward[key] = session
     session = plan._ort_forward[key]
@@ -306,7 +311,8 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
         return False
     try:
         values = session(feeds)
-    except Exception:
+    except Exception as exc:
+        _log_fallback(f"failed on a batch of {next(iter(feeds.values())).shape[0]} rows", exc)
         plan._ort_forward[key] = None
         return False
     if all(v.size for v in feeds.values()) and any(
@@ -323,3 +329,9 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
             else:
                 run.values[o] = values[o]
     return all(o in run.values or o in run.static for o in outputs)
+
+
+def _log_fallback(what: str, exc: Exception) -> None:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    logger.warning("onnxruntime %s (%s); liftir's own rules compute the forward instead "
+                   "(slower, same results)", what, first[:300])

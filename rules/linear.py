@@ -12,7 +12,7 @@ from liftir.kernels.scatter import scatter_add
 from liftir.kernels.windows import Windows, scatter_to_windows
 from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
-from liftir.rule import Linear, NodeContext, RuleError, unbroadcast
+from liftir.rule import Linear, NodeContext, RuleError, accurate_sum, unbroadcast
 
 
 def _require_const(ctx: NodeContext, index: int, what: str):
@@ -133,6 +133,7 @@ class Gemm(Linear):
         return y.astype(a.dtype, copy=False)
 
     signed = True
+    splits_by_term = True
 
     def _abs_weight(self, ctx):
         if "abs_w" not in ctx.cache:
@@ -209,6 +210,7 @@ class _ConvFamily(Linear):
     """RevealCancel's |L| for a convolution is the same op with |w| and no bias."""
 
     signed = True
+    splits_by_term = True
 
     def abs_forward(self, ctx, d, *unused):
         return self.forward(ctx, d, _abs_weight(ctx), None)
@@ -353,7 +355,7 @@ class AveragePool(_Pool, Linear):
 @builtin_rule("GlobalAveragePool")
 class GlobalAveragePool(Linear):
     def forward(self, ctx, x):
-        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+        return accurate_sum(x, tuple(range(2, x.ndim)), keepdims=True, mean=True)
 
     def backward(self, ctx, g):
         shape = ctx.input_shape(0)
@@ -376,8 +378,8 @@ class ReduceLinear(Linear):
         axes = _reduce_axes(ctx, x.ndim)
         if not axes:
             return x
-        fn = x.sum if ctx.node.op_type == "ReduceSum" else x.mean
-        return fn(axis=tuple(axes), keepdims=bool(ctx.attr("keepdims", 1)))
+        return accurate_sum(x, tuple(axes), keepdims=bool(ctx.attr("keepdims", 1)),
+                            mean=ctx.node.op_type == "ReduceMean")
 
     def backward(self, ctx, g):
         xp = ctx.xp

@@ -8,8 +8,9 @@ Two DeepLIFT rules, chosen with `Explainer(max_rule=...)`:
   Captum, SHAP and tangermeme use.
 - "paper": the literal m = 1{A_x = A_y} dy/dx at the actual argmax (eq. 11). Where the
   actual max is below the reference max, dx at the argmax can be tiny and multipliers
-  explode; where dx is exactly 0 the rule is undefined and liftir falls back to the
-  gradient there (summation-to-delta then fails at that window, as the paper's rule must).
+  explode; where dx is exactly 0 (while y != y0) the rule is undefined and liftir falls
+  back to the gradient there: summation-to-delta then fails at that window, as the paper's
+  rule must, and the Explainer warns (liftir.diagnostics.ConvergenceWarning).
 
 Contributions from every window are scatter-added before dividing by dx, so overlapping
 windows accumulate (Captum's max-unpool overwrites them). Gradient methods route the

@@ -81,6 +81,8 @@ class Mul(_Bilinear):
 
 @builtin_rule("MatMul")
 class MatMul(_Bilinear):
+    splits_by_term = True  # with a constant operand: a dense layer (RevealCancel's linear rule)
+
     def _op(self, xp):
         return xp.matmul
 

@@ -316,9 +316,21 @@ class Tile(Linear):
 
 @builtin_rule("DepthToSpace", "SpaceToDepth")
 class DepthSpace(Linear):
-    """Pixel (un)shuffles: fixed permutations, inverted by the other op."""
+    """Pixel (un)shuffles: fixed permutations. Both ops take `mode` (SpaceToDepth since opset
+    28): DCR orders the moved channels depth-column-row (block offsets outermost), CRD
+    column-row-depth (input channel outermost). SpaceToDepth(mode) and DepthToSpace(mode)
+    are each other's inverse, so each one's backward is the other with the same mode."""
 
-    def _move(self, xp, x, op, block, mode):
+    @staticmethod
+    def _mode(ctx):
+        mode = ctx.attr("mode", "DCR")
+        if mode not in ("DCR", "CRD"):
+            raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: unknown mode {mode!r} "
+                            f"(ONNX defines 'DCR' and 'CRD')")
+        return mode
+
+    @staticmethod
+    def _move(x, op, block, mode):
         n, c, h, w = x.shape
         if op == "DepthToSpace":
             if mode == "CRD":
@@ -326,25 +338,16 @@ class DepthSpace(Linear):
             else:
                 y = x.reshape(n, block, block, c // block ** 2, h, w).transpose(0, 3, 4, 1, 5, 2)
             return y.reshape(n, c // block ** 2, h * block, w * block)
-        y = x.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
+        y = x.reshape(n, c, h // block, block, w // block, block)
+        y = y.transpose(0, 1, 3, 5, 2, 4) if mode == "CRD" else y.transpose(0, 3, 5, 1, 2, 4)
         return y.reshape(n, c * block ** 2, h // block, w // block)
 
     def forward(self, ctx, x):
-        return self._move(ctx.xp, x, ctx.node.op_type, ctx.attr("blocksize"), ctx.attr("mode", "DCR"))
+        return self._move(x, ctx.node.op_type, ctx.attr("blocksize"), self._mode(ctx))
 
     def backward(self, ctx, g):
         k = g.shape[0]
         flat = g.reshape((k * g.shape[1],) + g.shape[2:])
-        block = ctx.attr("blocksize")
-        if ctx.node.op_type == "SpaceToDepth":
-            back = self._move(ctx.xp, flat, "DepthToSpace", block, "DCR")
-        else:
-            mode = ctx.attr("mode", "DCR")
-            n, c, h, w = flat.shape
-            cb = c * block ** 2
-            if mode == "CRD":
-                back = flat.reshape(n, c, h // block, block, w // block, block).transpose(0, 1, 3, 5, 2, 4)
-            else:
-                back = flat.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
-            back = back.reshape(n, cb, h // block, w // block)
+        inverse = "DepthToSpace" if ctx.node.op_type == "SpaceToDepth" else "SpaceToDepth"
+        back = self._move(flat, inverse, ctx.attr("blocksize"), self._mode(ctx))
         return (back.reshape((k,) + ctx.input_shape(0)),)

@@ -378,10 +378,13 @@ CASES["DepthToSpace"] = [
     op("DepthToSpace", [(2, 8, 2, 3)], {"blocksize": 2}, 13, id="dcr"),
     op("DepthToSpace", [(2, 8, 2, 3)], {"blocksize": 2, "mode": "CRD"}, 13, id="crd"),
     op("DepthToSpace", [(2, 9, 2, 2)], {"blocksize": 3}, 1, id="block3"),
+    op("DepthToSpace", [(2, 18, 2, 3)], {"blocksize": 3, "mode": "CRD"}, 28, id="crd-block3"),
 ]
 CASES["SpaceToDepth"] = [
     op("SpaceToDepth", [(2, 2, 4, 6)], {"blocksize": 2}, 13, id="block2"),
     op("SpaceToDepth", [(2, 1, 6, 3)], {"blocksize": 3}, 1, id="block3"),
+    op("SpaceToDepth", [(2, 2, 4, 6)], {"blocksize": 2, "mode": "DCR"}, 28, id="dcr"),
+    op("SpaceToDepth", [(2, 2, 4, 6)], {"blocksize": 2, "mode": "CRD"}, 28, id="crd"),
 ]
 for _op in ("Softmax", "LogSoftmax"):
     CASES[_op] = [

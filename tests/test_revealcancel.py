@@ -40,7 +40,7 @@ def _mlp(seed, sizes=(6, 12, 12, 3), acts=("Relu", "Tanh")):
     rng = np.random.default_rng(seed)
     nodes, inits, h = [], [], "x"
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        inits += [numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32) / np.sqrt(a), f"w{i}"),
+        inits += [numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
                   numpy_helper.from_array(rng.standard_normal(b).astype(np.float32) * 0.3, f"b{i}")]
         out = "o" if i == len(sizes) - 2 else f"z{i}"
         nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [out]))
@@ -63,17 +63,89 @@ def test_summation_to_delta_on_random_networks(seed):
     assert not np.allclose(attr, liftir.Explainer(_mlp(seed)).attribute(x, baselines=x0, target=1), atol=1e-4)
 
 
-def test_float64_conserves_where_float32_cancels():
-    """Deep nets with |W| growth: float32 warns, float64 conserves to round-off."""
+def test_deep_network_conserves_in_both_precisions():
+    """Eight weight layers: the split restarts at each, so d+ and d- do not grow with depth
+    (carried through |W| they cancelled in float32) and float32 conserves too."""
     rng = np.random.default_rng(0)
     sizes = (8,) + (64,) * 6 + (2,)
     model = _mlp(3, sizes=sizes, acts=("Relu",))
     x = rng.standard_normal((4, 8)).astype(np.float32) * 3
-    _, delta64 = liftir.Explainer(model, "deeplift_revealcancel", precision="float64").attribute(
-        x, target=0, return_convergence_delta=True)
-    assert np.abs(delta64).max() < 1e-9
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("error", liftir.diagnostics.ConvergenceWarning)
+        ex = liftir.Explainer(model, "deeplift_revealcancel", precision="float64")
+        _, delta64 = ex.attribute(x, target=0, return_convergence_delta=True)
         _, delta32 = liftir.Explainer(model, "deeplift_revealcancel").attribute(
             x, target=0, return_convergence_delta=True)
-    assert np.isfinite(delta32).all()
+    diff = np.abs(ex.predict(x)[:, 0] - ex.predict(np.zeros_like(x))[:, 0])
+    assert np.abs(delta64).max() < 1e-12 * diff.max()
+    assert np.abs(delta32).max() < 1e-5 * diff.max()
+
+
+def _small_resnet18(dynamo: bool):
+    """ResNet-18's layout (conv-BN-ReLU-MaxPool(3, 2) stem, 8 basic blocks with residual adds)
+    at a quarter of the width on 3x16x16, built from tests/zoo.py (torchvision does not
+    install beside the pinned torch)."""
+    import torch
+    from torch import nn
+
+    import zoo
+
+    stem = nn.Sequential(nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.MaxPool2d(3, stride=2, padding=1))
+    stages, cin = [], 16
+    for i, w in enumerate((16, 32, 64, 128)):
+        stages += [zoo.BasicBlock(cin, w, stride=1 if i == 0 else 2), zoo.BasicBlock(w, w)]
+        cin = w
+    net = zoo._init_(zoo._ResNet(stem, stages, cin, 10), 0, calib_shape=(8, 3, 16, 16))
+    x = torch.randn((4, 3, 16, 16), generator=torch.Generator().manual_seed(5))
+    return zoo.export(net, x, dynamo=dynamo), x.numpy()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_resnet18_layout_conserves(dynamo):
+    """Residual adds, a ReLU-fed overlapping MaxPool and BatchNorm folded into 20 convs: the
+    split restarts at every weight layer, so d+ and d- stay the size of the differences and
+    summation-to-delta holds (carrying the split through |W| made them grow to 1e20 and
+    summed the attributions to ~0, float64 included)."""
+    model, x = _small_resnet18(dynamo)
+    assert {"Add", "MaxPool", "Conv"} <= {n.op_type for n in model.graph.node}
+    for precision, tol in (("model", 1e-4), ("float64", 1e-10)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", liftir.diagnostics.ConvergenceWarning)
+            ex = liftir.Explainer(model, "deeplift_revealcancel", precision=precision)
+            attr, delta = ex.attribute(x, target=3, return_convergence_delta=True)
+        diff = ex.predict(x)[:, 3] - ex.predict(np.zeros_like(x))[:, 3]
+        assert np.abs(diff).min() > 1e-3
+        assert np.abs(delta).max() <= tol * np.abs(diff).max(), (precision, delta, diff)
+        np.testing.assert_allclose(attr.reshape(4, -1).sum(axis=1, dtype=np.float64), diff,
+                                   rtol=tol * 10, atol=tol * np.abs(diff).max())
+
+
+def _pooled_residual_model(seed):
+    """Gemm-Relu-MaxPool-Gemm with a residual Add around a Relu: pooled and residual paths."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0]), n)
+             for n, s in (("w0", (8, 16)), ("w1", (16, 16)), ("w2", (16, 2)))]
+    inits += [numpy_helper.from_array(np.array([0, 1, 4, 4], np.int64), "shape"),
+              numpy_helper.from_array(np.array([0, 16], np.int64), "flat"),
+              numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.3, "b0")]
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Add", ["r", "r1"], ["s"]), helper.make_node("Reshape", ["s", "shape"], ["s4"]),
+             helper.make_node("MaxPool", ["s4"], ["p"], kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1]),
+             helper.make_node("Reshape", ["p", "flat"], ["pf"]), helper.make_node("Gemm", ["pf", "w2"], ["o"])]
+    return _model(nodes, inits, 8, 2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pooled_residual_graph_conserves(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    x0 = rng.standard_normal((1, 8)).astype(np.float32) * 0.5
+    model = _pooled_residual_model(seed)
+    _, delta = liftir.Explainer(model, "deeplift_revealcancel", precision="float64").attribute(
+        x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.abs(delta).max() < 1e-12
+    attr, delta = liftir.Explainer(model, "deeplift_revealcancel").attribute(
+        x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.abs(delta).max() <= 1e-5 * max(np.abs(attr).sum(axis=1).max(), 1.0)
