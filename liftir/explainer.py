@@ -713,15 +713,12 @@ class Explainer:
 
     @staticmethod
     def _explained_difference(seed: np.ndarray, run, tensor: str) -> np.ndarray:
-        """f(x)_t - f(x0)_t for each target and row of the seed: (k, rows) float64."""
-        return Explainer._selected(seed, run.actual(tensor)) - Explainer._selected(seed, run.reference(tensor))
-
-    @staticmethod
-    def _selected(seed: np.ndarray, value) -> np.ndarray:
-        """sum over output neurons of seed * value: the explained scalar, (K, rows), in double."""
+        """f(x)_t - f(x0)_t for each target and row of the seed: sum over output neurons of
+        seed * (value - reference value), (k, rows), in double (buffered: no double copy of the seed)."""
         k, rows = seed.shape[:2]
-        value = np.broadcast_to(to_host(value).astype(np.float64), seed.shape[1:]).reshape(rows, -1)
-        return np.einsum("krx,rx->kr", seed.reshape(k, rows, -1), value, dtype=np.float64)
+        difference = to_host(run.actual(tensor)).astype(np.float64) - to_host(run.reference(tensor)).astype(np.float64)
+        difference = np.broadcast_to(difference, seed.shape[1:]).reshape(rows, -1)
+        return np.einsum("krx,rx->kr", seed.reshape(k, rows, -1), difference, dtype=np.float64)
 
     def _softmax_axis(self, output: str) -> int:
         node = self._final_activation(output)

@@ -43,7 +43,7 @@ def parse_memory(value) -> int | None:
     if isinstance(value, (int, float)):
         number = float(value)
     elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if match is None or match.group(2).lower() not in _UNITS:
             raise InputError(f"max_memory {value!r} is not a size; write e.g. 2GiB, 512MiB, 1e9 or an int of bytes")
         number = float(match.group(1)) * _UNITS[match.group(2).lower()]
