@@ -53,7 +53,7 @@ class Explainer:
     precision : "model" (default) or "float64"
         "float64" runs the whole graph in double precision (slower: no onnxruntime kernels).
 
-    Memory: `attribute` cuts its work into passes under `max_memory` (default 2 GiB);
+    Memory: `attribute` cuts its work into passes under `max_memory` (default 1 GiB);
     see its docstring and README, "Memory".
     """
 
@@ -390,7 +390,7 @@ class Explainer:
             attributions m * (x - x0), whatever `multiply_by_inputs` and `attribution_func`.
         batch_size : at most this many samples per pass.
         max_memory : the budget of one pass, in bytes or as a string ("2GiB", "512MB");
-            default 2 GiB (`liftir.memory.DEFAULT_MAX_MEMORY`); None for no bound (one pass).
+            default 1 GiB (`liftir.memory.DEFAULT_MAX_MEMORY`); None for no bound (one pass).
             Samples (DeepLIFT-SHAP: sample-reference pairs; integrated gradients: points
             of the path) and targets per pass are chosen so that the pass's estimated
             memory (activations kept for the backward, multipliers of every target in
@@ -445,7 +445,12 @@ class Explainer:
                      axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
                      k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self.input_names),
                      multiply=multiply_by_inputs, func=attribution_func, progress=progress)
-        self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))  # bad targets fail now
+        # bad targets fail now, not after the first passes: the form on one row, the range on all
+        self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
+        if isinstance(target, np.ndarray) and len(rest) == 1:
+            outside = (target < -rest[0]) | (target >= rest[0])
+            if outside.any():
+                raise InputError(f"targets {target[outside][:5].tolist()} are out of range for {rest[0]} outputs")
         cap = min(n, batch_size or n)
         if method.name == "deeplift_shap":
             attrs, delta = self._run_pairs(call, xs, refs, cost, budget, cap)
@@ -521,6 +526,7 @@ class Explainer:
         size = plan_pass(budget, cost, cap, call.k, forward_rows=1 + per_sample_refs + revealcancel_,
                          fixed_rows=refs is not None and not per_sample_refs,
                          multiplier_factor=2 if revealcancel_ else 1, what="sample")
+        size = replace(size, rows=_even(n, size.rows), targets=_even(call.k, size.targets))
         blocks = [(s, min(s + size.rows, n)) for s in range(0, n, size.rows)]
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas = []
@@ -566,11 +572,15 @@ class Explainer:
         n = xs[0].shape[0]
         own = refs[0].ndim == xs[0].ndim + 1  # (n, B, ...): each sample's own references
         pairs = refs[0].shape[1] if own else refs[0].shape[0]
-        size = plan_pass(budget, cost, cap * pairs, call.k, forward_rows=3 + 1 / pairs, what="pair")
+        # per pair: its reference row, the actual and reference rows expanded into pairs for the
+        # rules, a share of the actual row; 0.15 more for the forward's transient copies (peak
+        # RSS measured on benchmarks/bench_memory.py was 4% above 3 + 1/B rows)
+        size = plan_pass(budget, cost, cap * pairs, call.k, forward_rows=3.15 + 1 / pairs, what="pair")
         if size.rows >= pairs:
-            samples, chunk = size.rows // pairs, pairs
+            samples, chunk = _even(n, size.rows // pairs), pairs
         else:
-            samples, chunk = 1, size.rows
+            samples, chunk = 1, _even(pairs, size.rows)
+        size = replace(size, rows=min(n, samples) * chunk, targets=_even(call.k, size.targets))
         passes = [(s0, min(s0 + samples, n), b0, min(b0 + chunk, pairs))
                   for s0 in range(0, n, samples) for b0 in range(0, pairs, chunk)]
         pieces: dict[str, list] = {w: [] for w in call.wrt}
@@ -620,16 +630,17 @@ class Explainer:
         size = plan_pass(budget, cost, cap * steps, call.k, what="point of the path")
         rows = min(size.rows, max_rows or size.rows)
         if rows >= steps:
-            samples, points = min(cap, rows // steps), steps
+            samples, points = _even(n, min(cap, rows // steps)), steps
         else:
-            samples = min(cap, rows)
-            points = max(1, rows // samples)
+            samples = _even(n, min(cap, rows))
+            points = _even(steps, max(1, rows // samples))
+        size = replace(size, rows=samples * points, targets=_even(call.k, size.targets))
         passes = [(s0, min(s0 + samples, n), p0, min(p0 + points, steps))
                   for s0 in range(0, n, samples) for p0 in range(0, steps, points)]
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas = []
         averaged = None
-        for s0, s1, p0, p1 in self._passes(passes, call, replace(size, rows=rows), "point of the path"):
+        for s0, s1, p0, p1 in self._passes(passes, call, size, "point of the path"):
             sub_x = [x[s0:s1] for x in xs]
             sub_refs = [r[s0:s1] if per_sample_refs else r for r in refs]
             if p0 == 0:  # weighted sums of gradients, (K, s, ...) per input
@@ -740,6 +751,13 @@ class _Call:
     multiply: bool
     func: Callable | None
     progress: bool
+
+
+def _even(total: int, most: int) -> int:
+    """The chunk size that cuts `total` into as few chunks of at most `most` as possible,
+    all of about the same size (20 in chunks of 19 becomes 10 + 10, not 19 + 1)."""
+    chunks = -(-total // max(1, most))
+    return -(-total // chunks)
 
 
 def _rows_of(target, start: int, stop: int, n: int):

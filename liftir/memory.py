@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from .errors import InputError
 
 #: the default budget of one pass: fixed (not a fraction of free RAM) so that the same call
-#: chunks the same way on every machine; 2 GiB fits a laptop and keeps passes large enough
-#: that per-pass overheads stay small.
-DEFAULT_MAX_MEMORY = 2 * 1024 ** 3
+#: is cut the same way on every machine. 1 GiB fits a laptop, and larger passes were not
+#: faster: DeepLIFT-SHAP on a BPNet-like model ran 13.5 s in 0.5-1 GiB passes and 19-25 s
+#: in 2-2.5 GiB ones (benchmarks/bench_memory.py).
+DEFAULT_MAX_MEMORY = 1024 ** 3
 
 #: multiplier arrays alive at once during the backward, in units of the largest tensor:
 #: the one arriving, the one leaving, and a rule's temporaries (e.g. m * (x - x0)).

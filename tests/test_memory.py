@@ -6,6 +6,7 @@ models the rules run in float64 on NumPy, and through the pass sizes chosen (`la
 """
 from __future__ import annotations
 
+import inspect
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -50,7 +51,8 @@ def _tiny(ex, *args, **kw):
 def test_parse_memory():
     assert parse_memory(None) is None
     assert parse_memory(1000) == 1000
-    assert parse_memory("2GiB") == 2 * 1024 ** 3 == DEFAULT_MAX_MEMORY
+    assert parse_memory("1GiB") == 1024 ** 3 == DEFAULT_MAX_MEMORY
+    assert inspect.signature(liftir.Explainer.attribute).parameters["max_memory"].default == DEFAULT_MAX_MEMORY
     assert parse_memory("512 MiB") == 512 * 1024 ** 2
     assert parse_memory("1.5GB") == 1_500_000_000
     assert parse_memory("1e3") == 1000
@@ -100,6 +102,17 @@ def test_one_sample_one_target_per_pass_equals_one_pass(method):
             assert e.shape == ((N, k) if target == "all" else (N,))
         elif method == "deeplift_revealcancel":
             np.testing.assert_allclose(e, d, atol=1e-5)
+            assert np.abs(e).max() < 1e-4
+
+
+def test_bad_target_of_a_later_sample_fails_before_any_pass():
+    ex = R.explainer("convpool")
+    x, x0 = R.inputs("convpool", N, 1), R.inputs("convpool", N, 2)
+    with pytest.raises(InputError, match="out of range"):
+        ex.attribute(x, x0, target=[0, 1, 99], max_memory=1)
+    with pytest.raises(InputError, match="out of range"):
+        ex.attribute(x, x0, target=np.array([[0, 1], [2, 3], [4, -9]]), max_memory=1)
+    assert ex.last_pass is None
 
 
 def test_layer_attribution_chunked():
@@ -122,8 +135,9 @@ def test_deeplift_shap_references_split_across_passes(own):
     ex = R.explainer("convpool", method="deeplift_shap")
     a, d = ex.attribute(x, refs, target=TARGETS, max_memory=None, return_convergence_delta=True)
     cost = ex._row_costs[next(iter(ex._row_costs))][0]
-    for budget, pairs in ((1, 1), (int(2.5 * (3.2 * cost.activations + 4 * cost.largest)), 2),
-                          (int(10.5 * (3.2 * cost.activations + 4 * cost.largest)), 10)):
+    per_pair = 3.15 + 1 / 5  # forward rows a pair costs (see Explainer._run_pairs)
+    for budget, pairs in ((1, 1), (int(2.5 * (per_pair * cost.activations + 4 * cost.largest)), 2),
+                          (int(10.5 * (per_pair * cost.activations + 4 * cost.largest)), 10)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MemoryBudgetWarning)
             b, e = ex.attribute(x, refs, target=TARGETS, max_memory=budget, return_convergence_delta=True)
