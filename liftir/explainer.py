@@ -573,9 +573,9 @@ class Explainer:
         own = refs[0].ndim == xs[0].ndim + 1  # (n, B, ...): each sample's own references
         pairs = refs[0].shape[1] if own else refs[0].shape[0]
         # per pair: its reference row, the actual and reference rows expanded into pairs for the
-        # rules, a share of the actual row; 0.15 more for the forward's transient copies (peak
-        # RSS measured on benchmarks/bench_memory.py was 4% above 3 + 1/B rows)
-        size = plan_pass(budget, cost, cap * pairs, call.k, forward_rows=3.15 + 1 / pairs, what="pair")
+        # rules, a share of the actual row; 0.3 more for transient copies (peak RSS measured on
+        # benchmarks/bench_memory.py grew by 3.25 forward rows per pair, plus ~27 MiB once)
+        size = plan_pass(budget, cost, cap * pairs, call.k, forward_rows=3.3 + 1 / pairs, what="pair")
         if size.rows >= pairs:
             samples, chunk = _even(n, size.rows // pairs), pairs
         else:

@@ -19,8 +19,8 @@ from .errors import InputError
 
 #: the default budget of one pass: fixed (not a fraction of free RAM) so that the same call
 #: is cut the same way on every machine. 1 GiB fits a laptop, and larger passes were not
-#: faster: DeepLIFT-SHAP on a BPNet-like model ran 13.5 s in 0.5-1 GiB passes and 19-25 s
-#: in 2-2.5 GiB ones (benchmarks/bench_memory.py).
+#: faster: DeepLIFT-SHAP on a BPNet-like model took 10-16 s in passes of 0.4 to 2 GiB and
+#: 20-23 s in one 2.4 GiB pass, on a shared 2-core machine (benchmarks/bench_memory.py).
 DEFAULT_MAX_MEMORY = 1024 ** 3
 
 #: multiplier arrays alive at once during the backward, in units of the largest tensor:
