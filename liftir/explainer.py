@@ -54,7 +54,8 @@ class Explainer:
         "float64" runs the whole graph in double precision (slower: no onnxruntime kernels).
 
     Memory: `attribute` cuts its work into passes under `max_memory` (default 1 GiB);
-    see its docstring and README, "Memory".
+    see its docstring and README, "Memory". After a call, `last_pass`
+    (`liftir.memory.PassSize`) says how: rows and targets per pass, how many passes.
     """
 
     def __init__(self, model: Any, method: str = "deeplift", *, backend: str = "numpy",
