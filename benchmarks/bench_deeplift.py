@@ -199,8 +199,10 @@ def main(argv=None) -> int:
     print(text)
     if args.write:
         out = Path(__file__).resolve().parent / "results.md"
+        old = out.read_text() if out.exists() else ""
+        kept = old[old.index("\n## Memory"):] if "\n## Memory" in old else ""  # bench_memory.py's section
         out.write_text("# DeepLIFT benchmark results\n\n"
-                       "Produced by `python benchmarks/bench_deeplift.py --write`; see README.md.\n\n" + text)
+                       "Produced by `python benchmarks/bench_deeplift.py --write`; see README.md.\n\n" + text + kept)
         print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -6,7 +6,8 @@ a backward pass, and turns multipliers into attributions and convergence deltas.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from .data import resolve_input
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
+from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
 from .methods import Method, get_method, integration_points
 from .progress import Progress
 from .training_mode import refuse_training_mode
@@ -36,10 +38,14 @@ class Explainer:
         The model. It is parsed and checked, never executed as code. A model in memory
         must embed its tensors; from a path, external data is read from its folder only.
     method : str
-        "deeplift" (default), "saliency", "input_x_gradient", "guided_backprop", "deconvnet".
+        One of `liftir.methods.METHODS` (README, table under "Use it from Python"):
+        "deeplift" (default, Rescale rule), "deeplift_revealcancel", "deeplift_shap",
+        "integrated_gradients", "saliency", "input_x_gradient", "guided_backprop",
+        "deconvnet".
     backend : "numpy" (default), "cupy" or "auto".
     max_rule : "cross_max" (default) or "paper"
-        DeepLIFT rule for MaxPool/GlobalMaxPool/ReduceMax; see README, "Max rules".
+        DeepLIFT rule for MaxPool/GlobalMaxPool/ReduceMax; see README, "The rules, and
+        where they differ from other tools" (Max, 2.3.2).
     final_activation : "strip" (default) or "keep"
         With "strip", a target read from a final Softmax/LogSoftmax is explained at its
         logits with mean-normalized weights (paper 2.5), and a final Sigmoid at its input
@@ -50,6 +56,10 @@ class Explainer:
         Default tensor to explain (any tensor of the graph); the model's only output if omitted.
     precision : "model" (default) or "float64"
         "float64" runs the whole graph in double precision (slower: no onnxruntime kernels).
+
+    Memory: `attribute` cuts its work into passes under `max_memory` (default 1 GiB);
+    see its docstring and README, "Memory". After a call, `last_pass`
+    (`liftir.memory.PassSize`) says how: rows and targets per pass, how many passes.
     """
 
     def __init__(self, model: Any, method: str = "deeplift", *, backend: str = "numpy",
@@ -78,6 +88,9 @@ class Explainer:
         # (with several outputs and none chosen: the float ones; integer label heads are not explained)
         self.plan.require((self.output,) if self.output else tuple(
             o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f"))
+        self._row_costs: dict[tuple, tuple[RowCost, tuple[int, ...]]] = {}
+        #: how the last `attribute` call was cut into passes (rows and targets per pass)
+        self.last_pass: PassSize | None = None
 
     # ---- model inspection ------------------------------------------------------------------
     def _float_inputs(self):
@@ -259,21 +272,36 @@ class Explainer:
         info = self.graph.tensor_info(name)
         return info.shape if info is not None and info.shape is not None else (None, None)
 
-    def _seed(self, out_shape: tuple[int, ...], target, stripped: str | None, axis: int):
-        """The initial multipliers (K, N, *out_shape[1:]) selecting the explained quantity.
+    @staticmethod
+    def _n_targets(rest: tuple[int, ...], target) -> int:
+        """K, the number of targets explained together: 1 unless "all" or an (N, K) array."""
+        if isinstance(target, str) and target == "all":
+            return int(np.prod(rest)) if rest else 1
+        if isinstance(target, np.ndarray) and target.ndim == 2:
+            return target.shape[1]
+        return 1
+
+    def _seed(self, out_shape: tuple[int, ...], target, stripped: str | None, axis: int,
+              targets: slice = slice(None), dtype=np.float64) -> np.ndarray:
+        """The initial multipliers (k, N, *out_shape[1:]) selecting the explained quantity,
+        for the targets `targets` of the K the call asks for.
 
         K is 1 for one target per sample; K > 1 for several (target="all" or an (N, K) /
-        (1, K) array of class indices), explained together in one backward pass.
+        (1, K) array of class indices). Only the slice asked for is built: for "all" the
+        full seed is K * N * K numbers, 13 GiB for 30,000 outputs.
         """
         n = out_shape[0]
         rest = out_shape[1:]
         size = int(np.prod(rest)) if rest else 1
+        if stripped in ("Softmax", "LogSoftmax"):
+            dtype = np.float64  # the mean-normalized weights are built in double, then cast once
         if isinstance(target, str):
             if target != "all":
                 raise InputError(f"target must be an int, a sequence, a tuple or 'all', got {target!r}")
-            mask = np.zeros((size, n, size), dtype=np.float64)
-            mask[np.arange(size), :, np.arange(size)] = 1.0
-            mask = mask.reshape((size, n) + rest)
+            picked = np.arange(size)[targets]
+            mask = np.zeros((len(picked), n, size), dtype=dtype)
+            mask[np.arange(len(picked)), :, picked] = 1.0
+            mask = mask.reshape((len(picked), n) + rest)
         elif isinstance(target, np.ndarray) and target.ndim == 2:
             if len(rest) != 1:
                 raise InputError(f"several class targets per sample need an (N, C) output; this one is "
@@ -281,16 +309,16 @@ class Explainer:
             if target.shape[0] not in (1, n) or target.dtype.kind not in "iu":
                 raise InputError(f"a 2-D target must be ints of shape (N, K) or (1, K), got {target.shape}")
             _check_indices(target, rest[0], "targets")
-            t = np.broadcast_to(target, (n, target.shape[1]))
-            mask = np.zeros((t.shape[1], n) + rest, dtype=np.float64)
+            t = np.broadcast_to(target, (n, target.shape[1]))[:, targets]
+            mask = np.zeros((t.shape[1], n) + rest, dtype=dtype)
             mask[np.arange(t.shape[1])[None, :], np.arange(n)[:, None], t] = 1.0
         elif target is None:
             if size != 1:
                 raise InputError(f"the explained output has shape {('N',) + rest}: pass target= "
                                  f"(an index, one index per sample, a tuple over the non-batch axes, or 'all')")
-            mask = np.ones((1, n) + rest, dtype=np.float64)
+            mask = np.ones((1, n) + rest, dtype=dtype)
         else:
-            mask = np.zeros((1, n) + rest, dtype=np.float64)
+            mask = np.zeros((1, n) + rest, dtype=dtype)
             mask[(0, np.arange(n)) + self._target_index(target, n, rest)] = 1.0
         if stripped in ("Softmax", "LogSoftmax"):
             ax = axis if axis >= 0 else len(out_shape) + axis
@@ -343,8 +371,10 @@ class Explainer:
 
     def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,
                   layer: str | None = None, return_convergence_delta: bool = False,
-                  batch_size: int | None = None, progress: bool = False, n_steps: int = 50,
-                  integration: str = "gausslegendre", internal_batch_size: int | None = None,
+                  batch_size: int | None = None, max_memory: int | str | None = DEFAULT_MAX_MEMORY,
+                  multiply_by_inputs: bool = True, attribution_func: Callable | None = None,
+                  progress: bool = False, n_steps: int = 50, integration: str = "gausslegendre",
+                  internal_batch_size: int | None = None,
                   abs: bool = False):  # noqa: A002 - Captum's Saliency names it so
         """Attributions of the target output to each input feature, shaped like `inputs`.
 
@@ -363,10 +393,31 @@ class Explainer:
             LayerDeepLift): one array of the layer's shape is returned.
         return_convergence_delta : also return delta (N,) or (N, K): the sum of attributions
             minus f(x)_t - f(x0)_t (~0 for DeepLIFT; the completeness residual for
-            integrated gradients; None for gradient methods).
-        batch_size : explain this many samples per pass (memory).
-        progress : show a bar on stderr counting samples (integrated gradients: sample-steps),
-            once a run has lasted a second and only when stderr is a terminal.
+            integrated gradients; None for gradient methods). It always refers to the
+            attributions m * (x - x0), whatever `multiply_by_inputs` and `attribution_func`.
+        batch_size : at most this many samples per pass.
+        max_memory : the budget of one pass, in bytes or as a string ("2GiB", "512MB");
+            default 1 GiB (`liftir.memory.DEFAULT_MAX_MEMORY`); None for no bound (one pass).
+            Samples (DeepLIFT-SHAP: sample-reference pairs; integrated gradients: points
+            of the path) and targets per pass are chosen so that the pass's estimated
+            memory (activations kept for the backward, multipliers of every target in
+            flight, measured on a one-row forward) stays under it; `last_pass` records the
+            choice. Results do not depend on it. Below one row and one target, liftir runs
+            one of each and warns (`liftir.memory.MemoryBudgetWarning`).
+        multiply_by_inputs : False returns the multipliers instead of the attributions
+            (Captum's name): DeepLIFT's m with m * (x - x0) the attribution (DeepLIFT-SHAP:
+            their mean over the references), the path-averaged gradient for integrated
+            gradients, the gradient for input_x_gradient. Not defined for RevealCancel,
+            which keeps separate multipliers for positive and negative differences.
+        attribution_func : deeplift and deeplift_shap only: ``f(m, x, x0)`` turns the
+            multipliers m (K, P, ...) of each input and its actual and reference values
+            (P, ...) into what is returned instead of m * (x - x0), for every pair of sample
+            and reference (then averaged over references, as DeepLIFT-SHAP averages).
+            Array-module code (NumPy or CuPy arrays come in). Used by
+            `liftir.genomics.hypothetical_contributions`.
+        progress : show a bar on stderr counting samples (integrated gradients: sample-steps;
+            DeepLIFT-SHAP: sample-reference pairs), once a run has lasted a second and only
+            when stderr is a terminal.
         n_steps, integration, internal_batch_size : integrated gradients' quadrature and the
             most rows one of its forward passes may take.
         abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
@@ -374,7 +425,7 @@ class Explainer:
         method = self.method
         out = self._output_for_call(output)
         xs, refs, kind = self.prepare_inputs(inputs, baselines, method.uses_reference,
-                                       distribution=method.name == "deeplift_shap")
+                                             distribution=method.name == "deeplift_shap")
         if layer is not None:
             layer = self._check_output(layer)
             if layer in self.input_names:
@@ -382,47 +433,84 @@ class Explainer:
         n = xs[0].shape[0]
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        budget = parse_memory(max_memory)
+        self._check_attribution_options(multiply_by_inputs, attribution_func, abs)
+        quadrature = None
         if method.name == "integrated_gradients":
+            if layer is not None:
+                raise InputError("layer attribution is not available for integrated_gradients")
             alphas, weights = integration_points(n_steps, integration)
             if internal_batch_size is not None and (not isinstance(internal_batch_size, int)
                                                     or internal_batch_size < 1):
                 raise InputError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
             quadrature = (alphas, weights, internal_batch_size)
-        else:
-            quadrature = None
         if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
             target = np.asarray(target)
             if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
                 raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
-        step = batch_size or n
-        chunks = range(0, n, step)
-        steps = len(quadrature[0]) if quadrature is not None else 1  # IG counts sample-steps
-        bar = Progress(n * steps, f"liftir {method.name}", "step" if steps > 1 else "sample", progress)
-        if method.name == "deeplift_shap":  # chunk (N, B, ...) references with their samples
-            per_sample_refs = refs[0].ndim == xs[0].ndim + 1
+        explained, stripped = self.explained_tensor(out)
+        cost, rest = self._row_cost(xs, explained)
+        call = _Call(explained=explained, stripped=stripped,
+                     axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
+                     k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self.input_names),
+                     multiply=multiply_by_inputs, func=attribution_func, progress=progress)
+        # bad targets fail now, not after the first passes: the form on one row, the range on all
+        self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
+        if isinstance(target, np.ndarray) and len(rest) == 1:
+            _check_indices(target, rest[0], "targets")
+        cap = min(n, batch_size or n)
+        if method.name == "deeplift_shap":
+            attrs, delta = self._run_pairs(call, xs, refs, cost, budget, cap)
+        elif quadrature is not None:
+            attrs, delta = self._run_path(call, xs, refs, cost, budget, cap, quadrature)
         else:
-            per_sample_refs = refs is not None and refs[0].shape[0] == n and n > 1
-        parts, delta_parts = [], []
-        with bar:
-            for start in chunks:
-                sl = slice(start, start + step)
-                sub_target = target[sl] if isinstance(target, np.ndarray) and target.shape[0] == n else target
-                sub_refs = None if refs is None else [r[sl] if per_sample_refs else r for r in refs]
-                a, d = self._attribute_batch([x[sl] for x in xs], sub_refs, sub_target, out, layer, quadrature,
-                                             bar)
-                parts.append(a)
-                delta_parts.append(d)
-        attrs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+            attrs, delta = self._run_samples(call, xs, refs, cost, budget, cap)
+        attrs, delta = self._per_target(attrs, delta, target)
         if abs:
-            if method.name != "saliency":
-                raise InputError(f"abs=True is an option of method 'saliency', not {method.name!r}")
             attrs = [np.abs(a) for a in attrs]
         result = attrs[0] if layer is not None else self._pack(attrs, kind)
-        delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
         diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer)
         if return_convergence_delta:
             return result, delta
         return result
+
+    def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
+        name = self.method.name
+        if not isinstance(multiply_by_inputs, bool):
+            raise InputError(f"multiply_by_inputs must be True or False, got {multiply_by_inputs!r}")
+        if abs_ and name != "saliency":
+            raise InputError(f"abs=True is an option of method 'saliency', not {name!r}")
+        if not multiply_by_inputs and name == "deeplift_revealcancel":
+            raise InputError("multiply_by_inputs=False is not defined for deeplift_revealcancel: RevealCancel "
+                             "keeps separate multipliers for the positive and negative parts of x - x0")
+        if attribution_func is not None:
+            if name not in ("deeplift", "deeplift_shap"):
+                raise InputError(f"attribution_func is an option of deeplift and deeplift_shap, not {name!r}")
+            if not callable(attribution_func):
+                raise InputError(f"attribution_func must be callable f(m, x, x0), got {attribution_func!r}")
+            if not multiply_by_inputs:
+                raise InputError("pass attribution_func or multiply_by_inputs=False, not both")
+
+    def _row_cost(self, xs, explained: str) -> tuple[RowCost, tuple[int, ...]]:
+        """Bytes a forward row keeps, and the explained tensor's non-batch shape, from a
+        one-row forward (cached per input shapes: repeated calls do not forward again)."""
+        key = (explained, self.xp.__name__, tuple(x.shape[1:] for x in xs), tuple(x.dtype.str for x in xs))
+        if key not in self._row_costs:
+            run = self._forward([x[:1] for x in xs], None, explained)
+            self._row_costs[key] = (RowCost.measure(run.values, 1), tuple(run.device(explained).shape[1:]))
+        return self._row_costs[key]
+
+    def _passes(self, passes: list, call: _Call, size: PassSize, unit: str):
+        """Record the chosen pass size (`last_pass`) and yield the passes, counting their work
+        on the progress bar: each pass is (start, stop[, start, stop]) ranges whose product is
+        its samples (pairs for DeepLIFT-SHAP, sample-steps for integrated gradients)."""
+        self.last_pass = replace(size, unit=unit, passes=len(passes))
+        work = [int(np.prod([hi - lo for lo, hi in zip(p[::2], p[1::2])])) for p in passes]
+        units = {"sample": "sample", "pair": "pair", "point of the path": "step"}
+        with Progress(sum(work), f"liftir {self.method.name}", units.get(unit, unit), call.progress) as bar:
+            for item, done in zip(passes, work):
+                yield item
+                bar.update(done)
 
     def _forward(self, xs, refs, tensor: str) -> scheduler.Run:
         """One batched forward over [actual; reference] rows, up to `tensor`."""
@@ -432,149 +520,228 @@ class Explainer:
         feeds = {}
         for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs)):
             feeds[name] = xp.asarray(x if ref is None else np.concatenate([x, ref]))
-        return scheduler.forward(self.plan, xp, feeds, n, r, (tensor,), self.method.mode, self.options)
+        return scheduler.forward(self.plan, self.xp, feeds, n, r, (tensor,), self.method.mode, self.options)
 
-    def _targets_chunk(self, k: int, rows_per_target: int, run) -> int:
-        """How many targets to push through one backward pass (bounds memory)."""
-        per_row = max(int(np.prod(v.shape[1:])) for v in run.values.values())
-        budget = 2 ** 25  # elements of the largest multiplier array: 128 MB in float32
-        return max(1, min(k, budget // max(1, per_row * rows_per_target)))
+    def _backward(self, run, call: _Call, seed: np.ndarray, node_backward=None):
+        dtype = run.device(call.explained).dtype
+        return scheduler.backward(run, {call.explained: self.xp.asarray(seed.astype(dtype, copy=False))},
+                                  call.wrt, (call.explained,), node_backward=node_backward)
 
-    def _attribute_batch(self, xs, refs, target, output: str, layer: str | None = None, quadrature=None,
-                         bar: Progress | None = None):
-        if quadrature is not None:
-            return self._integrated_gradients_batch(xs, refs, target, output, layer, quadrature, bar)
-        xp = self.xp
+    def _run_samples(self, call: _Call, xs, refs, cost: RowCost, budget, cap: int):
+        """Every method but DeepLIFT-SHAP and integrated gradients: passes of whole samples,
+        each forwarded once and propagated back for its targets in chunks.
+
+        Returns multipliers-turned-attributions (K, N, ...) per wrt tensor and deltas (K, N)."""
         n = xs[0].shape[0]
-        method = self.method
-        explained, stripped = self.explained_tensor(output)
-        pairs = 1
-        if method.name == "deeplift_shap":
-            own = refs[0].ndim == xs[0].ndim + 1  # (n, B, ...): already in pair order once flattened
-            pairs = refs[0].shape[1] if own else refs[0].shape[0]
-            if own:
-                refs = [r.reshape((-1,) + r.shape[2:]) for r in refs]
-            run = scheduler.PairedRun(self._forward(xs, refs, explained), pairs, tile_references=not own)
+        revealcancel_ = self.method.name == "deeplift_revealcancel"
+        per_sample_refs = refs is not None and refs[0].shape[0] == n and n > 1
+        size = plan_pass(budget, cost, cap, call.k, forward_rows=1 + per_sample_refs + revealcancel_,
+                         fixed_rows=refs is not None and not per_sample_refs,
+                         multiplier_factor=2 if revealcancel_ else 1, what="sample")
+        size = replace(size, rows=_even(n, size.rows), targets=_even(call.k, size.targets))
+        blocks = [(s, min(s + size.rows, n)) for s in range(0, n, size.rows)]
+        pieces: dict[str, list] = {w: [] for w in call.wrt}
+        deltas = []
+        for s0, s1 in self._passes(blocks, call, size, "sample"):
+            sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
+            run = self._forward([x[s0:s1] for x in xs], sub_refs, call.explained)
+            spread = node_backward = None
+            if revealcancel_:
+                spread = revealcancel.split_forward(run, self.plan.order_for((call.explained,)),
+                                                    tuple(self.input_names))
+                node_backward = revealcancel.node_backward(spread)
+            block = {w: [] for w in call.wrt}
+            block_deltas = []
+            for t0 in range(0, call.k, size.targets):
+                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
+                                  call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
+                k = seed.shape[0]
+                grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None else seed,
+                                       node_backward)
+                sums = 0.0
+                for w in call.wrt:
+                    if spread is not None:
+                        a, s = self._finish_split(run, w, grads[w], spread, k)
+                    else:
+                        a, s = self._finish(run, w, grads[w], k, call)
+                    block[w].append(a)
+                    sums = sums + s if s is not None else None
+                if self.method.uses_reference:
+                    block_deltas.append(sums - self._explained_difference(seed, run, call.explained))
+            for w in call.wrt:
+                pieces[w].append(np.concatenate(block[w]))
+            if block_deltas:
+                deltas.append(np.concatenate(block_deltas))
+        attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
+        return attrs, np.concatenate(deltas, axis=1) if deltas else None
+
+    def _run_pairs(self, call: _Call, xs, refs, cost: RowCost, budget, cap: int):
+        """DeepLIFT-SHAP: DeepLIFT for every (sample, reference) pair, averaged over references.
+
+        A pass takes whole samples with all their references when they fit, else one sample
+        with a chunk of its references; the per-pair results of a sample are averaged once
+        all its pairs are in, so the chunking never changes the numbers."""
+        n = xs[0].shape[0]
+        own = refs[0].ndim == xs[0].ndim + 1  # (n, B, ...): each sample's own references
+        pairs = refs[0].shape[1] if own else refs[0].shape[0]
+        # per pair: its reference row, the actual and reference rows expanded into pairs for the
+        # rules, a share of the actual row; 0.3 more for transient copies (peak RSS measured on
+        # benchmarks/bench_memory.py grew by 3.25 forward rows per pair, plus ~27 MiB once)
+        size = plan_pass(budget, cost, cap * pairs, call.k, forward_rows=3.3 + 1 / pairs, what="pair")
+        if size.rows >= pairs:
+            samples, chunk = _even(n, size.rows // pairs), pairs
         else:
-            run = self._forward(xs, refs, explained)
-        value = run.device(explained)
-        axis = self._softmax_axis(output) if stripped else -1
-        seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)  # (K, n, ...)
-        if pairs > 1:
-            seed = np.repeat(seed, pairs, axis=1)
-        wrt = (layer,) if layer else tuple(self.input_names)
-        k = seed.shape[0]
-        chunk = self._targets_chunk(k, run.n_actual, run)
-        pieces = {w: [] for w in wrt}
-        spread, node_backward = None, None
-        if method.name == "deeplift_revealcancel":
-            spread = revealcancel.split_forward(run, self.plan.order_for((explained,)), tuple(self.input_names))
-            node_backward = revealcancel.node_backward(spread)
-        for start in range(0, k, chunk):
-            part = seed[start:start + chunk]
-            if spread is not None:  # multipliers of d+ and d- travel stacked
-                part = np.concatenate([part, part])
-            seed_dev = xp.asarray(part.astype(value.dtype))
-            grads = scheduler.backward(run, {explained: seed_dev}, wrt, (explained,), node_backward=node_backward)
-            for w in wrt:
-                if spread is not None:
-                    pieces[w].append(self._finish_split(run, w, grads[w], spread, part.shape[0] // 2))
-                else:
-                    pieces[w].append(self._finish(run, w, grads[w], seed_dev.shape[0]))
-        attributions = []
-        for w in wrt:
-            a = np.concatenate(pieces[w])  # (K, P, ...)
-            if pairs > 1:
-                a = a.reshape((k, n, pairs) + a.shape[2:]).mean(axis=2)
-            attributions.append(a)
-        delta = None
-        if method.uses_reference:
-            f_act = self._selected(seed, run.actual(explained))
-            f_ref = self._selected(seed, run.reference(explained))
-            total = sum(a.astype(np.float64).reshape(k, a.shape[1], -1).sum(axis=2) for a in attributions)
-            diff = f_act - f_ref
-            if pairs > 1:
-                diff = diff.reshape(k, n, pairs).mean(axis=2)
-            delta = (total - diff).T  # (n, K)
-        if bar is not None:
-            bar.update(n)
-        return self._per_target(attributions, delta, target)
+            samples, chunk = 1, _even(pairs, size.rows)
+        size = replace(size, rows=min(n, samples) * chunk, targets=_even(call.k, size.targets))
+        passes = [(s0, min(s0 + samples, n), b0, min(b0 + chunk, pairs))
+                  for s0 in range(0, n, samples) for b0 in range(0, pairs, chunk)]
+        pieces: dict[str, list] = {w: [] for w in call.wrt}
+        deltas, block, block_deltas = [], {w: [] for w in call.wrt}, []
+        for s0, s1, b0, b1 in self._passes(passes, call, size, "pair"):
+            if own:
+                sub_refs = [r[s0:s1, b0:b1].reshape((-1,) + r.shape[2:]) for r in refs]
+            else:
+                sub_refs = [r[b0:b1] for r in refs]
+            run = scheduler.PairedRun(self._forward([x[s0:s1] for x in xs], sub_refs, call.explained),
+                                      b1 - b0, tile_references=not own)
+            per_target = {w: [] for w in call.wrt}
+            pass_deltas = []
+            for t0 in range(0, call.k, size.targets):
+                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
+                                  call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
+                seed = np.repeat(seed, b1 - b0, axis=1)  # sample-major pairs
+                grads = self._backward(run, call, seed)
+                sums = 0.0
+                for w in call.wrt:
+                    a, s = self._finish(run, w, grads[w], seed.shape[0], call)
+                    per_target[w].append(a)
+                    sums = sums + s
+                pass_deltas.append(sums - self._explained_difference(seed, run, call.explained))
+            for w in call.wrt:
+                block[w].append(np.concatenate(per_target[w]))
+            block_deltas.append(np.concatenate(pass_deltas))
+            if b1 == pairs:  # every pair of samples s0:s1 is in: average over their references
+                for w in call.wrt:
+                    a = np.concatenate(block[w], axis=1)
+                    pieces[w].append(a.reshape((a.shape[0], s1 - s0, pairs) + a.shape[2:]).mean(axis=2))
+                d = np.concatenate(block_deltas, axis=1)
+                deltas.append(d.reshape(d.shape[0], s1 - s0, pairs).mean(axis=2))
+                block, block_deltas = {w: [] for w in call.wrt}, []
+        attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
+        return attrs, np.concatenate(deltas, axis=1)
+
+    def _run_path(self, call: _Call, xs, refs, cost: RowCost, budget, cap: int, quadrature):
+        """Integrated gradients: gradients at x0 + alpha (x - x0), weighted, times x - x0.
+
+        Passes take (point, sample) rows; the weighted gradients are summed point by point
+        in the quadrature's order, so how points are grouped into passes never changes them."""
+        alphas, weights, max_rows = quadrature
+        n = xs[0].shape[0]
+        steps = len(alphas)
+        per_sample_refs = refs[0].shape[0] == n and n > 1
+        size = plan_pass(budget, cost, cap * steps, call.k, what="point of the path")
+        rows = min(size.rows, max_rows or size.rows)
+        if rows >= steps:
+            samples, points = _even(n, min(cap, rows // steps)), steps
+        else:
+            samples = _even(n, min(cap, rows))
+            points = _even(steps, max(1, rows // samples))
+        size = replace(size, rows=samples * points, targets=_even(call.k, size.targets))
+        passes = [(s0, min(s0 + samples, n), p0, min(p0 + points, steps))
+                  for s0 in range(0, n, samples) for p0 in range(0, steps, points)]
+        pieces: dict[str, list] = {w: [] for w in call.wrt}
+        deltas = []
+        averaged = None
+        for s0, s1, p0, p1 in self._passes(passes, call, size, "point of the path"):
+            sub_x = [x[s0:s1] for x in xs]
+            sub_refs = [r[s0:s1] if per_sample_refs else r for r in refs]
+            if p0 == 0:  # weighted sums of gradients, (K, s, ...) per input
+                averaged = [np.zeros((call.k,) + x.shape, dtype=np.float64) for x in sub_x]
+            a, w = alphas[p0:p1], weights[p0:p1]
+            path = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
+                    .astype(x.dtype) for x, r in zip(sub_x, sub_refs)]  # (points * s, ...) alpha-major
+            run = self._forward(path, None, call.explained)
+            for t0 in range(0, call.k, size.targets):
+                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
+                                  call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
+                k = seed.shape[0]
+                grads = self._backward(run, call, np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2)))
+                for i, name in enumerate(self.input_names):
+                    if grads[name] is None:
+                        continue
+                    g = to_host(grads[name]).reshape((k, p1 - p0, s1 - s0) + sub_x[i].shape[1:])
+                    for j in range(p1 - p0):  # point by point: the same sums however points are grouped
+                        averaged[i][t0:t0 + k] += w[j] * g[:, j].astype(np.float64)
+            if p1 < steps:
+                continue
+            ends = self._forward(sub_x, sub_refs, call.explained)  # f(x) and f(x0) for the residual
+            sums = 0.0
+            for i, (x, r) in enumerate(zip(sub_x, sub_refs)):
+                contribution = averaged[i] * (x - r).astype(np.float64)[None]
+                sums = sums + contribution.reshape(call.k, s1 - s0, -1).sum(axis=2)
+                pieces[self.input_names[i]].append(
+                    (contribution if call.multiply else averaged[i]).astype(x.dtype))
+            differences = []
+            for t0 in range(0, call.k, size.targets):
+                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
+                                  call.axis, slice(t0, t0 + size.targets), ends.device(call.explained).dtype)
+                differences.append(self._explained_difference(seed, ends, call.explained))
+            deltas.append(sums - np.concatenate(differences))
+        attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
+        return attrs, np.concatenate(deltas, axis=1)
 
     @staticmethod
     def _per_target(attributions, delta, target):
-        """(K, N, ...) results as (N, K, ...) for several targets, (N, ...) for one."""
+        """(K, N, ...) results as (N, K, ...) and deltas (K, N) as (N, K) for several
+        targets; (N, ...) and (N,) for one."""
         k = attributions[0].shape[0]
+        delta = None if delta is None else delta.T
         if k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2):
             return [np.moveaxis(a, 0, 1) for a in attributions], delta
         return [a[0] for a in attributions], None if delta is None else delta[:, 0]
 
-    def _finish(self, run, tensor: str, m, k: int) -> np.ndarray:
-        """Multipliers (K, P, ...) of `tensor` turned into the method's attributions, on the host."""
-        dtype = run.device(tensor).dtype
+    def _finish(self, run, tensor: str, m, k: int, call: _Call):
+        """Multipliers (k, P, ...) of `tensor` turned into what the call returns, on the host,
+        and for reference methods the sums of m * (x - x0) per (target, row): (k, P) float64."""
+        value = run.device(tensor)
+        dtype = value.dtype
+        reference = self.method.attribution == "delta"
         if m is None:
-            return np.zeros((k, run.n_actual) + tuple(run.device(tensor).shape[1:]), dtype=dtype)
-        if self.method.attribution == "delta":
-            m = m * (run.actual(tensor) - run.reference(tensor))
-        elif self.method.attribution == "input":
-            m = m * run.actual(tensor)
-        return to_host(m).astype(dtype, copy=False)
+            zeros = np.zeros((k, run.n_actual) + tuple(value.shape[1:]), dtype=dtype)
+            return zeros, np.zeros((k, run.n_actual)) if reference else None
+        if not reference:
+            if self.method.attribution == "input" and call.multiply:
+                m = m * run.actual(tensor)
+            return to_host(m).astype(dtype, copy=False), None
+        contribution = m * (run.actual(tensor) - run.reference(tensor))
+        sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
+        if call.func is not None:
+            result = call.func(m, run.actual(tensor), run.reference(tensor))
+            if tuple(getattr(result, "shape", ())) != tuple(m.shape):
+                raise InputError(f"attribution_func returned shape {tuple(getattr(result, 'shape', ()))} for "
+                                 f"{tensor!r}; it must keep the multipliers' shape {tuple(m.shape)}")
+        else:
+            result = contribution if call.multiply else m
+        return to_host(result).astype(dtype, copy=False), sums
 
-    def _finish_split(self, run, tensor: str, m, spread, k: int) -> np.ndarray:
-        """RevealCancel: m+ d+ + m- d- with d+- = (d +- D) / 2."""
+    def _finish_split(self, run, tensor: str, m, spread, k: int):
+        """RevealCancel: m+ d+ + m- d- with d+- = (d +- D) / 2, and its sums per (target, row)."""
         if m is None:
-            return self._finish(run, tensor, None, k)
+            value = run.device(tensor)
+            return np.zeros((k, run.n_actual) + tuple(value.shape[1:]), dtype=value.dtype), np.zeros((k, run.n_actual))
         delta = run.actual(tensor) - run.reference(tensor)
         pos, neg = (delta + spread[tensor]) * 0.5, (delta - spread[tensor]) * 0.5
-        return to_host(m[:k] * pos + m[k:] * neg).astype(run.device(tensor).dtype, copy=False)
+        a = to_host(m[:k] * pos + m[k:] * neg).astype(run.device(tensor).dtype, copy=False)
+        return a, a.astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
 
     @staticmethod
-    def _selected(seed: np.ndarray, value) -> np.ndarray:
-        """sum over output neurons of seed * value: the explained scalar, (K, rows)."""
-        value = to_host(value).astype(np.float64)
-        value = np.broadcast_to(value, seed.shape[1:])
-        return (seed * value[None]).reshape(seed.shape[0], seed.shape[1], -1).sum(axis=2)
-
-    def _integrated_gradients_batch(self, xs, refs, target, output, layer, quadrature, bar=None):
-        """Gradients at points x0 + alpha (x - x0), weighted and multiplied by x - x0."""
-        if layer is not None:
-            raise InputError("layer attribution is not available for integrated_gradients")
-        alphas, weights, max_rows = quadrature
-        xp = self.xp
-        n = xs[0].shape[0]
-        explained, stripped = self.explained_tensor(output)
-        axis = self._softmax_axis(output) if stripped else -1
-        steps_per_pass = len(alphas) if max_rows is None else max(1, max_rows // n)
-        averaged: list = [None] * len(xs)  # weighted sums of gradients, (K, n, ...) per input
-        seed = None
-        for start in range(0, len(alphas), steps_per_pass):
-            a = alphas[start:start + steps_per_pass]
-            w = weights[start:start + steps_per_pass]
-            points = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
-                      .astype(x.dtype) for x, r in zip(xs, refs)]  # (S*n, ...) alpha-major
-            run = self._forward(points, None, explained)
-            value = run.device(explained)
-            if seed is None:
-                seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)
-            k = seed.shape[0]
-            seed_rows = np.tile(seed, (1, len(a)) + (1,) * (seed.ndim - 2))
-            grads = scheduler.backward(run, {explained: xp.asarray(seed_rows.astype(value.dtype))},
-                                       tuple(self.input_names), (explained,))
-            for i, name in enumerate(self.input_names):
-                if grads[name] is None:
-                    continue
-                g = to_host(grads[name]).astype(np.float64).reshape((k, len(a), n) + xs[i].shape[1:])
-                part = np.tensordot(w, g, axes=([0], [1]))  # (k, n, ...)
-                averaged[i] = part if averaged[i] is None else averaged[i] + part
-            if bar is not None:
-                bar.update(n * len(a))
-        k = seed.shape[0]
-        attributions = [(np.zeros((k,) + x.shape) if avg is None else avg * (x - r).astype(np.float64)[None])
-                        .astype(x.dtype) for x, r, avg in zip(xs, refs, averaged)]
-        ends = self._forward(xs, refs, explained)  # f(x) and f(x0), for the completeness residual
-        f_act = self._selected(seed, ends.actual(explained))
-        f_ref = self._selected(seed, ends.reference(explained))
-        summed = sum(a.astype(np.float64).reshape(k, n, -1).sum(axis=2) for a in attributions)
-        return self._per_target(attributions, (summed - (f_act - f_ref)).T, target)
+    def _explained_difference(seed: np.ndarray, run, tensor: str) -> np.ndarray:
+        """f(x)_t - f(x0)_t for each target and row of the seed: sum over output neurons of
+        seed * (value - reference value), (k, rows), in double (buffered: no double copy of the seed)."""
+        k, rows = seed.shape[:2]
+        difference = to_host(run.actual(tensor)).astype(np.float64) - to_host(run.reference(tensor)).astype(np.float64)
+        difference = np.broadcast_to(difference, seed.shape[1:]).reshape(rows, -1)
+        return np.einsum("krx,rx->kr", seed.reshape(k, rows, -1), difference, dtype=np.float64)
 
     def _softmax_axis(self, output: str) -> int:
         node = self._final_activation(output)
@@ -608,6 +775,36 @@ def _check_indices(indices: np.ndarray, size: int, what: str) -> None:
         more = (f"; {bad.size} of the {flat.size} entries are out of range"
                 + (f" (also {', '.join(map(str, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""))
     raise InputError(f"{what}: {value}{where} is {why}{more}")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one `attribute` call explains, shared by the pass loops."""
+
+    explained: str
+    stripped: str | None
+    axis: int
+    target: Any
+    rest: tuple[int, ...]  # the explained tensor's non-batch shape
+    k: int  # targets explained
+    wrt: tuple[str, ...]
+    multiply: bool
+    func: Callable | None
+    progress: bool
+
+
+def _even(total: int, most: int) -> int:
+    """The chunk size that cuts `total` into as few chunks of at most `most` as possible,
+    all of about the same size (20 in chunks of 19 becomes 10 + 10, not 19 + 1)."""
+    chunks = -(-total // max(1, most))
+    return -(-total // chunks)
+
+
+def _rows_of(target, start: int, stop: int, n: int):
+    """The part of a per-sample target (N,) / (N, K) that belongs to samples start:stop."""
+    if isinstance(target, np.ndarray) and target.shape[0] == n:
+        return target[start:stop]
+    return target
 
 
 def _shape_str(shape) -> str:

@@ -241,8 +241,8 @@ def dinucleotide_shuffle(onehot: np.ndarray, n_shuffles: int = 1,
 # Hypothetical contributions
 # --------------------------------------------------------------------------------------
 
-def hypothetical_contributions(multipliers: np.ndarray, references: np.ndarray | float,
-                               axis: int = -1) -> np.ndarray:
+def hypothetical_contributions(multipliers, references, axis: int = -1, *, inputs=None, target=None,
+                               **options) -> np.ndarray:
     r"""Contributions each base would get if it were the one present (TF-MoDISco's input).
 
     With one-hot input x, reference r and DeepLIFT multipliers m (with respect to
@@ -258,25 +258,45 @@ def hypothetical_contributions(multipliers: np.ndarray, references: np.ndarray |
     approximation as deeplift's and tangermeme's ``hypothetical`` functions (same
     formula; they take one sequence's references at a time).
 
+    Two ways to call it:
+
+    - ``hypothetical_contributions(explainer, references, inputs=x, target=t)``: a
+      `liftir.Explainer` with method "deeplift" or "deeplift_shap" computes the
+      multipliers through its public ``attribution_func`` hook, pair by pair under its
+      memory budget (``max_memory=``, ``batch_size=`` and other ``attribute`` options go
+      in `options`), so the (N, R, L, K) multipliers are never all held at once.
+      ``references`` are the baselines of ``Explainer.attribute``: (R, L, K) shared,
+      (N, R, L, K) per sequence (e.g. `dinucleotide_shuffle`) for DeepLIFT-SHAP.
+    - ``hypothetical_contributions(m, references)`` with multipliers already at hand
+      (e.g. ``explainer.attribute(x, r, multiply_by_inputs=False)`` for one reference).
+
     Parameters
     ----------
-    multipliers : array, (N, L, K) or (N, R, L, K)
+    multipliers : array, (N, L, K) or (N, R, L, K), or a liftir.Explainer
         Multipliers, one set per reference when R is present.
     references : array or float
         Broadcastable to ``multipliers`` ((N, R, L, K), (R, L, K), (L, K), a scalar
         such as 0.25, ...).
     axis : int
         Alphabet axis: -1 for (.., L, K), -2 for (.., K, L).
+    inputs, target, options : with an Explainer: the one-hot inputs (N, L, K), the
+        target and further options of ``Explainer.attribute``.
 
     Returns
     -------
-    array, (N, L, K) (or (N, K, L) for ``axis=-2``).
+    array, (N, L, K) (or (N, K, L) for ``axis=-2``); (N, T, L, K) for several targets.
     """
+    if axis not in (-1, -2):
+        raise ValueError(f"axis must be -1 or -2, got {axis}")
+    if hasattr(multipliers, "attribute") and hasattr(multipliers, "method"):
+        if inputs is None:
+            raise ValueError("with an Explainer, pass the one-hot sequences as inputs=")
+        return multipliers.attribute(inputs, references, target, attribution_func=_hypothetical(axis), **options)
+    if inputs is not None or target is not None or options:
+        raise ValueError("inputs=, target= and other options go with an Explainer, not with multipliers")
     m = np.asarray(multipliers)
     if m.ndim not in (3, 4):
         raise ValueError(f"multipliers must have shape (N, L, K) or (N, R, L, K), got {m.shape}")
-    if axis not in (-1, -2):
-        raise ValueError(f"axis must be -1 or -2, got {axis}")
     ref = np.asarray(references, dtype=np.result_type(m.dtype, np.float32))
     try:
         ref = np.broadcast_to(ref, np.broadcast_shapes(ref.shape, m.shape))
@@ -286,7 +306,14 @@ def hypothetical_contributions(multipliers: np.ndarray, references: np.ndarray |
     if ref.shape != m.shape:
         raise ValueError(f"references of shape {ref.shape} would enlarge the multipliers "
                          f"of shape {m.shape}; pass one multiplier set per reference")
-    hyp = m - np.sum(m * ref, axis=axis, keepdims=True)
+    hyp = _hypothetical(axis)(m, None, ref)
     if m.ndim == 4:
         hyp = hyp.mean(axis=1)
     return hyp
+
+
+def _hypothetical(axis: int):
+    """m, x, r -> m - sum over the alphabet of m * r: an `attribution_func` (NumPy or CuPy)."""
+    def combine(m, x, reference):
+        return m - (m * reference).sum(axis=axis, keepdims=True)
+    return combine
