@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     elementwise,
     linear,
     maxout,
+    normalization,
     pooling,
     product,
     softmax,
