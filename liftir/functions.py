@@ -58,7 +58,7 @@ def function_body(node: onnx.NodeProto, opset: int, input_types: list[onnx.TypeP
     if schema.has_function:
         version = _function_version(schema.function_opset_versions, opset)
         if version is not None:
-            return schema.get_function_with_opset_version(version)
+            return _as_function(schema.get_function_with_opset_version(version))
     if schema.has_context_dependent_function:
         version = _function_version(schema.context_dependent_function_opset_versions, opset)
         if version is None or any(t is None for t in input_types):
@@ -68,10 +68,18 @@ def function_body(node: onnx.NodeProto, opset: int, input_types: list[onnx.TypeP
                 version, node.SerializeToString(), [t.SerializeToString() for t in input_types])
         except Exception:  # the schema's builder refuses this node (e.g. an unsupported type)
             return None
-        body = onnx.FunctionProto()
-        body.ParseFromString(data)
+        body = _as_function(data)
         return body if body.node else None
     return None
+
+
+def _as_function(data) -> onnx.FunctionProto:
+    """onnx.defs hands out bodies serialized (bytes) or as protos, depending on the call."""
+    if isinstance(data, onnx.FunctionProto):
+        return data
+    body = onnx.FunctionProto()
+    body.ParseFromString(data)
+    return body
 
 
 def _attribute(ref: onnx.AttributeProto, node_attrs: dict, defaults: dict) -> onnx.AttributeProto | None:
@@ -87,9 +95,11 @@ def _attribute(ref: onnx.AttributeProto, node_attrs: dict, defaults: dict) -> on
     return attr
 
 
-def inline(node: onnx.NodeProto, body: onnx.FunctionProto, name: str, taken: set[str]) -> list[onnx.NodeProto]:
+def inline(node: onnx.NodeProto, body: onnx.FunctionProto, name: str, taken: set[str],
+           types: dict[str, onnx.TypeProto], constants: set[str]) -> list[onnx.NodeProto]:
     """The body's nodes with formal names bound to the node's tensors, internal tensors and
-    node names prefixed with `name` (unique in the graph), attribute references resolved."""
+    node names prefixed with `name` (unique in the graph), attribute references resolved.
+    `types` are the graph's known tensor types, `constants` its initializers."""
     prefix = f"{name} (expanded {node.op_type})/"
     rename: dict[str, str] = {"": ""}
     for formal, actual in zip(body.input, list(node.input) + [""] * len(body.input)):
@@ -109,16 +119,32 @@ def inline(node: onnx.NodeProto, body: onnx.FunctionProto, name: str, taken: set
 
     node_attrs = {a.name: a for a in node.attribute}
     defaults = {a.name: a for a in body.attribute_proto}
+    static = _static_tensors(node, body, constants)
     nodes = []
     for index, inner in enumerate(body.node):
         attrs = [a for a in (_attribute(a, node_attrs, defaults) for a in inner.attribute) if a is not None]
         inputs = [bind(t) for t in inner.input]
         outputs = [bind(t) for t in inner.output]
-        new = helper.make_node(inner.op_type, inputs, outputs, name=f"{prefix}{inner.name or inner.op_type}_{index}",
+        op_type = inner.op_type
+        like = types.get(inputs[1]) if op_type == "CastLike" and len(inputs) > 1 else None
+        if like is not None and inner.input[0] in static:
+            # a body constant cast to an activation's type: a plain Cast, so that it folds
+            op_type, inputs = "Cast", inputs[:1]
+            attrs = [helper.make_attribute("to", like.tensor_type.elem_type)]
+        new = helper.make_node(op_type, inputs, outputs, name=f"{prefix}{inner.name or inner.op_type}_{index}",
                                domain=inner.domain, doc_string=f"expanded from {node.op_type} node {name!r}")
         new.attribute.extend(attrs)
         nodes.append(new)
     return nodes
+
+
+def _static_tensors(node: onnx.NodeProto, body: onnx.FunctionProto, constants: set[str]) -> set[str]:
+    """Body tensors computed from constants alone (formal inputs bound to initializers)."""
+    static = {formal for formal, actual in zip(body.input, node.input) if actual in constants}
+    for inner in body.node:
+        if all(not t or t in static for t in inner.input):
+            static.update(inner.output)
+    return static
 
 
 def _types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
@@ -152,7 +178,8 @@ class _Expander:
         """Every body node has a rule, expands in turn, or computes from constants and shapes."""
         static = {formal for formal, actual in zip(body.input, node.input) if actual in self.constants}
         for inner in body.node:
-            if inner.op_type in _SHAPE_OR_CONSTANT or all(not t or t in static for t in inner.input):
+            if inner.op_type in _SHAPE_OR_CONSTANT or all(not t or t in static for t in inner.input) or (
+                    inner.op_type == "CastLike" and inner.input[0] in static):
                 static.update(inner.output)
                 continue
             opset = self.opsets.get(_domain(inner.domain), 0)
@@ -184,7 +211,8 @@ def expand_functions(model: onnx.ModelProto, has_rule: HasRule) -> int:
             if body is None or not expander.coverable(node, body):
                 new_nodes.append(node)
                 continue
-            new_nodes.extend(inline(node, body, node.name or f"{node.op_type}_{index}", taken))
+            new_nodes.extend(inline(node, body, node.name or f"{node.op_type}_{index}", taken,
+                                    types, expander.constants))
             changed = True
             expanded += 1
         if not changed:
