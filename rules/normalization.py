@@ -178,10 +178,11 @@ class InstanceNormalization(_Normalization):
         return _per_channel(xp, ctx.const(1), x_shape, dtype), _per_channel(xp, ctx.const(2), x_shape, dtype)
 
 
-@builtin_rule("GroupNormalization", since=18)
+@builtin_rule("GroupNormalization", since=21)
 class GroupNormalization(_Normalization):
     """(N, C, ...) in `num_groups` groups of channels, each normalized over its channels and
-    spatial axes. Scale and bias are per channel from opset 21, per group in opset 18."""
+    spatial axes; scale and bias per channel. (Opset 18's per-group version is deprecated:
+    onnx.checker refuses it, so no model liftir loads has it.)"""
 
     def _groups(self, ctx, channels):
         groups = int(ctx.attr("num_groups"))
@@ -198,8 +199,4 @@ class GroupNormalization(_Normalization):
 
     def _affine_params(self, ctx, x_shape, dtype):
         xp = ctx.xp
-        scale, bias = np.asarray(ctx.const(1)), np.asarray(ctx.const(2))
-        if ctx.node.opset < 21:  # one value per group, shared by its channels
-            per = x_shape[1] // self._groups(ctx, x_shape[1])
-            scale, bias = np.repeat(scale, per), np.repeat(bias, per)
-        return _per_channel(xp, scale, x_shape, dtype), _per_channel(xp, bias, x_shape, dtype)
+        return _per_channel(xp, ctx.const(1), x_shape, dtype), _per_channel(xp, ctx.const(2), x_shape, dtype)
