@@ -367,3 +367,15 @@ def test_quotient_rule_is_the_product_rule_on_the_reciprocal():
         np.testing.assert_allclose(ours[0][:, target], ((1 / b + 1 / b0) / 2 * (a - a0))[:, target], rtol=1e-12)
         np.testing.assert_allclose(ours[1][:, target], (-(a + a0) / (2 * b * b0) * (b - b0))[:, target], rtol=1e-12)
         assert np.abs(delta).max() <= 1e-13 * np.abs(a / b).max()
+
+
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "quotient"])
+@pytest.mark.parametrize("method", ["deeplift_shap", "deeplift_revealcancel"])
+def test_other_deeplift_methods_conserve(exported, name, method):
+    _, m = exported(name, "ts17")
+    x, x0 = _data(name)
+    ex = liftir.Explainer(m, method=method, precision="float64")
+    refs = np.concatenate([x0, x0[::-1] * 0.5]).astype(np.float64) if method == "deeplift_shap" else x0.astype(np.float64)
+    attr, delta = ex.attribute(x.astype(np.float64), baselines=refs, target=1, return_convergence_delta=True)
+    assert np.all(np.isfinite(attr))
+    assert np.abs(delta).max() <= 1e-10 * max(1.0, float(np.abs(ex.predict(x.astype(np.float64))).max()))
