@@ -86,7 +86,7 @@ def _attribute(ref: onnx.AttributeProto, node_attrs: dict, defaults: dict) -> on
     """A body attribute, with a reference (ref_attr_name) resolved to the node's value."""
     if not ref.ref_attr_name:
         return ref
-    source = node_attrs.get(ref.ref_attr_name) or defaults.get(ref.ref_attr_name)
+    source = node_attrs.get(ref.ref_attr_name, defaults.get(ref.ref_attr_name))
     if source is None:
         return None  # neither given nor defaulted: the body op's own default applies
     attr = onnx.AttributeProto()

@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     normalization,
     pooling,
     product,
+    reductions,
     softmax,
     views,
 )

@@ -921,7 +921,7 @@ class GraphBuilder:
                 b.add(op, [t, b.ints(0, -1)], (int(np.prod(shape)),))
             else:
                 b.add(op, [t, b.ints(-1)], shape + (1,))
-        elif op in ("ReduceSum", "ReduceMean", "ReduceMax"):
+        elif op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare", "ReduceL1", "ReduceL2"):
             axis = b.integer(1, rank)
             b.add(op, [t, b.ints(axis)], shape[: axis - 1] + (1,) + shape[axis:], keepdims=1)
         elif op in ("Softmax", "LogSoftmax"):
