@@ -173,3 +173,22 @@ def test_expanded_body_runs_like_onnxruntime_and_conserves(name):
     _, delta = ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
     scale = max(1.0, float(np.abs(y).max()))
     assert np.abs(delta).max() <= 1e-5 * scale, delta
+
+
+def test_dedicated_rules_win_and_rule_less_ops_expand_by_default():
+    """MeanVarianceNormalization has no liftir rule: the Explainer expands it. A rule given to
+    the Explainer (or registered) serves it whole instead; the caller's model is untouched."""
+    m = _case("MeanVarianceNormalization")
+    before = m.SerializeToString()
+    ex = liftir.Explainer(m)
+    assert "MeanVarianceNormalization" not in {n.op_type for n in ex.graph.nodes.values()}
+    assert any(name.startswith("meanvariancenormalization_node (expanded MeanVarianceNormalization)/")
+               for name in ex.graph.nodes)
+    assert m.SerializeToString() == before
+
+    class Whole(liftir.rule.Rule):
+        """Stands in for a user's rule: only its binding is checked."""
+
+    kept = liftir.Explainer(m, rules={"MeanVarianceNormalization": Whole})
+    assert [n.op_type for n in kept.graph.nodes.values()] == ["MeanVarianceNormalization"]
+    assert isinstance(kept.plan.rules["meanvariancenormalization_node"], Whole)
