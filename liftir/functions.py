@@ -139,10 +139,13 @@ def inline(node: onnx.NodeProto, body: onnx.FunctionProto, name: str, taken: set
 
 
 def _static_tensors(node: onnx.NodeProto, body: onnx.FunctionProto, constants: set[str]) -> set[str]:
-    """Body tensors computed from constants alone (formal inputs bound to initializers)."""
+    """Body tensors computed from constants (formal inputs bound to initializers, Constant
+    nodes) and activation shapes alone: folded or evaluated on the host, they need no rule.
+    A CastLike of one only borrows an activation's type: `inline` makes it a Cast."""
     static = {formal for formal, actual in zip(body.input, node.input) if actual in constants}
     for inner in body.node:
-        if all(not t or t in static for t in inner.input):
+        if (inner.op_type in _SHAPE_OR_CONSTANT or all(not t or t in static for t in inner.input)
+                or (inner.op_type == "CastLike" and inner.input[0] in static)):
             static.update(inner.output)
     return static
 
@@ -176,11 +179,9 @@ class _Expander:
 
     def coverable(self, node, body, depth=0) -> bool:
         """Every body node has a rule, expands in turn, or computes from constants and shapes."""
-        static = {formal for formal, actual in zip(body.input, node.input) if actual in self.constants}
+        static = _static_tensors(node, body, self.constants)
         for inner in body.node:
-            if inner.op_type in _SHAPE_OR_CONSTANT or all(not t or t in static for t in inner.input) or (
-                    inner.op_type == "CastLike" and inner.input[0] in static):
-                static.update(inner.output)
+            if all(not o or o in static for o in inner.output):
                 continue
             opset = self.opsets.get(_domain(inner.domain), 0)
             if self.has_rule(inner.op_type, _domain(inner.domain), opset):
