@@ -921,7 +921,10 @@ class GraphBuilder:
                 b.add(op, [t, b.ints(0, -1)], (int(np.prod(shape)),))
             else:
                 b.add(op, [t, b.ints(-1)], shape + (1,))
-        elif op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare", "ReduceL1", "ReduceL2"):
+        elif op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+                    "ReduceLogSum", "ReduceLogSumExp"):
+            if op == "ReduceLogSum":  # a log of sums: make them positive
+                t = b.add("Add", [b.add("Sigmoid", [t], shape), b.const(0.5)], shape)
             axis = b.integer(1, rank)
             b.add(op, [t, b.ints(axis)], shape[: axis - 1] + (1,) + shape[axis:], keepdims=1)
         elif op in ("Softmax", "LogSoftmax"):
