@@ -72,7 +72,7 @@ class Explainer:
             raise InputError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
         self.xp = array_module(backend)
         self.model = read_model(model)
-        self.graph: Graph = build_graph(self.model)
+        self.graph: Graph = build_graph(self.model, rules)
         fold_constants(self.graph)
         refuse_training_mode(self.graph)
         if precision not in ("model", "float64"):

@@ -91,7 +91,8 @@ def evaluate_static(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]]
                     values: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Evaluate a static node given the run's activation shapes and host static values."""
     if node.op_type in SHAPE_OF_OPS:
-        shape = shapes[node.inputs[0]]
+        source = node.inputs[0]  # an activation, or itself static (Size of a Shape)
+        shape = shapes[source] if source in shapes else np.shape(values[source])
         if node.op_type == "Size":
             return [np.array(int(np.prod(shape)), dtype=np.int64)]
         start = node.attrs.get("start", 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import networkx as nx
 import numpy as np
@@ -18,6 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelLoadError
+from .functions import expand_functions
+from .registry import lookup
 
 DEFAULT_DOMAIN = ""
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -281,12 +283,18 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(vi.name, dtype, shape)
 
 
-def build_graph(model: onnx.ModelProto) -> Graph:
-    """Turn a checked ModelProto into the IR (no folding yet)."""
+def build_graph(model: onnx.ModelProto, rules: Mapping | None = None) -> Graph:
+    """Turn a checked ModelProto into the IR (no folding yet).
+
+    Ops with no rule (given `rules`, the Explainer's overrides) but an ONNX function body
+    are expanded into that body here (liftir/functions.py); `model` itself is not changed.
+    """
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
     except Exception:
-        inferred = model  # shape inference is a help, not a requirement
+        inferred = onnx.ModelProto()
+        inferred.CopyFrom(model)  # shape inference is a help, not a requirement
+    expand_functions(inferred, lambda op, domain, opset: lookup(op, domain, opset, rules) is not None)
     g = inferred.graph
     opsets = {(o.domain if o.domain != "ai.onnx" else DEFAULT_DOMAIN): o.version for o in inferred.opset_import}
     constants = {init.name: numpy_helper.to_array(init) for init in g.initializer}

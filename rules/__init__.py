@@ -6,8 +6,10 @@ from . import (  # noqa: F401  (imported for their registrations)
     elementwise,
     linear,
     maxout,
+    normalization,
     pooling,
     product,
+    reductions,
     softmax,
     views,
 )

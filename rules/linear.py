@@ -87,35 +87,6 @@ class Neg(Linear):
         return (-g,)
 
 
-@builtin_rule("Div")
-class Div(Linear):
-    """x / c with a constant divisor (an activation divisor is not affine)."""
-
-    @staticmethod
-    def _divisor(ctx):
-        # checked in backward too: a forward run by onnxruntime never calls `forward`
-        if not ctx.is_const(1):
-            raise RuleError(f"Div node {ctx.node.name!r}: liftir supports division by a constant only")
-        return ctx.const(1)
-
-    def forward(self, ctx, a, b):
-        self._divisor(ctx)
-        return a / b
-
-    def backward(self, ctx, g):
-        b = ctx.xp.asarray(self._divisor(ctx), dtype=g.dtype)
-        return unbroadcast(ctx.xp, g / b, ctx.input_shape(0)), None
-
-    signed = True
-
-    def abs_forward(self, ctx, d, _):
-        return d / abs(ctx.input_value(1))
-
-    def abs_backward(self, ctx, g):
-        b = ctx.xp.asarray(abs(ctx.const(1)), dtype=g.dtype)
-        return unbroadcast(ctx.xp, g / b, ctx.input_shape(0)), None
-
-
 @builtin_rule("Gemm")
 class Gemm(Linear):
     """Y = alpha * A' B' + beta * C with A the activation and B, C constants."""

@@ -1,4 +1,4 @@
-"""Products of two activations (paper 2.3.5), and Mul/MatMul with a constant operand.
+"""Products of two activations (paper 2.3.5), and Mul/MatMul/Div with a constant operand.
 
 For y = x1 * x2: dy = dx1 (x0_2 + dx2/2) + dx2 (x0_1 + dx1/2), so the multipliers are
 m1 = x0_2 + dx2/2 and m2 = x0_1 + dx1/2 (the mean of actual and reference of the other
@@ -138,3 +138,45 @@ class MatMul(_Bilinear):
                     gb = gb[..., 0]
             gb = unbroadcast(xp, gb, ctx.input_shape(1))
         return ga, gb
+
+
+@builtin_rule("Div")
+class Div(Rule):
+    """a / b. A constant divisor makes it affine (2.3.1): m = 1/b. An activation divisor is
+    the product a * (1/b): Rescale (2.3.4) on the reciprocal, m = -1/(b b0), and the product
+    rule (2.3.5) on the product, so m_a = (1/b + 1/b0)/2 and m_b = -(a + a0)/2 / (b b0),
+    which conserve a/b - a0/b0 exactly (a constant numerator is its own midpoint)."""
+
+    modes = MODES
+    signed = True  # a constant divisor may be negative: RevealCancel's |L| uses 1/|b|
+
+    def describe(self, mode):
+        if mode == "deeplift":
+            return "product (2.3.5) of a and Rescale (2.3.4) 1/b; affine (2.3.1) with a constant divisor"
+        return "gradient: m_a = 1/b, m_b = -a/b^2; affine with a constant divisor"
+
+    def is_affine(self, ctx):
+        return ctx.is_const(1)
+
+    def forward(self, ctx, a, b):
+        return a / b
+
+    def backward(self, ctx, g):
+        xp = ctx.xp
+        if ctx.is_const(1):
+            b = xp.asarray(ctx.input_value(1), dtype=g.dtype)
+            return unbroadcast(xp, g / b, ctx.input_shape(0)), None
+        b = ctx.x(1)
+        b0 = ctx.x0(1) if ctx.mode == "deeplift" else b
+        a_mid = ctx.input_value(0) if ctx.is_const(0) else (
+            _midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
+        ga = None if ctx.is_const(0) else unbroadcast(xp, g * ((1 / b + 1 / b0) * 0.5), ctx.input_shape(0))
+        gb = unbroadcast(xp, g * (-a_mid / (b * b0)), ctx.input_shape(1))
+        return ga, gb
+
+    def abs_forward(self, ctx, d, _):
+        return d / abs(ctx.input_value(1))
+
+    def abs_backward(self, ctx, g):
+        b = ctx.xp.asarray(abs(ctx.input_value(1)), dtype=g.dtype)
+        return unbroadcast(ctx.xp, g / b, ctx.input_shape(0)), None

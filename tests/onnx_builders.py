@@ -58,7 +58,7 @@ def model(nodes, inputs: dict[str, tuple], outputs: Iterable[str] | dict[str, An
 
 def op_model(op_type: str, inputs: list, attrs: dict | None = None, opset: int = 17,
              n_outputs: int = 1, output_dtypes: list | None = None, domain: str = "",
-             dtype=np.float32) -> onnx.ModelProto:
+             dtype=np.float32, check: bool = True) -> onnx.ModelProto:
     """One node. Each entry of `inputs` is a shape (an activation of `dtype`, batch on axis 0),
     a NumPy array (a constant initializer) or None (an omitted optional input)."""
     names, feeds, consts = [], {}, {}
@@ -76,7 +76,7 @@ def op_model(op_type: str, inputs: list, attrs: dict | None = None, opset: int =
                             **(attrs or {}))
     dtypes = output_dtypes or [dtype] * n_outputs
     return model([node], feeds, dict(zip(outs, dtypes)), consts, opset,
-                 input_dtypes={name: dtype for name in feeds})
+                 input_dtypes={name: dtype for name in feeds}, check=check)
 
 
 def input_shapes(m: onnx.ModelProto, batch: int = 2) -> dict[str, tuple[int, ...]]:

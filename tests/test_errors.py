@@ -280,7 +280,8 @@ REFUSED = {
     "gather-axis0": lambda: op_model("Gather", [(2, 3), I64(0, 1)], {"axis": 0}, 13),
     "old-softmax-flattening": lambda: op_model("Softmax", [(2, 3, 4)], {"axis": 1}, 11),
     "gemm-activation-weight": lambda: op_model("Gemm", [(2, 3), (2, 3)], {"transB": 1}, 13),
-    "div-by-activation": lambda: op_model("Div", [(2, 3), (2, 3)], opset=13),
+    "layernorm-over-batch": lambda: op_model("LayerNormalization", [(2, 3), np.ones((2, 3), np.float32)],
+                                             {"axis": 0}, 17),
     "pow-activation-exponent": lambda: op_model("Pow", [(2, 3), (2, 3)], opset=13),
     "conv-transpose-output-shape-too-big": lambda: op_model(
         "ConvTranspose", [(2, 1, 4), RNG.standard_normal((1, 1, 3)).astype(np.float32)],

@@ -269,17 +269,17 @@ CASES["GlobalMaxPool"] = [op("GlobalMaxPool", [s], opset=1, id=f"{len(s) - 2}d")
                           for s in [(2, 3, 5), (2, 3, 4, 5), (2, 2, 3, 4, 2)]]
 
 
-def reduce_cases(op_type, axes_input_since):
+def reduce_cases(op_type, axes_input_since, **kw):
     """Attribute axes before `axes_input_since`, an axes input from then on."""
     old, new = axes_input_since - 2, max(axes_input_since, 18)
     cases = [
-        op(op_type, [(2, 3, 4)], {"axes": [1]}, old, id="attr-axis1"),
-        op(op_type, [(2, 3, 4)], {"axes": [-1], "keepdims": 0}, old, id="attr-neg-nokeep"),
-        op(op_type, [(2, 3, 4, 5)], {"axes": [1, 3]}, old, id="attr-two-axes"),
-        op(op_type, [(2, 3, 4), i64(2)], opset=new, id="input-axis"),
-        op(op_type, [(2, 3, 4, 5), i64(-1, 1)], {"keepdims": 0}, new, id="input-two-nokeep"),
-        op(op_type, [(2, 3, 4), i64()], {"noop_with_empty_axes": 1}, new, id="input-empty-noop"),
-        op(op_type, [(2, 3, 4)], {"noop_with_empty_axes": 1}, new, id="no-axes-noop"),
+        op(op_type, [(2, 3, 4)], {"axes": [1]}, old, id="attr-axis1", **kw),
+        op(op_type, [(2, 3, 4)], {"axes": [-1], "keepdims": 0}, old, id="attr-neg-nokeep", **kw),
+        op(op_type, [(2, 3, 4, 5)], {"axes": [1, 3]}, old, id="attr-two-axes", **kw),
+        op(op_type, [(2, 3, 4), i64(2)], opset=new, id="input-axis", **kw),
+        op(op_type, [(2, 3, 4, 5), i64(-1, 1)], {"keepdims": 0}, new, id="input-two-nokeep", **kw),
+        op(op_type, [(2, 3, 4), i64()], {"noop_with_empty_axes": 1}, new, id="input-empty-noop", **kw),
+        op(op_type, [(2, 3, 4)], {"noop_with_empty_axes": 1}, new, id="no-axes-noop", **kw),
     ]
     return cases
 
@@ -287,6 +287,44 @@ def reduce_cases(op_type, axes_input_since):
 CASES["ReduceSum"] = reduce_cases("ReduceSum", 13)
 CASES["ReduceMean"] = reduce_cases("ReduceMean", 18)
 CASES["ReduceMax"] = reduce_cases("ReduceMax", 18)
+for _op in ("ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp"):
+    CASES[_op] = reduce_cases(_op, 18)
+CASES["ReduceLogSumExp"].append(op("ReduceLogSumExp", [(2, 3, 4)], {"axes": [2]}, 13, id="large", low=60, high=90))
+CASES["ReduceLogSum"] = reduce_cases("ReduceLogSum", 18, low=0.1, high=2.0)
+
+# ---- normalization layers -------------------------------------------------------------------
+
+
+def _group_norm(inputs, attrs, shape):
+    """GroupNormalization: ONNX's shape inference cannot tell its output shape, so give it."""
+    def build():
+        m = op_model("GroupNormalization", inputs, attrs, 21, check=False)
+        m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y0", TensorProto.FLOAT, ["N", *shape[1:]]))
+        onnx.checker.check_model(m)
+        return m
+    return Case(f"{'-'.join(f'{k}={v}' for k, v in attrs.items())}-op21", build)
+
+
+CASES["LayerNormalization"] = [
+    op("LayerNormalization", [(2, 5), np.abs(w(5)) + 0.5, w(5)], opset=17, id="2d"),
+    op("LayerNormalization", [(2, 3, 5), np.abs(w(5)) + 0.5, None], {"epsilon": 1e-2}, 17, id="3d-no-bias-eps"),
+    op("LayerNormalization", [(2, 3, 4, 5), w(4, 5), w(4, 5)], {"axis": -2}, 17, id="last-two-axes"),
+    op("LayerNormalization", [(2, 3, 4), w(3, 4), w(4)], {"axis": 1}, 18, id="axis1-broadcast-bias"),
+    op("LayerNormalization", [(2, 3, 5), np.abs(w(5)) + 0.5, w(5)], opset=17, n_outputs=3, id="mean-invstd"),
+]
+CASES["InstanceNormalization"] = [
+    op("InstanceNormalization", [(2, 3, 4, 5), w(3), w(3)], opset=6, id="2d"),
+    op("InstanceNormalization", [(2, 3, 7), w(3), w(3)], {"epsilon": 1e-3}, 17, id="1d-eps"),
+]
+CASES["GroupNormalization"] = [
+    _group_norm([(2, 6, 4), w(6), w(6)], {"num_groups": 3}, (2, 6, 4)),
+    _group_norm([(2, 4, 3, 3), w(4), w(4)], {"num_groups": 1, "epsilon": 1e-3}, (2, 4, 3, 3)),
+    _group_norm([(2, 4, 5), w(4), w(4)], {"num_groups": 4}, (2, 4, 5)),
+]
+CASES["RMSNormalization"] = [
+    op("RMSNormalization", [(2, 3, 5), np.abs(w(5)) + 0.5], opset=23, id="last-axis"),
+    op("RMSNormalization", [(2, 3, 5), w(3, 5)], {"axis": 1, "epsilon": 1e-3}, 23, id="axis1-eps"),
+]
 
 # ---- views and data movement ---------------------------------------------------------------
 CASES["Pad"] = [

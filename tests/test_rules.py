@@ -813,7 +813,9 @@ def test_summation_to_delta_on_mixed_graphs(name, forward):
 
 POSITIVE_ONLY = {"Log", "Sqrt", "Reciprocal"}  # get sigmoid(t) + 0.5, in (0.5, 1.5)
 NOT_GENERATED = {"DepthToSpace", "SpaceToDepth",  # 4-D pixel shuffles: not in (N, F) / (N, C, L) graphs
-                 "Scaler"}  # ai.onnx.ml: tested end to end on a scikit-learn pipeline (test_sklearn.py)
+                 "Scaler",  # ai.onnx.ml: tested end to end on a scikit-learn pipeline (test_sklearn.py)
+                 # opsets 21 and 23, above the generator's: tested in test_normalization.py
+                 "GroupNormalization", "RMSNormalization"}
 OPSET = 20  # Gelu needs 20; axes, splits and pads are inputs there
 
 
@@ -873,14 +875,20 @@ class GraphBuilder:
         elif op in ("Neg", "Identity", "Dropout"):
             b.add(op, [t], shape)
         elif op == "Div":
-            b.add(op, [t, b.const(r.uniform(1, 2, shape[-1:]))], shape)
+            other = b.pick(lambda s: s == shape)
+            divisor = (b.const(r.uniform(1, 2, shape[-1:])) if b.choose([False, True]) else  # or an activation > 0.5
+                       b.add("Add", [b.add("Sigmoid", [other], shape), b.const(0.5)], shape))
+            b.add(op, [t, divisor], shape)
+        elif op == "LayerNormalization":
+            b.add(op, [t, b.const(r.uniform(0.5, 2, shape[-1:])), b.const(r.standard_normal(shape[-1:]))], shape,
+                  axis=-1, epsilon=1e-3)
         elif op in ("Gemm", "MatMul"):
             t = b.pick(lambda s: len(s) == 1) or b.add("Flatten", [t], (int(np.prod(shape)),))
             f_in, f = b.tensors[t][0], b.integer(2, 5)
             weight = b.const(r.standard_normal((f_in, f)) / np.sqrt(f_in))
             b.add(op, [t, weight] + ([b.const(r.standard_normal(f))] if op == "Gemm" else []), (f,))
         elif op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool",
-                    "BatchNormalization", "Transpose", "Flatten", "Squeeze"):
+                    "BatchNormalization", "InstanceNormalization", "Transpose", "Flatten", "Squeeze"):
             t = b.pick(lambda s: len(s) == 2) or b.add("Unsqueeze", [t, b.ints(1)], (1,) + shape)
             (c, length), m = b.tensors[t], b.integer(1, 3)
             if op == "Conv":
@@ -897,6 +905,9 @@ class GraphBuilder:
             elif op == "BatchNormalization":
                 params = (r.standard_normal(c), r.standard_normal(c), r.standard_normal(c), r.uniform(0.5, 2, c))
                 b.add(op, [t] + [b.const(v) for v in params], (c, length))
+            elif op == "InstanceNormalization":
+                b.add(op, [t, b.const(r.uniform(0.5, 2, c)), b.const(r.standard_normal(c))], (c, length),
+                      epsilon=1e-3)
             elif op == "Transpose":
                 b.add(op, [t], (length, c), perm=[0, 2, 1])
             elif op == "Flatten":
@@ -910,7 +921,10 @@ class GraphBuilder:
                 b.add(op, [t, b.ints(0, -1)], (int(np.prod(shape)),))
             else:
                 b.add(op, [t, b.ints(-1)], shape + (1,))
-        elif op in ("ReduceSum", "ReduceMean", "ReduceMax"):
+        elif op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+                    "ReduceLogSum", "ReduceLogSumExp"):
+            if op == "ReduceLogSum":  # a log of sums: make them positive
+                t = b.add("Add", [b.add("Sigmoid", [t], shape), b.const(0.5)], shape)
             axis = b.integer(1, rank)
             b.add(op, [t, b.ints(axis)], shape[: axis - 1] + (1,) + shape[axis:], keepdims=1)
         elif op in ("Softmax", "LogSoftmax"):

@@ -1,0 +1,93 @@
+"""Nonlinear reductions (rules/reductions.py): forward == onnxruntime at opsets 13 (axes an
+attribute) and 18 (an input), multipliers == a slow float64 composition of Rescale and the
+sum, == liftir on the ONNX function body (opset 18), and summation-to-delta."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import liftir
+from liftir.functions import expand_functions
+from liftir.registry import lookup
+from onnx_builders import op_model, run_ort
+
+RNG = np.random.default_rng(18)
+OPS = ("ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")
+
+
+def _model(op, opset, axes, keepdims, dtype=np.float32):
+    if opset >= 18:
+        return op_model(op, [(2, 3, 4), np.array(axes, np.int64)], {"keepdims": keepdims}, opset, dtype=dtype)
+    return op_model(op, [(2, 3, 4)], {"axes": axes, "keepdims": keepdims}, opset, dtype=dtype)
+
+
+def _slow(op, x, x0, axes):
+    """DeepLIFT of the chain f(x) -> sum (-> g), each Rescale as a plain divided difference."""
+    f = {"ReduceSumSquare": np.square, "ReduceL1": np.abs, "ReduceL2": np.square, "ReduceLogSum": lambda t: t,
+         "ReduceLogSumExp": np.exp}[op]
+    m = (f(x) - f(x0)) / (x - x0)
+    g = {"ReduceL2": np.sqrt, "ReduceLogSum": np.log, "ReduceLogSumExp": np.log}.get(op)
+    if g is not None:
+        s, s0 = f(x).sum(axes, keepdims=True), f(x0).sum(axes, keepdims=True)
+        m = m * (g(s) - g(s0)) / (s - s0)
+    return m
+
+
+def _inputs(op, shape):
+    x = RNG.standard_normal(shape)
+    return abs(x) + 0.1 if op == "ReduceLogSum" else x
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("opset,axes,keepdims", [(13, [2], 1), (13, [1, 2], 0), (18, [1], 0), (18, [-1], 1)])
+def test_forward_multipliers_and_conservation(op, opset, axes, keepdims):
+    m32 = _model(op, opset, axes, keepdims)
+    x = _inputs(op, (3, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(liftir.Explainer(m32).predict(x), run_ort(m32, {"x0": x})[0], rtol=1e-5, atol=1e-6)
+    m = _model(op, opset, axes, keepdims, np.float64)
+    x, x0 = _inputs(op, (3, 3, 4)), _inputs(op, (1, 3, 4))
+    ex = liftir.Explainer(m)
+    y = ex.predict(x)
+    for target in [(0,) * (y.ndim - 1), tuple(d - 1 for d in y.shape[1:])]:
+        attr, delta = ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+        assert np.abs(delta).max() <= 1e-12 * max(1.0, np.abs(y).max())
+        # the attribution of each input is m * dx on the inputs reduced into the target
+        keep = np.zeros_like(x, bool)
+        index = list(target)
+        full = [slice(None)] * 2
+        for ax in range(1, 3):
+            if ax - 1 in [a % 3 - 1 for a in axes]:
+                full[ax - 1] = slice(None)
+                if keepdims:
+                    index.pop(0)
+            else:
+                full[ax - 1] = index.pop(0)
+        keep[(slice(None),) + tuple(full)] = True
+        expected = np.where(keep, _slow(op, x, x0, tuple(a % 3 for a in axes)) * (x - x0), 0)
+        np.testing.assert_allclose(attr, expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_rule_equals_its_function_body(op):
+    m = _model(op, 18, [1, 2], 0, np.float64)
+    expanded = onnx.ModelProto()
+    expanded.CopyFrom(onnx.shape_inference.infer_shapes(m))
+    assert expand_functions(expanded, lambda o, d, v: o != op and lookup(o, d, v) is not None) == 1
+    x, x0 = _inputs(op, (3, 3, 4)), _inputs(op, (1, 3, 4))
+    a = liftir.Explainer(m).attribute(x, baselines=x0, target=None)
+    b = liftir.Explainer(expanded, precision="float64").attribute(x, baselines=x0, target=None)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    g = liftir.Explainer(m, method="saliency").attribute(x, target=None)
+    np.testing.assert_allclose(g, liftir.Explainer(expanded, method="saliency", precision="float64").attribute(
+        x, target=None), rtol=1e-10, atol=1e-13)
+
+
+def test_logsumexp_far_from_zero_neither_overflows_nor_cancels():
+    m = _model("ReduceLogSumExp", 13, [2], 0, np.float64)
+    x, x0 = 800 + RNG.standard_normal((2, 3, 4)), -800 + RNG.standard_normal((1, 3, 4))
+    ex = liftir.Explainer(m)
+    attr, delta = ex.attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.all(np.isfinite(attr)) and np.abs(delta).max() <= 1e-12 * 1600
+    # x0 is negligible beside x: each term is e^x / sum e^x of the 1600 difference, nearly
+    np.testing.assert_allclose(attr[:, 1].sum(-1), ex.predict(x)[:, 1] - ex.predict(x0)[:, 1], rtol=1e-12)
