@@ -24,6 +24,7 @@ examples:
   liftir explain model.onnx --input x.npy --target 3 --out attr.npz
   liftir check model.onnx                  # per-node summation-to-delta + onnxruntime forward
   liftir ops model.onnx                    # which op types of the model have rules
+  liftir genome model.onnx --fasta g.fa --bed peaks.bed --width 2114 --out scores.zarr
 
 exit codes: 0 ok, 1 check failed / ops not covered, 2 bad arguments or files, 130 interrupted.
 Run 'liftir COMMAND --help' for the options of each command.
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", "-m", default="deeplift", choices=list(METHODS), metavar="METHOD",
                    help=f"one of {', '.join(METHODS)} (default: deeplift)")
     p.set_defaults(func=cmd_ops, max_rule="cross_max")
+
+    from .genome.cli import add_parser as add_genome_parser  # noqa: PLC0415 - its own module
+    add_genome_parser(sub, _positive_int, fmt)
     return parser
 
 

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["one_hot_encode", "decode", "dinucleotide_shuffle", "hypothetical_contributions"]
+__all__ = ["one_hot_encode", "decode", "dinucleotide_shuffle", "hypothetical_contributions",
+           "explain_genome", "export_modisco"]
 
 
 def one_hot_encode(sequences: str | Iterable[str], alphabet: str = "ACGT",
@@ -317,3 +318,21 @@ def hypothetical_contributions(multipliers: np.ndarray, references: np.ndarray |
     if m.ndim == 4:
         hyp = hyp.mean(axis=1)
     return hyp
+
+
+# --------------------------------------------------------------------------------------
+# Genome-scale pipeline (needs the `genome` extra; imported on first use)
+# --------------------------------------------------------------------------------------
+
+def explain_genome(model, **options):
+    """Explain every region of a BED on a FASTA into a Zarr store; see
+    `liftir.genome.pipeline.explain_genome` for the options. Imported lazily so that
+    `liftir.genomics` works without pyfaidx, zarr and dask."""
+    from .genome.pipeline import explain_genome as run
+    return run(model, **options)
+
+
+def export_modisco(store: str, out_dir: str) -> tuple[str, str]:
+    """TF-MoDISco's ohe.npz and shap.npz from a finished genome store (lazy import)."""
+    from .genome.store import export_modisco as export
+    return export(store, out_dir)
