@@ -224,6 +224,7 @@ def test_a_killed_process_resumes_to_the_same_bytes(genome, reference_store, tmp
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert_identical(reference_store[0], out)
 
@@ -301,3 +302,44 @@ def test_gpu_backend_matches_numpy(reference_store, genome, tmp_path):
     a, b = open_store(reference_store[0]), open_store(out)
     np.testing.assert_allclose(a["contributions"][:], b["contributions"][:], atol=1e-5)
     assert np.abs(b["delta"][:]).max() < 1e-3
+
+
+# ---- TF-MoDISco on the output --------------------------------------------------------------------
+
+def _best_match(ppm: np.ndarray, motif: str) -> float:
+    """Largest mean probability of `motif` (or its reverse complement) along a PPM (L, 4)."""
+    best = 0.0
+    for site in (motif, motif[::-1].translate(str.maketrans("ACGT", "TGCA"))):
+        idx = np.array(["ACGT".index(c) for c in site])
+        for s in range(len(ppm) - len(site) + 1):
+            best = max(best, float(ppm[s + np.arange(len(site)), idx].mean()))
+    return best
+
+
+@pytest.mark.slow
+@pytest.mark.modisco
+def test_modisco_finds_the_implanted_gata_motif(genome, tmp_path):
+    """`liftir genome --modisco-out` feeds `modisco motifs` (modisco-lite) as is, and the
+    GATA site implanted at every summit is among its top patterns. Needs modisco-lite
+    (numba & co., not a liftir dependency): skipped without it; about a minute."""
+    pytest.importorskip("modiscolite")
+    h5py = pytest.importorskip("h5py")
+    import shutil
+    modisco = shutil.which("modisco") or str(Path(sys.executable).with_name("modisco"))
+    if not Path(modisco).exists():
+        pytest.skip("the modisco command is not installed")
+    from liftir.cli import main
+    fasta, bed = genome
+    folder = tmp_path / "modisco"
+    assert main(["genome", str(MODEL), "--fasta", str(fasta), "--bed", str(bed), "--width", str(WIDTH),
+                 "--shuffles", str(SHUFFLES), "--out", str(tmp_path / "s.zarr"), "--modisco-out",
+                 str(folder), "--no-progress"]) == 0
+    result = folder / "modisco_results.h5"
+    subprocess.run([modisco, "motifs", "-s", str(folder / "ohe.npz"), "-a", str(folder / "shap.npz"),
+                    "-n", "2000", "-w", str(WIDTH), "-o", str(result)], check=True, capture_output=True)
+    with h5py.File(result, "r") as f:
+        assert "pos_patterns" in f, "modisco found no positive pattern"
+        patterns = f["pos_patterns"]
+        names = sorted(patterns, key=lambda p: int(p.split("_")[1]))[:3]  # ranked by seqlets
+        scores = [_best_match(patterns[p]["sequence"][:], "GATA") for p in names]
+    assert max(scores) > 0.8, scores

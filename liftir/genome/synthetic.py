@@ -32,18 +32,20 @@ def _revcomp(s: str) -> str:
 
 
 def make_genome(folder, n_peaks: int = 200, seed: int = 0, edge_peaks: int = 3,
-                peak_width: int = 120) -> tuple[Path, Path]:
+                peak_width: int = 120, chromosomes: dict[str, int] | None = None
+                ) -> tuple[Path, Path]:
     """Write genome.fa and peaks.narrowPeak into `folder`; returns their paths.
 
     The last `edge_peaks` peaks lie within 40 bp of a chromosome end. Peaks are spread
-    over chr1 and chr2, at least 300 bp apart.
+    over chr1 and chr2, at least 300 bp apart (give larger `chromosomes` for more).
     """
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    seqs = {name: random_dna(rng, size) for name, size in CHROMOSOMES.items()}
+    sizes = dict(chromosomes or CHROMOSOMES)
+    seqs = {name: random_dna(rng, size) for name, size in sizes.items()}
     rows = []
-    slots = {name: np.arange(400, size - 400, 300) for name, size in CHROMOSOMES.items()
+    slots = {name: np.arange(400, size - 400, 300) for name, size in sizes.items()
              if name != "chrM"}
     pool = [(name, int(p)) for name, ps in slots.items() for p in ps]
     picked = rng.choice(len(pool), size=n_peaks - edge_peaks, replace=False)
@@ -56,8 +58,8 @@ def make_genome(folder, n_peaks: int = 200, seed: int = 0, edge_peaks: int = 3,
         start = summit - int(rng.integers(20, peak_width - 20))
         rows.append((name, start, start + peak_width, summit - start))
     for k in range(edge_peaks):  # near the ends: a wide window falls off
-        name = ("chr1", "chr2", "chrM")[k % 3]
-        size = CHROMOSOMES[name]
+        name = list(sizes)[k % len(sizes)]
+        size = sizes[name]
         start = 5 if k % 2 == 0 else size - 45
         rows.append((name, start, start + 40, 20))
     # assembly texture: N runs and soft-masked repeats
