@@ -229,6 +229,41 @@ def test_a_killed_process_resumes_to_the_same_bytes(genome, reference_store, tmp
     assert_identical(reference_store[0], out)
 
 
+def test_a_full_disk_is_a_clear_error_and_the_rerun_completes(genome, reference_store, tmp_path,
+                                                              monkeypatch, capsys):
+    import errno
+
+    from liftir.cli import main
+    from liftir.genome import store
+    fasta, bed = genome
+    out = tmp_path / "full.zarr"
+    write = store.write_chunk
+    calls = []
+
+    def fill_up(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(*args, **kwargs)
+    monkeypatch.setattr(store, "write_chunk", fill_up)
+    argv = ["genome", str(MODEL), "--fasta", str(fasta), "--bed", str(bed), "--width", str(WIDTH),
+            "--shuffles", str(SHUFFLES), "--store-chunk", "8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(store, "write_chunk", write)
+    assert main(argv) == 0
+    assert_identical(reference_store[0], out)
+    assert main(["genome-export", str(out), str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "shap.npz").is_file()
+
+
+def test_import_liftir_needs_none_of_the_genome_dependencies():
+    code = ("import sys, liftir, liftir.genomics, liftir.genome, liftir.cli; liftir.cli.build_parser(); "
+            "print(sorted(m for m in ('zarr', 'dask', 'distributed', 'pyfaidx', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ---- Dask ------------------------------------------------------------------------------------
 
 def test_dask_workers_with_one_killed_mid_run_write_the_same_bytes(genome, reference_store, tmp_path):

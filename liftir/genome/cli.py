@@ -81,7 +81,22 @@ def add_parser(sub, positive_int, formatter) -> None:
 
 def cmd_genome(args: argparse.Namespace) -> int:
     from .pipeline import explain_genome
-    summary = explain_genome(
+    try:
+        summary = _run(explain_genome, args)
+    except OSError as exc:  # a full disk, a lost mount: what is written stays valid
+        print(f"liftir: error: {exc}; chunks already written are kept: fix the cause and rerun "
+              f"the same command to resume", file=sys.stderr)
+        return 2
+    print(summary.text(), file=sys.stderr)
+    if summary.skipped:
+        shown = ", ".join(map(str, summary.skipped_lines[:10]))
+        more = " ..." if summary.skipped > 10 else ""
+        print(f"skipped BED lines (window off a chromosome end): {shown}{more}", file=sys.stderr)
+    return 0
+
+
+def _run(explain_genome, args: argparse.Namespace):
+    return explain_genome(
         args.model, out=args.out, fasta=args.fasta, bed=args.bed, sequences=args.sequences,
         key=args.key, width=args.width, method=args.method, references=args.references,
         shuffles=args.shuffles, seed=args.seed, gc=args.gc, reference_file=args.reference_file,
@@ -89,12 +104,6 @@ def cmd_genome(args: argparse.Namespace) -> int:
         store_chunk=args.store_chunk, max_memory=args.max_memory, workers=args.workers,
         scheduler=args.scheduler, backend=args.backend, max_rule=args.max_rule,
         progress=not args.no_progress, modisco_out=args.modisco_out)
-    print(summary.text(), file=sys.stderr)
-    if summary.skipped:
-        shown = ", ".join(map(str, summary.skipped_lines[:10]))
-        more = " ..." if summary.skipped > 10 else ""
-        print(f"skipped BED lines (window off a chromosome end): {shown}{more}", file=sys.stderr)
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
