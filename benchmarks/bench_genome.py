@@ -33,12 +33,12 @@ WIDTH = 2114
 SHUFFLES = 20
 
 
-def build_bpnet(folder: Path) -> Path:
+def bpnet_counts(filters: int = 64, layers: int = 8):
     import torch
     from torch import nn
 
     class BPNetCounts(nn.Module):
-        def __init__(self, filters=64, layers=8):
+        def __init__(self):
             super().__init__()
             self.stem = nn.Conv1d(4, filters, 21, padding=10)
             self.convs = nn.ModuleList(nn.Conv1d(filters, filters, 3, padding=2 ** i, dilation=2 ** i)
@@ -52,8 +52,12 @@ def build_bpnet(folder: Path) -> Path:
             return self.head(h.mean(dim=2))
 
     torch.manual_seed(0)
-    model = BPNetCounts().eval()
-    torch.save(model, folder / "bpnet.pt")
+    return BPNetCounts().eval()
+
+
+def build_bpnet(folder: Path) -> Path:
+    import torch
+    model = bpnet_counts()
     path = folder / "bpnet.onnx"
     torch.onnx.export(model, (torch.zeros(1, 4, WIDTH),), str(path), input_names=["sequence"],
                       output_names=["log_counts"], dynamic_axes={"sequence": {0: "N"}},
@@ -84,7 +88,7 @@ def stage_tangermeme(folder: Path, n: int) -> dict:
     regions = read_bed(folder / f"peaks_{n}.bed", WIDTH, source.chrom_sizes())
     x, _, _ = source.fetch(regions)
     refs = make_references(ReferenceSpec(n=SHUFFLES, seed=0), x, regions.index)
-    model = torch.load(folder / "bpnet.pt", weights_only=False).eval()
+    model = bpnet_counts()  # the same seeded weights as the exported ONNX
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1)))
     rt = torch.from_numpy(np.ascontiguousarray(refs.transpose(0, 1, 3, 2)))
     started = time.perf_counter()
