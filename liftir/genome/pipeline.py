@@ -282,6 +282,8 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
     from ..explainer import Explainer
     probe = Explainer(model_path.read_bytes(), method="deeplift_shap", max_rule=max_rule)
     channels_first = _model_layout(probe, width)
+    if backend == "numpy":  # tasks run in this process reuse it
+        _STATE.setdefault(("explainer", sha, backend, max_rule), probe)
 
     from .. import __version__
     config = {"format": "liftir-genome-1", "liftir_version": __version__, "model": model_path.name,
@@ -331,7 +333,7 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
     finally:
         if bar is not None:
             bar.close()
-    summary = _summarize(out, regions, len(tasks) and sum(len(t) for t in tasks),
+    summary = _summarize(out, regions, len(todo),
                          n_chunks - len(todo), time.perf_counter() - started)
     if modisco_out:
         store.export_modisco(out, modisco_out)
