@@ -31,6 +31,7 @@ examples:
   liftir explain model.onnx --input x.npy --target 3 --out attr.npz
   liftir check model.onnx                  # per-node summation-to-delta + onnxruntime forward
   liftir ops model.onnx                    # which op types of the model have rules
+  liftir genome model.onnx --fasta g.fa --bed peaks.bed --width 2114 --out scores.zarr
 
 exit codes: 0 ok; 1 conservation lost or forward differs from onnxruntime (check);
   2 bad arguments or files, or the model needs a rule liftir does not have (explain,
@@ -652,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="TENSOR", default=None,
                    help="tensor explain would explain (default: every float model output)")
     p.set_defaults(func=cmd_ops, max_rule="cross_max")
+
+    from .genome.cli import add_parser as add_genome_parser  # noqa: PLC0415 - its own module
+    add_genome_parser(sub, _positive_int, fmt)
     return parser
 
 

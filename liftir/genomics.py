@@ -8,11 +8,12 @@ contributions: what each of the four bases would have received at each position.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["one_hot_encode", "decode", "dinucleotide_shuffle", "hypothetical_contributions"]
+__all__ = ["one_hot_encode", "decode", "dinucleotide_shuffle", "hypothetical_contributions",
+           "explain_genome", "export_modisco"]
 
 
 def one_hot_encode(sequences: str | Iterable[str], alphabet: str = "ACGT",
@@ -91,7 +92,7 @@ def _parent_functions(k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sample_last_exits(counts: np.ndarray, first: np.ndarray, last: np.ndarray,
-                       n_shuffles: int, rng: np.random.Generator) -> np.ndarray:
+                       tree_uniforms: np.ndarray) -> np.ndarray:
     """Sample each vertex's last exit for every (sequence, shuffle): (N, S, k) targets.
 
     The last exits of an Eulerian path form a spanning arborescence towards the final
@@ -99,9 +100,11 @@ def _sample_last_exits(counts: np.ndarray, first: np.ndarray, last: np.ndarray,
     its edge multiplicities, then ordering the remaining exits uniformly, gives every
     sequence with the same dinucleotide counts the same probability (Kandel et al.
     1996). With at most 5 letters the arborescences are few, so they are enumerated
-    and weighted exactly instead of drawn by rejection.
+    and weighted exactly instead of drawn by rejection. `tree_uniforms` (N, S) are the
+    uniform draws, one per shuffle.
     """
     n, k, _ = counts.shape
+    n_shuffles = tree_uniforms.shape[1]
     funcs, power = _parent_functions(k)
     present = counts.sum(axis=2) > 0  # vertices with an exit; the root has none left over
     present[np.arange(n), first] = True
@@ -121,65 +124,75 @@ def _sample_last_exits(counts: np.ndarray, first: np.ndarray, last: np.ndarray,
         cw /= cw[:, -1:]
         b = hi - lo
         flat = (cw + np.arange(b)[:, None]).ravel()
-        q = rng.random((b, n_shuffles)) + np.arange(b)[:, None]
+        q = tree_uniforms[lo:hi] + np.arange(b)[:, None]
         pick = np.searchsorted(flat, q.ravel(), side="right").reshape(b, n_shuffles)
         pick = np.minimum(pick - np.arange(b)[:, None] * nf, nf - 1)
         out[lo:hi] = funcs[pick]
     return out
 
 
-def _shuffle_tokens(tokens: np.ndarray, k: int, n_shuffles: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Dinucleotide shuffles of integer sequences (N, L) in 0..k-1 -> (N, S, L)."""
+def _draw_uniforms(rngs, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """(n, *shape) uniforms: from one Generator, or row i from the i-th of a list of them."""
+    if isinstance(rngs, np.random.Generator):
+        return rngs.random((n,) + shape)
+    return np.stack([g.random(shape) for g in rngs]) if n else np.empty((0,) + shape)
+
+
+def _shuffle_tokens(tokens: np.ndarray, k: int, n_shuffles: int, rngs) -> np.ndarray:
+    """Dinucleotide shuffles of integer sequences (N, L) in 0..k-1 -> (N, S, L).
+
+    After the last-exit tree, the walk draws each next letter from an urn: at letter u
+    it takes one of u's unused non-last exits with probability proportional to their
+    counts, and u's last exit only when none is left. That is a uniformly random order
+    of each letter's exits with the tree's exit last, drawn lazily, so the walk needs
+    only (N*S, k, k) counts and one uniform per step, never a sort over the sequence.
+    """
     n, length = tokens.shape
     s = n_shuffles
     out = np.empty((n, s, length), dtype=tokens.dtype)
     if length <= 2 or n == 0:
         out[:] = tokens[:, None, :]
         return out
-    src, dst = tokens[:, :-1], tokens[:, 1:]  # the L-1 edges of each sequence
-    e = length - 1
+    tree_u = _draw_uniforms(rngs, n, (s,))
+    step_u = _draw_uniforms(rngs, n, (s, length - 1))
     counts = np.zeros((n, k, k), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(n), e), src.ravel(), dst.ravel()), 1)
+    np.add.at(counts, (np.repeat(np.arange(n), length - 1), tokens[:, :-1].ravel(),
+                       tokens[:, 1:].ravel()), 1)
     first, last = tokens[:, 0], tokens[:, -1]
-    parent = _sample_last_exits(counts, first, last, s, rng)  # (N, S, k)
+    parent = _sample_last_exits(counts, first, last, tree_u)  # (N, S, k)
 
-    src_b = np.broadcast_to(src[:, None, :], (n, s, e))
-    dst_b = np.broadcast_to(dst[:, None, :], (n, s, e))
-    # Pick, for each vertex, one of its exits to the chosen parent uniformly: it goes last.
-    # Sort keys are src * 4 + [0, 3): blocks by source letter, random order inside.
-    cand = (dst_b == np.take_along_axis(parent, src_b, axis=2)) & (src_b != last[:, None, None])
-    by_src = np.argsort(src_b * 4.0 + np.where(cand, 2.0, 0.0) + rng.random((n, s, e)), axis=2)
-    outdeg = counts.sum(axis=2)  # (N, k)
-    ends = np.cumsum(outdeg, axis=1) - 1  # last slot of each letter's block once sorted
-    starts = ends + 1 - outdeg
-    has_last = (outdeg > 0) & (np.arange(k)[None, :] != last[:, None])
-    # Independent uniform order for all other exits; the designated one sorts after them.
-    order_key = src_b * 4.0 + rng.random((n, s, e))
-    rows_n, cols_u = np.nonzero(has_last)
-    designated = by_src[rows_n, :, ends[rows_n, cols_u]]  # (m, S)
-    order_key[rows_n[:, None], np.arange(s)[None, :], designated] += 3.0
-    succ = np.take_along_axis(dst_b, np.argsort(order_key, axis=2), axis=2)
-
-    # Walk the path: one step per position, vectorised over all sequences and shuffles.
-    # next_slot[row, letter] is the flat index in `succ` of that letter's next unused exit.
-    succ = succ.ravel()
-    next_slot = (np.repeat(starts, s, axis=0) + (np.arange(n * s) * e)[:, None]).ravel()
-    row_k = np.arange(n * s) * k
+    rows = n * s
+    outdeg = counts.sum(axis=2)
+    has_last = (outdeg > 0) & (np.arange(k)[None, :] != last[:, None])  # (N, k)
+    remaining = np.repeat(counts, s, axis=0)  # (rows, k, k): unused non-last exits
+    parent = parent.reshape(rows, k)
+    r_idx, u_idx = np.nonzero(np.repeat(has_last, s, axis=0))
+    remaining[r_idx, u_idx, parent[r_idx, u_idx]] -= 1
+    # Position-major layouts keep every per-step read and write contiguous: the urn
+    # counts as (destination, row * k + source), the uniforms and the path as (L, rows).
+    remaining = np.ascontiguousarray(remaining.reshape(rows * k, k).T)
+    parent = parent.ravel()
+    uniforms = np.ascontiguousarray(step_u.reshape(rows, length - 1).T)
+    row_k = np.arange(rows) * k
     cur = np.repeat(first, s)
-    flat = out.reshape(n * s, length)
-    flat[:, 0] = cur
+    path = np.empty((length, rows), dtype=tokens.dtype)
+    path[0] = cur
     for j in range(1, length):
         slot = row_k + cur
-        cur = succ[next_slot[slot]]
-        next_slot[slot] += 1
-        flat[:, j] = cur
+        cum = np.cumsum(remaining[:, slot], axis=0)  # (k, rows)
+        total = cum[-1]
+        pick = np.minimum((cum <= uniforms[j - 1] * total).sum(axis=0), k - 1)
+        urn = total > 0
+        cur = np.where(urn, pick, parent[slot])
+        remaining[cur, slot] -= urn
+        path[j] = cur
+    out[:] = path.T.reshape(n, s, length)
     return out
 
 
 def dinucleotide_shuffle(onehot: np.ndarray, n_shuffles: int = 1,
                          seed: int | np.random.Generator | None = None,
-                         axis: int = -1) -> np.ndarray:
+                         axis: int = -1, *, seeds: Sequence | None = None) -> np.ndarray:
     """Dinucleotide-preserving shuffles of one-hot sequences, for use as references.
 
     Each shuffle keeps the first and last letter and the exact count of every
@@ -199,6 +212,10 @@ def dinucleotide_shuffle(onehot: np.ndarray, n_shuffles: int = 1,
         Same seed, same shuffles.
     axis : int
         Axis of the alphabet within a sequence: -1 for (.., L, K), -2 for (.., K, L).
+    seeds : sequence of N ints or SeedSequence-style entropy, optional
+        One seed per sequence instead of `seed`: sequence i's shuffles then depend on
+        ``seeds[i]`` alone, whatever batch it is shuffled in (the genome pipeline uses
+        ``(seed, region index)`` so that chunking never changes the references).
 
     Returns
     -------
@@ -221,17 +238,28 @@ def dinucleotide_shuffle(onehot: np.ndarray, n_shuffles: int = 1,
         raise ValueError("dinucleotide_shuffle needs one-hot input: entries 0/1 and at most "
                          "one 1 per position (check `axis` if the alphabet axis comes first)")
     k = seqs.shape[2]
-    tokens = np.where(nonzero.any(axis=2), nonzero.argmax(axis=2), k)
+    tokens = np.where(nonzero.any(axis=2), nonzero.argmax(axis=2), k).astype(np.int8)
     n_letters = k + 1 if np.any(tokens == k) else k
     if n_letters > 6:
         raise ValueError(f"alphabet of {k} letters is too large for the exact tree sampler "
                          "(at most 5 letters plus N)")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if seeds is not None:
+        if seed is not None:
+            raise ValueError("pass either seed or seeds, not both")
+        seeds = list(seeds)
+        if len(seeds) != len(tokens):
+            raise ValueError(f"seeds must hold one seed per sequence ({len(tokens)}), got {len(seeds)}")
+        rngs = [np.random.default_rng(sd) for sd in seeds]
+        pick = lambda lo, hi: rngs[lo:hi]  # noqa: E731
+    else:
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        pick = lambda lo, hi: rng  # noqa: E731
     # Chunks of sequences bound the (n, S, L) working arrays to a few tens of MB.
-    step = max(1, (1 << 22) // (n_shuffles * max(tokens.shape[1], 1)))
-    shuffled = np.concatenate([_shuffle_tokens(tokens[i:i + step], n_letters, n_shuffles, rng)
+    step = max(1, (1 << 23) // (n_shuffles * max(tokens.shape[1], 1)))
+    shuffled = np.concatenate([_shuffle_tokens(tokens[i:i + step], n_letters, n_shuffles,
+                                               pick(i, i + step))
                                for i in range(0, max(len(tokens), 1), step)])
-    result = np.eye(k + 1, k, dtype=x.dtype)[shuffled]  # (N, S, L, K)
+    result = (shuffled[..., None] == np.arange(k, dtype=shuffled.dtype)).astype(x.dtype)  # (N, S, L, K)
     if channels_first:
         result = np.swapaxes(result, 2, 3)
     return np.ascontiguousarray(result)
@@ -317,3 +345,20 @@ def _hypothetical(axis: int):
     def combine(m, x, reference):
         return m - (m * reference).sum(axis=axis, keepdims=True)
     return combine
+
+# --------------------------------------------------------------------------------------
+# Genome-scale pipeline (needs the `genome` extra; imported on first use)
+# --------------------------------------------------------------------------------------
+
+def explain_genome(model, **options):
+    """Explain every region of a BED on a FASTA into a Zarr store; see
+    `liftir.genome.pipeline.explain_genome` for the options. Imported lazily so that
+    `liftir.genomics` works without pyfaidx, zarr and dask."""
+    from .genome.pipeline import explain_genome as run
+    return run(model, **options)
+
+
+def export_modisco(store: str, out_dir: str) -> tuple[str, str]:
+    """TF-MoDISco's ohe.npz and shap.npz from a finished genome store (lazy import)."""
+    from .genome.store import export_modisco as export
+    return export(store, out_dir)

@@ -79,6 +79,25 @@ def test_shuffle_is_reproducible_and_layouts_agree():
     assert c.shape == (1, 3, 50, 4)
 
 
+def test_shuffle_per_sequence_seeds_do_not_depend_on_the_batch():
+    """With seeds=, a sequence's shuffles depend on its own seed only (the genome
+    pipeline's chunking guarantee), and they keep the dinucleotide counts."""
+    x = one_hot_encode(_random_seqs(np.random.default_rng(4), 6, 80))
+    seeds = [(7, i) for i in range(6)]
+    whole = dinucleotide_shuffle(x, 4, seeds=seeds)
+    parts = np.concatenate([dinucleotide_shuffle(x[:2], 4, seeds=seeds[:2]),
+                            dinucleotide_shuffle(x[2:], 4, seeds=seeds[2:])])
+    np.testing.assert_array_equal(whole, parts)
+    np.testing.assert_array_equal(whole[3:4], dinucleotide_shuffle(x[3:4], 4, seeds=[(7, 3)]))
+    assert not np.array_equal(whole[0], whole[1])
+    np.testing.assert_array_equal(_dinuc_counts(_tokens(whole)),
+                                  np.repeat(_dinuc_counts(_tokens(x))[:, None], 4, 1))
+    with pytest.raises(ValueError, match="one seed per sequence"):
+        dinucleotide_shuffle(x, 2, seeds=seeds[:3])
+    with pytest.raises(ValueError, match="either seed or seeds"):
+        dinucleotide_shuffle(x, 2, seed=1, seeds=seeds)
+
+
 def test_shuffle_is_uniform_over_all_sequences_with_the_same_dinucleotides():
     """Every sequence with the same counts is equally likely (chi-square test).
 
