@@ -8,6 +8,8 @@ from . import (  # noqa: F401  (imported for their registrations)
     maxout,
     pooling,
     product,
+    recurrent,
+    selection,
     softmax,
     views,
 )
