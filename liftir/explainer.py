@@ -15,7 +15,7 @@ from . import revealcancel, scheduler
 from .backend import array_module, to_host
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
-from .layout import batch_first_recurrent
+from .layout import batch_first
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
 
@@ -61,7 +61,7 @@ class Explainer:
         self.model = read_model(model)
         self.graph: Graph = build_graph(self.model)
         fold_constants(self.graph)
-        batch_first_recurrent(self.graph)
+        batch_first(self.graph)
         if precision not in ("model", "float64"):
             raise InputError(f"precision must be 'model' or 'float64', got {precision!r}")
         if precision == "float64":

@@ -8,7 +8,8 @@ transposes:
                 -> Transpose(1, 0, 2) -> [N, T, D*H]          (or Y -> Squeeze(1) -> Transpose)
     Y_h [D, N, H] -> Gather(axis 0, i) -> [N, H]               (h_n[-1])
 
-Every tensor in between has its batch on axis 1. This pass rewrites such a chain into the
+Every tensor in between has its batch on axis 1 (the same holds for the dynamo exporter's
+adaptive average pool: Transpose -> GatherND -> Transpose, see `batch_first_selections`). This pass rewrites such a chain into the
 same op with layout 1 (batch first), whose Y [N, T, D, H] becomes [N, T, D*H] by one
 Reshape, and whose Y_h [N, D, H] is read by Gather on axis 1. Outputs are unchanged (tested
 against onnxruntime on the original model). Chains of other shapes are left alone and the
@@ -52,6 +53,75 @@ def _new_node(graph: Graph, op_type: str, inputs, outputs, index: int, name: str
 def _const(graph: Graph, name: str, value) -> str:
     graph.constants[name] = np.asarray(value, dtype=np.int64)
     return name
+
+
+def batch_first(graph: Graph) -> int:
+    """All of this module's rewrites; returns how many chains were rewritten."""
+    return batch_first_recurrent(graph) + batch_first_selections(graph)
+
+
+def _shape_of(graph: Graph, tensor: str):
+    info = graph.tensor_info(tensor)
+    if info is None or info.shape is None or not all(isinstance(d, int) and d > 0 for d in info.shape[1:]):
+        return None
+    return tuple(info.shape[1:])
+
+
+def batch_first_selections(graph: Graph) -> int:
+    """Rewrite Transpose -> GatherND/Gather (constant indices) -> Transpose chains that move
+    the batch away and back (the dynamo exporter's adaptive average pool) into one Gather
+    of the flattened sample. The flat positions come from running the chain on a probe
+    sample whose values are their own positions, so the semantics stay the standard's."""
+    from .folding import evaluate_node  # noqa: PLC0415 (folding imports graph, as we do)
+
+    rewritten = 0
+    for name in list(graph.order):
+        start = graph.nodes.get(name)
+        if start is None or start.op_type != "Transpose" or list(start.attrs.get("perm", [0]))[0] == 0:
+            continue
+        shape = _shape_of(graph, start.inputs[0])
+        if shape is None:
+            continue
+        chain, node, axis = [], start, 0
+        while node is not None:
+            if node.op_type == "Transpose":
+                axis = list(node.attrs["perm"]).index(axis)
+            elif node.op_type == "GatherND" and node.attrs.get("batch_dims", 0) == 0 \
+                    and node.inputs[1] in graph.constants:
+                idx = graph.constants[node.inputs[1]]
+                if axis < idx.shape[-1]:
+                    break
+                axis = axis - idx.shape[-1] + idx.ndim - 1
+            elif node.op_type == "Gather" and node.inputs[1] in graph.constants:
+                a = node.attrs.get("axis", 0)
+                if a == axis:
+                    break
+                axis = axis if axis < a else axis + graph.constants[node.inputs[1]].ndim - 1
+            else:
+                break
+            chain.append(node)
+            if axis == 0:
+                break
+            node = _only_consumer(graph, node.outputs[0])
+        if axis != 0 or len(chain) < 2:
+            continue
+        probe = np.arange(int(np.prod(shape)), dtype=np.float64).reshape((1,) + shape)
+        value = probe
+        for n in chain:
+            inputs = [value] + [graph.constants.get(i) for i in n.inputs[1:]]
+            value = evaluate_node(n, inputs)[0]
+        base = chain[0].name
+        flat = f"{base}/flat_sample"
+        _new_node(graph, "Reshape", [start.inputs[0], _const(graph, f"{base}/flatten", [0, -1])], [flat],
+                  start.index, f"{base}/batch_first/flatten")
+        positions = _const(graph, f"{base}/positions", value[0].astype(np.int64))
+        _new_node(graph, "Gather", [flat, positions], [chain[-1].outputs[0]], chain[-1].index,
+                  f"{base}/batch_first/gather", axis=1)
+        for n in chain:
+            del graph.nodes[n.name]
+        graph.rebuild()
+        rewritten += 1
+    return rewritten
 
 
 def batch_first_recurrent(graph: Graph) -> int:
