@@ -192,9 +192,14 @@ def _rewrite(graph: Graph, node: Node) -> bool:
     for index in (5, 6):
         if index < len(inputs) and inputs[index]:
             state = inputs[index]
+            feeder = graph.nodes.get(producer.get(state, ""))
             if state in graph.constants:
                 inputs[index] = f"{base}/state{index}_batch_first"
                 graph.constants[inputs[index]] = np.ascontiguousarray(graph.constants[state].transpose(1, 0, 2))
+            elif _perm(feeder, [1, 0, 2]):  # a batch-first state transposed for the op: use it as is
+                inputs[index] = feeder.inputs[0]
+                if len(graph.consumers.get(state, [])) == 1:
+                    remove.append(feeder.name)
             else:
                 inputs[index] = f"{base}/state{index}_batch_first"
                 add.append(("Transpose", [state], [inputs[index]], {"perm": [1, 0, 2]}, node.index))

@@ -2,7 +2,8 @@
 
 Each time step is affine maps (2.3.1: x W^T + h R^T + b, peepholes), gate activations
 (Rescale, 2.3.4, with `clip` folded into the activation: the divided difference of
-f(clip(z)) is that of f times that of clip) and gating products (2.3.5: each factor gets
+f(clip(z)) is that of f times that of clip; as in onnxruntime, clip bounds the gates'
+inputs, not the cell state LSTM's h reads) and gating products (2.3.5: each factor gets
 the mean of actual and reference of the other). Every piece conserves exactly, so the
 unrolled step does, and so does the whole sequence. In gradient modes the same walk uses
 derivatives and actual values: back-propagation through time.
@@ -87,7 +88,7 @@ class Activation:
         return self.rule.df(xp, u, self.attrs) * inside
 
 
-def _activations(ctx, defaults, directions):
+def _activations(ctx, defaults, directions, unclipped=()):
     names = ctx.attr("activations") or defaults * directions
     names = [n.decode() if isinstance(n, bytes) else n for n in names]
     if len(names) != len(defaults) * directions:
@@ -97,13 +98,13 @@ def _activations(ctx, defaults, directions):
     betas = list(ctx.attr("activation_beta") or [])
     clip = ctx.attr("clip")
     acts = []
-    for n in names:
+    for position, n in enumerate(names):
         name = _NAMES.get(n.lower())
         if name is None:
             raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: unknown activation {n!r}")
         alpha = alphas.pop(0) if name in _ALPHA and alphas else _ALPHA.get(name)
         beta = betas.pop(0) if name in _BETA and betas else _BETA.get(name)
-        acts.append(Activation(name, alpha, beta, clip))
+        acts.append(Activation(name, alpha, beta, None if position % len(defaults) in unclipped else clip))
     per = len(defaults)
     return [acts[d * per:(d + 1) * per] for d in range(directions)]
 
@@ -119,6 +120,8 @@ class _Recurrent(Rule):
     gates: int = 1
     default_acts: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)  # initial_h (and initial_c)
+    #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
+    unclipped: tuple[int, ...] = ()
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
                   "gradient: backprop through time")
 
@@ -164,7 +167,7 @@ class _Recurrent(Rule):
                            "Wb": xp.asarray(b[d, :self.gates * hidden]),
                            "Rb": xp.asarray(b[d, self.gates * hidden:]),
                            "P": self._peepholes(ctx, d, hidden, dtype)})
-        return dirs, params, hidden, _activations(ctx, list(self.default_acts), len(dirs))
+        return dirs, params, hidden, _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
 
     def _peepholes(self, ctx, d, hidden, dtype):
         return None
@@ -356,6 +359,7 @@ class LSTM(_Recurrent):
     gates = 4
     default_acts = ("Sigmoid", "Tanh", "Tanh")
     state_inputs = (5, 6)
+    unclipped = (2,)
     state_keys = ("h", "c")
     final_keys = ("h", "c")
 
