@@ -99,6 +99,31 @@ class NonFiniteTest(_Boolean):
         return (None,)
 
 
+@builtin_rule("ArgMax", "ArgMin")
+class ArgExtreme(_Boolean):
+    """Integer positions (indices for a gather): no multiplier; a gather using them checks
+    that actual and reference select alike."""
+
+    paper_rule = "integer output: no multiplier"
+
+    def forward(self, ctx, x):
+        xp = ctx.xp
+        axis = ctx.attr("axis", 0) % x.ndim
+        if axis == 0:
+            raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} reduces the batch axis 0")
+        score = x if ctx.node.op_type == "ArgMax" else -x
+        if ctx.attr("select_last_index", 0):
+            flipped = score[(slice(None),) * axis + (slice(None, None, -1),)]
+            pick = x.shape[axis] - 1 - xp.argmax(flipped, axis=axis)
+        else:
+            pick = xp.argmax(score, axis=axis)
+        pick = pick.astype(np.int64)
+        return xp.expand_dims(pick, axis) if ctx.attr("keepdims", 1) else pick
+
+    def deeplift(self, ctx, g):
+        return (None,)
+
+
 @builtin_rule("Not")
 class Not(_Boolean):
     paper_rule = "affine (2.3.1): 1 - p, m = -1"
@@ -191,10 +216,15 @@ def _normalized(xp, idx, size):
     return xp.where(idx < 0, idx + size, idx)
 
 
+def _sample_strides(data_shape):
+    """Flat strides of dims 1.. within one sample (strides[d - 1] for dim d)."""
+    return [int(np.prod(data_shape[d + 1:])) for d in range(1, len(data_shape))]
+
+
 def _element_positions(ctx, xp, idx, data_shape, axis):
     """GatherElements/ScatterElements: flat position in one sample's data of each index entry."""
     idx = _normalized(xp, idx, data_shape[axis])
-    strides = np.cumprod((1,) + tuple(data_shape[:0:-1]))[::-1]  # strides of dims 1.. (per sample)
+    strides = _sample_strides(data_shape)
     pos = xp.zeros(idx.shape, dtype=np.int64)
     for d in range(1, len(data_shape)):
         if d == axis:
@@ -207,19 +237,22 @@ def _element_positions(ctx, xp, idx, data_shape, axis):
     return pos
 
 
-def _nd_positions(ctx, xp, idx, data_shape, batch_dims):
-    """GatherND/ScatterND: flat per-sample positions (rows, ...out) of every selected element."""
-    if batch_dims == 0:  # the first coordinate picks the row: it must be the row itself
+def _nd_positions(ctx, xp, idx, data_shape, batch_dims, shared=False):
+    """GatherND/ScatterND: flat per-sample positions (rows, ...out) of every selected element.
+
+    With batch_dims 0 the first coordinate picks the row: it must be the row itself, or 0 in
+    indices shared by all rows (a constant of a batch-1 export)."""
+    if batch_dims == 0:
         rows = xp.arange(idx.shape[0], dtype=np.int64).reshape((-1,) + (1,) * (idx.ndim - 2))
         first = _normalized(xp, idx[..., 0], data_shape[0])
-        if idx.ndim < 2 or not bool((first == rows).all()):
+        if idx.ndim < 2 or not (bool((first == rows).all()) or (shared and not bool(first.any()))):
             _refuse(ctx, "the indices select across samples (their first coordinate is not the row of "
                          "axis 0); liftir needs every op to keep samples apart on axis 0")
         idx, b = idx[..., 1:], 1
     else:
         b = batch_dims
     k_rest = idx.shape[-1]
-    strides = np.cumprod((1,) + tuple(data_shape[:0:-1]))[::-1]  # per-sample strides, dims 1..
+    strides = _sample_strides(data_shape)
     base = xp.zeros(idx.shape[:-1], dtype=np.int64)
     for d in range(1, b):  # batch dims beyond axis 0: the coordinate is the position itself
         shape = [1] * (idx.ndim - 1)
@@ -238,6 +271,10 @@ class _Indexed(Linear):
     """Shared by gathers and scatters: indices fixed per sample, checked equal in DeepLIFT."""
 
     index_input = 1
+
+    def _shared(self, ctx):
+        """Constant indices with one row, shared by every batch row."""
+        return ctx.is_const(self.index_input) and ctx.const(self.index_input).shape[0] == 1
 
     def _indices(self, ctx, rows, stacked=None):
         if ctx.is_const(self.index_input):
@@ -297,7 +334,7 @@ class GatherElements(_Gather):
 @builtin_rule("GatherND")
 class GatherND(_Gather):
     def _positions(self, ctx, shape, idx):
-        return _nd_positions(ctx, ctx.xp, idx, shape, ctx.attr("batch_dims", 0))
+        return _nd_positions(ctx, ctx.xp, idx, shape, ctx.attr("batch_dims", 0), self._shared(ctx))
 
 
 class _Scatter(_Indexed):
@@ -369,4 +406,4 @@ class ScatterElements(_Scatter):
 @builtin_rule("ScatterND")
 class ScatterND(_Scatter):
     def _positions(self, ctx, shape, idx):
-        return _nd_positions(ctx, ctx.xp, idx, shape, 0)
+        return _nd_positions(ctx, ctx.xp, idx, shape, 0, self._shared(ctx))

@@ -177,7 +177,7 @@ class Classifier(torch.nn.Module):
         return self.fc(out[:, -1])
 
 
-TORCH_CASES = [("LSTM", True, False, 14), ("LSTM", False, True, "dynamo"), ("LSTM", True, True, "dynamo"),
+TORCH_CASES = [("LSTM", True, False, 14), ("LSTM", False, True, 17), ("LSTM", True, True, "dynamo"),
                ("GRU", True, True, 17), ("GRU", False, False, "dynamo"), ("RNN", True, False, 14)]
 
 
