@@ -263,8 +263,13 @@ class Gather(Linear):
 
 @builtin_rule("Expand")
 class Expand(Linear):
+    """Broadcast; a batch size the exporter froze into the shape (axis 0) follows the batch."""
+
     def forward(self, ctx, x, shape):
-        target = np.broadcast_shapes(tuple(x.shape), tuple(int(s) for s in ctx.const(1)))
+        shape = [int(s) for s in ctx.const(1)]
+        if len(shape) == x.ndim:
+            shape[0] = 1
+        target = np.broadcast_shapes(tuple(x.shape), tuple(shape))
         if len(target) != x.ndim or target[0] != x.shape[0]:  # new leading axes would push the batch
             _refuse_batch(ctx, "expands")
         return ctx.xp.broadcast_to(x, target)
