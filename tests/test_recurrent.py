@@ -240,3 +240,19 @@ def test_integrated_gradients_equals_captum(torch_models):
     theirs = IntegratedGradients(double).attribute(torch.tensor(x), baselines=torch.tensor(x0), target=1,
                                                    n_steps=16, method="gausslegendre").numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-7 * np.abs(theirs).max(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["deeplift", "saliency"])
+def test_cupy_subset_backend(method):
+    """The rules call only functions CuPy also has (see tests/test_array_api_subset.py)."""
+    from test_array_api_subset import subset_module
+    m, names = time_major_model(op="LSTM", direction="bidirectional", peepholes=True, attrs={"clip": 1.0})
+    rng = np.random.default_rng(8)
+    feeds = tuple(v.astype(np.float32) for v in _feeds(names, m, 2, rng).values())
+    refs = tuple(v.astype(np.float32) for v in _feeds(names, m, 1, rng).values())
+    want = liftir.Explainer(m, method, output="y").attribute(feeds, baselines=refs, target=(2, 1))
+    ex = liftir.Explainer(m, method, output="y")
+    ex.xp = subset_module()
+    got = ex.attribute(feeds, baselines=refs, target=(2, 1))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -220,3 +220,23 @@ def test_expand_with_a_batch_size_frozen_into_its_shape():
     attr, delta = ex.attribute(x, baselines=x0, target=(2, 1), return_convergence_delta=True)
     np.testing.assert_allclose(attr[:, 0, 1], np.tanh(x[:, 0, 1]), rtol=1e-12)
     assert np.abs(delta).max() < 1e-13
+
+
+def test_cupy_subset_backend():
+    """The rules call only functions CuPy also has (see tests/test_array_api_subset.py)."""
+    from test_array_api_subset import subset_module
+    rng = np.random.default_rng(9)
+    u, v = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    refs = (rng.standard_normal((1, 5)), rng.standard_normal((1, 5)))
+    for m, xs, bs in ((_boolean_graph(), (u, v), refs),
+                      (op_model("GatherND", [(3, 4, 5), np.array([[[1, 2], [3, -1]]])], {"batch_dims": 1},
+                                dtype=np.float64), (rng.standard_normal((2, 4, 5)),), (np.zeros((1, 4, 5)),)),
+                      (op_model("ScatterElements", [(3, 4), np.array([[1, 1, 3]]), (3, 3)],
+                                {"axis": 1, "reduction": "add"}, opset=18, dtype=np.float64),
+                       (rng.standard_normal((2, 4)), rng.standard_normal((2, 3))), (np.zeros((1, 4)), np.zeros((1, 3))))):
+        want = liftir.Explainer(m, "deeplift").attribute(xs, baselines=bs, target=1)
+        ex = liftir.Explainer(m, "deeplift")
+        ex.xp = subset_module()
+        got = ex.attribute(xs, baselines=bs, target=1)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
