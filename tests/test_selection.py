@@ -240,3 +240,12 @@ def test_cupy_subset_backend():
         got = ex.attribute(xs, baselines=bs, target=1)
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_revealcancel_conserves_through_booleans_and_where():
+    rng = np.random.default_rng(10)
+    u, v = rng.standard_normal((8, 5)), rng.standard_normal((8, 5))
+    ex = liftir.Explainer(_boolean_graph(), "deeplift_revealcancel")
+    _, delta = ex.attribute((u, v), baselines=(rng.standard_normal((1, 5)), rng.standard_normal((1, 5))), target=3,
+                            return_convergence_delta=True)
+    assert np.abs(delta).max() < 1e-12
