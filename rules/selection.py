@@ -29,7 +29,6 @@ from liftir.rule import MODES, Linear, Rule, RuleError, unbroadcast
 
 def _midpoint_number(ctx, index, dtype):
     """(x + x0)/2 of input `index` as a float array (constants: the constant itself)."""
-    xp = ctx.xp
     if ctx.is_const(index):
         return ctx.input_value(index).astype(dtype)
     x = ctx.x(index).astype(dtype)
@@ -38,7 +37,8 @@ def _midpoint_number(ctx, index, dtype):
 
 
 class _Boolean(Rule):
-    """Ops with a boolean output: multipliers only in DeepLIFT (gradients are zero)."""
+    """Ops with a boolean (or integer) output: multipliers only in DeepLIFT, where booleans
+    are the numbers 0/1; their gradients are zero, so gradient modes pass none."""
 
     modes = MODES
     paper_rule = "boolean output read as 0/1"

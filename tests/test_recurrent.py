@@ -256,3 +256,76 @@ def test_cupy_subset_backend(method):
     got = ex.attribute(feeds, baselines=refs, target=(2, 1))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _elementary_lstm(w, r, b, p, steps):
+    """The same LSTM (one direction, batch first) written out in elementary ONNX ops, whose
+    rules (affine, Rescale, product) are tested on their own: the fused rule must agree."""
+    hidden = r.shape[-1]
+    consts = {"Wt": w[0].T, "Rt": r[0].T, "b": b[0, :4 * hidden] + b[0, 4 * hidden:],
+              "Pi": p[0, :hidden], "Po": p[0, hidden:2 * hidden], "Pf": p[0, 2 * hidden:],
+              "ax1": np.array([1])}
+    for j in range(4):
+        consts[f"s{j}"], consts[f"e{j}"] = np.array([j * hidden]), np.array([(j + 1) * hidden])
+    nodes = [helper.make_node("Squeeze", ["h0", "ax1"], ["h_0"]), helper.make_node("Squeeze", ["c0", "ax1"], ["c_0"])]
+    for t in range(steps):
+        consts[f"t{t}"] = np.array(t)
+        h, c, s = f"h_{t}", f"c_{t}", f"_{t}"
+        nodes += [helper.make_node("Gather", ["x", f"t{t}"], ["x" + s], axis=1),
+                  helper.make_node("MatMul", ["x" + s, "Wt"], ["xw" + s]),
+                  helper.make_node("MatMul", [h, "Rt"], ["hr" + s]),
+                  helper.make_node("Add", ["xw" + s, "hr" + s], ["zs" + s]),
+                  helper.make_node("Add", ["zs" + s, "b"], ["z" + s])]
+        for j, gate in enumerate("iofc"):
+            nodes.append(helper.make_node("Slice", ["z" + s, f"s{j}", f"e{j}", "ax1"], [f"z{gate}" + s]))
+        nodes += [helper.make_node("Mul", [c, "Pi"], ["pi" + s]), helper.make_node("Add", ["zi" + s, "pi" + s], ["ai" + s]),
+                  helper.make_node("Mul", [c, "Pf"], ["pf" + s]), helper.make_node("Add", ["zf" + s, "pf" + s], ["af" + s]),
+                  helper.make_node("Sigmoid", ["ai" + s], ["i" + s]), helper.make_node("Sigmoid", ["af" + s], ["f" + s]),
+                  helper.make_node("Tanh", ["zc" + s], ["g" + s]),
+                  helper.make_node("Mul", ["f" + s, c], ["fc" + s]), helper.make_node("Mul", ["i" + s, "g" + s], ["ig" + s]),
+                  helper.make_node("Add", ["fc" + s, "ig" + s], [f"c_{t + 1}"]),
+                  helper.make_node("Mul", [f"c_{t + 1}", "Po"], ["po" + s]),
+                  helper.make_node("Add", ["zo" + s, "po" + s], ["ao" + s]),
+                  helper.make_node("Sigmoid", ["ao" + s], ["o" + s]),
+                  helper.make_node("Tanh", [f"c_{t + 1}"], ["th" + s]),
+                  helper.make_node("Mul", ["o" + s, "th" + s], [f"h_{t + 1}"]),
+                  helper.make_node("Unsqueeze", [f"h_{t + 1}", "ax1"], ["y" + s])]
+    nodes.append(helper.make_node("Concat", [f"y_{t}" for t in range(steps)], ["y"], axis=1))
+    return model_from(nodes, consts, steps, w.shape[-1], hidden)
+
+
+def model_from(nodes, consts, steps, features, hidden):
+    f64 = TensorProto.DOUBLE
+    graph = helper.make_graph(
+        nodes, "elementary",
+        [helper.make_tensor_value_info("x", f64, ["N", steps, features]),
+         helper.make_tensor_value_info("h0", f64, ["N", 1, hidden]),
+         helper.make_tensor_value_info("c0", f64, ["N", 1, hidden])],
+        [helper.make_tensor_value_info("y", f64, ["N", steps, hidden])],
+        [numpy_helper.from_array(np.asarray(v, np.float64 if np.asarray(v).dtype.kind == "f" else np.int64), k)
+         for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_fused_lstm_equals_its_elementary_unrolling():
+    rng = np.random.default_rng(11)
+    hidden, features, steps = 3, 2, 3
+    w, r = rng.standard_normal((1, 4 * hidden, features)), rng.standard_normal((1, 4 * hidden, hidden)) * 0.6
+    b, p = rng.standard_normal((1, 8 * hidden)) * 0.3, rng.standard_normal((1, 3 * hidden)) * 0.5
+    consts = {"W": w, "R": r, "B": b, "P": p, "shape": np.array([0, 0, -1])}
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0", "P"], ["Y"], hidden_size=hidden, layout=1),
+             helper.make_node("Reshape", ["Y", "shape"], ["y"])]
+    fused = model_from(nodes, consts, steps, features, hidden)
+    elementary = _elementary_lstm(w, r, b, p, steps)
+    xs = (rng.standard_normal((4, steps, features)), rng.standard_normal((4, 1, hidden)),
+          rng.standard_normal((4, 1, hidden)))
+    refs = tuple(rng.standard_normal((1,) + a.shape[1:]) for a in xs)
+    for method in ("deeplift", "saliency"):
+        np.testing.assert_allclose(liftir.Explainer(fused, method).predict(xs),
+                                   liftir.Explainer(elementary, method).predict(xs), rtol=1e-13)
+        for target in ((0, 1), (2, 2)):
+            kw = {"baselines": refs} if method == "deeplift" else {}
+            want = liftir.Explainer(elementary, method).attribute(xs, target=target, **kw)
+            got = liftir.Explainer(fused, method).attribute(xs, target=target, **kw)
+            for g, e in zip(got, want):
+                np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
