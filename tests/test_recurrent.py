@@ -321,11 +321,9 @@ def test_fused_lstm_equals_its_elementary_unrolling():
           rng.standard_normal((4, 1, hidden)))
     refs = tuple(rng.standard_normal((1,) + a.shape[1:]) for a in xs)
     for method in ("deeplift", "saliency"):
-        np.testing.assert_allclose(liftir.Explainer(fused, method).predict(xs),
-                                   liftir.Explainer(elementary, method).predict(xs), rtol=1e-13)
+        ours, theirs = liftir.Explainer(fused, method), liftir.Explainer(elementary, method)
+        np.testing.assert_allclose(ours.predict(xs), theirs.predict(xs), rtol=1e-13)
         for target in ((0, 1), (2, 2)):
             kw = {"baselines": refs} if method == "deeplift" else {}
-            want = liftir.Explainer(elementary, method).attribute(xs, target=target, **kw)
-            got = liftir.Explainer(fused, method).attribute(xs, target=target, **kw)
-            for g, e in zip(got, want):
+            for g, e in zip(ours.attribute(xs, target=target, **kw), theirs.attribute(xs, target=target, **kw)):
                 np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
