@@ -11,7 +11,8 @@ derivatives and actual values: back-propagation through time.
 The rule runs layout 1 (batch first: X [N, T, F], Y [N, T, D, H], Y_h/Y_c [N, D, H]);
 `liftir.layout` rewrites the time-major (layout 0) nodes PyTorch exports into it. Weights,
 biases and peepholes must be constants; initial states may be activations (they get
-multipliers) or constants/absent. `sequence_lens` must cover the whole sequence.
+multipliers) or constants/absent. A constant `sequence_lens` must give every sample one
+length (steps past it are zeros in Y and influence nothing).
 The time loop is inherent; batch rows and hidden units are vectorised.
 """
 from __future__ import annotations
@@ -158,16 +159,22 @@ class _Recurrent(Rule):
         b = self._const(ctx, 3, "B", required=False)
         b = np.zeros((len(dirs), 2 * self.gates * hidden), dtype) if b is None else b.astype(dtype)
         lens = self._const(ctx, 4, "sequence_lens", required=False)
-        if lens is not None and not bool(np.all(lens == x.shape[1])):
-            raise RuleError(f"{op} node {ctx.node.name!r}: sequence_lens shorter than the sequence "
-                            f"({x.shape[1]} steps) are not supported")
+        length = x.shape[1]
+        if lens is not None:
+            lens = np.asarray(lens).reshape(-1)
+            if lens.size == 0 or not bool(np.all(lens == lens[0])) or not 1 <= int(lens[0]) <= x.shape[1]:
+                raise RuleError(f"{op} node {ctx.node.name!r}: sequence_lens {lens.tolist()} must be one length "
+                                f"between 1 and the {x.shape[1]} steps shared by every sample (a constant "
+                                f"cannot tell the samples of a batch apart)")
+            length = int(lens[0])
         params = []
         for d in range(len(dirs)):
             params.append({"W": xp.asarray(w[d]), "R": xp.asarray(r[d]),
                            "Wb": xp.asarray(b[d, :self.gates * hidden]),
                            "Rb": xp.asarray(b[d, self.gates * hidden:]),
                            "P": self._peepholes(ctx, d, hidden, dtype)})
-        return dirs, params, hidden, _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
+        acts = _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
+        return dirs, params, hidden, acts, length
 
     def _peepholes(self, ctx, d, hidden, dtype):
         return None
@@ -187,17 +194,20 @@ class _Recurrent(Rule):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, ctx, x, *rest):
-        dirs, params, hidden, acts = self._setup(ctx, x)
-        rows, steps = x.shape[0], x.shape[1]
+        dirs, params, hidden, acts, length = self._setup(ctx, x)
+        rows = x.shape[0]
         states0 = [rest[i - 1] if i - 1 < len(rest) else None for i in self.state_inputs]
         ys, finals = [], []
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, s, rows, d, hidden, x.dtype) for i, s in zip(self.state_inputs, states0)]
-            record = self._unroll(ctx.xp, x, init, params[d], acts[d], reverse)
+            record = self._unroll(ctx.xp, x[:, :length], init, params[d], acts[d], reverse)
             ys.append(ctx.xp.stack([rec["h"] for rec in record], axis=1))  # time order of the input
             finals.append(self._finals(record, reverse))
         xp = ctx.xp
         y = xp.stack(ys, axis=2)
+        if length < x.shape[1]:  # steps past sequence_lens are zeros
+            y = xp.concatenate([y, xp.zeros((rows, x.shape[1] - length) + tuple(y.shape[2:]), dtype=y.dtype)],
+                               axis=1)
         outs = [y] + [xp.stack([f[j] for f in finals], axis=1) for j in range(len(finals[0]))]
         return tuple(outs[:max(1, len(ctx.node.outputs))]) if len(ctx.node.outputs) > 1 else outs[0]
 
@@ -223,18 +233,19 @@ class _Recurrent(Rule):
     def backward(self, ctx, *grads):
         xp = ctx.xp
         deeplift = ctx.mode == "deeplift"
-        x = ctx.x(0)
-        dirs, params, hidden, acts = self._setup(ctx, x)
+        x_full = ctx.x(0)
+        dirs, params, hidden, acts, length = self._setup(ctx, x_full)
+        x = x_full[:, :length]  # steps past sequence_lens do not influence anything
         p = x.shape[0]
         k = next(g for g in grads if g is not None).shape[0]
         dtype = next(g for g in grads if g is not None).dtype
-        x0 = xp.broadcast_to(ctx.x0(0), x.shape) if deeplift else None
+        x0 = xp.broadcast_to(ctx.x0(0)[:, :length], x.shape) if deeplift else None
         states = {i: (ctx.x(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
                       else ctx.const(i)) for i in self.state_inputs}
         states0 = {i: (ctx.x0(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
                        else ctx.const(i)) for i in self.state_inputs}
         g_y = grads[0] if grads else None
-        gx = xp.zeros((k,) + tuple(x.shape), dtype=dtype)
+        gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
         g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
@@ -321,10 +332,10 @@ class GRU(_Recurrent):
                 "h": (1 - z) * ht + z * h_prev}
 
     def _setup(self, ctx, x):
-        dirs, params, hidden, acts = super()._setup(ctx, x)
+        dirs, params, hidden, acts, length = super()._setup(ctx, x)
         for p in params:
             p["lbr"] = bool(ctx.attr("linear_before_reset", 0))
-        return dirs, params, hidden, acts
+        return dirs, params, hidden, acts, length
 
     def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
         (g_h,) = carry

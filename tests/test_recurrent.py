@@ -26,7 +26,7 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def time_major_model(op, direction="forward", hidden=3, features=2, steps=4, attrs=None,
-                     peepholes=False, states=True, output="y", layout=0, seed=0):
+                     peepholes=False, states=True, output="y", layout=0, seed=0, lens=None):
     """x [N, T, F] (and h0, c0 [N, D, H]) batch first, around a time-major op, as torch writes it."""
     rng = np.random.default_rng(seed)
     d = 2 if direction == "bidirectional" else 1
@@ -37,13 +37,15 @@ def time_major_model(op, direction="forward", hidden=3, features=2, steps=4, att
               "shape": np.array([0, 0, -1], np.int64)}
     if peepholes:
         consts["P"] = rng.standard_normal((d, 3 * hidden)) * 0.5
+    if lens is not None:
+        consts["lens"] = np.asarray(lens, np.int32)
     inputs = {"x": [None, steps, features]}
     state_names = ["h0", "c0"] if op == "LSTM" else ["h0"]
     if states:
         inputs.update({s: [None, d, hidden] for s in state_names})
     if layout == 0:
         nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2])]
-        args = ["xt", "W", "R", "B", ""]
+        args = ["xt", "W", "R", "B", "lens" if lens is not None else ""]
         for s in state_names:
             if states:
                 nodes.append(helper.make_node("Transpose", [s], [s + "t"], perm=[1, 0, 2]))
@@ -84,6 +86,7 @@ SPEC_CASES = {
         "activations": ["HardSigmoid", "LeakyRelu", "Softsign"], "activation_alpha": [0.3, 0.1],
         "activation_beta": [0.4]}),
     "lstm-no-states": dict(op="LSTM", direction="forward", states=False),
+    "lstm-bi-sequence-lens": dict(op="LSTM", direction="bidirectional", lens=[3, 3, 3]),
     "gru-bi-linear-before-reset": dict(op="GRU", direction="bidirectional", attrs={"linear_before_reset": 1}),
     "gru-scaled-tanh": dict(op="GRU", direction="forward", attrs={
         "activations": ["HardSigmoid", "ScaledTanh"], "activation_alpha": [0.3, 0.8],
