@@ -103,7 +103,8 @@ def batch_first_selections(graph: Graph) -> int:
             if axis == 0:
                 break
             node = _only_consumer(graph, node.outputs[0])
-        if axis != 0 or len(chain) < 2:
+        graph_outputs = {o.name for o in graph.outputs}
+        if axis != 0 or len(chain) < 2 or any(o in graph_outputs for n in chain[:-1] for o in n.outputs):
             continue
         probe = np.arange(int(np.prod(shape)), dtype=np.float64).reshape((1,) + shape)
         value = probe
@@ -206,6 +207,9 @@ def _rewrite(graph: Graph, node: Node) -> bool:
     attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
     add.append((node.op_type, inputs, [new_y if y else "", new_h if y_h else "", new_c if y_c else ""]
                 [:len(node.outputs)], dict(attrs, layout=1), node.index))
+    kept = {o for _, _, outs, _, _ in add for o in outs}
+    if any(o in graph_outputs and o not in kept for dead in remove for o in graph.nodes[dead].outputs):
+        return False  # an intermediate tensor of the chain is a model output: leave it be
     for dead in remove:
         del graph.nodes[dead]
     for k, (op, ins, outs, attrs, index) in enumerate(add):
