@@ -71,6 +71,8 @@ class Resize(Linear):
             _refuse(ctx, f"mode {mode!r} is not supported")
         if text("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
             _refuse(ctx, "coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
+        if ctx.node.op_type == "Resize" and ctx.node.opset < 11:
+            _refuse(ctx, "Resize before opset 11 is not supported (export at opset 11 or later)")
         if text("keep_aspect_ratio_policy", "stretch") != "stretch":
             _refuse(ctx, "keep_aspect_ratio_policy other than 'stretch' is not supported")
         return mode
@@ -83,8 +85,6 @@ class Resize(Linear):
             if scales is None:
                 scales = ctx.const(1)
             return [float(s) for s in np.asarray(scales).reshape(-1)], None
-        if ctx.node.opset < 11:
-            return [float(s) for s in np.asarray(ctx.const(1)).reshape(-1)], None
         scales = ctx.const(2) if len(ctx.node.inputs) > 2 and ctx.node.inputs[2] else None
         sizes = ctx.const(3) if len(ctx.node.inputs) > 3 and ctx.node.inputs[3] else None
         if scales is not None and scales.size == 0:
@@ -137,7 +137,7 @@ class Resize(Linear):
             evaluator = ReferenceEvaluator(helper.make_model(
                 helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", 11, probe_shape)],
                                   [helper.make_tensor_value_info("y", 11, None)], inits),
-                opset_imports=[helper.make_opsetid("", ctx.node.opset)]))
+                opset_imports=[helper.make_opsetid("", max(ctx.node.opset, 13))]))  # Upsample probes as Resize
             response = np.asarray(evaluator.run(None, {"x": probe})[0])  # (n, 1.., out_n, 1..)
             matrices[d] = response.reshape(n, -1).T.copy()  # (out, in)
         ctx.cache[key] = matrices
@@ -147,13 +147,10 @@ class Resize(Linear):
         """The node itself, resizing only axis d of a probe (n, 1, .., n, .., 1)."""
         attrs = {k: v for k, v in ctx.attrs.items() if k not in ("axes", "scales")}
         inits = []
-        if ctx.node.op_type == "Upsample" or ctx.node.opset < 11:
-            probe_scales = [1.0] * rank
-            probe_scales[d] = scales[d]
-            if ctx.node.op_type == "Upsample" and "scales" in ctx.attrs:
-                return helper.make_node("Upsample", ["x"], ["y"], scales=probe_scales, **attrs), inits
-            inits.append(numpy_helper.from_array(np.asarray(probe_scales, np.float32), "s"))
-            return helper.make_node(ctx.node.op_type, ["x", "s"], ["y"], **attrs), inits
+        if ctx.node.op_type == "Upsample":
+            # Upsample is Resize with asymmetric coordinates and floor for nearest (onnx.reference's
+            # own Upsample does linear in two dimensions only)
+            attrs = dict(attrs, coordinate_transformation_mode="asymmetric", nearest_mode="floor")
         if scales is not None:
             probe_scales = [1.0] * rank
             probe_scales[d] = scales[d]
