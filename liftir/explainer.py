@@ -17,6 +17,7 @@ from .backend import array_module, to_host
 from .data import resolve_input
 from .errors import InputError, ModelLoadError
 from .folding import fold_constants
+from .layout import batch_first
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
 from .methods import Method, get_method, integration_points
@@ -75,6 +76,7 @@ class Explainer:
         self.graph: Graph = build_graph(self.model, rules)
         fold_constants(self.graph)
         refuse_training_mode(self.graph)
+        batch_first(self.graph)
         if precision not in ("model", "float64"):
             raise InputError(f"precision must be 'model' or 'float64', got {precision!r}")
         if precision == "float64":

@@ -24,6 +24,9 @@ class OrtForward:
 
     def __init__(self, graph: Graph, order: list[str], outputs: tuple[str, ...]):
         nodes = [graph.nodes[name] for name in order]
+        if any(n.op_type in ("LSTM", "GRU", "RNN") and n.attrs.get("layout", 0) == 1 for n in nodes):
+            # onnxruntime runs no batch-first recurrent op (and logs an error trying): the rules will do
+            raise ValueError("onnxruntime does not run recurrent ops with layout=1")
         produced = [o for node in nodes for o in node.outputs if o]
         used = {i for node in nodes for i in node.inputs if i}
         initializers = [numpy_helper.from_array(np.asarray(v), name)

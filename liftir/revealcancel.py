@@ -126,7 +126,7 @@ def node_backward(spread: dict[str, Any]):
             if g is None:
                 combined.append(None)
                 continue
-            dy = ctx._run.actual(o) - ctx._run.reference(o)
+            dy = ctx._run.actual(o).astype(g.dtype) - ctx._run.reference(o).astype(g.dtype)  # bools: 0/1
             combined.append(xp.where(dy > 0, g[:k], g[k:]))
         result = rule.backward(ctx, *combined)
         return tuple(None if m is None else xp.concatenate([m, m]) for m in result)

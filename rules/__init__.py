@@ -5,11 +5,14 @@ Importing this package registers every rule; the registry does so on first use.
 from . import (  # noqa: F401  (imported for their registrations)
     elementwise,
     linear,
+    linear_maps,
     maxout,
     normalization,
     pooling,
     product,
+    recurrent,
     reductions,
+    selection,
     softmax,
     views,
 )

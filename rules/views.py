@@ -264,6 +264,8 @@ class Gather(Linear):
 
 @builtin_rule("Expand")
 class Expand(Linear):
+    """Broadcast; a batch size the exporter froze into the shape (axis 0) follows the batch."""
+
     def forward(self, ctx, x, shape):
         return ctx.xp.broadcast_to(x, self._target(ctx, tuple(x.shape)))
 

@@ -424,6 +424,99 @@ CASES["SpaceToDepth"] = [
     op("SpaceToDepth", [(2, 2, 4, 6)], {"blocksize": 2, "mode": "DCR"}, 28, id="dcr"),
     op("SpaceToDepth", [(2, 2, 4, 6)], {"blocksize": 2, "mode": "CRD"}, 28, id="crd"),
 ]
+CASES["Expand"].append(op("Expand", [(2, 1, 4), i64(2, 3, 4)], opset=13, id="frozen-batch"))
+
+
+def _selected(op_type, attrs=None, second=True):
+    """cond = op(...) read by Where, so the graph's output is a float (booleans read as 0/1)."""
+    nodes, consts = [], {"k": f32(0.2)}
+    if op_type in ("Not", "And", "Or", "Xor", "IsNaN", "IsInf"):
+        nodes.append(helper.make_node("Greater", ["x0", "x1"], ["g"]))
+        nodes.append(helper.make_node("Less", ["x0", "k"], ["l"]))
+        nodes.append(helper.make_node("Sqrt", ["x0"], ["nan"]))  # NaN below 0 (inputs must be finite)
+        nodes.append(helper.make_node("Mul", ["x0", "big"], ["x100"]))
+        nodes.append(helper.make_node("Exp", ["x100"], ["inf"]))  # inf above 0.9
+        nodes.append(helper.make_node("Sub", ["nan", "inf"], ["both"]))  # NaN, -inf
+        consts["big"] = f32(100.0)
+        ins = {"Not": ["g"], "IsNaN": ["both"], "IsInf": ["both"]}.get(op_type, ["g", "l"])
+    else:
+        ins = ["x0", "x1"]
+    nodes += [helper.make_node(op_type, ins, ["c"], **(attrs or {})),
+              helper.make_node("Where", ["c", "k", "x1"], ["y"])]
+    return model(nodes, {"x0": (2, 3, 4), "x1": (2, 3, 4)}, ["y"], consts, opset=13)
+
+
+for _op in ("Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor"):
+    CASES[_op] = [Case("where-op13", lambda _op=_op: _selected(_op))]
+CASES["Equal"].append(Case("ties-op13", lambda: _selected("Equal"),
+                           feeds=lambda rng: {"x0": rng.integers(0, 2, (2, 3, 4)).astype(np.float32),
+                                              "x1": rng.integers(0, 2, (2, 3, 4)).astype(np.float32)}))
+CASES["IsNaN"] = [Case("non-finite-op13", lambda: _selected("IsNaN"))]
+CASES["IsInf"] = [Case("non-finite-op13", lambda: _selected("IsInf")),
+                  Case("positive-op13", lambda: _selected("IsInf", {"detect_negative": 0})),
+                  Case("negative-op13", lambda: _selected("IsInf", {"detect_positive": 0}))]
+CASES["Where"] = [Case("comparison-op13", lambda: _selected("Greater")),
+                  op("Where", [np.array([[True, False, True]]), (2, 3), (2, 3)], opset=16, id="constant-cond")]
+
+
+def _arg_gather(op_type, attrs):
+    nodes = [helper.make_node(op_type, ["x0"], ["i"], **attrs),
+             helper.make_node("GatherElements", ["x0", "i"], ["y"], axis=attrs["axis"])]
+    return model(nodes, {"x0": (2, 3, 4)}, ["y"], opset=13)
+
+
+CASES["ArgMax"] = [Case("gather-op13", lambda: _arg_gather("ArgMax", {"axis": 2, "keepdims": 1})),
+                   Case("last-op13", lambda: _arg_gather("ArgMax", {"axis": 1, "keepdims": 1, "select_last_index": 1}),
+                        feeds=lambda rng: {"x0": rng.integers(0, 2, (2, 3, 4)).astype(np.float32)})]
+CASES["ArgMin"] = [Case("gather-op13", lambda: _arg_gather("ArgMin", {"axis": -1, "keepdims": 1}))]
+CASES["GatherElements"] = [
+    op("GatherElements", [(2, 3, 5), np.array([[[0, -1], [4, 4], [1, 2]]] * 2, np.int64)], {"axis": 2}, 13,
+       id="axis2"),
+    op("GatherElements", [(2, 4, 3), np.array([[[0, 3, 1]], [[2, 2, -4]]], np.int64)], {"axis": 1}, 13,
+       id="fewer-rows")]
+CASES["GatherND"] = [
+    op("GatherND", [(2, 4, 5), np.array([[[1, 2], [3, -1]]] * 2, np.int64)], {"batch_dims": 1}, 13, id="batch-dims1"),
+    op("GatherND", [(2, 4, 5), np.array([[[0, 1], [0, 3]], [[1, 2], [1, 0]]], np.int64)], opset=13,
+       id="row-coordinate"),
+    op("GatherND", [(2, 3, 4, 5), np.array([[[2]], [[0]]], np.int64)], {"batch_dims": 1}, 13, id="slices")]
+CASES["ScatterElements"] = [
+    op("ScatterElements", [(2, 5), np.array([[4, 0, 2], [1, 3, 0]], np.int64), (2, 3)], {"axis": 1}, 16, id="none"),
+    op("ScatterElements", [(2, 5), np.array([[4, 4, -1], [1, 3, 1]], np.int64), (2, 3)], {"axis": 1,
+       "reduction": "add"}, 16, id="add-repeats")]
+CASES["ScatterND"] = [
+    op("ScatterND", [(2, 4, 2), np.array([[[0, 3], [0, 1]], [[1, 0], [1, 2]]], np.int64), (2, 2, 2)], opset=16,
+       id="none"),
+    op("ScatterND", [(2, 4, 2), np.array([[[0, 3, 1]], [[1, 3, 1]]], np.int64), (2, 1)], {"reduction": "add"}, 16,
+       id="add-elements")]
+CASES["CumSum"] = [op("CumSum", [(2, 3, 4), np.array(1, np.int64)], opset=14, id="axis1"),
+                   op("CumSum", [(2, 3, 4), np.array(-1, np.int32)], {"reverse": 1, "exclusive": 1}, 14,
+                      id="reverse-exclusive")]
+CASES["Einsum"] = [op("Einsum", [(2, 3, 4), w(4, 5)], {"equation": "nij,jk->nik"}, 12, id="constant"),
+                   op("Einsum", [(2, 3, 4), (2, 4)], {"equation": "nij,nj->ni"}, 12, id="two-activations"),
+                   op("Einsum", [(2, 3, 4), w(6)], {"equation": "nij,k->ni"}, 12, id="summed-alone")]
+CASES["Resize"] = [
+    op("Resize", [(2, 3, 4, 5), f32(), f32(1, 1, 2, 1.5)], {"mode": "linear"}, 13, id="linear"),
+    op("Resize", [(2, 3, 4, 5), f32(), f32(1, 1, 0.6, 1.7)], {"mode": "cubic",
+       "coordinate_transformation_mode": "align_corners"}, 13, id="cubic-align-corners"),
+    op("Resize", [(2, 3, 4, 5), None, None, i64(2, 3, 7, 9)], {"mode": "nearest", "nearest_mode": "floor",
+       "coordinate_transformation_mode": "asymmetric"}, 13, id="nearest-sizes"),
+    op("Resize", [(2, 3, 4, 5), f32(), f32(1, 1, 1.5, 2)], {"mode": "nearest",
+       "coordinate_transformation_mode": "pytorch_half_pixel", "nearest_mode": "ceil"}, 13, id="pytorch-ceil")]
+CASES["Upsample"] = [op("Upsample", [(2, 3, 4, 5), f32(1, 1, 2, 3)], {"mode": "nearest"}, 9, id="nearest"),
+                     op("Upsample", [(2, 3, 4, 5), f32(1, 1, 2, 1.5)], {"mode": "linear"}, 9, id="linear")]
+
+
+def _recurrent(**kw):
+    from test_recurrent import time_major_model  # noqa: PLC0415
+    return time_major_model(**kw)[0]
+
+
+CASES["LSTM"] = [Case("bi-peepholes-op14", lambda: _recurrent(op="LSTM", direction="bidirectional", peepholes=True)),
+                 Case("reverse-clip-op14", lambda: _recurrent(op="LSTM", direction="reverse", attrs={"clip": 0.7}))]
+CASES["GRU"] = [Case("bi-op14", lambda: _recurrent(op="GRU", direction="bidirectional")),
+                Case("lbr-op14", lambda: _recurrent(op="GRU", attrs={"linear_before_reset": 1}))]
+CASES["RNN"] = [Case("bi-op14", lambda: _recurrent(op="RNN", direction="bidirectional")),
+                Case("relu-op14", lambda: _recurrent(op="RNN", attrs={"activations": ["Relu"]}))]
 for _op in ("Softmax", "LogSoftmax"):
     CASES[_op] = [
         op(_op, [(2, 5)], opset=13, id="2d"),

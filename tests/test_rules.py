@@ -815,7 +815,14 @@ POSITIVE_ONLY = {"Log", "Sqrt", "Reciprocal"}  # get sigmoid(t) + 0.5, in (0.5, 
 NOT_GENERATED = {"DepthToSpace", "SpaceToDepth",  # 4-D pixel shuffles: not in (N, F) / (N, C, L) graphs
                  "Scaler",  # ai.onnx.ml: tested end to end on a scikit-learn pipeline (test_sklearn.py)
                  # opsets 21 and 23, above the generator's: tested in test_normalization.py
-                 "GroupNormalization", "RMSNormalization"}
+                 "GroupNormalization", "RMSNormalization",
+                 "LSTM", "GRU", "RNN",  # sequences: tested in test_recurrent.py
+                 "Resize", "Upsample",  # tested in test_linear_maps.py (onnxruntime runs no float64 Resize)
+                 # constant indices of one row mean row 0 to onnxruntime, and indices computed from the
+                 # input differ between random references, which DeepLIFT refuses: test_selection.py
+                 "GatherND", "ScatterND", "GatherElements", "ScatterElements", "ArgMax", "ArgMin"}
+BOOLEAN_OUT = {"Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "IsNaN", "IsInf", "Not", "And", "Or",
+               "Xor"}
 OPSET = 20  # Gelu needs 20; axes, splits and pads are inputs there
 
 
@@ -954,6 +961,24 @@ class GraphBuilder:
             if shape[-1] != 1:
                 t = b.add("ReduceMax", [t, b.ints(rank)], shape[:-1] + (1,), keepdims=1)
             b.add(op, [t, b.ints(*([1] * rank + [3]))], shape[:-1] + (3,))
+        elif op in BOOLEAN_OUT | {"Where"}:
+            other = b.pick(lambda s: s == shape)
+            cond = b.add(op if op in ("Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual") else "Greater",
+                         [t, other if other != t else b.const(r.standard_normal(shape[-1:]))], shape)
+            if op in ("Not", "IsNaN", "IsInf"):
+                cond = b.add(op, [cond if op == "Not" else t], shape)
+            elif op in ("And", "Or", "Xor"):
+                cond = b.add(op, [cond, b.add("Less", [t, b.const(0.3)], shape)], shape)
+            b.add("Where", [cond, t, b.add("Tanh", [other], shape)], shape)
+            boolean = {o for nd in b.nodes if nd.op_type in BOOLEAN_OUT for o in nd.output}
+            b.tensors = {n: v for n, v in b.tensors.items() if n not in boolean}  # no float op reads these
+        elif op == "CumSum":
+            b.add(op, [t, b.ints(b.integer(1, rank))], shape, reverse=b.choose([0, 1]), exclusive=b.choose([0, 1]))
+        elif op == "Einsum":
+            u = b.pick(lambda s: s == shape)
+            eq = "ni,nj->nij" if rank == 1 else "nij,nik->njk"
+            out = (shape[0], shape[0]) if rank == 1 else (shape[1], shape[1])
+            b.add(op, [t, u], out, equation=eq)
         elif op == "Cast":
             b.add(op, [t], shape, to=helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype)))
         elif op == "CastLike":

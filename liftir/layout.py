@@ -1,0 +1,231 @@
+"""Batch-first rewrite of time-major recurrent ops.
+
+liftir keeps the samples on axis 0 of every tensor. PyTorch exports nn.LSTM/GRU/RNN (with
+either exporter) as a time-major ONNX op (layout 0: X [T, N, F], Y [T, D, N, H]) between
+transposes:
+
+    x [N, T, F] -> Transpose(1, 0, 2) -> LSTM -> Y -> Transpose(0, 2, 1, 3) -> Reshape [T, N, D*H]
+                -> Transpose(1, 0, 2) -> [N, T, D*H]          (or Y -> Squeeze(1) -> Transpose)
+    Y_h [D, N, H] -> Gather(axis 0, i) -> [N, H]               (h_n[-1])
+
+Every tensor in between has its batch on axis 1 (the same holds for the dynamo exporter's
+adaptive average pool: Transpose -> GatherND -> Transpose, see `batch_first_selections`). This pass rewrites such a chain into the
+same op with layout 1 (batch first), whose Y [N, T, D, H] becomes [N, T, D*H] by one
+Reshape, and whose Y_h [N, D, H] is read by Gather on axis 1. Outputs are unchanged (tested
+against onnxruntime on the original model). Chains of other shapes are left alone and the
+recurrent rule refuses them with a clear error.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from .graph import Graph, Node
+
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def _perm(node: Node | None, perm: list[int]) -> bool:
+    return node is not None and node.op_type == "Transpose" and list(node.attrs.get("perm", [])) == perm
+
+
+def _only_consumer(graph: Graph, tensor: str) -> Node | None:
+    users = graph.consumers.get(tensor, [])
+    return graph.nodes[users[0]] if len(users) == 1 else None
+
+
+def _squeeze_axes(graph: Graph, node: Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > 1 and node.inputs[1] in graph.constants:
+        return np.atleast_1d(graph.constants[node.inputs[1]]).tolist()
+    return None
+
+
+def _new_node(graph: Graph, op_type: str, inputs, outputs, index: int, name: str, **attrs) -> Node:
+    proto = helper.make_node(op_type, list(inputs), list(outputs), name=name, **attrs)
+    node = Node(name=name, op_type=op_type, domain="", inputs=tuple(inputs), outputs=tuple(outputs),
+                attrs=dict(attrs), opset=graph.opsets.get("", 1), index=index, proto=proto)
+    graph.nodes[name] = node
+    return node
+
+
+def _const(graph: Graph, name: str, value) -> str:
+    graph.constants[name] = np.asarray(value, dtype=np.int64)
+    return name
+
+
+def batch_first(graph: Graph) -> int:
+    """All of this module's rewrites; returns how many chains were rewritten."""
+    return batch_first_recurrent(graph) + batch_first_selections(graph)
+
+
+def _shape_of(graph: Graph, tensor: str):
+    info = graph.tensor_info(tensor)
+    if info is None or info.shape is None or not all(isinstance(d, int) and d > 0 for d in info.shape[1:]):
+        return None
+    return tuple(info.shape[1:])
+
+
+def batch_first_selections(graph: Graph) -> int:
+    """Rewrite Transpose -> GatherND/Gather (constant indices) -> Transpose chains that move
+    the batch away and back (the dynamo exporter's adaptive average pool) into one Gather
+    of the flattened sample. The flat positions come from running the chain on a probe
+    sample whose values are their own positions, so the semantics stay the standard's."""
+    from .folding import evaluate_node  # noqa: PLC0415 (folding imports graph, as we do)
+
+    rewritten = 0
+    for name in list(graph.order):
+        start = graph.nodes.get(name)
+        if start is None or start.op_type != "Transpose" or list(start.attrs.get("perm", [0]))[0] == 0:
+            continue
+        shape = _shape_of(graph, start.inputs[0])
+        if shape is None:
+            continue
+        chain, node, axis = [], start, 0
+        while node is not None:
+            if node.op_type == "Transpose":
+                axis = list(node.attrs["perm"]).index(axis)
+            elif node.op_type == "GatherND" and node.attrs.get("batch_dims", 0) == 0 \
+                    and node.inputs[1] in graph.constants:
+                idx = graph.constants[node.inputs[1]]
+                if axis < idx.shape[-1]:
+                    break
+                axis = axis - idx.shape[-1] + idx.ndim - 1
+            elif node.op_type == "Gather" and node.inputs[1] in graph.constants:
+                a = node.attrs.get("axis", 0)
+                if a == axis:
+                    break
+                axis = axis if axis < a else axis + graph.constants[node.inputs[1]].ndim - 1
+            else:
+                break
+            chain.append(node)
+            if axis == 0:
+                break
+            node = _only_consumer(graph, node.outputs[0])
+        graph_outputs = {o.name for o in graph.outputs}
+        if axis != 0 or len(chain) < 2 or any(o in graph_outputs for n in chain[:-1] for o in n.outputs):
+            continue
+        probe = np.arange(int(np.prod(shape)), dtype=np.float64).reshape((1,) + shape)
+        value = probe
+        for n in chain:
+            inputs = [value] + [graph.constants.get(i) for i in n.inputs[1:]]
+            value = evaluate_node(n, inputs)[0]
+        base = chain[0].name
+        flat = f"{base}/flat_sample"
+        _new_node(graph, "Reshape", [start.inputs[0], _const(graph, f"{base}/flatten", [0, -1])], [flat],
+                  start.index, f"{base}/batch_first/flatten")
+        positions = _const(graph, f"{base}/positions", value[0].astype(np.int64))
+        _new_node(graph, "Gather", [flat, positions], [chain[-1].outputs[0]], chain[-1].index,
+                  f"{base}/batch_first/gather", axis=1)
+        for n in chain:
+            del graph.nodes[n.name]
+        graph.rebuild()
+        rewritten += 1
+    return rewritten
+
+
+def batch_first_recurrent(graph: Graph) -> int:
+    """Rewrite every matching time-major recurrent chain to layout 1. Returns how many."""
+    rewritten = 0
+    for name in list(graph.order):
+        node = graph.nodes.get(name)
+        if node is None or node.op_type not in RECURRENT_OPS or node.attrs.get("layout", 0) != 0:
+            continue
+        if _rewrite(graph, node):
+            rewritten += 1
+            graph.rebuild()
+    return rewritten
+
+
+def _rewrite(graph: Graph, node: Node) -> bool:
+    producer = graph.producer
+    outputs = list(node.outputs) + [""] * (3 - len(node.outputs))
+    y, y_h, y_c = outputs[:3]
+    into = graph.nodes.get(producer.get(node.inputs[0], ""))
+    if not _perm(into, [1, 0, 2]) or len(graph.consumers.get(node.inputs[0], [])) != 1:
+        return False
+    base = node.name
+    graph_outputs = {o.name for o in graph.outputs}
+    if graph_outputs & {y, y_h, y_c}:
+        return False
+    remove = [into.name, node.name]
+    add = []  # (op, inputs, outputs, attrs) for the nodes that replace the chain
+    new_y, new_h, new_c = f"{base}/Y_batch_first", f"{base}/Y_h_batch_first", f"{base}/Y_c_batch_first"
+
+    # Y: -> Transpose(0, 2, 1, 3) -> Reshape (to rank 3) -> Transpose(1, 0, 2), or -> Squeeze(1) -> Transpose
+    if y and graph.consumers.get(y):
+        users = [graph.nodes[u] for u in graph.consumers[y]]
+        first = users[0] if len(users) == 1 else None
+        if _perm(first, [0, 2, 1, 3]):
+            mid = [graph.nodes[u] for u in graph.consumers.get(first.outputs[0], [])]
+            reshape = [m for m in mid if m.op_type == "Reshape"]
+            if len(reshape) != 1 or any(m.op_type not in ("Reshape", "Shape") for m in mid):
+                return False
+            last = _only_consumer(graph, reshape[0].outputs[0])
+            remove += [first.name, reshape[0].name]
+        elif first is not None and first.op_type == "Squeeze" and _squeeze_axes(graph, first) == [1]:
+            last = _only_consumer(graph, first.outputs[0])
+            remove.append(first.name)
+        else:
+            return False
+        if not _perm(last, [1, 0, 2]):
+            return False
+        remove.append(last.name)
+        add.append(("Reshape", [new_y, _const(graph, f"{base}/merge_directions", [0, 0, -1])],
+                    [last.outputs[0]], {}, last.index))
+    # Y_h, Y_c: read by Gather(axis 0) (h_n[i]), Squeeze(0) (one direction) or Transpose(1, 0, 2)
+    for old, new in ((y_h, new_h), (y_c, new_c)):
+        for user in [graph.nodes[u] for u in graph.consumers.get(old, [])] if old else []:
+            if user.op_type == "Gather" and user.attrs.get("axis", 0) == 0:
+                add.append(("Gather", [new, user.inputs[1]], list(user.outputs), {"axis": 1}, user.index))
+            elif user.op_type == "Squeeze" and _squeeze_axes(graph, user) == [0]:
+                add.append(("Reshape", [new, _const(graph, f"{base}/drop_direction", [0, -1])],
+                            list(user.outputs), {}, user.index))
+            elif _perm(user, [1, 0, 2]):
+                add.append(("Identity", [new], list(user.outputs), {}, user.index))
+            else:
+                return False
+            remove.append(user.name)
+    # the recurrent op itself, batch first; initial states [D, N, H] -> [N, D, H]
+    inputs = list(node.inputs)
+    inputs[0] = into.inputs[0]
+    for index in (5, 6):
+        if index < len(inputs) and inputs[index]:
+            state = inputs[index]
+            feeder = graph.nodes.get(producer.get(state, ""))
+            if state in graph.constants:
+                inputs[index] = f"{base}/state{index}_batch_first"
+                graph.constants[inputs[index]] = np.ascontiguousarray(graph.constants[state].transpose(1, 0, 2))
+            elif _perm(feeder, [1, 0, 2]):  # a batch-first state transposed for the op: use it as is
+                inputs[index] = feeder.inputs[0]
+                if len(graph.consumers.get(state, [])) == 1:
+                    remove.append(feeder.name)
+            else:
+                inputs[index] = f"{base}/state{index}_batch_first"
+                add.append(("Transpose", [state], [inputs[index]], {"perm": [1, 0, 2]}, node.index))
+    attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
+    add.append((node.op_type, inputs, [new_y if y else "", new_h if y_h else "", new_c if y_c else ""]
+                [:len(node.outputs)], dict(attrs, layout=1), node.index))
+    kept = {o for _, _, outs, _, _ in add for o in outs}
+    if any(o in graph_outputs and o not in kept for dead in remove for o in graph.nodes[dead].outputs):
+        return False  # an intermediate tensor of the chain is a model output: leave it be
+    for dead in remove:
+        del graph.nodes[dead]
+    for k, (op, ins, outs, attrs, index) in enumerate(add):
+        _new_node(graph, op, ins, outs, index, f"{base}/batch_first/{k}", **attrs)
+    _drop_dangling(graph)
+    return True
+
+
+def _drop_dangling(graph: Graph) -> None:
+    """Remove the shape arithmetic that read the replaced tensors (it fed only their Reshape)."""
+    available = {i.name for i in graph.inputs} | set(graph.constants)
+    while True:
+        produced = {o for n in graph.nodes.values() for o in n.outputs if o}
+        dangling = [name for name, n in graph.nodes.items()
+                    if any(i and i not in produced and i not in available for i in n.inputs)]
+        if not dangling:
+            return
+        for name in dangling:
+            del graph.nodes[name]

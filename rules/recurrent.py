@@ -1,0 +1,424 @@
+"""Recurrent ops (LSTM, GRU, RNN), unrolled over time onto the paper's rules.
+
+Each time step is affine maps (2.3.1: x W^T + h R^T + b, peepholes), gate activations
+(Rescale, 2.3.4, with `clip` folded into the activation: the divided difference of
+f(clip(z)) is that of f times that of clip; as in onnxruntime, clip bounds the gates'
+inputs, not the cell state LSTM's h reads) and gating products (2.3.5: each factor gets
+the mean of actual and reference of the other). Every piece conserves exactly, so the
+unrolled step does, and so does the whole sequence. In gradient modes the same walk uses
+derivatives and actual values: back-propagation through time.
+
+The rule runs layout 1 (batch first: X [N, T, F], Y [N, T, D, H], Y_h/Y_c [N, D, H]);
+`liftir.layout` rewrites the time-major (layout 0) nodes PyTorch exports into it. Weights,
+biases and peepholes must be constants; initial states may be activations (they get
+multipliers) or constants/absent. A constant `sequence_lens` must give every sample one
+length (steps past it are zeros in Y and influence nothing).
+The time loop is inherent; batch rows and hidden units are vectorised.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from liftir.registry import builtin_rule, lookup
+from liftir.rule import MODES, Rule, RuleError, rescale_multiplier
+
+
+class _Attrs:
+    """The `ctx.attr` an elementwise rule reads its alpha/beta from."""
+
+    def __init__(self, **attrs):
+        self.attrs = attrs
+
+    def attr(self, name, default=None):
+        return self.attrs.get(name, default)
+
+
+_ALPHA = {"LeakyRelu": 0.01, "ThresholdedRelu": 1.0, "Elu": 1.0, "HardSigmoid": 0.2,
+          "Affine": 1.0, "ScaledTanh": 1.0}
+_BETA = {"HardSigmoid": 0.5, "Affine": 0.0, "ScaledTanh": 1.0}
+_NAMES = {n.lower(): n for n in ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu",
+                                 "ScaledTanh", "HardSigmoid", "Elu", "Softsign", "Softplus")}
+
+
+class Activation:
+    """One activation of the spec's list: f, f' and the Rescale divided difference, after clip."""
+
+    def __init__(self, name, alpha, beta, clip):
+        self.name, self.alpha, self.beta, self.clip = name, alpha, beta, clip
+        if name in ("Affine", "ScaledTanh"):
+            self.rule, self.attrs = lookup("Tanh"), _Attrs()
+        else:
+            self.rule, self.attrs = lookup(name), _Attrs(alpha=alpha, beta=beta)
+
+    def _clip(self, xp, z):
+        return z if self.clip is None else xp.clip(z, -self.clip, self.clip)
+
+    def _clip_dd(self, xp, z, z0):
+        if self.clip is None:
+            return 1
+        c = self.clip
+        return rescale_multiplier(xp, z, z0, self._clip(xp, z), self._clip(xp, z0),
+                                  lambda u: (abs(u) < c).astype(u.dtype), True, True)
+
+    def __call__(self, xp, z):
+        z = self._clip(xp, z)
+        if self.name == "Affine":
+            return self.alpha * z + self.beta
+        if self.name == "ScaledTanh":
+            return self.alpha * xp.tanh(self.beta * z)
+        return self.rule.f(xp, z, self.attrs)
+
+    def slope(self, xp, z, z0, deeplift):
+        """Rescale multiplier (f(z) - f(z0))/(z - z0), or f'(z) in gradient modes."""
+        if deeplift:
+            u, u0 = self._clip(xp, z), self._clip(xp, z0)
+            if self.name == "Affine":
+                inner = self.alpha + 0 * u
+            elif self.name == "ScaledTanh":
+                inner = self.alpha * self.beta * self.rule.divided_difference(xp, self.beta * u, self.beta * u0,
+                                                                             self.attrs)
+            else:
+                inner = self.rule.divided_difference(xp, u, u0, self.attrs)
+            return inner * self._clip_dd(xp, z, z0)
+        u = self._clip(xp, z)
+        inside = 1 if self.clip is None else (abs(z) < self.clip).astype(z.dtype)
+        if self.name == "Affine":
+            return self.alpha * inside + 0 * u
+        if self.name == "ScaledTanh":
+            return self.alpha * self.beta * self.rule.df(xp, self.beta * u, self.attrs) * inside
+        return self.rule.df(xp, u, self.attrs) * inside
+
+
+def _activations(ctx, defaults, directions, unclipped=()):
+    names = ctx.attr("activations") or defaults * directions
+    names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    if len(names) != len(defaults) * directions:
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: {len(names)} activations given, "
+                        f"{len(defaults) * directions} expected")
+    alphas = list(ctx.attr("activation_alpha") or [])
+    betas = list(ctx.attr("activation_beta") or [])
+    clip = ctx.attr("clip")
+    acts = []
+    for position, n in enumerate(names):
+        name = _NAMES.get(n.lower())
+        if name is None:
+            raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: unknown activation {n!r}")
+        alpha = alphas.pop(0) if name in _ALPHA and alphas else _ALPHA.get(name)
+        beta = betas.pop(0) if name in _BETA and betas else _BETA.get(name)
+        acts.append(Activation(name, alpha, beta, None if position % len(defaults) in unclipped else clip))
+    per = len(defaults)
+    return [acts[d * per:(d + 1) * per] for d in range(directions)]
+
+
+def _mean(a, a0, deeplift):
+    return (a + a0) * 0.5 if deeplift else a
+
+
+class _Recurrent(Rule):
+    """Shared by LSTM/GRU/RNN: inputs, directions, the time loop and the backward walk."""
+
+    modes = MODES
+    gates: int = 1
+    default_acts: tuple[str, ...] = ()
+    state_inputs: tuple[int, ...] = (5,)  # initial_h (and initial_c)
+    #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
+    unclipped: tuple[int, ...] = ()
+    paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
+                  "gradient: backprop through time")
+
+    def describe(self, mode):
+        return self.paper_rule if mode == "deeplift" else "backprop through time"
+
+    # ---- parameters ---------------------------------------------------------------------
+    def _const(self, ctx, index, what, required=True):
+        if index >= len(ctx.node.inputs) or not ctx.node.inputs[index]:
+            if required:
+                raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: {what} is missing")
+            return None
+        if not ctx.is_const(index):
+            raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: {what} must be a constant "
+                            f"(liftir treats it as the weight of an affine map)")
+        return ctx.const(index)
+
+    def _setup(self, ctx, x):
+        op = ctx.node.op_type
+        if ctx.attr("layout", 0) != 1:
+            raise RuleError(f"{op} node {ctx.node.name!r} is time-major (layout 0), so its batch is not on "
+                            f"axis 0; liftir rewrites the Transpose -> {op} -> Transpose chains exporters "
+                            f"write, but this node's neighbours did not match (export with batch-first "
+                            f"tensors, or layout=1)")
+        if ctx.attr("input_forget", 0):
+            raise RuleError(f"{op} node {ctx.node.name!r}: input_forget=1 is not supported")
+        direction = ctx.attr("direction", "forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+        xp, dtype = ctx.xp, x.dtype
+        w = self._const(ctx, 1, "W").astype(dtype)
+        r = self._const(ctx, 2, "R").astype(dtype)
+        hidden = r.shape[-1]
+        b = self._const(ctx, 3, "B", required=False)
+        b = np.zeros((len(dirs), 2 * self.gates * hidden), dtype) if b is None else b.astype(dtype)
+        lens = self._const(ctx, 4, "sequence_lens", required=False)
+        length = x.shape[1]
+        if lens is not None:
+            lens = np.asarray(lens).reshape(-1)
+            if lens.size == 0 or not bool(np.all(lens == lens[0])) or not 1 <= int(lens[0]) <= x.shape[1]:
+                raise RuleError(f"{op} node {ctx.node.name!r}: sequence_lens {lens.tolist()} must be one length "
+                                f"between 1 and the {x.shape[1]} steps shared by every sample (a constant "
+                                f"cannot tell the samples of a batch apart)")
+            length = int(lens[0])
+        params = []
+        for d in range(len(dirs)):
+            params.append({"W": xp.asarray(w[d]), "R": xp.asarray(r[d]),
+                           "Wb": xp.asarray(b[d, :self.gates * hidden]),
+                           "Rb": xp.asarray(b[d, self.gates * hidden:]),
+                           "P": self._peepholes(ctx, d, hidden, dtype)})
+        acts = _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
+        return dirs, params, hidden, acts, length
+
+    def _peepholes(self, ctx, d, hidden, dtype):
+        return None
+
+    def _state(self, ctx, index, value, rows, d, hidden, dtype):
+        """Initial state of direction d for `rows` rows (zeros when absent)."""
+        xp = ctx.xp
+        if value is None:
+            return xp.zeros((rows, hidden), dtype=dtype)
+        value = xp.asarray(value).astype(dtype)
+        if value.shape[0] == rows:
+            return value[:, d]
+        if value.shape[0] == 1 or bool((value == value[:1]).all()):  # a constant of a fixed-batch export
+            return xp.broadcast_to(value[:1, d], (rows, hidden))
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: input {index} (initial state) has "
+                        f"{value.shape[0]} rows where the batch has {rows}")
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, ctx, x, *rest):
+        dirs, params, hidden, acts, length = self._setup(ctx, x)
+        rows = x.shape[0]
+        states0 = [rest[i - 1] if i - 1 < len(rest) else None for i in self.state_inputs]
+        ys, finals = [], []
+        for d, reverse in enumerate(dirs):
+            init = [self._state(ctx, i, s, rows, d, hidden, x.dtype) for i, s in zip(self.state_inputs, states0)]
+            record = self._unroll(ctx.xp, x[:, :length], init, params[d], acts[d], reverse)
+            ys.append(ctx.xp.stack([rec["h"] for rec in record], axis=1))  # time order of the input
+            finals.append(self._finals(record, reverse))
+        xp = ctx.xp
+        y = xp.stack(ys, axis=2)
+        if length < x.shape[1]:  # steps past sequence_lens are zeros
+            y = xp.concatenate([y, xp.zeros((rows, x.shape[1] - length) + tuple(y.shape[2:]), dtype=y.dtype)],
+                               axis=1)
+        outs = [y] + [xp.stack([f[j] for f in finals], axis=1) for j in range(len(finals[0]))]
+        return tuple(outs[:max(1, len(ctx.node.outputs))]) if len(ctx.node.outputs) > 1 else outs[0]
+
+    def _finals(self, record, reverse):
+        last = record[0] if reverse else record[-1]
+        return [last[k] for k in self.final_keys]
+
+    def _unroll(self, xp, x, init, p, acts, reverse):
+        """Every step's values, stored at its time index (the reverse direction runs t = T-1..0)."""
+        steps = x.shape[1]
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        # the input projection of all steps at once: (rows, T, gates*H)
+        proj = xp.matmul(x, xp.swapaxes(p["W"], 0, 1)) + p["Wb"]
+        record = [None] * steps
+        state = init
+        for t in order:
+            rec = self._step(xp, proj[:, t], state, p, acts)
+            record[t] = rec
+            state = [rec[k] for k in self.state_keys]
+        return record
+
+    # ---- backward ---------------------------------------------------------------------------
+    def backward(self, ctx, *grads):
+        xp = ctx.xp
+        deeplift = ctx.mode == "deeplift"
+        x_full = ctx.x(0)
+        dirs, params, hidden, acts, length = self._setup(ctx, x_full)
+        x = x_full[:, :length]  # steps past sequence_lens do not influence anything
+        p = x.shape[0]
+        k = next(g for g in grads if g is not None).shape[0]
+        dtype = next(g for g in grads if g is not None).dtype
+        x0 = xp.broadcast_to(ctx.x0(0)[:, :length], x.shape) if deeplift else None
+        states = {i: (ctx.x(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
+                      else ctx.const(i)) for i in self.state_inputs}
+        states0 = {i: (ctx.x0(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
+                       else ctx.const(i)) for i in self.state_inputs}
+        g_y = grads[0] if grads else None
+        gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
+        g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
+        for d, reverse in enumerate(dirs):
+            init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
+            rec = self._unroll(xp, x, init, params[d], acts[d], reverse)
+            rec0 = None
+            if deeplift:
+                init0 = [self._state(ctx, i, states0[i], p, d, hidden, x.dtype) for i in self.state_inputs]
+                rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse)
+            # multipliers of the final states (Y_h, Y_c), then of each step's state
+            carry = []
+            for j, key in enumerate(self.final_keys):
+                g = grads[1 + j] if len(grads) > 1 + j and grads[1 + j] is not None else None
+                carry.append(xp.zeros((k, p, hidden), dtype=dtype) if g is None else g[:, :, d])
+            steps = x.shape[1]
+            order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
+            for t in order:
+                if g_y is not None:
+                    carry[0] = carry[0] + g_y[:, :, t, d]
+                prev = t + 1 if reverse else t - 1
+                has_prev = 0 <= prev < steps
+                prev_state = [rec[prev][key] for key in self.state_keys] if has_prev else init
+                prev_state0 = ([rec0[prev][key] for key in self.state_keys] if has_prev else init0) \
+                    if deeplift else None
+                g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
+                                              prev_state, prev_state0, params[d], acts[d], deeplift)
+                gx[:, :, t] += xp.matmul(g_in, params[d]["W"])
+            for i, g in zip(self.state_inputs, carry):
+                g_states[i][:, :, d] = g
+        out = [gx] + [None] * (len(ctx.node.inputs) - 1)
+        for i in self.state_inputs:
+            if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i):
+                out[i] = g_states[i].reshape((k,) + ctx.input_shape(i))
+        return tuple(out)
+
+
+@builtin_rule("RNN")
+class RNN(_Recurrent):
+    """H_t = f(X_t W^T + H_{t-1} R^T + Wb + Rb)."""
+
+    gates = 1
+    default_acts = ("Tanh",)
+    state_inputs = (5,)
+    state_keys = ("h",)
+    final_keys = ("h",)
+
+    def _step(self, xp, xw, state, p, acts):
+        (h_prev,) = state
+        z = xw + xp.matmul(h_prev, xp.swapaxes(p["R"], 0, 1)) + p["Rb"]
+        return {"z": z, "h": acts[0](xp, z)}
+
+    def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
+        (g_h,) = carry
+        g_z = g_h * acts[0].slope(xp, rec["z"], rec0["z"] if deeplift else None, deeplift)
+        return g_z, [xp.matmul(g_z, p["R"])]
+
+
+@builtin_rule("GRU")
+class GRU(_Recurrent):
+    """z, r = f(.), h~ = g(.) (linear_before_reset as in the spec), H = (1 - z) h~ + z H_{t-1}."""
+
+    gates = 3
+    default_acts = ("Sigmoid", "Tanh")
+    state_inputs = (5,)
+    state_keys = ("h",)
+    final_keys = ("h",)
+
+    def _step(self, xp, xw, state, p, acts):
+        (h_prev,) = state
+        hidden = h_prev.shape[-1]
+        rw, rb = p["R"], p["Rb"]
+        hr = xp.matmul(h_prev, xp.swapaxes(rw[:2 * hidden], 0, 1)) + rb[:2 * hidden]
+        zz = xw[:, :hidden] + hr[:, :hidden]
+        zr = xw[:, hidden:2 * hidden] + hr[:, hidden:]
+        z, r = acts[0](xp, zz), acts[0](xp, zr)
+        rh, rbh = rw[2 * hidden:], rb[2 * hidden:]
+        if p["lbr"]:
+            v = xp.matmul(h_prev, xp.swapaxes(rh, 0, 1)) + rbh
+            zh = xw[:, 2 * hidden:] + r * v
+        else:
+            v = r * h_prev
+            zh = xw[:, 2 * hidden:] + xp.matmul(v, xp.swapaxes(rh, 0, 1)) + rbh
+        ht = acts[1](xp, zh)
+        return {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht,
+                "h": (1 - z) * ht + z * h_prev}
+
+    def _setup(self, ctx, x):
+        dirs, params, hidden, acts, length = super()._setup(ctx, x)
+        for p in params:
+            p["lbr"] = bool(ctx.attr("linear_before_reset", 0))
+        return dirs, params, hidden, acts, length
+
+    def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
+        (g_h,) = carry
+        (h_prev,) = prev
+        h_prev0 = prev0[0] if deeplift else None
+        hidden = h_prev.shape[-1]
+        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
+        hp = _mean(h_prev, h_prev0, True) if deeplift else h_prev
+        # H = h~ + z (H_prev - h~): product rule on z and (H_prev - h~)
+        g_z = g_h * (hp - m("ht"))
+        g_hprev = g_h * m("z")
+        g_ht = g_h - g_hprev
+        g_zh = g_ht * acts[1].slope(xp, rec["zh"], rec0["zh"] if deeplift else None, deeplift)
+        rh = p["R"][2 * hidden:]
+        if p["lbr"]:
+            g_r = g_zh * m("v")
+            g_hprev = g_hprev + xp.matmul(g_zh * m("r"), rh)
+        else:
+            g_v = xp.matmul(g_zh, rh)
+            g_r = g_v * hp
+            g_hprev = g_hprev + g_v * m("r")
+        g_zz = g_z * acts[0].slope(xp, rec["zz"], rec0["zz"] if deeplift else None, deeplift)
+        g_zr = g_r * acts[0].slope(xp, rec["zr"], rec0["zr"] if deeplift else None, deeplift)
+        g_hprev = g_hprev + xp.matmul(xp.concatenate([g_zz, g_zr], axis=-1), p["R"][:2 * hidden])
+        return xp.concatenate([g_zz, g_zr, g_zh], axis=-1), [g_hprev]
+
+
+@builtin_rule("LSTM")
+class LSTM(_Recurrent):
+    """Gates i, o, f (f), cell c~ (g), C = f C_{t-1} + i c~, H = o h(C); peepholes P (iof)."""
+
+    gates = 4
+    default_acts = ("Sigmoid", "Tanh", "Tanh")
+    state_inputs = (5, 6)
+    unclipped = (2,)
+    state_keys = ("h", "c")
+    final_keys = ("h", "c")
+
+    def _peepholes(self, ctx, d, hidden, dtype):
+        p = self._const(ctx, 7, "P", required=False)
+        if p is None:
+            return None
+        return ctx.xp.asarray(p[d].astype(dtype))
+
+    def _step(self, xp, xw, state, p, acts):
+        h_prev, c_prev = state
+        hidden = h_prev.shape[-1]
+        zall = xw + xp.matmul(h_prev, xp.swapaxes(p["R"], 0, 1)) + p["Rb"]
+        zi, zo, zf, zc = (zall[:, j * hidden:(j + 1) * hidden] for j in range(4))
+        peep = p["P"]
+        if peep is not None:
+            zi = zi + peep[:hidden] * c_prev
+            zf = zf + peep[2 * hidden:] * c_prev
+        i, f, cc = acts[0](xp, zi), acts[0](xp, zf), acts[1](xp, zc)
+        c = f * c_prev + i * cc
+        if peep is not None:
+            zo = zo + peep[hidden:2 * hidden] * c
+        o = acts[0](xp, zo)
+        hc = acts[2](xp, c)
+        return {"zi": zi, "zo": zo, "zf": zf, "zc": zc, "i": i, "o": o, "f": f, "cc": cc,
+                "c": c, "hc": hc, "h": o * hc}
+
+    def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
+        g_h, g_c = carry
+        h_prev, c_prev = prev
+        hidden = h_prev.shape[-1]
+        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
+        cp = _mean(c_prev, prev0[1], True) if deeplift else c_prev
+
+        def slope(act, key):
+            return act.slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
+
+        g_o = g_h * m("hc")
+        g_c = g_c + g_h * m("o") * slope(acts[2], "c")
+        g_zo = g_o * slope(acts[0], "zo")
+        peep = p["P"]
+        if peep is not None:
+            g_c = g_c + g_zo * peep[hidden:2 * hidden]
+        g_zf = g_c * cp * slope(acts[0], "zf")
+        g_cprev = g_c * m("f")
+        g_zi = g_c * m("cc") * slope(acts[0], "zi")
+        g_zc = g_c * m("i") * slope(acts[1], "zc")
+        if peep is not None:
+            g_cprev = g_cprev + g_zi * peep[:hidden] + g_zf * peep[2 * hidden:]
+        g_z = xp.concatenate([g_zi, g_zo, g_zf, g_zc], axis=-1)
+        return g_z, [xp.matmul(g_z, p["R"]), g_cprev]
