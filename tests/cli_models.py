@@ -103,14 +103,14 @@ def unknown_op(seed: int = 0):
                   opsets=(("", 17), ("com.example", 1)))
 
 
-def div_by_activation(seed: int = 0):
-    """x (N, 3) -> Gemm -> Sigmoid 's'; y = h / s: every op type has a rule, but Div's rule
-    takes constant divisors only, so explain and check refuse the model."""
+def norm_over_batch(seed: int = 0):
+    """x (N, 3) -> Gemm -> LayerNormalization over axis 0: every op type has a rule, but
+    the LayerNormalization rule refuses to mix samples, which only running it shows, so
+    ops, explain and check must all refuse the model."""
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("Gemm", ["x", "W", "c"], ["h"], name="fc"),
-             helper.make_node("Sigmoid", ["h"], ["s"], name="sigmoid"),
-             helper.make_node("Div", ["h", "s"], ["y"], name="div_by_activation")]
-    consts = {"W": _w(rng, 3, 2), "c": np.zeros(2)}
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["y"], name="norm_over_batch", axis=0)]
+    consts = {"W": _w(rng, 3, 2), "c": np.zeros(2), "g": np.ones(2), "b": np.zeros(2)}
     return _model(nodes, {"x": ["N", 3]}, {"y": ["N", 2]}, consts)
 
 

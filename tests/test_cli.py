@@ -21,7 +21,7 @@ def files(tmp_path):
     paths = {}
     for name, builder in [("mlp", cm.mlp), ("two", cm.two_inputs), ("cnn", cm.small_cnn),
                           ("dna", cm.dna_cnn), ("unknown", cm.unknown_op), ("twoout", cm.two_outputs),
-                          ("div", cm.div_by_activation)]:
+                          ("norm", cm.norm_over_batch)]:
         paths[name] = str(tmp_path / f"{name}.onnx")
         onnx.save(builder(), paths[name])
     paths["x"] = str(tmp_path / "x.npy")
@@ -343,17 +343,17 @@ def test_cli_list_target_equals_python_2d_target(files, capsys):
 
 # ---- a model whose op types all have rules, but one rule's requirement is not met ---------------
 
-def test_ops_explain_and_check_agree_on_a_div_by_an_activation(files, capsys):
-    code, out, err = run(capsys, "ops", files["div"])
+def test_ops_explain_and_check_agree_on_a_rule_that_refuses_at_run_time(files, capsys):
+    code, out, err = run(capsys, "ops", files["norm"])
     assert code == 2
-    assert "NOT supported" in out and "div_by_activation" in out and "constant" in out
+    assert "NOT supported" in out and "norm_over_batch" in out and "batch axis" in out
     assert "OK" not in out
     np.save(files["dir"] / "x3.npy", np.ones((4, 3), np.float32))
-    code, _, err_explain = run(capsys, "explain", files["div"], "-i", files["dir"] / "x3.npy", "-t", 0,
+    code, _, err_explain = run(capsys, "explain", files["norm"], "-i", files["dir"] / "x3.npy", "-t", 0,
                                "-o", files["dir"] / "o.npz", "--no-progress")
-    assert code == 2 and "div_by_activation" in err_explain
-    code, _, err_check = run(capsys, "check", files["div"])
-    assert code == 2 and "div_by_activation" in err_check
+    assert code == 2 and "norm_over_batch" in err_explain
+    code, _, err_check = run(capsys, "check", files["norm"])
+    assert code == 2 and "norm_over_batch" in err_check
 
 
 def test_ops_runs_the_rules_of_a_supported_model(files, capsys):
