@@ -185,3 +185,39 @@ def export(model: nn.Module, spec: Spec, how: str) -> onnx.ModelProto:
         torch.onnx.export(model, example, buf, dynamo=False, opset_version=int(how[2:]), input_names=names,
                           output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
         return onnx.load_from_string(buf.getvalue())
+
+
+# --------------------------------------------------------------------------- test-only rules
+def gradient_layer_norm():
+    """A gradient-only LayerNormalization rule for saliency / integrated gradients, plugged
+    in with ``rules=`` until liftir has a DeepLIFT rule for the op (then tests use that)."""
+    from liftir.rule import Rule
+
+    class GradientLayerNorm(Rule):
+        modes = ("gradient",)
+
+        def _axes(self, ctx, ndim):
+            axis = ctx.attr("axis", -1) % ndim
+            return tuple(range(axis, ndim))
+
+        def _normalized(self, ctx, x):
+            axes = self._axes(ctx, x.ndim)
+            mean = x.mean(axis=axes, keepdims=True)
+            centered = x - mean
+            inv = 1 / ctx.xp.sqrt((centered * centered).mean(axis=axes, keepdims=True) + ctx.attr("epsilon", 1e-5))
+            return centered * inv, inv
+
+        def forward(self, ctx, x, scale, bias=None):
+            z, _ = self._normalized(ctx, x)
+            y = z * scale
+            return (y + bias if bias is not None else y).astype(x.dtype, copy=False)
+
+        def backward(self, ctx, g, *unused):
+            x = ctx.x(0)
+            z, inv = self._normalized(ctx, x)
+            axes = tuple(a + 1 for a in self._axes(ctx, x.ndim))
+            gz = g * ctx.input_value(1)
+            gx = inv * (gz - gz.mean(axis=axes, keepdims=True) - z * (gz * z).mean(axis=axes, keepdims=True))
+            return gx.astype(g.dtype, copy=False), None, None
+
+    return GradientLayerNorm()
