@@ -13,7 +13,7 @@ import numpy as np
 
 from . import revealcancel, scheduler
 from .backend import array_module, to_host
-from .errors import InputError, ModelLoadError
+from .errors import BatchAxisError, InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
@@ -447,6 +447,7 @@ class Explainer:
         else:
             run = self._forward(xs, refs, explained)
         value = run.device(explained)
+        _require_samples_first(run, explained)
         axis = self._softmax_axis(output) if stripped else -1
         seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)  # (K, n, ...)
         if pairs > 1:
@@ -540,6 +541,7 @@ class Explainer:
                       .astype(x.dtype) for x, r in zip(xs, refs)]  # (S*n, ...) alpha-major
             run = self._forward(points, None, explained)
             value = run.device(explained)
+            _require_samples_first(run, explained)
             if seed is None:
                 seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)
             k = seed.shape[0]
@@ -566,6 +568,15 @@ class Explainer:
         if node is None or node.op_type == "Sigmoid":
             return -1
         return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
+
+def _require_samples_first(run, tensor: str) -> None:
+    """Targets index an explained tensor (N, ...): its samples must be on axis 0, alone."""
+    loc = run.loc(tensor)
+    if tensor in run.values and not (loc.axis == 0 and loc.plain):
+        raise BatchAxisError(f"the explained tensor {tensor!r} (shape {tuple(run.device(tensor).shape)}) holds "
+                             f"the samples on axis {loc.axis}" + ("" if loc.plain else " merged with other axes")
+                             + "; explain a tensor with the samples on axis 0 (output=...)")
+
 
 def _shape_str(shape) -> str:
     return "(" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape) + ")"

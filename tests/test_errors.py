@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import liftir
-from liftir.errors import (BackendError, InputError, LiftirError, ModelLoadError, RuleError,
+from liftir.errors import (BackendError, BatchAxisError, InputError, LiftirError, ModelLoadError, RuleError,
                            UnsupportedOpError)
 from onnx_builders import model, op_model
 
@@ -265,11 +265,7 @@ def test_valid_variants_of_the_same_call_agree(ex, expected):
 I64 = lambda *v: np.array(v, np.int64)  # noqa: E731
 
 REFUSED = {
-    "flatten-axis2": lambda: op_model("Flatten", [(2, 3, 4)], {"axis": 2}, 13),
-    "reshape-across-batch": lambda: op_model("Reshape", [(2, 3, 4), I64(-1, 4)], opset=13),
-    "transpose-batch": lambda: op_model("Transpose", [(2, 3, 4)], {"perm": [1, 0, 2]}, 13),
     "concat-axis0": lambda: op_model("Concat", [(2, 3), (2, 3)], {"axis": 0}, 13),
-    "expand-new-leading-axis": lambda: op_model("Expand", [(2, 3), I64(2, 1, 3)], opset=13),
     "reduce-over-batch": lambda: op_model("ReduceSum", [(2, 3), I64(0)], {"keepdims": 1}, 13),
     "softmax-over-batch": lambda: op_model("Softmax", [(2, 3)], {"axis": 0}, 13),  # kept: see below
     "gather-axis0": lambda: op_model("Gather", [(2, 3), I64(0, 1)], {"axis": 0}, 13),
@@ -281,6 +277,25 @@ REFUSED = {
         "ConvTranspose", [(2, 1, 4), RNG.standard_normal((1, 1, 3)).astype(np.float32)],
         {"kernel_shape": [3], "strides": [2], "output_shape": [12]}, 13),
 }
+
+
+# views that move the samples off axis 0 are fine inside a graph (tests/test_batch_axis.py);
+# explained directly, their output cannot be indexed per sample: a clear refusal
+MOVED = {
+    "flatten-axis2": lambda: op_model("Flatten", [(2, 3, 4)], {"axis": 2}, 13),
+    "reshape-merging-batch": lambda: op_model("Reshape", [(2, 3, 4), I64(-1, 4)], opset=13),
+    "transpose-batch": lambda: op_model("Transpose", [(2, 3, 4)], {"perm": [1, 0, 2]}, 13),
+    "expand-new-leading-axis": lambda: op_model("Expand", [(2, 3), I64(2, 1, 3)], opset=13),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_explaining_a_tensor_whose_samples_moved_is_refused(name):
+    m = MOVED[name]()
+    ex = liftir.Explainer(m, method="saliency")
+    with pytest.raises(BatchAxisError, match="explained tensor .* holds the samples on axis"):
+        ex.attribute(RNG.standard_normal((3, 3, 4) if name != "expand-new-leading-axis" else (3, 3))
+                     .astype(np.float32), target=(0, 0))
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
