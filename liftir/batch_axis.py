@@ -283,10 +283,31 @@ def _gather(n: _Node):
         n.refuse("gathers batched data with batched indices")
     if data is not None:
         if data.axis == axis:
-            n.refuse(f"gathers along axis {axis}, which holds the batch")
+            found = _own_rows(n, data, axis)
+            if found is None:
+                n.refuse(f"gathers along axis {axis}, which holds the batch")
+            return [found]
         shift = idx_rank - 1 if data.axis > axis else 0
         return [BatchAxis(data.axis + shift, data.outer, data.inner)]
     return [BatchAxis(axis + idx.axis, idx.outer, idx.inner)]  # an embedding lookup of batched ids
+
+
+def _own_rows(n: _Node, data: BatchAxis, axis: int) -> BatchAxis | None:
+    """Constant indices along the batch axis that give every sample its own values (HF's
+    masks flatten (N, T) and gather b*T + t): where the samples land, or None if they mix."""
+    idx = n.host[1]
+    if idx is None or idx.ndim == 0:
+        return None
+    idx = np.where(idx < 0, idx + n.in_shapes[0][axis], idx)
+    sample = (idx // data.inner) % n.rows
+    for j, size in enumerate(idx.shape):
+        if size % n.rows:
+            continue
+        for inner in (d for d in range(1, size // n.rows + 1) if (size // n.rows) % d == 0):
+            pos = np.arange(size).reshape((-1,) + (1,) * (idx.ndim - j - 1))
+            if np.array_equal(np.broadcast_to((pos // inner) % n.rows, idx.shape), sample):
+                return BatchAxis(axis + j, size // (n.rows * inner), inner)
+    return None
 
 
 def _gemm(n: _Node):

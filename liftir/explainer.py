@@ -65,8 +65,18 @@ class Explainer:
         if precision == "float64":
             promote_to_float64(self.graph)
         self.options = {"max_rule": max_rule, "final_activation": final_activation}
-        self.inputs = self._float_inputs()
-        self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules)
+        self.inputs = self._model_inputs()
+        held = tuple(i.name for i in self.inputs if i.dtype.kind != "f")
+        self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules, integer_inputs=held)
+        #: what attributions are returned for: the float inputs, then the float tensors computed
+        #: directly from integer inputs (embedding lookups, casts of masks; liftir/held.py)
+        self.attributed: list[str] = [i.name for i in self.inputs if i.dtype.kind == "f"] + self.plan.embeddings
+        if held and method in ("integrated_gradients", "deeplift_shap"):
+            raise InputError(f"method {method!r} is not available yet for models with integer inputs "
+                             f"({', '.join(held)}); use deeplift, saliency or input_x_gradient, which "
+                             f"attribute to their embeddings")
+        if not self.attributed:
+            raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
         # every unsupported op on the way to what will be explained, all at once, up front
         # (with several outputs and none chosen: the float ones; integer label heads are not explained)
@@ -74,12 +84,14 @@ class Explainer:
             o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f"))
 
     # ---- model inspection ------------------------------------------------------------------
-    def _float_inputs(self):
-        bad = [i for i in self.graph.inputs if i.dtype is None or i.dtype.type not in FLOAT_DTYPES]
+    def _model_inputs(self):
+        """Float inputs are attributed; integer and bool ones (token ids, masks) are held."""
+        bad = [i for i in self.graph.inputs if i.dtype is None or
+               (i.dtype.type not in FLOAT_DTYPES and i.dtype.kind not in "biu")]
         if bad:
             names = ", ".join(f"{i.name!r} ({i.dtype})" for i in bad)
-            raise ModelLoadError(f"liftir attributes to floating-point inputs only; this model has "
-                                 f"non-float inputs: {names}")
+            raise ModelLoadError(f"liftir reads float, integer and bool inputs; this model has "
+                                 f"other inputs: {names}")
         if not self.graph.inputs:
             raise ModelLoadError("the model has no inputs to attribute to")
         return list(self.graph.inputs)
@@ -184,16 +196,21 @@ class Explainer:
             raise InputError("inputs have an empty batch")
         if not need_reference:
             return xs, None, kind
+        held = [info.dtype.kind != "f" for info in self.inputs]
         if baselines is None:
-            refs = [np.zeros((1,) + x.shape[1:], x.dtype) for x in xs]
+            bs = [None] * len(xs)
+        elif len(self.inputs) == 1 and not isinstance(baselines, (Mapping, tuple)):
+            bs = [baselines]
+        elif isinstance(baselines, (int, float)):
+            bs = [None if h else baselines for h in held]  # a scalar reference is for float inputs
+        elif isinstance(baselines, Mapping) and any(held):  # held inputs may be left out
+            bs, _ = self._unpack({**{i.name: None for i, h in zip(self.inputs, held) if h}, **baselines},
+                                 "baselines")
         else:
-            if len(self.inputs) == 1 and not isinstance(baselines, (Mapping, tuple)):
-                bs = [baselines]
-            elif isinstance(baselines, (int, float)):
-                bs = [baselines] * len(xs)
-            else:
-                bs, _ = self._unpack(baselines, "baselines")
-            refs = [self._baseline(b, x, info, distribution) for b, x, info in zip(bs, xs, self.inputs)]
+            bs, _ = self._unpack(baselines, "baselines")
+        # default reference: zeros; an integer input not given is held at its actual value
+        refs = [(x if h else np.zeros((1,) + x.shape[1:], x.dtype)) if b is None else
+                self._baseline(b, x, info, distribution) for b, x, info, h in zip(bs, xs, self.inputs, held)]
         if distribution:
             if len({r.shape[:r.ndim - xs[0].ndim + 1] for r in refs}) != 1:
                 raise InputError(f"all baselines must hold the same number of references, got shapes "
@@ -369,7 +386,7 @@ class Explainer:
                                        distribution=method.name == "deeplift_shap")
         if layer is not None:
             layer = self._check_output(layer)
-            if layer in self.input_names:
+            if layer in self.input_names and len(self.attributed) == len(self.input_names):
                 layer = None
         n = xs[0].shape[0]
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -408,7 +425,12 @@ class Explainer:
             if method.name != "saliency":
                 raise InputError(f"abs=True is an option of method 'saliency', not {method.name!r}")
             attrs = [np.abs(a) for a in attrs]
-        result = attrs[0] if layer is not None else self._pack(attrs, kind)
+        if layer is not None:
+            result = attrs[0]
+        elif len(self.attributed) != len(self.input_names) or self.plan.embeddings:
+            result = dict(zip(self.attributed, attrs))  # integer inputs: by attributed tensor
+        else:
+            result = self._pack(attrs, kind)
         if return_convergence_delta:
             delta = None if delta_parts[0] is None else np.concatenate(delta_parts)
             return result, delta
@@ -452,13 +474,13 @@ class Explainer:
         seed = self._seed((n,) + tuple(value.shape[1:]), target, stripped, axis)  # (K, n, ...)
         if pairs > 1:
             seed = np.repeat(seed, pairs, axis=1)
-        wrt = (layer,) if layer else tuple(self.input_names)
+        wrt = (layer,) if layer else tuple(self.attributed)
         k = seed.shape[0]
         chunk = self._targets_chunk(k, run.n_actual, run)
         pieces = {w: [] for w in wrt}
         spread, node_backward = None, None
         if method.name == "deeplift_revealcancel":
-            spread = revealcancel.split_forward(run, self.plan.order_for((explained,)), tuple(self.input_names))
+            spread = revealcancel.split_forward(run, self.plan.order_for((explained,)), tuple(self.attributed))
             node_backward = revealcancel.node_backward(spread)
         for start in range(0, k, chunk):
             part = seed[start:start + chunk]

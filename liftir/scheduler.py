@@ -17,6 +17,7 @@ from .batch_axis import AXIS0, BatchAxis, broadcast_rows, locate, repeat_rows, t
 from .errors import BatchAxisError, RuleError, UnsupportedOpError
 from .folding import evaluate_static, static_nodes
 from .graph import Graph
+from .held import HELD, held_region
 from .registry import is_builtin, lookup
 from .rule import NodeContext, Rule
 
@@ -25,10 +26,12 @@ class Plan:
     """A graph with every value-carrying node bound to its rule for one mode."""
 
     def __init__(self, graph: Graph, mode: str, method: str,
-                 overrides: Mapping[str, Rule | type] | None = None):
+                 overrides: Mapping[str, Rule | type] | None = None, integer_inputs: tuple[str, ...] = ()):
         self.graph = graph
         self.mode = mode
         self.static = static_nodes(graph)
+        #: nodes computing from integer inputs only (liftir/held.py): evaluated, never differentiated
+        self.held, self.embeddings = held_region(graph, self.static, list(integer_inputs))
         self.rules: dict[str, Rule] = {}
         self.node_cache: dict[str, dict] = {}
         self._static_values: dict[tuple, dict[str, np.ndarray]] = {}
@@ -44,6 +47,9 @@ class Plan:
         for name in graph.order:
             if name in self.static:
                 continue
+            if name in self.held:
+                self.rules[name] = HELD
+                continue
             node = graph.nodes[name]
             rule = lookup(node.op_type, node.domain, node.opset, overrides)
             if rule is None or not rule.supports(mode):
@@ -52,7 +58,7 @@ class Plan:
                 self.rules[name] = rule
         #: run NumPy float32 forwards as one onnxruntime session (see liftir/ort_forward.py);
         #: never when a user rule replaces a built-in one, since its forward must be the one used
-        self.use_onnxruntime = all(is_builtin(rule) for rule in self.rules.values())
+        self.use_onnxruntime = all(rule is HELD or is_builtin(rule) for rule in self.rules.values())
 
     def require(self, tensors: tuple[str, ...]) -> None:
         """Raise UnsupportedOpError listing every rule-less node needed for `tensors`."""
@@ -230,6 +236,8 @@ def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tup
         pending.difference_update(node.outputs)
         if not pending and all(w in captured or w in graph.producer for w in wrt):
             break  # only intermediate tensors were wanted, and all are reached
+        if name in plan.held:
+            continue  # integer inputs are held: no multipliers past their embeddings
         grad_outs = [grads.pop(o, None) if o else None for o in node.outputs]
         if all(g is None for g in grad_outs):
             continue
@@ -299,7 +307,8 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
     Used for NumPy float32 batches of standard-domain graphs; anything else, or any error
     from onnxruntime (e.g. a batch size frozen into the graph), falls back to the rules.
     """
-    if not plan.use_onnxruntime or run.xp is not np or any(v.dtype != np.float32 for v in feeds.values()):
+    if not plan.use_onnxruntime or run.xp is not np or any(v.dtype.kind == "f" and v.dtype != np.float32
+                                                           for v in feeds.values()):
         return False
     order = plan.order_for(outputs)
     key = tuple(outputs)
