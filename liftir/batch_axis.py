@@ -101,10 +101,10 @@ def samples_first(xp, value, loc: BatchAxis, lead: int = 0):
     if loc.plain and loc.axis == 0:
         return value
     view, b = loc.split_shape(tuple(value.shape), lead)
-    keep = [i for i, s in enumerate(view) if not ((i == b - 1 and s == 1 and loc.outer == 1)
-                                                   or (i == b + 1 and s == 1 and loc.inner == 1))]
+    rest = [view[i] for i in range(lead, len(view)) if i != b and not
+            ((i == b - 1 and loc.outer == 1) or (i == b + 1 and loc.inner == 1))]
     moved = xp.moveaxis(value.reshape(view), b, lead)
-    shape = [view[b]] + [view[i] for i in keep if i != b]
+    shape = [view[b]] + rest
     return moved.reshape(tuple(value.shape[:lead]) + tuple(shape))
 
 

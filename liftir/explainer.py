@@ -13,6 +13,7 @@ import numpy as np
 
 from . import revealcancel, scheduler
 from .backend import array_module, to_host
+from .batch_axis import samples_first
 from .errors import BatchAxisError, InputError, ModelLoadError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
@@ -519,14 +520,17 @@ class Explainer:
         return [a[0] for a in attributions], None if delta is None else delta[:, 0]
 
     def _finish(self, run, tensor: str, m, k: int) -> np.ndarray:
-        """Multipliers (K, P, ...) of `tensor` turned into the method's attributions, on the host."""
+        """Multipliers (K, P, ...) of `tensor` turned into the method's attributions, on the host,
+        with the samples first (a layer whose batch the exporter moved: each sample's own slice)."""
         dtype = run.device(tensor).dtype
         if m is None:
-            return np.zeros((k, run.n_actual) + tuple(run.device(tensor).shape[1:]), dtype=dtype)
-        if self.method.attribution == "delta":
+            m = self.xp.zeros((k,) + run.actual_shape(tensor), dtype=dtype)
+        elif self.method.attribution == "delta":
             m = m * (run.actual(tensor) - run.reference(tensor))
         elif self.method.attribution == "input":
             m = m * run.actual(tensor)
+        if tensor in run.values:
+            m = samples_first(self.xp, m, run.loc(tensor), lead=1)
         return to_host(m).astype(dtype, copy=False)
 
     def _finish_split(self, run, tensor: str, m, spread, k: int) -> np.ndarray:

@@ -212,5 +212,21 @@ def promote_to_float64(graph: Graph) -> None:
     graph.inputs = [TensorInfo(i.name, np.dtype(np.float64), i.shape) if i.dtype is not None
                     and i.dtype.kind == "f" else i for i in graph.inputs]
     for node in graph.nodes.values():
+        # the attributes and the proto (which ONNX's reference evaluator runs for static nodes)
         if node.op_type == "Cast" and _np_dtype(node.attrs.get("to", 0)) in (np.float16, np.float32):
             node.attrs = dict(node.attrs, to=double)
+            node.proto = _with_attribute(node.proto, helper.make_attribute("to", double))
+        elif node.op_type == "ConstantOfShape" and isinstance(node.attrs.get("value"), np.ndarray) \
+                and node.attrs["value"].dtype.kind == "f":
+            value = node.attrs["value"].astype(np.float64)
+            node.attrs = dict(node.attrs, value=value)
+            node.proto = _with_attribute(node.proto, helper.make_attribute("value", numpy_helper.from_array(value)))
+
+
+def _with_attribute(proto: onnx.NodeProto, attr: onnx.AttributeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(proto)
+    kept = [a for a in copy.attribute if a.name != attr.name]
+    del copy.attribute[:]
+    copy.attribute.extend(kept + [attr])
+    return copy
