@@ -112,13 +112,14 @@ def samples_first(xp, value, loc: BatchAxis, lead: int = 0):
 class _Node:
     """What a transfer function sees of one node in one run."""
 
-    def __init__(self, node, in_shapes, in_locs, out_shapes, rows, host):
+    def __init__(self, node, in_shapes, in_locs, out_shapes, rows, host, frozen=()):
         self.node = node
         self.in_shapes = in_shapes  # per input: shape or None (absent)
         self.in_locs = in_locs  # per input: BatchAxis or None (not batched)
         self.out_shapes = out_shapes
         self.rows = rows
         self.host = host  # per input: host value if constant / static, else None
+        self.frozen = frozen  # per input: True for a constant of the model (not shape-derived)
 
     def refuse(self, what: str) -> None:
         raise BatchAxisError(f"{self.node.op_type} node {self.node.name!r} {what}; its samples would "
@@ -296,8 +297,8 @@ def _own_rows(n: _Node, data: BatchAxis, axis: int) -> BatchAxis | None:
     """Constant indices along the batch axis that give every sample its own values (HF's
     masks flatten (N, T) and gather b*T + t): where the samples land, or None if they mix."""
     idx = n.host[1]
-    if idx is None or idx.ndim == 0:
-        return None
+    if idx is None or idx.ndim == 0 or n.frozen[1]:
+        return None  # constant indices are frozen to one batch size: only shape-derived ones qualify
     idx = np.where(idx < 0, idx + n.in_shapes[0][axis], idx)
     sample = (idx // data.inner) % n.rows
     for j, size in enumerate(idx.shape):
@@ -409,7 +410,8 @@ TRANSFERS: dict[str, Callable[[_Node], list]] = {
 
 def locate(nodes, feeds: dict[str, Any], value_shape: Callable[[str], tuple | None],
            host_value: Callable[[str], Any], rows: int,
-           type_only: Callable[[str], tuple[int, ...]]) -> dict[str, BatchAxis]:
+           type_only: Callable[[str], tuple[int, ...]],
+           is_constant: Callable[[str], bool] = lambda name: False) -> dict[str, BatchAxis]:
     """The batch location of every tensor computed from the feeds (fed on axis 0).
 
     `nodes` in topological order (static ones excluded); `value_shape(name)` is the shape of
@@ -431,7 +433,8 @@ def locate(nodes, feeds: dict[str, Any], value_shape: Callable[[str], tuple | No
         in_shapes = [s if s is not None else (tuple(np.shape(host_value(i))) if i else None)
                      for s, i in zip(in_shapes, node.inputs)]
         view = _Node(node, in_shapes, in_locs, [tuple(s) for _, s in present], rows,
-                     [host_value(i) if i else None for i in node.inputs])
+                     [host_value(i) if i else None for i in node.inputs],
+                     [bool(i) and is_constant(i) for i in node.inputs])
         transfer = TRANSFERS.get(node.op_type, _generic) if node.domain in ("", "ai.onnx") else _generic
         results = transfer(view)
         for (name, shape), loc in zip(present, results):

@@ -14,7 +14,7 @@ import numpy as np
 from . import revealcancel, scheduler
 from .backend import array_module, to_host
 from .batch_axis import samples_first
-from .errors import BatchAxisError, InputError, ModelLoadError
+from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .methods import Method, get_method, integration_points
@@ -83,6 +83,37 @@ class Explainer:
         # (with several outputs and none chosen: the float ones; integer label heads are not explained)
         self.plan.require((self.output,) if self.output else tuple(
             o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f"))
+        self._probe()
+
+    def _probe(self) -> None:
+        """Forward one actual and one reference row of zeros now, so that an op mixing samples
+        (BatchAxisError) or one a rule refuses in its forward (division by an activation) is
+        reported when the Explainer is built, by node name. Symbolic non-batch dimensions (a
+        sequence length) get 3; if the probe fails for any other reason (a batch size frozen
+        into the graph, a size the model does not take) the first call reports it instead."""
+        guessed = False
+        feeds = {}
+        for info in self.inputs:
+            if info.shape is None or (isinstance(info.shape[0], int) and info.shape[0] > 0):
+                return  # unknown rank or a fixed batch size: nothing to probe with
+            dims = []
+            for d in info.shape[1:]:
+                known = isinstance(d, int) and d > 0
+                guessed |= not known
+                dims.append(d if known else 3)
+            feeds[info.name] = self.xp.asarray(np.zeros([2] + dims, dtype=info.dtype))
+        outputs = (self.output,) if self.output else tuple(
+            o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f")
+        try:
+            scheduler.forward(self.plan, self.xp, feeds, 1, 1, outputs, self.method.mode, self.options,
+                              engine="rules")  # the rules' forwards, which hold their refusals
+        except BatchAxisError:
+            raise
+        except RuleError:
+            if not guessed:
+                raise
+        except Exception:  # noqa: BLE001 - a probe, not the user's call
+            pass
 
     # ---- model inspection ------------------------------------------------------------------
     def _model_inputs(self):

@@ -208,7 +208,8 @@ def _locate_batch(plan: Plan, run: Run, outputs: tuple[str, ...], feeds: dict[st
         plan._batch_axes[signature] = locate(
             nodes, feeds, lambda t: tuple(run.values[t].shape) if t in run.values else None,
             run.host_value, rows,
-            lambda node: plan.rules[node.name].type_only_inputs if node.name in plan.rules else ())
+            lambda node: plan.rules[node.name].type_only_inputs if node.name in plan.rules else (),
+            lambda name: name in graph.constants)
     run.batch = plan._batch_axes[signature]
 
 

@@ -172,10 +172,21 @@ def test_custom_domain_op_is_rejected_without_touching_onnxruntime(monkeypatch):
     assert "com.example.custom::MyFancyOp" in str(info.value)
 
 
-def test_non_float_model_inputs():
+def test_integer_model_inputs_are_held_and_attributed_at_their_float_casts():
     nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT), helper.make_node("Relu", ["f"], ["y"])]
     m = model(nodes, {"ids": (2, 4)}, ["y"], opset=13, input_dtypes={"ids": np.int64})
-    with pytest.raises(ModelLoadError, match="non-float inputs.*ids"):
+    ex = liftir.Explainer(m)
+    assert ex.attributed == ["f"]
+    ids = np.array([[1, -2, 3, 0], [4, 5, -6, 7]])
+    attr, delta = ex.attribute(ids, baselines=np.zeros(4, np.int64), target=2, return_convergence_delta=True)
+    np.testing.assert_allclose(attr["f"][:, 2], np.maximum(ids[:, 2], 0))
+    assert np.abs(delta).max() == 0
+
+
+def test_string_model_inputs_are_refused():
+    nodes = [helper.make_node("Identity", ["s"], ["y"])]
+    m = model(nodes, {"s": (2, 4)}, {"y": np.str_}, opset=13, input_dtypes={"s": np.str_})
+    with pytest.raises(ModelLoadError, match="float, integer and bool inputs.*'s'"):
         liftir.Explainer(m)
 
 
@@ -312,7 +323,13 @@ def test_batch_mixing_and_non_affine_uses_raise_rule_error(name, method):
         target = (0,) * (out.ndim - 1) if out.ndim > 1 else None
     except Exception:  # onnxruntime refuses it too (the too-large output_shape)
         target = (0, 0)
-    # keep a final softmax: stripped, the batch-axis one is refused as an InputError instead
+    # keep a final softmax: stripped, the batch-axis one is refused as an InputError instead;
+    # the shapes are known, so the refusal comes when the Explainer is built (a probe forward)
+    with pytest.raises(RuleError, match="node"):
+        liftir.Explainer(m, method=method, final_activation="keep")
+    # and where the probe does not run (a batch size fixed in the model), on the first call
+    for vi in m.graph.input:
+        vi.type.tensor_type.shape.dim[0].dim_value = 3
     explainer = liftir.Explainer(m, method=method, final_activation="keep")
     with pytest.raises(RuleError, match="node"):
         explainer.attribute(args if len(args) > 1 else args[0], target=target)
