@@ -99,6 +99,10 @@ class NodeContext:
         """Shape of input `index` for the P actual rows (what its multiplier must look like)."""
         return self._run.actual_shape(self.node.inputs[index])
 
+    def output_shape(self, index: int = 0) -> tuple[int, ...]:
+        """Shape of output `index` for the P actual rows (the batch wherever it is)."""
+        return self._run.actual_shape(self.node.outputs[index])
+
     # ---- helpers for batch-first kernels --------------------------------------------------
     @staticmethod
     def merge_targets(g):

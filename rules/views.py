@@ -17,6 +17,11 @@ from liftir.rule import Linear, RuleError, unbroadcast
 class _Reshaping(Linear):
     """Any op whose backward is reshaping the multiplier to the input's shape."""
 
+    def abs_forward(self, ctx, d, *unused):
+        # RevealCancel runs |L| on the actual rows only; a target shape computed from the
+        # stacked batch would not fit them, so take the output's own actual-rows shape
+        return d.reshape(ctx.output_shape(0))
+
     def backward(self, ctx, g):
         return (g.reshape((g.shape[0],) + ctx.input_shape(0)),)
 

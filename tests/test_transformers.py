@@ -219,3 +219,37 @@ def test_shape_of_a_static_tensor_in_float64():
     # the export stores float32 constants (e.g. attention's 1/sqrt(d)): agreement to ~1e-8 of the max
     assert got.dtype == np.float64
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("how", ["ts14", "dynamo"])
+def test_deeplift_on_torch_attention_with_the_batch_on_axis_1(how):
+    """nn.MultiheadAttention computes in (L, N, E) and (N*heads, L, d): every op has a DeepLIFT
+    rule, so conservation is checked against onnxruntime and node by node (liftir check)."""
+    from liftir.check import check_model
+    _, proto = exported("torch_mha", how)
+    x = zt.MODELS["torch_mha"].inputs(3, seed=8)[0].numpy()
+    x0 = 0.3 * zt.MODELS["torch_mha"].inputs(1, seed=9)[0].numpy()
+    attr, delta = liftir.Explainer(proto).attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    diff = _ort(proto, {"input": x})[:, 1] - _ort(proto, {"input": x0})[0, 1]
+    assert np.abs(diff).min() > 1e-3  # a difference worth conserving
+    assert np.abs(attr.reshape(3, -1).sum(1) - diff).max() <= 1e-5 * (1 + np.abs(diff).max())
+    assert np.abs(delta).max() <= 1e-5 * (1 + np.abs(diff).max())
+    assert check_model(proto, samples=3).ok
+
+
+def test_deeplift_shap_and_revealcancel_where_the_batch_moved():
+    """DeepLIFT-SHAP's pairs are expanded along the moved batch axis: it equals the mean of
+    DeepLIFT over each reference; RevealCancel conserves."""
+    _, proto = exported("torch_mha", "ts14")
+    spec = zt.MODELS["torch_mha"]
+    x = spec.inputs(2, seed=10)[0].numpy()
+    refs = 0.5 * spec.inputs(3, seed=11)[0].numpy()
+    shap, delta = liftir.Explainer(proto, method="deeplift_shap").attribute(
+        x, baselines=refs, target=0, return_convergence_delta=True)
+    single = liftir.Explainer(proto)
+    mean = np.mean([single.attribute(x, baselines=r, target=0) for r in refs], axis=0)
+    np.testing.assert_allclose(shap, mean, rtol=1e-5, atol=1e-6 * np.abs(mean).max())
+    assert np.abs(delta).max() < 1e-5
+    rc, delta = liftir.Explainer(proto, method="deeplift_revealcancel", precision="float64").attribute(
+        x, baselines=refs[0], target=0, return_convergence_delta=True)
+    assert np.abs(delta).max() < 1e-9
