@@ -253,3 +253,35 @@ def test_deeplift_shap_and_revealcancel_where_the_batch_moved():
     rc, delta = liftir.Explainer(proto, method="deeplift_revealcancel", precision="float64").attribute(
         x, baselines=refs[0], target=0, return_convergence_delta=True)
     assert np.abs(delta).max() < 1e-9
+
+
+@pytest.mark.parametrize("name", ["vit", "bert"])
+def test_opset14_exports_in_float64_load_and_match_autograd(name):
+    """Opset 14 spells LayerNorm out (ReduceMean, Pow, Sqrt, Div by an activation): these
+    exports used to raise raw KeyErrors (Shape of a folded or static tensor) and, in float64,
+    mixed float32 casts into the static shape arithmetic. A test-only gradient Div stands in
+    for division by an activation."""
+    model, proto = exported(name, "ts14")
+    spec = zt.MODELS[name]
+    x = spec.inputs(2, seed=12)
+    rules = {**zt.stand_in_rules(), "Div": zt.gradient_div()}
+    ex = liftir.Explainer(proto, method="saliency", rules=rules, precision="float64")
+    model = model.double()
+    try:
+        if spec.text:
+            got = ex.attribute({"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()}, target=1)[ex.attributed[0]]
+            store = {}
+            handle = model.model.bert.embeddings.word_embeddings.register_forward_hook(
+                lambda m, a, out: (out.retain_grad(), store.update(e=out)) and None)
+            model(*x)[:, 1].sum().backward()
+            handle.remove()
+            want = store["e"].grad.numpy()
+        else:
+            got = ex.attribute(x[0].numpy(), target=1)
+            xt = x[0].double().clone().requires_grad_(True)
+            model(xt)[:, 1].sum().backward()
+            want = xt.grad.numpy()
+    finally:
+        model.float()
+    assert got.dtype == np.float64
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()

@@ -252,3 +252,25 @@ def stand_in_rules(registry_lookup=None) -> dict:
         if lookup(op, "", 17) is None:
             rules[op] = make()
     return rules
+
+
+def gradient_div():
+    """A gradient-only Div rule that also divides by activations (opset-14 LayerNorm
+    decompositions), for saliency on those exports."""
+    from liftir.rule import Rule, unbroadcast
+
+    class GradientDiv(Rule):
+        modes = ("gradient",)
+
+        def forward(self, ctx, a, b):
+            return a / b
+
+        def backward(self, ctx, g):
+            xp = ctx.xp
+            a = ctx.input_value(0) if ctx.is_const(0) else ctx.x(0)
+            b = ctx.input_value(1) if ctx.is_const(1) else ctx.x(1)
+            ga = None if ctx.is_const(0) else unbroadcast(xp, g / b, ctx.input_shape(0))
+            gb = None if ctx.is_const(1) else unbroadcast(xp, -g * a / (b * b), ctx.input_shape(1))
+            return ga, gb
+
+    return GradientDiv()
