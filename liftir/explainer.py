@@ -570,7 +570,10 @@ class Explainer:
             return self._finish(run, tensor, None, k)
         delta = run.actual(tensor) - run.reference(tensor)
         pos, neg = (delta + spread[tensor]) * 0.5, (delta - spread[tensor]) * 0.5
-        return to_host(m[:k] * pos + m[k:] * neg).astype(run.device(tensor).dtype, copy=False)
+        a = m[:k] * pos + m[k:] * neg
+        if tensor in run.values:
+            a = samples_first(self.xp, a, run.loc(tensor), lead=1)
+        return to_host(a).astype(run.device(tensor).dtype, copy=False)
 
     @staticmethod
     def _selected(seed: np.ndarray, value) -> np.ndarray:
