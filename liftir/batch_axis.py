@@ -328,21 +328,27 @@ def _gemm(n: _Node):
 
 
 def _matmul(n: _Node):
+    """numpy.matmul semantics, 1-D operands included: the batch may sit on a's rows, b's
+    columns or a broadcast leading axis, never on the contracted one."""
     out_rank = len(n.out_shapes[0])
+    ranks = (n.rank(0), n.rank(1))
     found = None
     for i, loc in n.batched():
-        rank = n.rank(i)
-        contracted = rank - 1 if i == 0 else rank - 2
-        if rank == 1 or loc.axis == contracted:
+        rank = ranks[i]
+        contracted = rank - 1 if i == 0 else max(rank - 2, 0)
+        if loc.axis == contracted:
             n.refuse(f"contracts the axis of operand {i} that holds the batch")
-        if i == 0 and loc.axis == rank - 2:
-            axis = out_rank - 2 if n.rank(1) > 1 else out_rank - 1
+        other_vector = ranks[1 - i] == 1
+        if other_vector:  # the vector's axis is contracted away; the rest keep their places
+            axis = loc.axis if i == 0 else (out_rank - 1 if loc.axis == rank - 1 else loc.axis)
+        elif i == 0 and loc.axis == rank - 2:
+            axis = out_rank - 2
         elif i == 1 and loc.axis == rank - 1:
             axis = out_rank - 1
         else:
             axis = loc.axis + out_rank - rank
-            if n.out_shapes[0][axis] != n.in_shapes[i][loc.axis]:
-                n.refuse("broadcasts the batch axis")
+        if n.out_shapes[0][axis] != n.in_shapes[i][loc.axis]:
+            n.refuse("broadcasts the batch axis")
         cand = BatchAxis(axis, loc.outer, loc.inner)
         if found is not None and cand != found:
             n.refuse("multiplies samples with each other (their batch axes do not line up)")
