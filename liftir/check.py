@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import scheduler
+from .batch_axis import samples_first
 from .backend import to_host
 from .data import resolve_model
 from .errors import InputError
@@ -303,6 +304,12 @@ def _float_outputs(ex: Explainer) -> list[str]:
     return names
 
 
+def _samples_first(run, name: str, term: np.ndarray) -> np.ndarray:
+    """A (K, ...) host array of tensor `name` with its samples on axis 1 (the batch may be
+    anywhere in the tensor: liftir/batch_axis.py)."""
+    return samples_first(np, term, run.loc(name), lead=1) if name in run.values else term
+
+
 def _rows(a, k: int, p: int) -> np.ndarray:
     """Per-(target, sample) sums of a (K, P, ...) array."""
     return a.reshape(k, p, -1).sum(axis=-1)
@@ -377,7 +384,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
                     g = to_host(g).astype(np.float64)
                     k = g.shape[0]
                     dy = to_host(ctx.y(j)).astype(np.float64) - to_host(ctx.y0(j)).astype(np.float64)
-                    term = g * dy[None]
+                    term = _samples_first(run, node.outputs[j], g * dy[None])
                     out_sum = out_sum + _rows(term, k, p)
                     out_abs = out_abs + _rows(np.abs(term), k, p)
                 if k is None:
@@ -390,7 +397,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
                         continue
                     g = to_host(g).astype(np.float64)
                     dx = to_host(ctx.x(i)).astype(np.float64) - to_host(ctx.x0(i)).astype(np.float64)
-                    term = g * dx[None]
+                    term = _samples_first(run, node.inputs[i], g * dx[None])
                     in_sum = in_sum + _rows(term, k, p)
                     in_abs = in_abs + _rows(np.abs(term), k, p)
                 residual = np.broadcast_to(np.asarray(out_sum - in_sum), (k, p))

@@ -333,7 +333,7 @@ def cmd_explain(args) -> int:
 
     arrays: dict[str, np.ndarray] = {}
     keys = {}
-    for name in names:
+    for name in ex.attributed:  # the inputs; for integer inputs, their embeddings
         keys[name] = f"attr_{name}" if name in RESERVED_KEYS else name
         arrays[keys[name]] = np.asarray(attrs[name])
     if delta is not None:
@@ -354,7 +354,7 @@ def cmd_explain(args) -> int:
 
     plotted = None
     if args.plot:
-        first = names[0]
+        first = ex.attributed[0]
         attr = arrays[keys[first]]
         label = target
         if multi:  # (N, K, ...): plot the first target

@@ -50,3 +50,8 @@ class BackendError(LiftirError):
 
 class RuleError(LiftirError):
     """A rule returned something the scheduler cannot use (wrong shape, wrong count)."""
+
+
+class BatchAxisError(RuleError):
+    """An op mixes samples: it reduces, contracts or reshapes across the axis that holds
+    the batch, so one sample's value depends on another's. Raised by node name."""

@@ -14,8 +14,9 @@ import numpy as np
 
 from . import diagnostics, revealcancel, scheduler
 from .backend import array_module, to_host
+from .batch_axis import samples_first
 from .data import resolve_input
-from .errors import InputError, ModelLoadError
+from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
 from .layout import batch_first
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
@@ -83,8 +84,18 @@ class Explainer:
             promote_to_float64(self.graph)
         self.options = {"max_rule": max_rule, "final_activation": final_activation}
         self.rule_overrides = rules
-        self.inputs = self._float_inputs()
-        self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules)
+        self.inputs = self._model_inputs()
+        held = tuple(i.name for i in self.inputs if i.dtype.kind != "f")
+        self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules, integer_inputs=held)
+        #: what attributions are returned for: the float inputs, then the float tensors computed
+        #: directly from integer inputs (embedding lookups, casts of masks; liftir/held.py)
+        self.attributed: list[str] = [i.name for i in self.inputs if i.dtype.kind == "f"] + self.plan.embeddings
+        if held and method in ("integrated_gradients", "deeplift_shap"):
+            raise InputError(f"method {method!r} is not available yet for models with integer inputs "
+                             f"({', '.join(held)}); use deeplift, saliency or input_x_gradient, which "
+                             f"attribute to their embeddings")
+        if not self.attributed:
+            raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
         # every unsupported op on the way to what will be explained, all at once, up front
         # (with several outputs and none chosen: the float ones; integer label heads are not explained)
@@ -93,14 +104,47 @@ class Explainer:
         self._row_costs: dict[tuple, tuple[RowCost, tuple[int, ...]]] = {}
         #: how the last `attribute` call was cut into passes (rows and targets per pass)
         self.last_pass: PassSize | None = None
+        self._probe()
+
+    def _probe(self) -> None:
+        """Forward one actual and one reference row of zeros now, so that an op mixing samples
+        (BatchAxisError) or one a rule refuses in its forward (division by an activation) is
+        reported when the Explainer is built, by node name. Symbolic non-batch dimensions (a
+        sequence length) get 3; if the probe fails for any other reason (a batch size frozen
+        into the graph, a size the model does not take) the first call reports it instead."""
+        guessed = False
+        feeds = {}
+        for info in self.inputs:
+            if info.shape is None or (isinstance(info.shape[0], int) and info.shape[0] > 0):
+                return  # unknown rank or a fixed batch size: nothing to probe with
+            dims = []
+            for d in info.shape[1:]:
+                known = isinstance(d, int) and d > 0
+                guessed |= not known
+                dims.append(d if known else 3)
+            feeds[info.name] = self.xp.asarray(np.zeros([2] + dims, dtype=info.dtype))
+        outputs = (self.output,) if self.output else tuple(
+            o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f")
+        try:
+            scheduler.forward(self.plan, self.xp, feeds, 1, 1, outputs, self.method.mode, self.options,
+                              engine="rules")  # the rules' forwards, which hold their refusals
+        except BatchAxisError:
+            raise
+        except RuleError:
+            if not guessed:
+                raise
+        except Exception:  # noqa: BLE001 - a probe, not the user's call
+            pass
 
     # ---- model inspection ------------------------------------------------------------------
-    def _float_inputs(self):
-        bad = [i for i in self.graph.inputs if i.dtype is None or i.dtype.type not in FLOAT_DTYPES]
+    def _model_inputs(self):
+        """Float inputs are attributed; integer and bool ones (token ids, masks) are held."""
+        bad = [i for i in self.graph.inputs if i.dtype is None or
+               (i.dtype.type not in FLOAT_DTYPES and i.dtype.kind not in "biu")]
         if bad:
             names = ", ".join(f"{i.name!r} ({i.dtype})" for i in bad)
-            raise ModelLoadError(f"liftir attributes to floating-point inputs only; this model has "
-                                 f"non-float inputs: {names}")
+            raise ModelLoadError(f"liftir reads float, integer and bool inputs; this model has "
+                                 f"other inputs: {names}")
         if not self.graph.inputs:
             raise ModelLoadError("the model has no inputs to attribute to")
         return list(self.graph.inputs)
@@ -206,16 +250,21 @@ class Explainer:
             raise InputError("inputs have an empty batch")
         if not need_reference:
             return xs, None, kind
+        held = [info.dtype.kind != "f" for info in self.inputs]
         if baselines is None:
-            refs = [np.zeros((1,) + x.shape[1:], x.dtype) for x in xs]
+            bs = [None] * len(xs)
+        elif len(self.inputs) == 1 and not isinstance(baselines, (Mapping, tuple)):
+            bs = [baselines]
+        elif isinstance(baselines, (int, float)):
+            bs = [None if h else baselines for h in held]  # a scalar reference is for float inputs
+        elif isinstance(baselines, Mapping) and any(held):  # held inputs may be left out
+            bs, _ = self._unpack({**{i.name: None for i, h in zip(self.inputs, held) if h}, **baselines},
+                                 "baselines")
         else:
-            if len(self.inputs) == 1 and not isinstance(baselines, (Mapping, tuple)):
-                bs = [baselines]
-            elif isinstance(baselines, (int, float)):
-                bs = [baselines] * len(xs)
-            else:
-                bs, _ = self._unpack(baselines, "baselines")
-            refs = [self._baseline(b, x, info, distribution) for b, x, info in zip(bs, xs, self.inputs)]
+            bs, _ = self._unpack(baselines, "baselines")
+        # default reference: zeros; an integer input not given is held at its actual value
+        refs = [(x if h else np.zeros((1,) + x.shape[1:], x.dtype)) if b is None else
+                self._baseline(b, x, info, distribution) for b, x, info, h in zip(bs, xs, self.inputs, held)]
         if distribution:
             if len({r.shape[:r.ndim - xs[0].ndim + 1] for r in refs}) != 1:
                 raise InputError(f"all baselines must hold the same number of references, got shapes "
@@ -430,7 +479,7 @@ class Explainer:
                                              distribution=method.name == "deeplift_shap")
         if layer is not None:
             layer = self._check_output(layer)
-            if layer in self.input_names:
+            if layer in self.input_names and len(self.attributed) == len(self.input_names):
                 layer = None
         n = xs[0].shape[0]
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -454,7 +503,7 @@ class Explainer:
         cost, rest = self._row_cost(xs, explained)
         call = _Call(explained=explained, stripped=stripped,
                      axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
-                     k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self.input_names),
+                     k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self.attributed),
                      multiply=multiply_by_inputs, func=attribution_func, progress=progress)
         # bad targets fail now, not after the first passes: the form on one row, the range on all
         self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
@@ -470,7 +519,12 @@ class Explainer:
         attrs, delta = self._per_target(attrs, delta, target)
         if abs:
             attrs = [np.abs(a) for a in attrs]
-        result = attrs[0] if layer is not None else self._pack(attrs, kind)
+        if layer is not None:
+            result = attrs[0]
+        elif len(self.attributed) != len(self.input_names) or self.plan.embeddings:
+            result = dict(zip(self.attributed, attrs))  # integer inputs: by attributed tensor
+        else:
+            result = self._pack(attrs, kind)
         diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer)
         if return_convergence_delta:
             return result, delta
@@ -547,10 +601,11 @@ class Explainer:
         for s0, s1 in self._passes(blocks, call, size, "sample"):
             sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
             run = self._forward([x[s0:s1] for x in xs], sub_refs, call.explained)
+            _require_samples_first(run, call.explained)
             spread = node_backward = None
             if revealcancel_:
                 spread = revealcancel.split_forward(run, self.plan.order_for((call.explained,)),
-                                                    tuple(self.input_names))
+                                                    tuple(self.attributed))
                 node_backward = revealcancel.node_backward(spread)
             block = {w: [] for w in call.wrt}
             block_deltas = []
@@ -606,6 +661,7 @@ class Explainer:
                 sub_refs = [r[b0:b1] for r in refs]
             run = scheduler.PairedRun(self._forward([x[s0:s1] for x in xs], sub_refs, call.explained),
                                       b1 - b0, tile_references=not own)
+            _require_samples_first(run, call.explained)
             per_target = {w: [] for w in call.wrt}
             pass_deltas = []
             for t0 in range(0, call.k, size.targets):
@@ -663,6 +719,7 @@ class Explainer:
             path = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
                     .astype(x.dtype) for x, r in zip(sub_x, sub_refs)]  # (points * s, ...) alpha-major
             run = self._forward(path, None, call.explained)
+            _require_samples_first(run, call.explained)
             for t0 in range(0, call.k, size.targets):
                 seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
                                   call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
@@ -704,27 +761,31 @@ class Explainer:
 
     def _finish(self, run, tensor: str, m, k: int, call: _Call):
         """Multipliers (k, P, ...) of `tensor` turned into what the call returns, on the host,
+        with the samples first (a layer whose batch the exporter moved: each sample's own slice),
         and for reference methods the sums of m * (x - x0) per (target, row): (k, P) float64."""
-        value = run.device(tensor)
-        dtype = value.dtype
+        dtype = run.device(tensor).dtype
         reference = self.method.attribution == "delta"
         if m is None:
-            zeros = np.zeros((k, run.n_actual) + tuple(value.shape[1:]), dtype=dtype)
-            return zeros, np.zeros((k, run.n_actual)) if reference else None
+            m = self.xp.zeros((k,) + run.actual_shape(tensor), dtype=dtype)
         if not reference:
             if self.method.attribution == "input" and call.multiply:
                 m = m * run.actual(tensor)
-            return to_host(m).astype(dtype, copy=False), None
-        contribution = m * (run.actual(tensor) - run.reference(tensor))
+            return to_host(self._samples_first(run, tensor, m)).astype(dtype, copy=False), None
+        contribution = self._samples_first(run, tensor, m * (run.actual(tensor) - run.reference(tensor)))
         sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
         if call.func is not None:
             result = call.func(m, run.actual(tensor), run.reference(tensor))
             if tuple(getattr(result, "shape", ())) != tuple(m.shape):
                 raise InputError(f"attribution_func returned shape {tuple(getattr(result, 'shape', ()))} for "
                                  f"{tensor!r}; it must keep the multipliers' shape {tuple(m.shape)}")
+            result = self._samples_first(run, tensor, result)
         else:
-            result = contribution if call.multiply else m
+            result = contribution if call.multiply else self._samples_first(run, tensor, m)
         return to_host(result).astype(dtype, copy=False), sums
+
+    def _samples_first(self, run, tensor: str, a):
+        """(k, ...) per-row values of `tensor` with its samples moved to axis 1 (after k)."""
+        return samples_first(self.xp, a, run.loc(tensor), lead=1) if tensor in run.values else a
 
     def _finish_split(self, run, tensor: str, m, spread, k: int):
         """RevealCancel: m+ d+ + m- d- with d+- = (d +- D) / 2, and its sums per (target, row)."""
@@ -733,7 +794,8 @@ class Explainer:
             return np.zeros((k, run.n_actual) + tuple(value.shape[1:]), dtype=value.dtype), np.zeros((k, run.n_actual))
         delta = run.actual(tensor) - run.reference(tensor)
         pos, neg = (delta + spread[tensor]) * 0.5, (delta - spread[tensor]) * 0.5
-        a = to_host(m[:k] * pos + m[k:] * neg).astype(run.device(tensor).dtype, copy=False)
+        a = to_host(self._samples_first(run, tensor, m[:k] * pos + m[k:] * neg)).astype(run.device(tensor).dtype,
+                                                                                          copy=False)
         return a, a.astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
 
     @staticmethod
@@ -807,6 +869,15 @@ def _rows_of(target, start: int, stop: int, n: int):
     if isinstance(target, np.ndarray) and target.shape[0] == n:
         return target[start:stop]
     return target
+
+
+def _require_samples_first(run, tensor: str) -> None:
+    """Targets index an explained tensor (N, ...): its samples must be on axis 0, alone."""
+    loc = run.loc(tensor)
+    if tensor in run.values and not (loc.axis == 0 and loc.plain):
+        raise BatchAxisError(f"the explained tensor {tensor!r} (shape {tuple(run.device(tensor).shape)}) holds "
+                             f"the samples on axis {loc.axis}" + ("" if loc.plain else " merged with other axes")
+                             + "; explain a tensor with the samples on axis 0 (output=...)")
 
 
 def _shape_str(shape) -> str:

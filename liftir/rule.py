@@ -85,14 +85,23 @@ class NodeContext:
     def y0(self, index: int = 0):
         return self._run.reference(self.node.outputs[index])
 
+    def batch_axis(self, index: int = 0):
+        """Where the samples are in input `index` (liftir.batch_axis.BatchAxis), None for a
+        constant: rules that care (few do) read it instead of assuming axis 0."""
+        name = self.node.inputs[index] if index < len(self.node.inputs) else ""
+        return self._run.loc(name) if name and name in self._run.values else None
+
     def input_value(self, index: int):
         """Stacked value of input `index` on the device (constants included)."""
         return self._run.device(self.node.inputs[index])
 
     def input_shape(self, index: int) -> tuple[int, ...]:
         """Shape of input `index` for the P actual rows (what its multiplier must look like)."""
-        shape = self._run.shape(self.node.inputs[index])
-        return (self.n_actual,) + tuple(shape[1:])
+        return self._run.actual_shape(self.node.inputs[index])
+
+    def output_shape(self, index: int = 0) -> tuple[int, ...]:
+        """Shape of output `index` for the P actual rows (the batch wherever it is)."""
+        return self._run.actual_shape(self.node.outputs[index])
 
     # ---- helpers for batch-first kernels --------------------------------------------------
     @staticmethod

@@ -14,9 +14,11 @@ from typing import Any, Callable, Mapping
 import networkx as nx
 import numpy as np
 
-from .errors import RuleError, UnsupportedOpError
+from .batch_axis import AXIS0, BatchAxis, broadcast_rows, locate, repeat_rows, take_rows, tile_rows
+from .errors import BatchAxisError, RuleError, UnsupportedOpError
 from .folding import evaluate_static, static_nodes
 from .graph import Graph
+from .held import HELD, held_region
 from .registry import check_overrides, is_builtin, lookup
 from .rule import NodeContext, Rule
 
@@ -27,16 +29,19 @@ class Plan:
     """A graph with every value-carrying node bound to its rule for one mode."""
 
     def __init__(self, graph: Graph, mode: str, method: str,
-                 overrides: Mapping[str, Rule | type] | None = None):
+                 overrides: Mapping[str, Rule | type] | None = None, integer_inputs: tuple[str, ...] = ()):
         self.graph = graph
         self.mode = mode
         self.static = static_nodes(graph)
+        #: nodes computing from integer inputs only (liftir/held.py): evaluated, never differentiated
+        self.held, self.embeddings = held_region(graph, self.static, list(integer_inputs))
         self.rules: dict[str, Rule] = {}
         self.node_cache: dict[str, dict] = {}
         self._static_values: dict[tuple, dict[str, np.ndarray]] = {}
         self._device_constants: dict[str, dict[str, Any]] = {}
         self._order_cache: dict[tuple[str, ...], list[str]] = {}
         self._ort_forward: dict[tuple[str, ...], Any] = {}
+        self._batch_axes: dict[tuple, dict[str, BatchAxis]] = {}
         self.method = method
         #: nodes with no rule for this mode; fatal only on the way to an explained tensor
         #: (a classifier's label head, ArgMax and friends, need none to explain its scores)
@@ -47,6 +52,9 @@ class Plan:
         for name in graph.order:
             if name in self.static:
                 continue
+            if name in self.held:
+                self.rules[name] = HELD
+                continue
             node = graph.nodes[name]
             rule = lookup(node.op_type, node.domain, node.opset, overrides)
             if rule is None or not rule.supports(mode):
@@ -56,7 +64,7 @@ class Plan:
                 rule.check_shapes(node, [None if i in host else _declared_shape(graph, i) for i in node.inputs])
         #: run NumPy float32 forwards as one onnxruntime session (see liftir/ort_forward.py);
         #: never when a user rule replaces a built-in one, since its forward must be the one used
-        self.use_onnxruntime = all(is_builtin(rule) for rule in self.rules.values())
+        self.use_onnxruntime = all(rule is HELD or is_builtin(rule) for rule in self.rules.values())
 
     def require(self, tensors: tuple[str, ...]) -> None:
         """Raise UnsupportedOpError listing every rule-less node needed for `tensors`."""
@@ -105,7 +113,12 @@ class Run:
         self.options = options
         self.values: dict[str, Any] = {}
         self.static: dict[str, np.ndarray] = {}
+        #: where the samples are in every computed tensor (liftir/batch_axis.py)
+        self.batch: dict[str, BatchAxis] = {}
         self.constants = plan.device_constants(xp)
+
+    def loc(self, name: str) -> BatchAxis:
+        return self.batch.get(name, AXIS0)
 
     def is_host(self, name: str) -> bool:
         return name in self.plan.graph.constants or name in self.static
@@ -127,15 +140,27 @@ class Run:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.device(name).shape)
 
+    def actual_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the actual rows of `name` (what its multiplier looks like, less K)."""
+        shape = self.shape(name)
+        if name in self.values:
+            return self.loc(name).resized(shape, self.n_actual)
+        return (self.n_actual,) + tuple(shape[1:])
+
     def actual(self, name: str):
         value = self.device(name)
-        return value[: self.n_actual] if name in self.values else value
+        return take_rows(value, self.loc(name), 0, self.n_actual) if name in self.values else value
 
     def reference(self, name: str):
+        """The reference rows; one shared reference row broadcasts against the actual rows."""
         if self.n_ref == 0:
             return None
         value = self.device(name)
-        return value[self.n_actual:] if name in self.values else value
+        if name not in self.values:
+            return value
+        loc = self.loc(name)
+        ref = take_rows(value, loc, self.n_actual, self.n_actual + self.n_ref)
+        return broadcast_rows(self.xp, ref, loc, self.n_actual) if self.n_ref == 1 else ref
 
 
 def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
@@ -147,8 +172,14 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     run = Run(plan, xp, n_actual, n_ref, mode, options)
     run.values.update(feeds)
     if engine == "auto" and _forward_on_onnxruntime(plan, run, feeds, outputs):
-        _check_batch_axis(plan, run, outputs, feeds)
-        return run
+        try:
+            _locate_batch(plan, run, outputs, feeds)
+            return run
+        except BatchAxisError:
+            # onnxruntime ran a batch size frozen into the graph literally; the rules' forward
+            # (Reshape keeps the samples) may not: try it before refusing
+            run = Run(plan, xp, n_actual, n_ref, mode, options)
+            run.values.update(feeds)
     signature = tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
     cached_static = plan._static_values.get(signature)
     graph = plan.graph
@@ -158,7 +189,8 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
             if cached_static is not None and all(o in cached_static for o in node.outputs if o):
                 run.static.update({o: cached_static[o] for o in node.outputs if o})
                 continue
-            shapes = {i: run.shape(i) for i in node.inputs if i and i in run.values}
+            shapes = {i: tuple(np.shape(run.host_value(i))) if run.is_host(i) else run.shape(i)
+                      for i in node.inputs if i}  # Shape may read a constant's or static tensor's
             for out, value in zip(node.outputs, evaluate_static(graph, node, shapes, run.static)):
                 if out:
                     run.static[out] = value
@@ -174,7 +206,23 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
             if out:
                 run.values[out] = value
     plan._static_values.setdefault(signature, {}).update(run.static)
+    _locate_batch(plan, run, outputs, feeds)
     return run
+
+
+def _locate_batch(plan: Plan, run: Run, outputs: tuple[str, ...], feeds: dict[str, Any]) -> None:
+    """Fill `run.batch` (cached per input signature); BatchAxisError names a mixing node."""
+    signature = (tuple(outputs),) + tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
+    if signature not in plan._batch_axes:
+        graph = plan.graph
+        nodes = [graph.nodes[n] for n in plan.order_for(outputs) if n not in plan.static]
+        rows = next(iter(feeds.values())).shape[0]
+        plan._batch_axes[signature] = locate(
+            nodes, feeds, lambda t: tuple(run.values[t].shape) if t in run.values else None,
+            run.host_value, rows,
+            lambda node: plan.rules[node.name].type_only_inputs if node.name in plan.rules else (),
+            lambda name: name in graph.constants)
+    run.batch = plan._batch_axes[signature]
 
 
 def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tuple[str, ...],
@@ -201,6 +249,8 @@ def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tup
         pending.difference_update(node.outputs)
         if not pending and all(w in captured or w in graph.producer for w in wrt):
             break  # only intermediate tensors were wanted, and all are reached
+        if name in plan.held:
+            continue  # integer inputs are held: no multipliers past their embeddings
         grad_outs = [grads.pop(o, None) if o else None for o in node.outputs]
         if all(g is None for g in grad_outs):
             continue
@@ -238,21 +288,23 @@ class PairedRun(Run):
     def __init__(self, base: Run, pairs: int, tile_references: bool = True):
         n = base.n_actual
         super().__init__(base.plan, base.xp, n * pairs, n * pairs, base.mode, base.options)
-        self.values, self.static = base.values, base.static
+        self.values, self.static, self.batch = base.values, base.static, base.batch
         self.n_samples, self.pairs, self.tile_references = n, pairs, tile_references
         self._expanded_cache: dict[tuple[str, bool], Any] = {}
 
     def _expanded(self, name: str, reference: bool):
         key = (name, reference)
         if key not in self._expanded_cache:
-            value = self.values[name]
+            value, loc = self.values[name], self.loc(name)
+            rows = loc.rows_of(tuple(value.shape))
             if not reference:
-                self._expanded_cache[key] = self.xp.repeat(value[: self.n_samples], self.pairs, axis=0)
+                actual = take_rows(value, loc, 0, self.n_samples)
+                self._expanded_cache[key] = repeat_rows(self.xp, actual, loc, self.pairs)
             elif self.tile_references:
-                part = value[self.n_samples:]
-                self._expanded_cache[key] = self.xp.tile(part, (self.n_samples,) + (1,) * (part.ndim - 1))
+                part = take_rows(value, loc, self.n_samples, rows)
+                self._expanded_cache[key] = tile_rows(self.xp, part, loc, self.n_samples)
             else:
-                self._expanded_cache[key] = value[self.n_samples:]
+                self._expanded_cache[key] = take_rows(value, loc, self.n_samples, rows)
         return self._expanded_cache[key]
 
     def actual(self, name: str):
@@ -262,27 +314,6 @@ class PairedRun(Run):
         return self._expanded(name, True) if name in self.values else self.device(name)
 
 
-def _check_batch_axis(plan: Plan, run: Run, outputs: tuple[str, ...], feeds: dict[str, Any]) -> None:
-    """Every value computed from the samples must keep them on axis 0. The rules' forwards
-    refuse ops that mix them; a forward that bypasses the rules (onnxruntime's) is checked here."""
-    batched = set(feeds)
-    rows = next(iter(feeds.values())).shape[0]
-    for name in plan.order_for(outputs):
-        if name in plan.static:
-            continue
-        node = plan.graph.nodes[name]
-        type_only = plan.rules[name].type_only_inputs
-        if not any(i in batched for k, i in enumerate(node.inputs) if k not in type_only):
-            continue
-        for o in node.outputs:
-            value = run.values.get(o)
-            batched.add(o)
-            if value is not None and (value.ndim == 0 or value.shape[0] != rows):
-                raise RuleError(f"{node.op_type} node {name!r} gives {o!r} the shape {tuple(value.shape)}, "
-                                f"whose axis 0 is not the batch ({rows} rows): liftir needs every op to "
-                                f"keep samples apart on axis 0")
-
-
 def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs: tuple[str, ...]) -> bool:
     """Fill `run` with one onnxruntime session's forward when that is possible; else False.
 
@@ -290,7 +321,8 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
     from onnxruntime (e.g. a batch size frozen into the graph), falls back to the rules,
     and an error says so in one logged line (onnxruntime's own log is silenced).
     """
-    if not plan.use_onnxruntime or run.xp is not np or any(v.dtype != np.float32 for v in feeds.values()):
+    if not plan.use_onnxruntime or run.xp is not np or any(v.dtype.kind == "f" and v.dtype != np.float32
+                                                           for v in feeds.values()):
         return False
     order = plan.order_for(outputs)
     key = tuple(outputs)

@@ -21,12 +21,9 @@ def _require_const(ctx: NodeContext, index: int, what: str):
                         f"(liftir treats it as the weight of an affine map)")
 
 
-def _batch_axis_guard(ctx: NodeContext, axes, rank: int, what: str):
-    axes = [a % rank for a in np.atleast_1d(axes).tolist()] if axes is not None else []
-    if 0 in axes:
-        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} {what} the batch axis 0; liftir "
-                        f"needs every op to keep samples apart on axis 0")
-    return axes
+def _normalized_axes(axes, rank: int) -> list[int]:
+    """Axes in [0, rank); whether they touch the batch is liftir/batch_axis.py's concern."""
+    return [a % rank for a in np.atleast_1d(axes).tolist()] if axes is not None else []
 
 
 @builtin_rule("Add", "Sub")
@@ -340,7 +337,7 @@ def _reduce_axes(ctx, x_ndim):
         if ctx.attr("noop_with_empty_axes", 0):
             return []
         axes = list(range(x_ndim))
-    return _batch_axis_guard(ctx, axes, x_ndim, "reduces over")
+    return _normalized_axes(axes, x_ndim)
 
 
 @builtin_rule("ReduceSum", "ReduceMean")
@@ -377,8 +374,6 @@ class Pad(Linear):
         n = len(axes)
         for i, a in enumerate(axes):
             width[a] = (int(pads[i]), int(pads[i + n]))
-        if width[0] != (0, 0):
-            raise RuleError(f"Pad node {ctx.node.name!r} pads the batch axis 0")
         if any(p < 0 for pair in width for p in pair):
             raise RuleError(f"Pad node {ctx.node.name!r}: negative pads (cropping) are not supported")
         return width

@@ -23,8 +23,6 @@ def _axis(ctx, ndim):
     if ctx.node.opset < 13 and axis != ndim - 1:
         raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: opset < 13 softmax over flattened "
                         f"axes {axis}.. is not supported; re-export with opset >= 13")
-    if axis == 0:
-        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} normalizes over the batch axis 0")
     return axis
 
 

@@ -1,8 +1,9 @@
 """Views and data movement: reshapes, transposes, slices, concatenation, casts.
 
 All linear (paper 2.3.1) with 0/1 weights, so backward moves multipliers back to where
-each value came from, summing where one input value feeds several outputs. Every view
-must keep samples on axis 0; one that mixes the batch is refused with a clear error.
+each value came from, summing where one input value feeds several outputs. Views may move
+the samples to any axis (liftir/batch_axis.py follows them and refuses, by node name, a
+view that mixes them), so the rules here compute the op exactly as ONNX defines it.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from liftir.registry import builtin_rule
 from liftir.rule import Linear, RuleError, unbroadcast
 
 
-def _refuse_batch(ctx, what):
-    raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r} {what} the batch axis 0; liftir needs "
-                    f"every op to keep samples apart on axis 0")
-
-
 class _Reshaping(Linear):
     """Any op whose backward is reshaping the multiplier to the input's shape."""
+
+    def abs_forward(self, ctx, d, *unused):
+        # RevealCancel runs |L| on the actual rows only; a target shape computed from the
+        # stacked batch would not fit them, so take the output's own actual-rows shape
+        return d.reshape(ctx.output_shape(0))
 
     def backward(self, ctx, g):
         return (g.reshape((g.shape[0],) + ctx.input_shape(0)),)
@@ -28,23 +29,26 @@ class _Reshaping(Linear):
 
 @builtin_rule("Reshape")
 class Reshape(_Reshaping):
-    """Keeps axis 0 as the batch even when the exporter froze a batch size into the shape."""
+    """ONNX's Reshape; where the exporter froze a batch size into a target shape that no
+    longer fits the stacked batch, the samples keep axis 0."""
 
     def forward(self, ctx, x, shape_value):
         shape = [int(s) for s in ctx.const(1)]
         if not ctx.attr("allowzero", 0):
             shape = [x.shape[i] if s == 0 and i < x.ndim else s for i, s in enumerate(shape)]
-        per_sample = int(np.prod(x.shape[1:]))
-        rest = shape[1:]
-        known = int(np.prod([s for s in rest if s != -1]))
-        fits = per_sample % known == 0 if -1 in rest else known == per_sample
-        if not fits:
-            _refuse_batch(ctx, "reshapes across")
-        shape[0] = x.shape[0]  # also when the exporter froze a batch size into the shape
+        if not _fits(x.size, shape):
+            if not shape or not _fits(int(np.prod(x.shape[1:])), shape[1:]):
+                raise RuleError(f"Reshape node {ctx.node.name!r} cannot reshape {tuple(x.shape)} to {tuple(shape)}")
+            shape[0] = x.shape[0]  # a frozen batch size: the samples stay on axis 0
         return x.reshape(shape)
 
     def backward(self, ctx, g):
         return super().backward(ctx, g) + (None,)
+
+
+def _fits(size: int, shape: list[int]) -> bool:
+    known = int(np.prod([s for s in shape if s != -1]))
+    return (known > 0 and size % known == 0) if -1 in shape else known == size
 
 
 @builtin_rule("Flatten")
@@ -52,8 +56,6 @@ class Flatten(_Reshaping):
     def forward(self, ctx, x):
         axis = ctx.attr("axis", 1)
         axis = axis + x.ndim if axis < 0 else axis
-        if int(np.prod(x.shape[1:axis])) != 1 or axis == 0:  # rows would mix samples
-            _refuse_batch(ctx, "flattens")
         return x.reshape((int(np.prod(x.shape[:axis])), -1))
 
 
@@ -64,8 +66,6 @@ class Squeeze(_Reshaping):
         if axes is None:
             axes = [i for i, s in enumerate(x.shape) if s == 1 and i > 0]
         axes = [a % x.ndim for a in np.atleast_1d(axes).tolist()]
-        if 0 in axes:
-            _refuse_batch(ctx, "squeezes")
         return ctx.xp.squeeze(x, axis=tuple(axes)) if axes else x
 
     def backward(self, ctx, g):
@@ -78,8 +78,6 @@ class Unsqueeze(_Reshaping):
         axes = np.atleast_1d(ctx.attr_or_input("axes", 1, None)).tolist()
         out_rank = x.ndim + len(axes)
         axes = sorted(a % out_rank for a in axes)
-        if 0 in axes:
-            _refuse_batch(ctx, "inserts an axis before")
         return ctx.xp.expand_dims(x, tuple(axes))
 
     def backward(self, ctx, g):
@@ -126,10 +124,7 @@ class Cast(Linear):
 @builtin_rule("Transpose")
 class Transpose(Linear):
     def _perm(self, ctx, ndim):
-        perm = ctx.attr("perm", list(reversed(range(ndim))))
-        if perm[0] != 0:
-            _refuse_batch(ctx, "moves")
-        return perm
+        return ctx.attr("perm", list(reversed(range(ndim))))
 
     def forward(self, ctx, x):
         return x.transpose(self._perm(ctx, x.ndim))
@@ -151,8 +146,6 @@ class Concat(Linear):
 
     def forward(self, ctx, *xs):
         axis = ctx.attr("axis") % xs[0].ndim
-        if axis == 0:
-            _refuse_batch(ctx, "concatenates along")
         return ctx.xp.concatenate(xs, axis=axis)
 
     def backward(self, ctx, g):
@@ -179,8 +172,6 @@ class Split(Linear):
 
     def forward(self, ctx, x, *unused):
         axis = ctx.attr("axis", 0) % x.ndim
-        if axis == 0:
-            _refuse_batch(ctx, "splits")
         sizes = self._sizes(ctx, x.shape, axis)
         return tuple(ctx.xp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=axis))
 
@@ -219,9 +210,6 @@ class Slice(Linear):
             if st < 0 and e < -size:
                 e = None
             sl[a] = slice(s, e, int(st))
-        if sl[0] != slice(None) and range(*sl[0].indices(shape[0])) != range(shape[0]):
-            _refuse_batch(ctx, "slices")
-        sl[0] = slice(None)
         return tuple(sl)
 
     def forward(self, ctx, x, *unused):
@@ -236,7 +224,8 @@ class Slice(Linear):
 
 @builtin_rule("Gather")
 class Gather(Linear):
-    """Gather with constant indices along a non-batch axis (embedding lookups are not this)."""
+    """Gather with constant indices (an embedding lookup of token ids is held: see
+    Explainer, integer inputs)."""
 
     def _indices(self, ctx, shape, axis):
         if not ctx.is_const(1):
@@ -246,8 +235,6 @@ class Gather(Linear):
 
     def forward(self, ctx, x, _):
         axis = ctx.attr("axis", 0) % x.ndim
-        if axis == 0:
-            _refuse_batch(ctx, "gathers along")
         return ctx.xp.take(x, ctx.xp.asarray(self._indices(ctx, x.shape, axis)), axis=axis)
 
     def backward(self, ctx, g):
@@ -271,15 +258,14 @@ class Expand(Linear):
 
     @staticmethod
     def _target(ctx, have: tuple[int, ...]) -> tuple[int, ...]:
-        """The broadcast shape, keeping the stacked rows on axis 0.
+        """The broadcast shape of the stacked rows (new leading axes are fine: liftir/batch_axis.py
+        follows the samples wherever they go).
 
         A traced export may bake its batch size into the shape (Expand to (8, C) for a
         batch of 8): when that matches the call's batch, the 8 is read as "the batch"
         and every stacked row (actual and reference) keeps its own sample.
         """
         want = [int(s) for s in ctx.const(1)]
-        if len(want) > len(have):  # new leading axes would push the batch off axis 0
-            _refuse_batch(ctx, "expands")
         if len(want) == len(have) and want[0] not in (1, have[0]):
             if want[0] != ctx.n_actual:
                 raise InputError(f"Expand node {ctx.node.name!r} expands axis 0 to {want[0]}, a batch "
@@ -304,8 +290,6 @@ class Expand(Linear):
 class Tile(Linear):
     def forward(self, ctx, x, repeats):
         reps = [int(r) for r in ctx.const(1)]
-        if reps[0] != 1:
-            _refuse_batch(ctx, "tiles")
         return ctx.xp.tile(x, reps)
 
     def backward(self, ctx, g):

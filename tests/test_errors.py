@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import liftir
-from liftir.errors import (BackendError, InputError, LiftirError, ModelLoadError, RuleError,
+from liftir.errors import (BackendError, BatchAxisError, InputError, LiftirError, ModelLoadError, RuleError,
                            UnsupportedOpError)
 from onnx_builders import model, op_model
 
@@ -172,10 +172,21 @@ def test_custom_domain_op_is_rejected_without_touching_onnxruntime(monkeypatch):
     assert "com.example.custom::MyFancyOp" in str(info.value)
 
 
-def test_non_float_model_inputs():
+def test_integer_model_inputs_are_held_and_attributed_at_their_float_casts():
     nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT), helper.make_node("Relu", ["f"], ["y"])]
     m = model(nodes, {"ids": (2, 4)}, ["y"], opset=13, input_dtypes={"ids": np.int64})
-    with pytest.raises(ModelLoadError, match="non-float inputs.*ids"):
+    ex = liftir.Explainer(m)
+    assert ex.attributed == ["f"]
+    ids = np.array([[1, -2, 3, 0], [4, 5, -6, 7]])
+    attr, delta = ex.attribute(ids, baselines=np.zeros(4, np.int64), target=2, return_convergence_delta=True)
+    np.testing.assert_allclose(attr["f"][:, 2], np.maximum(ids[:, 2], 0))
+    assert np.abs(delta).max() == 0
+
+
+def test_string_model_inputs_are_refused():
+    nodes = [helper.make_node("Identity", ["s"], ["y"])]
+    m = model(nodes, {"s": (2, 4)}, {"y": np.str_}, opset=13, input_dtypes={"s": np.str_})
+    with pytest.raises(ModelLoadError, match="float, integer and bool inputs.*'s'"):
         liftir.Explainer(m)
 
 
@@ -270,11 +281,7 @@ def test_valid_variants_of_the_same_call_agree(ex, expected):
 I64 = lambda *v: np.array(v, np.int64)  # noqa: E731
 
 REFUSED = {
-    "flatten-axis2": lambda: op_model("Flatten", [(2, 3, 4)], {"axis": 2}, 13),
-    "reshape-across-batch": lambda: op_model("Reshape", [(2, 3, 4), I64(-1, 4)], opset=13),
-    "transpose-batch": lambda: op_model("Transpose", [(2, 3, 4)], {"perm": [1, 0, 2]}, 13),
     "concat-axis0": lambda: op_model("Concat", [(2, 3), (2, 3)], {"axis": 0}, 13),
-    "expand-new-leading-axis": lambda: op_model("Expand", [(2, 3), I64(2, 1, 3)], opset=13),
     "reduce-over-batch": lambda: op_model("ReduceSum", [(2, 3), I64(0)], {"keepdims": 1}, 13),
     "softmax-over-batch": lambda: op_model("Softmax", [(2, 3)], {"axis": 0}, 13),  # kept: see below
     "gather-axis0": lambda: op_model("Gather", [(2, 3), I64(0, 1)], {"axis": 0}, 13),
@@ -287,6 +294,25 @@ REFUSED = {
         "ConvTranspose", [(2, 1, 4), RNG.standard_normal((1, 1, 3)).astype(np.float32)],
         {"kernel_shape": [3], "strides": [2], "output_shape": [12]}, 13),
 }
+
+
+# views that move the samples off axis 0 are fine inside a graph (tests/test_batch_axis.py);
+# explained directly, their output cannot be indexed per sample: a clear refusal
+MOVED = {
+    "flatten-axis2": lambda: op_model("Flatten", [(2, 3, 4)], {"axis": 2}, 13),
+    "reshape-merging-batch": lambda: op_model("Reshape", [(2, 3, 4), I64(-1, 4)], opset=13),
+    "transpose-batch": lambda: op_model("Transpose", [(2, 3, 4)], {"perm": [1, 0, 2]}, 13),
+    "expand-new-leading-axis": lambda: op_model("Expand", [(2, 3), I64(2, 1, 3)], opset=13),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_explaining_a_tensor_whose_samples_moved_is_refused(name):
+    m = MOVED[name]()
+    ex = liftir.Explainer(m, method="saliency")
+    with pytest.raises(BatchAxisError, match="explained tensor .* holds the samples on axis"):
+        ex.attribute(RNG.standard_normal((3, 3, 4) if name != "expand-new-leading-axis" else (3, 3))
+                     .astype(np.float32), target=(0, 0))
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -303,7 +329,13 @@ def test_batch_mixing_and_non_affine_uses_raise_rule_error(name, method):
         target = (0,) * (out.ndim - 1) if out.ndim > 1 else None
     except Exception:  # onnxruntime refuses it too (the too-large output_shape)
         target = (0, 0)
-    # keep a final softmax: stripped, the batch-axis one is refused as an InputError instead
+    # keep a final softmax: stripped, the batch-axis one is refused as an InputError instead;
+    # the shapes are known, so the refusal comes when the Explainer is built (a probe forward)
+    with pytest.raises(RuleError, match="node"):
+        liftir.Explainer(m, method=method, final_activation="keep")
+    # and where the probe does not run (a batch size fixed in the model), on the first call
+    for vi in m.graph.input:
+        vi.type.tensor_type.shape.dim[0].dim_value = 3
     explainer = liftir.Explainer(m, method=method, final_activation="keep")
     with pytest.raises(RuleError, match="node"):
         explainer.attribute(args if len(args) > 1 else args[0], target=target)

@@ -116,3 +116,14 @@ def test_keras_tf2onnx(tmp_path):
     assert res["max_abs_diff_vs_keras"] < 1e-5
     assert res["deeplift_keep_max_abs_delta"] < 1e-4
     assert max(res["captum_rel_diff"].values()) < 1e-4
+
+
+def test_text_classifier_from_token_ids(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example("text_classifier/explain_text.py", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["saliency_vs_torch_max_rel_diff"] < 1e-4
+    if "deeplift_max_abs_delta" in res:  # once liftir has a LayerNormalization rule
+        assert res["deeplift_max_abs_delta"] < 1e-4
+        assert res["deeplift_sum_vs_f_ids_minus_f_ref"] < 1e-4
+    assert "[CLS]" in out and len(res["per_token"]) == 4

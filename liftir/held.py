@@ -1,0 +1,70 @@
+"""Integer (token-id, categorical) inputs: held as given, attributed at their embeddings.
+
+DeepLIFT and its relatives need differences of real numbers, and a token id has none to
+give. As Captum's LayerIntegratedGradients / LayerDeepLift do on an embedding layer,
+liftir holds integer inputs as given (the actual rows their ids, the reference rows the
+reference's own ids, e.g. all [PAD]) and attributes to the float tensors computed
+directly from them: the embedding lookups, and any cast of a mask to float. Every node
+whose activation inputs are all integer tensors of this kind is "held": it is evaluated
+(ONNX's reference implementation on the host, or the onnxruntime forward) but has no
+multipliers, so it needs no rule. Summation-to-delta then holds against
+f(actual ids) - f(reference ids).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import to_host
+from .folding import evaluate_node
+from .graph import Graph
+from .rule import Rule
+
+
+def held_region(graph: Graph, static: set[str], integer_inputs: list[str]) -> tuple[set[str], list[str]]:
+    """(held nodes, the float tensors computed directly from integer inputs).
+
+    Held: nodes whose activation inputs are all integer tensors, and nodes whose outputs are
+    all integer or bool (IsNaN, comparisons, ArgMax: piecewise constant, no multipliers).
+    """
+    from_ints = set(integer_inputs)  # integer tensors computed from integer inputs only
+    cut: set[str] = set()  # integer/bool tensors (and floats computed from them) of float computations
+    nodes: set[str] = set()
+    frontier: list[str] = []
+    host = set(graph.constants)
+
+    def is_float(name):
+        info = graph.tensor_info(name)
+        return info is None or info.dtype is None or info.dtype.kind == "f"
+
+    for name in graph.order:
+        node = graph.nodes[name]
+        if name in static:
+            host.update(o for o in node.outputs if o)
+            continue
+        active = [i for i in node.inputs if i and i not in host]
+        outputs = [o for o in node.outputs if o]
+        if active and all(i in from_ints for i in active):
+            nodes.add(name)
+            for o in outputs:
+                (frontier.append if is_float(o) else from_ints.add)(o)
+        elif active and (all(i in from_ints or i in cut for i in active) or not any(is_float(o) for o in outputs)):
+            nodes.add(name)
+            cut.update(outputs)
+    return nodes, frontier
+
+
+class HeldNode(Rule):
+    """Forward only: ONNX's reference implementation of the op, on host arrays."""
+
+    def forward(self, ctx, *inputs):
+        xp = ctx.xp
+        host = [None if v is None else np.asarray(to_host(v)) for v in inputs]
+        results = evaluate_node(ctx.node, host)
+        out = tuple(xp.asarray(r) for r in results)
+        return out if len(out) > 1 else out[0]
+
+    def backward(self, ctx, *grads):  # never called: the scheduler stops at held nodes
+        raise NotImplementedError("held nodes carry no multipliers")
+
+
+HELD = HeldNode()
