@@ -22,6 +22,7 @@ from .layout import batch_first
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
 from .methods import Method, get_method, integration_points
+from .registry import check_overrides
 from .progress import Progress
 from .training_mode import refuse_training_mode
 
@@ -74,6 +75,7 @@ class Explainer:
             raise InputError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
         self.xp = array_module(backend)
         self.model = read_model(model)
+        rules = check_overrides(rules)  # before function expansion asks them for their ops
         self.graph: Graph = build_graph(self.model, rules)
         fold_constants(self.graph)
         refuse_training_mode(self.graph)
@@ -549,11 +551,20 @@ class Explainer:
 
     def _row_cost(self, xs, explained: str) -> tuple[RowCost, tuple[int, ...]]:
         """Bytes a forward row keeps, and the explained tensor's non-batch shape, from a
-        one-row forward (cached per input shapes: repeated calls do not forward again)."""
+        forward of one sample as actual and reference (two rows, so that liftir/batch_axis.py can
+        tell the batch axis from other axes of size 1); cached per input shapes: repeated calls
+        do not forward again."""
         key = (explained, self.xp.__name__, tuple(x.shape[1:] for x in xs), tuple(x.dtype.str for x in xs))
         if key not in self._row_costs:
-            run = self._forward([x[:1] for x in xs], None, explained)
-            self._row_costs[key] = (RowCost.measure(run.values, 1), tuple(run.device(explained).shape[1:]))
+            one = [x[:1] for x in xs]
+            try:
+                run, rows = self._forward(one, one, explained), 2
+            except (InputError, RuleError):  # a batch size frozen into the graph (an Expand to
+                # the export's N): probe with the call's own samples, which such a model needs
+                run, rows = self._forward(xs, xs, explained), 2 * xs[0].shape[0]
+                key = key + (xs[0].shape[0],)
+            _require_samples_first(run, explained)
+            self._row_costs[key] = (RowCost.measure(run.values, rows), tuple(run.device(explained).shape[1:]))
         return self._row_costs[key]
 
     def _passes(self, passes: list, call: _Call, size: PassSize, unit: str):

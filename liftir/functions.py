@@ -96,10 +96,13 @@ def _attribute(ref: onnx.AttributeProto, node_attrs: dict, defaults: dict) -> on
 
 
 def inline(node: onnx.NodeProto, body: onnx.FunctionProto, name: str, taken: set[str],
-           types: dict[str, onnx.TypeProto], constants: set[str]) -> list[onnx.NodeProto]:
+           types: dict[str, onnx.TypeProto], constants: set[str],
+           schema_defaults: dict[str, onnx.AttributeProto] | None = None) -> list[onnx.NodeProto]:
     """The body's nodes with formal names bound to the node's tensors, internal tensors and
     node names prefixed with `name` (unique in the graph), attribute references resolved.
-    `types` are the graph's known tensor types, `constants` its initializers."""
+    `types` are the graph's known tensor types, `constants` its initializers,
+    `schema_defaults` the op schema's attribute defaults (Selu's alpha, ...), used where the
+    node leaves an attribute out and the body names no default of its own."""
     prefix = f"{name} (expanded {node.op_type})/"
     rename: dict[str, str] = {"": ""}
     for formal, actual in zip(body.input, list(node.input) + [""] * len(body.input)):
@@ -118,7 +121,8 @@ def inline(node: onnx.NodeProto, body: onnx.FunctionProto, name: str, taken: set
         return rename[tensor]
 
     node_attrs = {a.name: a for a in node.attribute}
-    defaults = {a.name: a for a in body.attribute_proto}
+    defaults = dict(schema_defaults or {})
+    defaults.update({a.name: a for a in body.attribute_proto})
     static = _static_tensors(node, body, constants)
     nodes = []
     for index, inner in enumerate(body.node):
@@ -177,6 +181,13 @@ class _Expander:
             return None  # control flow in a body: no rules for it anyway
         return body
 
+    def schema_defaults(self, node) -> dict[str, onnx.AttributeProto]:
+        """The attribute defaults of the node's op schema (those that have one)."""
+        schema = _schema(node.op_type, _domain(node.domain), self.opsets.get(_domain(node.domain), 0))
+        if schema is None:
+            return {}
+        return {n: a.default_value for n, a in schema.attributes.items() if a.default_value.type}
+
     def coverable(self, node, body, depth=0) -> bool:
         """Every body node has a rule, expands in turn, or computes from constants and shapes."""
         static = _static_tensors(node, body, self.constants)
@@ -213,7 +224,7 @@ def expand_functions(model: onnx.ModelProto, has_rule: HasRule) -> int:
                 new_nodes.append(node)
                 continue
             new_nodes.extend(inline(node, body, node.name or f"{node.op_type}_{index}", taken,
-                                    types, expander.constants))
+                                    types, expander.constants, expander.schema_defaults(node)))
             changed = True
             expanded += 1
         if not changed:

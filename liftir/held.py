@@ -20,11 +20,15 @@ from .graph import Graph
 from .rule import Rule
 
 
-def held_region(graph: Graph, static: set[str], integer_inputs: list[str]) -> tuple[set[str], list[str]]:
+def held_region(graph: Graph, static: set[str], integer_inputs: list[str],
+                has_rule=lambda node: False) -> tuple[set[str], list[str]]:
     """(held nodes, the float tensors computed directly from integer inputs).
 
-    Held: nodes whose activation inputs are all integer tensors, and nodes whose outputs are
-    all integer or bool (IsNaN, comparisons, ArgMax: piecewise constant, no multipliers).
+    Held: nodes whose activation inputs are all integer tensors, and nodes of float
+    activations whose outputs are all integer or bool and that have no rule of their own
+    (`has_rule(node)`): comparisons and boolean logic do have rules (rules/selection.py: a
+    condition that changes between reference and actual carries part of the difference
+    through Where, which is what keeps Where conserving), so they are not held.
     """
     from_ints = set(integer_inputs)  # integer tensors computed from integer inputs only
     cut: set[str] = set()  # integer/bool tensors (and floats computed from them) of float computations
@@ -47,7 +51,8 @@ def held_region(graph: Graph, static: set[str], integer_inputs: list[str]) -> tu
             nodes.add(name)
             for o in outputs:
                 (frontier.append if is_float(o) else from_ints.add)(o)
-        elif active and (all(i in from_ints or i in cut for i in active) or not any(is_float(o) for o in outputs)):
+        elif active and (all(i in from_ints or i in cut for i in active)
+                         or (not any(is_float(o) for o in outputs) and not has_rule(node))):
             nodes.add(name)
             cut.update(outputs)
     return nodes, frontier

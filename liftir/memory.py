@@ -64,8 +64,9 @@ class RowCost:
 
     @classmethod
     def measure(cls, values: dict, rows: int) -> "RowCost":
-        """From the activations of a forward over `rows` rows (those with the batch on axis 0)."""
-        batched = [v for v in values.values() if getattr(v, "ndim", 0) and v.shape[0] == rows]
+        """From the activations of a forward over `rows` rows (all of them: an exporter may
+        move the batch off axis 0, and what does not grow with the rows is small)."""
+        batched = [v for v in values.values() if getattr(v, "ndim", 0)]
         total = sum(int(v.nbytes) for v in batched)
         largest = max((int(v.nbytes) for v in batched), default=0)
         return cls(max(1, total // rows), max(1, largest // rows))

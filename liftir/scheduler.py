@@ -34,7 +34,10 @@ class Plan:
         self.mode = mode
         self.static = static_nodes(graph)
         #: nodes computing from integer inputs only (liftir/held.py): evaluated, never differentiated
-        self.held, self.embeddings = held_region(graph, self.static, list(integer_inputs))
+        overrides = check_overrides(overrides)
+        self.held, self.embeddings = held_region(
+            graph, self.static, list(integer_inputs),
+            has_rule=lambda node: lookup(node.op_type, node.domain, node.opset, overrides) is not None)
         self.rules: dict[str, Rule] = {}
         self.node_cache: dict[str, dict] = {}
         self._static_values: dict[tuple, dict[str, np.ndarray]] = {}
@@ -47,7 +50,6 @@ class Plan:
         #: (a classifier's label head, ArgMax and friends, need none to explain its scores)
         self.missing: dict[str, tuple[str, str]] = {}
         self._required: set[tuple[str, ...]] = set()
-        overrides = check_overrides(overrides)
         host = set(graph.constants) | {o for n in self.static for o in graph.nodes[n].outputs}
         for name in graph.order:
             if name in self.static:

@@ -86,24 +86,27 @@ class MatMul(_Bilinear):
     def _op(self, xp):
         return xp.matmul
 
-    @staticmethod
-    def _refuse_batch_contraction(node, ranks, shapes) -> None:
-        """A 1-D first operand, or a second operand of rank <= 2, sums over its axis 0."""
-        for index, rank, limit in ((0, ranks[0], 1), (1, ranks[1], 2)):
-            if rank is not None and rank <= limit:
-                raise RuleError(f"MatMul node {node.name!r}: its {'first' if index == 0 else 'second'} "
-                                f"operand is a {rank}-D activation of shape {shapes[index]}, so the "
-                                f"product sums over its axis 0, the batch axis; liftir needs every op "
-                                f"to keep samples apart on axis 0")
-
     def check_shapes(self, node, shapes):
+        """Refuse, when the Explainer is built, a product whose declared shapes show it sums
+        over a symbolic leading axis of an operand (x^T x over the samples, a 1-D activation):
+        a batch axis the product would contract. Moved batch axes elsewhere are found by
+        liftir/batch_axis.py from the run's shapes."""
+        from liftir.errors import BatchAxisError
+
         shapes = list(shapes) + [None] * (2 - len(shapes))
-        self._refuse_batch_contraction(node, [None if s is None else len(s) for s in shapes[:2]], shapes)
+        for index, shape in enumerate(shapes[:2]):
+            if not shape:
+                continue
+            contracted = len(shape) - 1 if index == 0 or len(shape) == 1 else len(shape) - 2
+            if contracted == 0 and isinstance(shape[0], str):
+                raise BatchAxisError(
+                    f"MatMul node {node.name!r}: its {'first' if index == 0 else 'second'} operand is a "
+                    f"{len(shape)}-D activation of shape {tuple(shape)}, so the product sums over its "
+                    f"axis 0 ({shape[0]!r}), the batch axis: one sample's result would depend on another's")
 
     def forward(self, ctx, a, b):
-        """Refuse a product that contracts the batch axis; name the node on a shape mismatch."""
-        ranks = [None if ctx.is_const(i) else x.ndim for i, x in enumerate((a, b))]
-        self._refuse_batch_contraction(ctx.node, ranks, [tuple(a.shape), tuple(b.shape)])
+        """Name the node on a shape mismatch. (A product that contracts or broadcasts the
+        batch axis is refused by liftir/batch_axis.py, wherever the exporter put the batch.)"""
         try:
             return ctx.xp.matmul(a, b)
         except ValueError as exc:

@@ -6,7 +6,6 @@ and restarted, a Ctrl-C and a torn chunk) must give a byte-identical store.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -158,9 +157,9 @@ def test_store_contents_summation_to_delta_and_agreement_with_the_explainer(geno
     want = ex.attribute(x[:k].transpose(0, 2, 1), refs.transpose(0, 1, 3, 2)).transpose(0, 2, 1)
     np.testing.assert_allclose(actual[:k], want, atol=1e-5)
     plain = Explainer(str(MODEL), method="deeplift")
-    plain.method = dataclasses.replace(plain.method, attribution="none")  # multipliers
     rows = np.repeat(x[:k], SHUFFLES, axis=0).transpose(0, 2, 1)
-    m = plain.attribute(rows, refs.reshape(-1, WIDTH, 4).transpose(0, 2, 1)).transpose(0, 2, 1)
+    m = plain.attribute(rows, refs.reshape(-1, WIDTH, 4).transpose(0, 2, 1),
+                        multiply_by_inputs=False).transpose(0, 2, 1)  # the multipliers
     np.testing.assert_allclose(hyp[:k], hypothetical_contributions(m.reshape(refs.shape), refs),
                                atol=1e-5)
     # the regions are the kept BED lines, in order

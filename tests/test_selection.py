@@ -16,6 +16,7 @@ import torch
 from onnx import helper
 
 import liftir
+from liftir.errors import InputError
 from liftir import scheduler
 from liftir.errors import RuleError
 from onnx_builders import model, op_model, run_ort
@@ -210,16 +211,21 @@ def test_gather_elements_folds_a_long_constant():
 
 
 def test_expand_with_a_batch_size_frozen_into_its_shape():
-    """An export traced at batch 2 expands (N, 1, 3) to the constant shape (2, 4, 3)."""
+    """An export traced at batch 2 expands (N, 1, 3) to the constant shape (2, 4, 3): the 2 is
+    read as the batch for calls of 2 samples (each stacked row keeps its own sample), and a
+    call of another size is refused by node name, as onnxruntime cannot run it either."""
     nodes = [helper.make_node("Expand", ["x", "shape"], ["e"]), helper.make_node("Tanh", ["e"], ["y"])]
     m = model(nodes, {"x": (1, 1, 3)}, {"y": np.float64}, {"shape": np.array([2, 4, 3])},
               input_dtypes={"x": np.float64}, output_shapes={"y": ["N", 4, 3]})
-    x, x0 = np.random.default_rng(5).standard_normal((5, 1, 3)), np.zeros((1, 1, 3))
+    x, x0 = np.random.default_rng(5).standard_normal((2, 1, 3)), np.zeros((1, 1, 3))
     ex = liftir.Explainer(m, "deeplift")
-    np.testing.assert_allclose(ex.predict(x), np.tanh(np.broadcast_to(x, (5, 4, 3))))
+    np.testing.assert_allclose(ex.predict(x), np.tanh(np.broadcast_to(x, (2, 4, 3))))
     attr, delta = ex.attribute(x, baselines=x0, target=(2, 1), return_convergence_delta=True)
     np.testing.assert_allclose(attr[:, 0, 1], np.tanh(x[:, 0, 1]), rtol=1e-12)
     assert np.abs(delta).max() < 1e-13
+    five = np.random.default_rng(6).standard_normal((5, 1, 3))
+    with pytest.raises(InputError, match="Expand node .* batch size baked into the model"):
+        ex.attribute(five, baselines=x0, target=(2, 1))
 
 
 def test_cupy_subset_backend():
