@@ -209,7 +209,7 @@ def _one_axis(default):
 
 def _cumsum_axes(n: _Node) -> list[int]:
     value = n.host[1]
-    return [int(value)] if value is not None else list(range(n.rank(0)))
+    return [int(np.asarray(value).reshape(-1)[0])] if value is not None else list(range(n.rank(0)))
 
 
 def _reshape(n: _Node):

@@ -361,12 +361,8 @@ def test_dedicated_rule_equals_its_onnx_function_body(name):
     target = (0,) * len(shape)
     # the bodies compute in stash_type (float32); float64 precision runs their Casts in double
     ex, ex_body = liftir.Explainer(m, precision="float64"), liftir.Explainer(expanded, precision="float64")
-    if name == "LayerNormalization":
-        # its body flattens (N, 4, 5) to (4N, 5): rows are no longer samples, and liftir refuses
-        # it, naming the expanded node. The dedicated rule is why LayerNorm is never expanded.
-        with pytest.raises(RuleError, match=r"layernormalization_node \(expanded LayerNormalization\)/Flatten"):
-            ex_body.attribute(x, baselines=x0, target=target)
-        return
+    # LayerNormalization's body flattens (N, 4, 5) to (4N, 5): liftir/batch_axis.py follows the
+    # samples through the merged axis, so the body explains like the dedicated rule
     np.testing.assert_allclose(ex.attribute(x, baselines=x0, target=target),
                                ex_body.attribute(x, baselines=x0, target=target), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ex.predict(x), ex_body.predict(x), rtol=1e-12)
