@@ -322,13 +322,18 @@ class _Gather(_Indexed):
         return self._scatter_flat(ctx.xp, g, pos, size).reshape((g.shape[0],) + shape), None
 
 
+def _axis_positions(ctx, shape, idx, verb: str):
+    """Flat positions of GatherElements / ScatterElements along `axis`, never the batch's."""
+    axis = ctx.attr("axis", 0) % len(shape)
+    if axis == 0:
+        _refuse(ctx, f"{verb} along the batch axis 0; liftir needs every op to keep samples apart")
+    return _element_positions(ctx, ctx.xp, idx, shape, axis)
+
+
 @builtin_rule("GatherElements")
 class GatherElements(_Gather):
     def _positions(self, ctx, shape, idx):
-        axis = ctx.attr("axis", 0) % len(shape)
-        if axis == 0:
-            _refuse(ctx, "gathers along the batch axis 0; liftir needs every op to keep samples apart")
-        return _element_positions(ctx, ctx.xp, idx, shape, axis)
+        return _axis_positions(ctx, shape, idx, "gathers")
 
 
 @builtin_rule("GatherND")
@@ -397,10 +402,7 @@ class _Scatter(_Indexed):
 @builtin_rule("ScatterElements")
 class ScatterElements(_Scatter):
     def _positions(self, ctx, shape, idx):
-        axis = ctx.attr("axis", 0) % len(shape)
-        if axis == 0:
-            _refuse(ctx, "scatters along the batch axis 0; liftir needs every op to keep samples apart")
-        return _element_positions(ctx, ctx.xp, idx, shape, axis)
+        return _axis_positions(ctx, shape, idx, "scatters")
 
 
 @builtin_rule("ScatterND")

@@ -118,3 +118,23 @@ def rules_only(explainer):
 
 __all__ = ["BATCH", "TensorProto", "helper", "input_shapes", "model", "op_model", "random_feeds",
            "rules_only", "run_ort", "session", "value_info"]
+
+
+def export_torch(module, x, exporter) -> onnx.ModelProto:
+    """A torch module with one input "x" of dynamic batch N, exported with `exporter`: an
+    opset number (the TorchScript exporter) or "dynamo". torch is imported here only, so
+    the ONNX-only tests need no torch."""
+    import io
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            return torch.onnx.export(module, (x,), dynamo=True, verbose=False,
+                                     dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
+        f = io.BytesIO()
+        torch.onnx.export(module, (x,), f, dynamo=False, opset_version=exporter, input_names=["x"],
+                          dynamic_axes={"x": {0: "N"}})
+        return onnx.load_from_string(f.getvalue())

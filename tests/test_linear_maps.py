@@ -7,8 +7,6 @@ against torch.autograd and Captum's DeepLift in float64.
 """
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import onnx
@@ -17,7 +15,7 @@ import torch
 
 import liftir
 from liftir import scheduler
-from onnx_builders import op_model, run_ort
+from onnx_builders import export_torch, op_model, run_ort
 
 F32 = np.float32
 CASES = {
@@ -103,23 +101,11 @@ class Resampler(torch.nn.Module):
         return self.fc(torch.cumsum(h, dim=3).flatten(1))
 
 
-def _export(module, x, exporter):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            return torch.onnx.export(module, (x,), dynamo=True, verbose=False,
-                                     dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
-        f = io.BytesIO()
-        torch.onnx.export(module, (x,), f, dynamo=False, opset_version=exporter, input_names=["x"],
-                          dynamic_axes={"x": {0: "N"}})
-        return onnx.load_from_string(f.getvalue())
-
-
 @pytest.mark.parametrize("mode, exporter", [("bilinear", 14), ("nearest", 17), ("bilinear", "dynamo")])
 def test_torch_resample_einsum_cumsum(mode, exporter):
     from captum.attr import DeepLift
     net = Resampler(mode).eval()
-    proto = _export(net, torch.randn(2, 2, 7, 5), exporter)
+    proto = export_torch(net, torch.randn(2, 2, 7, 5), exporter)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 2, 7, 5))
     x0 = rng.standard_normal((1, 2, 7, 5)) * 0.3

@@ -9,8 +9,6 @@ are not modules it hooks, so it back-propagates plain gradients through them.
 """
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import onnx
@@ -20,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import liftir
 from liftir.errors import RuleError
-from onnx_builders import run_ort
+from onnx_builders import export_torch, run_ort
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -184,25 +182,13 @@ TORCH_CASES = [("LSTM", True, False, 14), ("LSTM", False, True, 17), ("LSTM", Tr
                ("GRU", True, True, 17), ("GRU", False, False, "dynamo"), ("RNN", True, False, 14)]
 
 
-def _export(module, x, exporter):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            return torch.onnx.export(module, (x,), dynamo=True, verbose=False,
-                                     dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
-        f = io.BytesIO()
-        torch.onnx.export(module, (x,), f, dynamo=False, opset_version=exporter, input_names=["x"],
-                          dynamic_axes={"x": {0: "N"}})
-        return onnx.load_from_string(f.getvalue())
-
-
 @pytest.fixture(scope="module")
 def torch_models():
     models = {}
     for case in TORCH_CASES:
         kind, bi, read_hidden, exporter = case
         module = Classifier(kind, bi, read_hidden).eval()
-        models[case] = (module, _export(module, torch.randn(2, 5, 3), exporter))
+        models[case] = (module, export_torch(module, torch.randn(2, 5, 3), exporter))
     return models
 
 
