@@ -1,5 +1,5 @@
 """Nonlinear reductions: ReduceSumSquare, ReduceL1, ReduceL2 (norms, F.normalize),
-ReduceLogSum, ReduceLogSumExp (torch.logsumexp).
+ReduceLogSum, ReduceLogSumExp (torch.logsumexp), and ReduceProd (torch.prod).
 
 Each is a sum over `axes` of a one-variable function, optionally followed by another,
 so its DeepLIFT rule is the composition of Rescale (2.3.4) with the affine sum (2.3.1),
@@ -15,6 +15,11 @@ The log's divided difference is 2 atanh(u)/(u (s + s0)) with u = (s - s0)/(s + s
 s = s0, and exp's is e^((x + x0)/2) sinh(dx/2)/(dx/2) near x = x0; LogSumExp works with
 x - max and log s - max (the product of the two quotients does not change), so that
 inputs in the hundreds neither overflow nor lose the reference's sum to underflow.
+
+ReduceProd is a product of many activations, not a sum: it is taken as a balanced tree of
+two-factor products, each split by the product rule (2.3.5), m1 = x0_2 + dx2/2. The bilinear
+split conserves exactly at every level, so the tree does; for two factors it is the product
+rule itself (the Shapley split), and in gradient modes it gives the exact gradient.
 
 From opset 18 ONNX also defines these by function bodies; the rules here serve every
 opset (and win over the expansion, being one op instead of three).
@@ -179,3 +184,69 @@ class ReduceLogSumExp(_Reduction):
         log_s = xp.log(self._sum(ctx, xp.exp(x - peak_x))) + (peak_x - peak)
         log_s0 = xp.log(self._sum(ctx, xp.exp(x0 - peak_x0))) + (peak_x0 - peak)
         return _exp_quotient(xp, a, a0) / _exp_quotient(xp, log_s, log_s0)
+
+
+@builtin_rule("ReduceProd")
+class ReduceProd(_Reduction):
+    paper_rule = "product (2.3.5) over a balanced tree of pairs: m1 = x0_2 + dx2/2 per level"
+
+    def forward(self, ctx, x, *unused):
+        axes = self._axes(ctx, x.ndim)
+        if axes is None:
+            return x
+        return x.prod(axis=axes, keepdims=bool(ctx.attr("keepdims", 1)))
+
+    def describe(self, mode):
+        return self.paper_rule if mode == "deeplift" else "gradient: m_i = prod of the other factors"
+
+    def backward(self, ctx, g, *unused):
+        xp = ctx.xp
+        x = ctx.x(0)
+        x0 = ctx.x0(0) if ctx.mode == "deeplift" else None
+        axes = self._axes(ctx, x.ndim)
+        if axes is None:
+            return (g,) + (None,) * (len(ctx.node.inputs) - 1)
+        if not ctx.attr("keepdims", 1):
+            g = xp.expand_dims(g, tuple(a + 1 for a in sorted(axes)))
+        kept = [a for a in range(x.ndim) if a not in axes]
+        order = kept + sorted(axes)
+
+        def factors(v):  # the reduced axes flattened last: (kept..., n)
+            v = xp.transpose(v, order)
+            return v.reshape(v.shape[:len(kept)] + (-1,))
+
+        f = factors(x)
+        f0 = None if x0 is None else factors(xp.broadcast_to(x0, x.shape))
+        m = _tree_product_multipliers(xp, f, f0)  # (kept..., n)
+        # back to x's layout, then times g (K, P, ...) broadcast over the reduced axes
+        m = m.reshape(m.shape[:len(kept)] + tuple(x.shape[a] for a in sorted(axes)))
+        m = xp.transpose(m, [order.index(a) for a in range(x.ndim)])
+        return ((g * m).astype(g.dtype, copy=False),) + (None,) * (len(ctx.node.inputs) - 1)
+
+
+def _tree_product_multipliers(xp, f, f0):
+    """d prod(f) / d f_i under the product rule on a balanced tree of pairs, last axis reduced.
+
+    Levels pad with a factor 1 (equal in both passes, so it takes no share); each level's
+    pair (a, b) gives a the weight of b's midpoint (b + b0)/2 (b itself without a
+    reference), and the weights multiply down the tree."""
+    n = f.shape[-1]
+    levels = []  # per level, the weights of the left and right factor of each pair
+    while f.shape[-1] > 1:
+        if f.shape[-1] % 2:
+            pad = xp.ones(f.shape[:-1] + (1,), dtype=f.dtype)
+            f = xp.concatenate([f, pad], axis=-1)
+            f0 = None if f0 is None else xp.concatenate([f0, pad], axis=-1)
+        a, b = f[..., 0::2], f[..., 1::2]
+        if f0 is None:
+            levels.append((b, a, f.shape[-1]))
+            f = a * b
+        else:
+            a0, b0 = f0[..., 0::2], f0[..., 1::2]
+            levels.append(((b + b0) * 0.5, (a + a0) * 0.5, f.shape[-1]))
+            f, f0 = a * b, a0 * b0
+    m = xp.ones(f.shape, dtype=f.dtype)
+    for left, right, width in reversed(levels):
+        m = m[..., :width // 2]  # drop the weight of the level above's padding
+        m = xp.stack([m * left, m * right], axis=-1).reshape(m.shape[:-1] + (width,))
+    return m[..., :n]

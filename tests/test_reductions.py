@@ -91,3 +91,57 @@ def test_logsumexp_far_from_zero_neither_overflows_nor_cancels():
     assert np.all(np.isfinite(attr)) and np.abs(delta).max() <= 1e-12 * 1600
     # x0 is negligible beside x: each term is e^x / sum e^x of the 1600 difference, nearly
     np.testing.assert_allclose(attr[:, 1].sum(-1), ex.predict(x)[:, 1] - ex.predict(x0)[:, 1], rtol=1e-12)
+
+
+def _tree_split(factors, references):
+    """Hand-written float64 product rule on a balanced tree of pairs, one sample at a time:
+    returns each factor's multiplier (the reference math for ReduceProd's vectorized rule)."""
+    if len(factors) == 1:
+        return [1.0]
+    if len(factors) % 2:
+        factors, references = factors + [1.0], references + [1.0]
+    pairs = range(0, len(factors), 2)
+    upper = _tree_split([factors[i] * factors[i + 1] for i in pairs],
+                        [references[i] * references[i + 1] for i in pairs])
+    m = []
+    for k, i in enumerate(pairs):
+        m += [upper[k] * (factors[i + 1] + references[i + 1]) / 2, upper[k] * (factors[i] + references[i]) / 2]
+    return m[:len(factors)]
+
+
+@pytest.mark.parametrize("opset,axes,keepdims", [(13, [2], 1), (13, [1, 2], 0), (18, [1], 0), (18, [-1], 1)])
+def test_reduce_prod_is_the_product_rule_on_a_tree_of_pairs(opset, axes, keepdims):
+    m32 = _model("ReduceProd", opset, axes, keepdims)
+    x = RNG.standard_normal((3, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(liftir.Explainer(m32).predict(x), run_ort(m32, {"x0": x})[0], rtol=1e-5, atol=1e-6)
+    ex = liftir.Explainer(_model("ReduceProd", opset, axes, keepdims, np.float64))
+    x, x0 = RNG.standard_normal((3, 3, 4)), RNG.standard_normal((1, 3, 4))
+    y = ex.predict(x)
+    target = tuple(d - 1 for d in y.shape[1:])
+    attr, delta = ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+    assert np.abs(delta).max() <= 1e-12 * max(1.0, np.abs(y).max())
+    reduced = sorted(a % 3 for a in axes)
+    kept = [a for a in (1, 2) if a not in reduced]
+    expected = np.zeros_like(x)
+    index = list(target)
+    fixed = {}
+    for ax in (1, 2):  # the kept axis' index in the target (when kept) picks the factors
+        if ax in kept:
+            fixed[ax] = index.pop(0)
+        elif keepdims:
+            index.pop(0)
+    for n in range(3):
+        cells = [c for c in np.ndindex(3, 4) if all(c[ax - 1] == i for ax, i in fixed.items())]
+        m = _tree_split([x[n][c] for c in cells], [x0[0][c] for c in cells])
+        for c, mc in zip(cells, m):
+            expected[n][c] = mc * (x[n][c] - x0[0][c])
+    np.testing.assert_allclose(attr, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_reduce_prod_saliency_equals_torch_autograd():
+    torch = pytest.importorskip("torch")
+    ex = liftir.Explainer(_model("ReduceProd", 13, [1, 2], 0, np.float64), method="saliency")
+    x = RNG.standard_normal((3, 3, 4))
+    t = torch.tensor(x, requires_grad=True)
+    t.prod(dim=(1)).prod(dim=1).sum().backward()
+    np.testing.assert_allclose(ex.attribute(x, target=None), t.grad.numpy(), rtol=1e-12, atol=1e-15)
