@@ -287,7 +287,7 @@ def reduce_cases(op_type, axes_input_since, **kw):
 CASES["ReduceSum"] = reduce_cases("ReduceSum", 13)
 CASES["ReduceMean"] = reduce_cases("ReduceMean", 18)
 CASES["ReduceMax"] = reduce_cases("ReduceMax", 18)
-for _op in ("ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp"):
+for _op in ("ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceProd"):
     CASES[_op] = reduce_cases(_op, 18)
 CASES["ReduceLogSumExp"].append(op("ReduceLogSumExp", [(2, 3, 4)], {"axes": [2]}, 13, id="large", low=60, high=90))
 CASES["ReduceLogSum"] = reduce_cases("ReduceLogSum", 18, low=0.1, high=2.0)

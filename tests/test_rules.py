@@ -929,7 +929,7 @@ class GraphBuilder:
             else:
                 b.add(op, [t, b.ints(-1)], shape + (1,))
         elif op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare", "ReduceL1", "ReduceL2",
-                    "ReduceLogSum", "ReduceLogSumExp"):
+                    "ReduceLogSum", "ReduceLogSumExp", "ReduceProd"):
             if op == "ReduceLogSum":  # a log of sums: make them positive
                 t = b.add("Add", [b.add("Sigmoid", [t], shape), b.const(0.5)], shape)
             axis = b.integer(1, rank)
