@@ -15,6 +15,7 @@ import numpy as np
 from . import diagnostics, revealcancel, scheduler
 from .backend import array_module, to_host
 from .batch_axis import samples_first
+from .cut import cut_at
 from .data import resolve_input
 from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
@@ -92,10 +93,14 @@ class Explainer:
         #: what attributions are returned for: the float inputs, then the float tensors computed
         #: directly from integer inputs (embedding lookups, casts of masks; liftir/held.py)
         self.attributed: list[str] = [i.name for i in self.inputs if i.dtype.kind == "f"] + self.plan.embeddings
-        if held and method in ("integrated_gradients", "deeplift_shap"):
-            raise InputError(f"method {method!r} is not available yet for models with integer inputs "
-                             f"({', '.join(held)}); use deeplift, saliency or input_x_gradient, which "
-                             f"attribute to their embeddings")
+        #: integrated gradients of a model with integer inputs walks its path at the embeddings
+        #: of the ids whose reference differs: an Explainer of the model cut there
+        #: (liftir/cut.py), one per set of cut tensors, as LayerIntegratedGradients does
+        self._cuts: dict[tuple[str, ...], Explainer] = {}
+        #: set on those cut Explainers: their integer inputs stay at their actual values
+        self._path_holds_integers = False
+        self._build_options = dict(backend=backend, max_rule=max_rule, final_activation=final_activation,
+                                   rules=rules, output=output, precision=precision)
         if not self.attributed:
             raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
@@ -475,6 +480,12 @@ class Explainer:
             most rows one of its forward passes may take.
         abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
         """
+        if self.plan.embeddings and self.method.name == "integrated_gradients" and not self._path_holds_integers:
+            return self._attribute_at_embeddings(
+                inputs, baselines, target, output=output, layer=layer,
+                return_convergence_delta=return_convergence_delta, batch_size=batch_size,
+                max_memory=max_memory, multiply_by_inputs=multiply_by_inputs, progress=progress,
+                n_steps=n_steps, integration=integration, internal_batch_size=internal_batch_size)
         method = self.method
         out = self._output_for_call(output)
         xs, refs, kind = self.prepare_inputs(inputs, baselines, method.uses_reference,
@@ -505,7 +516,7 @@ class Explainer:
         cost, rest = self._row_cost(xs, explained)
         call = _Call(explained=explained, stripped=stripped,
                      axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
-                     k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self.attributed),
+                     k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self._wrt()),
                      multiply=multiply_by_inputs, func=attribution_func, progress=progress)
         # bad targets fail now, not after the first passes: the form on one row, the range on all
         self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
@@ -524,13 +535,71 @@ class Explainer:
         if layer is not None:
             result = attrs[0]
         elif len(self.attributed) != len(self.input_names) or self.plan.embeddings:
-            result = dict(zip(self.attributed, attrs))  # integer inputs: by attributed tensor
+            result = dict(zip(call.wrt, attrs))  # integer inputs: by attributed tensor
         else:
             result = self._pack(attrs, kind)
         diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer)
         if return_convergence_delta:
             return result, delta
         return result
+
+    def _attribute_at_embeddings(self, inputs, baselines, target, *, return_convergence_delta, **options):
+        """Integrated gradients along the path between the reference's and the actual
+        embeddings of the ids whose reference differs (ids have no path between them), the
+        other inputs as given and integer ones held at their actual values: Captum's
+        LayerIntegratedGradients on those embeddings."""
+        xs, refs, _ = self.prepare_inputs(inputs, baselines, need_reference=True)
+        given = dict(zip(self.input_names, xs))
+        given_refs = dict(zip(self.input_names, refs))
+        moving = {i.name for i in self.inputs if i.dtype.kind != "f"
+                  and not np.array_equal(np.broadcast_to(given_refs[i.name], given[i.name].shape), given[i.name])}
+        cut = tuple(e for e in self.plan.embeddings if moving & self._integer_sources(e))
+        if cut not in self._cuts:
+            inner = Explainer(cut_at(self.model, list(cut)), self.method.name, **self._build_options)
+            inner._path_holds_integers = True
+            self._cuts[cut] = inner
+        inner = self._cuts[cut]
+        actual, reference = self._values(xs, cut), self._values(refs, cut)
+        feeds = {name: actual[name] if name in actual else given[name] for name in inner.input_names}
+        floats = [i.name for i in inner.inputs if i.dtype.kind == "f"]
+        base = {name: reference[name] if name in reference else given_refs[name] for name in floats}
+        result, delta = inner.attribute(feeds, base, target, return_convergence_delta=True, **options)
+        if not isinstance(result, Mapping):
+            result = dict(zip(floats, result if isinstance(result, tuple) else (result,)))
+        zeros = self._values(xs, [e for e in self.attributed if e not in result and e not in given])
+        result = {name: result[name] if name in result else np.zeros_like(zeros.get(name, given.get(name)))
+                  for name in self.attributed}
+        return (result, delta) if return_convergence_delta else result
+
+    def _integer_sources(self, tensor: str) -> set[str]:
+        """The integer inputs whose values `tensor` is computed from (a Shape reads none)."""
+        integers = {i.name for i in self.inputs if i.dtype.kind != "f"}
+        found, seen, stack = set(), set(), [tensor]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in integers:
+                found.add(name)
+            producer = self.graph.producer.get(name)
+            if producer is not None and self.graph.nodes[producer].op_type not in ("Shape", "Size"):
+                stack.extend(i for i in self.graph.nodes[producer].inputs if i)
+        return found
+
+    def _values(self, xs, names: list[str]) -> dict[str, np.ndarray]:
+        """The tensors `names` for the rows `xs`, as NumPy (the rules' forwards)."""
+        feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
+        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, tuple(names), "gradient",
+                                self.options, engine="rules")
+        return {name: to_host(run.device(name)) for name in names}
+
+    def _wrt(self) -> list[str]:
+        """What a call attributes to: integrated gradients on a path that holds the integer
+        inputs moves no embedding of theirs, so it attributes to the float inputs only."""
+        if self._path_holds_integers:
+            return [i.name for i in self.inputs if i.dtype.kind == "f"]
+        return self.attributed
 
     def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
         name = self.method.name
@@ -737,7 +806,7 @@ class Explainer:
                 k = seed.shape[0]
                 grads = self._backward(run, call, np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2)))
                 for i, name in enumerate(self.input_names):
-                    if grads[name] is None:
+                    if name not in call.wrt or grads[name] is None:
                         continue
                     g = to_host(grads[name]).reshape((k, p1 - p0, s1 - s0) + sub_x[i].shape[1:])
                     for j in range(p1 - p0):  # point by point: the same sums however points are grouped
@@ -747,6 +816,8 @@ class Explainer:
             ends = self._forward(sub_x, sub_refs, call.explained)  # f(x) and f(x0) for the residual
             sums = 0.0
             for i, (x, r) in enumerate(zip(sub_x, sub_refs)):
+                if self.input_names[i] not in call.wrt:  # an integer input, held at its actual value
+                    continue
                 contribution = averaged[i] * (x - r).astype(np.float64)[None]
                 sums = sums + contribution.reshape(call.k, s1 - s0, -1).sum(axis=2)
                 pieces[self.input_names[i]].append(
@@ -764,7 +835,7 @@ class Explainer:
     def _per_target(attributions, delta, target):
         """(K, N, ...) results as (N, K, ...) and deltas (K, N) as (N, K) for several
         targets; (N, ...) and (N,) for one."""
-        k = attributions[0].shape[0]
+        k = attributions[0].shape[0] if attributions else delta.shape[0]  # nothing to attribute to: a held path
         delta = None if delta is None else delta.T
         if k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2):
             return [np.moveaxis(a, 0, 1) for a in attributions], delta

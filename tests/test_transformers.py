@@ -22,7 +22,7 @@ if importlib.util.find_spec("timm") is None:  # installed with --no-deps (see .c
     pytest.skip("timm is not installed: pip install --no-deps timm", allow_module_level=True)
 
 import liftir  # noqa: E402
-from liftir.errors import BatchAxisError, InputError  # noqa: E402
+from liftir.errors import BatchAxisError  # noqa: E402
 from liftir.registry import lookup  # noqa: E402
 
 import zoo_transformers as zt  # noqa: E402
@@ -201,11 +201,6 @@ def test_layer_names_any_float_tensor_of_an_id_model(bag):
                                return_convergence_delta=True)
     assert attr.shape == (3, 6)
     assert np.abs(delta).max() < 1e-5
-
-
-def test_methods_that_interpolate_ids_are_refused_clearly(bag):
-    with pytest.raises(InputError, match="integer inputs"):
-        liftir.Explainer(bag[1], method="integrated_gradients")
 
 
 def test_an_op_that_mixes_samples_is_refused_by_node_name():

@@ -1,0 +1,104 @@
+"""Integrated gradients and DeepLIFT-SHAP of models with integer (token-id) inputs.
+
+Ids have no path between them: integrated gradients walks the path between the
+reference's and the actual embeddings (the model cut there, liftir/cut.py), the other
+inputs held at their actual values, which is what Captum's LayerIntegratedGradients on the
+embedding layer computes; checked against it in float64. DeepLIFT-SHAP averages DeepLIFT
+over reference id sets: checked against its own definition, and it conserves.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+
+import liftir
+
+torch = pytest.importorskip("torch")
+captum_attr = pytest.importorskip("captum.attr")
+
+
+class _BagOfEmbeddings(torch.nn.Module):
+    """ids -> embedding -> mean over tokens -> MLP: a text classifier in a few ops."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 6)
+        self.fc1, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(dim=1))))
+
+
+@pytest.fixture(scope="module")
+def bag():
+    model = _BagOfEmbeddings().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(2, 5, dtype=torch.int64),), buf, dynamo=False, opset_version=17,
+                      input_names=["ids"], output_names=["logits"],
+                      dynamic_axes={"ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}})
+    return model, onnx.load_from_string(buf.getvalue())
+
+
+def test_integrated_gradients_on_ids_equal_captum_layer_integrated_gradients(bag):
+    model, proto = bag
+    rng = np.random.default_rng(0)
+    ids, pad = rng.integers(1, 20, (4, 5)), np.zeros((1, 5), np.int64)
+    ex = liftir.Explainer(proto, "integrated_gradients", precision="float64")
+    ours, delta = ex.attribute(ids, baselines=pad, target=2, n_steps=24, return_convergence_delta=True)
+    assert list(ours) == ex.attributed and ours[ex.attributed[0]].shape == (4, 5, 6)
+    double = _BagOfEmbeddings().double().eval()
+    double.load_state_dict(model.state_dict())
+    lig = captum_attr.LayerIntegratedGradients(double, double.emb)
+    theirs, their_delta = lig.attribute(torch.tensor(ids), baselines=torch.tensor(np.repeat(pad, 4, 0)), target=2,
+                                        n_steps=24, method="gausslegendre", return_convergence_delta=True)
+    # Captum rounds its quadrature weights to float32 (`torch.tensor(step_sizes).float()`)
+    np.testing.assert_allclose(ours[ex.attributed[0]], theirs.numpy(), rtol=1e-6, atol=1e-7 * theirs.abs().max().item())
+    np.testing.assert_allclose(delta, their_delta.numpy(), atol=1e-6)
+    # no reference for the ids: they are held at their actual values, and nothing moves
+    assert np.abs(ex.attribute(ids, target=2, n_steps=4)[ex.attributed[0]]).max() == 0
+
+
+def test_deeplift_shap_on_ids_is_the_mean_of_deeplift_over_reference_id_sets(bag):
+    _, proto = bag
+    rng = np.random.default_rng(1)
+    ids, refs = rng.integers(1, 20, (4, 5)), rng.integers(0, 20, (3, 5))
+    shap = liftir.Explainer(proto, "deeplift_shap")
+    got, delta = shap.attribute(ids, baselines=refs, target=1, return_convergence_delta=True)
+    (name,) = shap.attributed
+    deeplift = liftir.Explainer(proto)
+    want = np.mean([deeplift.attribute(ids, baselines=refs[j:j + 1], target=1)[name] for j in range(3)], axis=0)
+    np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-7)
+    f = deeplift.predict
+    expected = f(ids)[:, 1] - f(refs)[:, 1].mean()
+    np.testing.assert_allclose(got[name].reshape(4, -1).sum(1), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(delta).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def test_integrated_gradients_on_bert_ids_equal_captum_at_the_word_embeddings():
+    import zoo_transformers as zt
+    model = zt.build("bert").eval()
+    proto = zt.export(model, zt.MODELS["bert"], "ts17")
+    ids, mask = zt.MODELS["bert"].inputs(2, seed=3)
+    pad = torch.zeros_like(ids)
+    ex = liftir.Explainer(proto, "integrated_gradients", precision="float64")
+    ours, delta = ex.attribute({"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+                               baselines={"input_ids": pad.numpy()}, target=1, n_steps=8,
+                               return_convergence_delta=True)
+    word = ex.attributed[0]
+    double = zt.build("bert").double().eval()
+    double.load_state_dict(model.state_dict())
+    lig = captum_attr.LayerIntegratedGradients(double, double.model.bert.embeddings.word_embeddings)
+    theirs, their_delta = lig.attribute(ids, baselines=pad, target=1, n_steps=8, method="gausslegendre",
+                                        additional_forward_args=(mask,), return_convergence_delta=True)
+    theirs = theirs.numpy()
+    np.testing.assert_allclose(ours[word], theirs, rtol=1e-6, atol=1e-6 * np.abs(theirs).max())
+    np.testing.assert_allclose(delta, their_delta.numpy(), atol=1e-6 * np.abs(theirs).sum())
+    for name in ex.attributed[1:]:  # the mask (held at its actual value) and the rest move nothing
+        assert np.abs(ours[name]).max() == 0
