@@ -448,7 +448,9 @@ class Explainer:
             Indices count from 0; negative ones are refused (InputError naming the index).
         output : tensor to explain (any tensor of the graph); default: the Explainer's.
         layer : attribute to this hidden tensor instead of the inputs (like Captum's
-            LayerDeepLift): one array of the layer's shape is returned.
+            LayerDeepLift): one array of the layer's shape is returned. Integrated gradients
+            then walks its path at the layer, the inputs held at their actual values
+            (Captum's LayerIntegratedGradients).
         return_convergence_delta : also return delta (N,) or (N, K): the sum of attributions
             minus f(x)_t - f(x0)_t (~0 for DeepLIFT; the completeness residual for
             integrated gradients; None for gradient methods). It always refers to the
@@ -480,8 +482,9 @@ class Explainer:
             most rows one of its forward passes may take.
         abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
         """
-        if self.plan.embeddings and self.method.name == "integrated_gradients" and not self._path_holds_integers:
-            return self._attribute_at_embeddings(
+        if self.method.name == "integrated_gradients" and not self._path_holds_integers and (
+                layer is not None or self.plan.embeddings):
+            return self._attribute_on_a_cut(
                 inputs, baselines, target, output=output, layer=layer,
                 return_convergence_delta=return_convergence_delta, batch_size=batch_size,
                 max_memory=max_memory, multiply_by_inputs=multiply_by_inputs, progress=progress,
@@ -501,8 +504,6 @@ class Explainer:
         self._check_attribution_options(multiply_by_inputs, attribution_func, abs)
         quadrature = None
         if method.name == "integrated_gradients":
-            if layer is not None:
-                raise InputError("layer attribution is not available for integrated_gradients")
             alphas, weights = integration_points(n_steps, integration)
             if internal_batch_size is not None and (not isinstance(internal_batch_size, int)
                                                     or internal_batch_size < 1):
@@ -543,17 +544,27 @@ class Explainer:
             return result, delta
         return result
 
-    def _attribute_at_embeddings(self, inputs, baselines, target, *, return_convergence_delta, **options):
-        """Integrated gradients along the path between the reference's and the actual
-        embeddings of the ids whose reference differs (ids have no path between them), the
-        other inputs as given and integer ones held at their actual values: Captum's
-        LayerIntegratedGradients on those embeddings."""
+    def _attribute_on_a_cut(self, inputs, baselines, target, *, layer, return_convergence_delta, **options):
+        """Integrated gradients walking its path at hidden tensors: the model cut there.
+
+        With `layer`: along the path between the layer's values for the reference and the
+        actual inputs, every input held at its actual value (Captum's
+        LayerIntegratedGradients). Else, for a model with integer inputs (ids have no path
+        between them): between the embeddings of the ids whose reference differs, the
+        other float inputs on their own paths, integer ones held at their actual values
+        (LayerIntegratedGradients on those embeddings)."""
         xs, refs, _ = self.prepare_inputs(inputs, baselines, need_reference=True)
         given = dict(zip(self.input_names, xs))
         given_refs = dict(zip(self.input_names, refs))
-        moving = {i.name for i in self.inputs if i.dtype.kind != "f"
-                  and not np.array_equal(np.broadcast_to(given_refs[i.name], given[i.name].shape), given[i.name])}
-        cut = tuple(e for e in self.plan.embeddings if moving & self._integer_sources(e))
+        if layer is not None:
+            cut = (self._check_output(layer),)
+            if cut[0] in given:
+                raise InputError(f"layer {layer!r} is an input of the model: attribute to it without layer=")
+            given_refs = dict(given)  # every input held at its actual value
+        else:
+            moving = {i.name for i in self.inputs if i.dtype.kind != "f" and not np.array_equal(
+                np.broadcast_to(given_refs[i.name], given[i.name].shape), given[i.name])}
+            cut = tuple(e for e in self.plan.embeddings if moving & self._integer_sources(e))
         if cut not in self._cuts:
             inner = Explainer(cut_at(self.model, list(cut)), self.method.name, **self._build_options)
             inner._path_holds_integers = True
@@ -566,9 +577,12 @@ class Explainer:
         result, delta = inner.attribute(feeds, base, target, return_convergence_delta=True, **options)
         if not isinstance(result, Mapping):
             result = dict(zip(floats, result if isinstance(result, tuple) else (result,)))
-        zeros = self._values(xs, [e for e in self.attributed if e not in result and e not in given])
-        result = {name: result[name] if name in result else np.zeros_like(zeros.get(name, given.get(name)))
-                  for name in self.attributed}
+        if layer is not None:
+            result = result[cut[0]]
+        else:
+            zeros = self._values(xs, [e for e in self.attributed if e not in result and e not in given])
+            result = {name: result[name] if name in result else np.zeros_like(zeros.get(name, given.get(name)))
+                      for name in self.attributed}
         return (result, delta) if return_convergence_delta else result
 
     def _integer_sources(self, tensor: str) -> set[str]:
@@ -592,6 +606,12 @@ class Explainer:
         feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
         run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, tuple(names), "gradient",
                                 self.options, engine="rules")
+        for name in names:
+            loc = run.loc(name)
+            if not (loc.axis == 0 and loc.plain):
+                raise BatchAxisError(f"integrated gradients cannot walk its path at {name!r}: the exporter "
+                                     f"put its samples on axis {loc.axis}" + ("" if loc.plain else " merged with "
+                                     "other axes") + "; name a tensor with the samples on axis 0")
         return {name: to_host(run.device(name)) for name in names}
 
     def _wrt(self) -> list[str]:

@@ -102,3 +102,26 @@ def test_integrated_gradients_on_bert_ids_equal_captum_at_the_word_embeddings():
     np.testing.assert_allclose(delta, their_delta.numpy(), atol=1e-6 * np.abs(theirs).sum())
     for name in ex.attributed[1:]:  # the mask (held at its actual value) and the rest move nothing
         assert np.abs(ours[name]).max() == 0
+
+
+def test_integrated_gradients_at_a_layer_equal_captum_layer_integrated_gradients():
+    """layer= walks the path at a hidden tensor, the inputs held at their actual values."""
+    import torch.nn as nn
+    from onnx_builders import export_torch
+    torch.manual_seed(4)
+    module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Softplus(), nn.Linear(6, 3)).eval()
+    proto = export_torch(module, torch.randn(2, 5), 17)
+    hidden = next(n.output[0] for n in proto.graph.node if n.op_type == "Tanh")
+    rng = np.random.default_rng(5)
+    x, x0 = rng.standard_normal((4, 5)), rng.standard_normal((1, 5))
+    ex = liftir.Explainer(proto, "integrated_gradients", precision="float64")
+    ours, delta = ex.attribute(x, baselines=x0, target=2, layer=hidden, n_steps=16, return_convergence_delta=True)
+    double = module.double()
+    lig = captum_attr.LayerIntegratedGradients(double, double[1])
+    theirs, their_delta = lig.attribute(torch.tensor(x), baselines=torch.tensor(np.repeat(x0, 4, 0)), target=2,
+                                        n_steps=16, method="gausslegendre", return_convergence_delta=True)
+    assert ours.shape == (4, 7)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=1e-7 * theirs.abs().max().item())
+    np.testing.assert_allclose(delta, their_delta.numpy(), atol=1e-6)
+    with pytest.raises(liftir.errors.InputError, match="is an input"):
+        ex.attribute(x, baselines=x0, target=2, layer=ex.input_names[0])

@@ -416,8 +416,11 @@ def test_other_integrated_gradients_errors():
         ex.attribute(x, x0, target=0, n_steps=1, integration="riemann_trapezoid")
     with pytest.raises(liftir.InputError, match="internal_batch_size"):
         ex.attribute(x, x0, target=0, internal_batch_size=0)
-    with pytest.raises(liftir.InputError, match="layer"):
-        ex.attribute(x, x0, target=0, layer=R.tensor_of(R.proto("mlp"), "Relu"))
+    with pytest.raises(liftir.InputError, match="no_such_tensor"):
+        ex.attribute(x, x0, target=0, layer="no_such_tensor")
+    layer, delta = ex.attribute(x, x0, target=0, layer=R.tensor_of(R.proto("mlp"), "Relu"),
+                                return_convergence_delta=True)  # tests/test_ids_methods.py: == Captum
+    assert layer.shape[0] == x.shape[0] and np.all(np.isfinite(delta))
     a = ex.attribute(x, x0, target=0, n_steps=1)  # one Gauss-Legendre point is allowed
     assert a.shape == x.shape
 
