@@ -165,6 +165,14 @@ def accurate_sum(x, axis: tuple[int, ...], keepdims: bool = False, mean: bool = 
     return fn(axis=axis, keepdims=keepdims, dtype=np.float64).astype(x.dtype)
 
 
+def difference(xp, x, x0):
+    """x - x0, and 0 where x == x0: a value equal in both passes did not change, even when it
+    is infinite (an attention mask's -inf, where x - x0 would be NaN)."""
+    with np.errstate(invalid="ignore"):
+        d = x - x0
+    return xp.where(x == x0, xp.zeros((), dtype=d.dtype), d)
+
+
 def unbroadcast(xp, g, shape: tuple[int, ...]):
     """Sum a (K, P, ...) multiplier over the axes a broadcasting op expanded `shape` along."""
     target = (g.shape[0],) + tuple(shape)
