@@ -91,6 +91,10 @@ class Softmax(Rule):
         return z if ctx.node.op_type == "LogSoftmax" else ctx.xp.exp(z)
 
     def backward(self, ctx, g):
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-masked rows: NaN, as the forward
+            return self._backward(ctx, g)
+
+    def _backward(self, ctx, g):
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
