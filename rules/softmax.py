@@ -38,7 +38,8 @@ def _axis(ctx, ndim):
 
 
 def _log_softmax(xp, x, axis):
-    shifted = x - x.max(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
+        shifted = x - x.max(axis=axis, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
