@@ -283,9 +283,10 @@ def sinhc(xp, u):
 
 
 def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
-    """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16)."""
-    dx = x - x0
-    dy = y - y0
+    """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16).
+    Equal infinities (a mask's -inf in both passes) count as dx = dy = 0, not NaN."""
+    dx = difference(xp, x, x0)
+    dy = difference(xp, y, y0)
     eps = np.finfo(dx.dtype).eps
     if exact_pieces:
         same = dx == 0
@@ -304,4 +305,4 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
     quotient = dy / safe
     if not bool(small.any()):
         return quotient
-    return xp.where(small, df((x + x0) * 0.5), quotient)
+    return xp.where(small, df(x * 0.5 + x0 * 0.5), quotient)  # halves first: finfo.min twice overflows

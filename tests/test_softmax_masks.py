@@ -163,3 +163,60 @@ def test_deeplift_conserves_through_a_masked_softmax_against_onnxruntime(mask_va
     attr64, delta64 = liftir.Explainer(model, precision="float64").attribute(
         x.astype(np.float64), baselines=x0.astype(np.float64), target=1, return_convergence_delta=True)
     assert np.isfinite(attr64).all() and np.abs(delta64).max() <= 1e-9 * np.abs(diff).max()
+
+
+def _decomposed_softmax_graph(mask_value):
+    """softmax written out, as custom attention code exports it: exp(s - max s) / sum, with
+    the mask added first; -inf (or finfo.min) then flows through ReduceMax, Sub and Exp."""
+    rng = np.random.default_rng(2)
+    live = np.tril(np.ones((4, 6), bool), k=2)
+    live[:, 5] = False
+    inits = [numpy_helper.from_array(np.where(live, 0.0, mask_value).astype(np.float32), "mask"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(rng.standard_normal((24, 3)).astype(np.float32), "head"),
+             numpy_helper.from_array(np.array([-1, 24], np.int64), "flat")]
+    nodes = [helper.make_node("Add", ["x", "mask"], ["s"]),
+             helper.make_node("ReduceMax", ["s", "last"], ["top"], keepdims=1),
+             helper.make_node("Sub", ["s", "top"], ["shifted"]),
+             helper.make_node("Exp", ["shifted"], ["e"]),
+             helper.make_node("ReduceSum", ["e", "last"], ["total"], keepdims=1),
+             helper.make_node("Div", ["e", "total"], ["a"]),
+             helper.make_node("Mul", ["a", "x"], ["ax"]),
+             helper.make_node("Reshape", ["ax", "flat"], ["h"]),
+             helper.make_node("MatMul", ["h", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "decomposed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("mask_value", [-np.inf, F32_MIN])
+def test_deeplift_conserves_through_a_written_out_masked_softmax(mask_value):
+    """Rescale (Exp), the max rule and Div see -inf in both passes: dx = 0 there, not NaN."""
+    model = _decomposed_softmax_graph(mask_value)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    x0 = 0.2 * rng.standard_normal((1, 4, 6)).astype(np.float32)
+    sess = onnxruntime.InferenceSession(model.SerializeToString())
+    diff = sess.run(None, {"x": x})[0][:, 1] - sess.run(None, {"x": x0})[0][0, 1]
+    attr, delta = liftir.Explainer(model).attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.isfinite(attr).all()
+    assert np.abs(attr.reshape(3, -1).sum(1) - diff).max() <= 1e-4 * np.abs(diff).max()
+    _, delta64 = liftir.Explainer(model, precision="float64").attribute(
+        x.astype(np.float64), baselines=x0.astype(np.float64), target=1, return_convergence_delta=True)
+    assert np.abs(delta64).max() <= 1e-9 * np.abs(diff).max()
+
+
+def test_rescale_of_an_input_at_minus_inf_in_both_passes_is_finite():
+    """Exp, Sigmoid, Tanh at x = x0 = -inf (or finfo.min): the multiplier is the slope there,
+    0, never NaN; elsewhere the divided difference (float64 by hand)."""
+    from liftir.registry import lookup
+    x = np.array([[-np.inf, 0.3, F32_MIN, -2.0]])
+    x0 = np.array([[-np.inf, -0.4, F32_MIN, 1.0]])
+    for op, f in (("Exp", np.exp), ("Sigmoid", lambda v: 1 / (1 + np.exp(-v))), ("Tanh", np.tanh)):
+        with np.errstate(over="ignore"):
+            m = lookup(op).divided_difference(np, x, x0, _Ctx(x, x0))
+        assert np.isfinite(m).all(), op
+        live = [1, 3]
+        want = (f(x[0, live]) - f(x0[0, live])) / (x[0, live] - x0[0, live])
+        np.testing.assert_allclose(m[0, live], want, rtol=1e-12)
+        assert not m[0, [0, 2]].any()  # each slope vanishes at -inf (and at finfo.min)
