@@ -220,3 +220,19 @@ def test_rescale_of_an_input_at_minus_inf_in_both_passes_is_finite():
         want = (f(x[0, live]) - f(x0[0, live])) / (x[0, live] - x0[0, live])
         np.testing.assert_allclose(m[0, live], want, rtol=1e-12)
         assert not m[0, [0, 2]].any()  # each slope vanishes at -inf (and at finfo.min)
+
+
+def test_masked_softmax_on_the_cupy_side_code_path():
+    """The same masked graph through a stand-in array module with CuPy's functions only
+    (tests/test_array_api_subset.py): equal to NumPy's result, no NumPy-only call."""
+    from test_array_api_subset import subset_module
+    model = _masked_attention_graph(-np.inf)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    x0 = 0.2 * rng.standard_normal((1, 4, 6)).astype(np.float32)
+    want = liftir.Explainer(model).attribute(x, baselines=x0, target=0)
+    ex = liftir.Explainer(model)
+    ex.xp = subset_module()
+    got, delta = ex.attribute(x, baselines=x0, target=0, return_convergence_delta=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.abs(delta).max() <= 1e-5
