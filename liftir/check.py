@@ -412,15 +412,16 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
             except Exception as exc:  # a rule returned unusable multipliers: say which node
                 record.error = f"{type(exc).__name__}: {exc}"
 
-        grads = scheduler.backward(run, seeds, tuple(ex.input_names), tuple(explained), observer=observe)
+        # float inputs and, for integer (held) inputs, their embeddings: what DeepLIFT attributes
+        grads = scheduler.backward(run, seeds, tuple(ex.attributed), tuple(explained), observer=observe)
         total_in = np.zeros(p)
         abs_in = np.zeros(p)
-        for name in ex.input_names:
+        for name in ex.attributed:
             g = grads.get(name)
             if g is None:
                 continue
             dx = _difference(run.actual(name), run.reference(name))
-            term = to_host(g).astype(np.float64)[0] * dx
+            term = _samples_first(run, name, to_host(g).astype(np.float64)[:1] * dx[None])[0]
             total_in += term.reshape(p, -1).sum(axis=1)
             abs_in += np.abs(term).reshape(p, -1).sum(axis=1)
         total_out = np.zeros(p)

@@ -184,6 +184,16 @@ def test_deeplift_conserves_through_attention_masks(name, how):
             assert np.abs(attr[word].reshape(3, -1).sum(1) - diff).max() <= 1e-4 * scale
 
 
+@pytest.mark.parametrize("name,how", [("bert", "ts17"), ("gpt2", "dynamo")])
+def test_liftir_check_conserves_node_by_node_through_attention_masks(name, how):
+    """`liftir check` (random multipliers at every output neuron, each node's own
+    summation-to-delta) on id models: summed over the embeddings the ids are attributed at."""
+    from liftir.check import check_model
+    _, proto = exported(name, how)
+    report = check_model(proto, _text_feeds(3, seed=15), {"input_ids": np.zeros((1, zt.SEQ), np.int64)})
+    assert report.ok, report.failures
+
+
 def test_an_attention_mask_that_differs_from_the_reference_is_refused_by_node_name():
     """A key masked in the input but not in the reference: the scores differ by -inf, which
     no multiplier carries; the Softmax rule says so instead of returning NaN."""
