@@ -170,7 +170,10 @@ def difference(xp, x, x0):
     is infinite (an attention mask's -inf, where x - x0 would be NaN)."""
     with np.errstate(invalid="ignore"):
         d = x - x0
-    return xp.where(x == x0, xp.zeros((), dtype=d.dtype), d)
+    nan = d != d  # only inf - inf (or a NaN input) gives NaN: one cheap pass in the common case
+    if not bool(nan.any()):
+        return d
+    return xp.where(nan & (x == x0), xp.zeros((), dtype=d.dtype), d)
 
 
 def unbroadcast(xp, g, shape: tuple[int, ...]):
