@@ -184,6 +184,20 @@ def test_deeplift_conserves_through_attention_masks(name, how):
             assert np.abs(attr[word].reshape(3, -1).sum(1) - diff).max() <= 1e-4 * scale
 
 
+@pytest.mark.parametrize("name,how", [("bert", "ts17"), ("gpt2", "ts17")])
+def test_revealcancel_conserves_through_minus_inf_masks(name, how):
+    """RevealCancel's split of each difference into d+ and d- meets the -inf masks too."""
+    _, proto = exported(name, how)
+    feeds = _text_feeds(3, seed=16)
+    scale = np.abs(_ort(proto, feeds)[:, 0] - _ort(proto, _pad_reference(feeds))[:, 0]).max()
+    pad = {"input_ids": np.zeros((1, zt.SEQ), np.int64)}
+    for precision, rtol in (("model", 1e-4), ("float64", 1e-9)):
+        attr, delta = liftir.Explainer(proto, method="deeplift_revealcancel", precision=precision).attribute(
+            feeds, baselines=pad, target=0, return_convergence_delta=True)
+        assert all(np.isfinite(a).all() for a in attr.values())
+        assert np.abs(delta).max() <= rtol * scale
+
+
 @pytest.mark.parametrize("name,how", [("bert", "ts17"), ("gpt2", "dynamo")])
 def test_liftir_check_conserves_node_by_node_through_attention_masks(name, how):
     """`liftir check` (random multipliers at every output neuron, each node's own
