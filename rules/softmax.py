@@ -15,9 +15,10 @@ Attention masks add -inf (TorchScript exports) or finfo.min (dynamo) to the scor
 position whose probability is exactly 0 in both passes is masked (or so far below the
 row's maximum that exp underflows): the softmax is flat in it, so its multiplier is 0 and
 it takes no part in the LSE split (there x - x0 is -inf - -inf = NaN, or the rounding of
-finfo.min + score). A position -inf in one pass and finite in the other (a mask that
-differs between input and reference) has an infinite difference that no multiplier can
-carry a finite contribution across: the rule refuses it by node name.
+finfo.min + score). A position masked in one pass only (a mask that differs between input
+and reference) is refused by node name: with -inf its difference is infinite, which no
+multiplier carries as a finite contribution; with finfo.min the split's terms p dx reach
+~1e37 and would have to cancel to an O(1) change.
 """
 from __future__ import annotations
 
