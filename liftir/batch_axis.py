@@ -417,19 +417,25 @@ TRANSFERS: dict[str, Callable[[_Node], list]] = {
 def locate(nodes, feeds: dict[str, Any], value_shape: Callable[[str], tuple | None],
            host_value: Callable[[str], Any], rows: int,
            type_only: Callable[[str], tuple[int, ...]],
-           is_constant: Callable[[str], bool] = lambda name: False) -> dict[str, BatchAxis]:
+           is_constant: Callable[[str], bool] = lambda name: False,
+           batch_free: set[str] | None = None) -> dict[str, BatchAxis]:
     """The batch location of every tensor computed from the feeds (fed on axis 0).
 
     `nodes` in topological order (static ones excluded); `value_shape(name)` is the shape of
     a computed tensor (None if it was not computed); `host_value` a constant's or static
     tensor's value (None for activations); `type_only(node)` the inputs read for their
     type only. Raises BatchAxisError for the first node that mixes samples.
+    `batch_free`, if given, receives the computed tensors that hold no samples at all: those
+    of nodes that read activations for their type only (CastLike(constant, activation)) and
+    of nodes computed from those alone. They are constants of the run, not per-sample rows.
     """
     locs: dict[str, BatchAxis] = {name: AXIS0 for name in feeds}
     for node in nodes:
         skip = type_only(node)
         in_locs = [locs.get(i) if i and k not in skip else None for k, i in enumerate(node.inputs)]
         if all(l is None for l in in_locs):
+            if batch_free is not None:
+                batch_free.update(o for o in node.outputs if o and value_shape(o) is not None)
             continue
         out_shapes = [value_shape(o) if o else None for o in node.outputs]
         present = [(o, s) for o, s in zip(node.outputs, out_shapes) if s is not None]

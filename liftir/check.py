@@ -24,6 +24,7 @@ from .data import resolve_model
 from .errors import InputError
 from .explainer import Explainer
 from .graph import FLOAT_DTYPES, read_model
+from .rule import difference
 
 __all__ = ["check_model", "compare_with_onnxruntime", "generate_inputs", "CheckReport",
            "NodeCheck", "SummationCheck", "ForwardCheck", "ORT_DOMAINS"]
@@ -32,6 +33,11 @@ __all__ = ["check_model", "compare_with_onnxruntime", "generate_inputs", "CheckR
 ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training",
                          "com.microsoft", "com.microsoft.nchwc"})
 _TINY = 1e-30
+
+
+def _difference(actual, reference):
+    """actual - reference in float64 on the host; 0 where equal (a mask's -inf in both passes)."""
+    return difference(np, to_host(actual).astype(np.float64), to_host(reference).astype(np.float64))
 # scheduler.forward(engine="rules") forces the rules' own forwards (no onnxruntime fast path)
 _FORWARD_HAS_ENGINE = "engine" in inspect.signature(scheduler.forward).parameters
 
@@ -383,7 +389,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
                         continue
                     g = to_host(g).astype(np.float64)
                     k = g.shape[0]
-                    dy = to_host(ctx.y(j)).astype(np.float64) - to_host(ctx.y0(j)).astype(np.float64)
+                    dy = _difference(ctx.y(j), ctx.y0(j))
                     term = _samples_first(run, node.outputs[j], g * dy[None])
                     out_sum = out_sum + _rows(term, k, p)
                     out_abs = out_abs + _rows(np.abs(term), k, p)
@@ -396,7 +402,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
                     if g is None or i >= len(node.inputs) or not node.inputs[i] or ctx.is_const(i):
                         continue
                     g = to_host(g).astype(np.float64)
-                    dx = to_host(ctx.x(i)).astype(np.float64) - to_host(ctx.x0(i)).astype(np.float64)
+                    dx = _difference(ctx.x(i), ctx.x0(i))
                     term = _samples_first(run, node.inputs[i], g * dx[None])
                     in_sum = in_sum + _rows(term, k, p)
                     in_abs = in_abs + _rows(np.abs(term), k, p)
@@ -406,21 +412,22 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
             except Exception as exc:  # a rule returned unusable multipliers: say which node
                 record.error = f"{type(exc).__name__}: {exc}"
 
-        grads = scheduler.backward(run, seeds, tuple(ex.input_names), tuple(explained), observer=observe)
+        # float inputs and, for integer (held) inputs, their embeddings: what DeepLIFT attributes
+        grads = scheduler.backward(run, seeds, tuple(ex.attributed), tuple(explained), observer=observe)
         total_in = np.zeros(p)
         abs_in = np.zeros(p)
-        for name in ex.input_names:
+        for name in ex.attributed:
             g = grads.get(name)
             if g is None:
                 continue
-            dx = to_host(run.actual(name)).astype(np.float64) - to_host(run.reference(name)).astype(np.float64)
-            term = to_host(g).astype(np.float64)[0] * dx
+            dx = _difference(run.actual(name), run.reference(name))
+            term = _samples_first(run, name, to_host(g).astype(np.float64)[:1] * dx[None])[0]
             total_in += term.reshape(p, -1).sum(axis=1)
             abs_in += np.abs(term).reshape(p, -1).sum(axis=1)
         total_out = np.zeros(p)
         abs_out = np.zeros(p)
         for t in explained:
-            dy = to_host(run.actual(t)).astype(np.float64) - to_host(run.reference(t)).astype(np.float64)
+            dy = _difference(run.actual(t), run.reference(t))
             term = to_host(seeds[t]).astype(np.float64)[0] * dy
             total_out += term.reshape(p, -1).sum(axis=1)
             abs_out += np.abs(term).reshape(p, -1).sum(axis=1)

@@ -24,6 +24,7 @@ from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_mo
 from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
 from .methods import Method, get_method, integration_points
 from .registry import check_overrides
+from .rule import difference
 from .progress import Progress
 from .training_mode import refuse_training_mode
 
@@ -873,7 +874,7 @@ class Explainer:
             if self.method.attribution == "input" and call.multiply:
                 m = m * run.actual(tensor)
             return to_host(self._samples_first(run, tensor, m)).astype(dtype, copy=False), None
-        contribution = self._samples_first(run, tensor, m * (run.actual(tensor) - run.reference(tensor)))
+        contribution = self._samples_first(run, tensor, m * difference(self.xp, run.actual(tensor), run.reference(tensor)))
         sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
         if call.func is not None:
             result = call.func(m, run.actual(tensor), run.reference(tensor))
@@ -894,7 +895,7 @@ class Explainer:
         if m is None:
             value = run.device(tensor)
             return np.zeros((k, run.n_actual) + tuple(value.shape[1:]), dtype=value.dtype), np.zeros((k, run.n_actual))
-        delta = run.actual(tensor) - run.reference(tensor)
+        delta = difference(self.xp, run.actual(tensor), run.reference(tensor))
         pos, neg = (delta + spread[tensor]) * 0.5, (delta - spread[tensor]) * 0.5
         a = to_host(self._samples_first(run, tensor, m[:k] * pos + m[k:] * neg)).astype(run.device(tensor).dtype,
                                                                                           copy=False)

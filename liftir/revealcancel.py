@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .rule import Elementwise, Linear, NodeContext
+from .rule import Elementwise, Linear, NodeContext, difference
 from .scheduler import Run
 
 
@@ -42,7 +42,7 @@ def split_forward(run: Run, order: list[str], inputs: tuple[str, ...]) -> dict[s
     """D = d+ - d- for every tensor computed in `order` (actual rows)."""
     plan = run.plan
     xp = run.xp
-    spread: dict[str, Any] = {name: abs(run.actual(name) - run.reference(name)) for name in inputs}
+    spread: dict[str, Any] = {name: abs(difference(xp, run.actual(name), run.reference(name))) for name in inputs}
     for name in order:
         if name in plan.static:
             continue
@@ -54,7 +54,7 @@ def split_forward(run: Run, order: list[str], inputs: tuple[str, ...]) -> dict[s
             if all(d is None for d in d_in):
                 continue
             if _splits_by_term(rule):
-                d_in = [None if d is None else abs(run.actual(i) - run.reference(i))
+                d_in = [None if d is None else abs(difference(xp, run.actual(i), run.reference(i)))
                         for i, d in zip(node.inputs, d_in)]
             out = rule.abs_forward(ctx, *d_in)
             outs = out if isinstance(out, tuple) else (out,)
@@ -62,7 +62,7 @@ def split_forward(run: Run, order: list[str], inputs: tuple[str, ...]) -> dict[s
             pos_y, neg_y = _elementwise_parts(rule, ctx, spread[node.inputs[0]])
             outs = (pos_y - neg_y,)
         else:
-            outs = tuple(abs(run.actual(o) - run.reference(o)) if o and o in run.values
+            outs = tuple(abs(difference(xp, run.actual(o), run.reference(o))) if o and o in run.values
                          and run.values[o].dtype.kind == "f" else None for o in node.outputs)
         for o, d in zip(node.outputs, outs):
             if o and d is not None:
@@ -75,7 +75,7 @@ def _splits_by_term(rule) -> bool:
 
 
 def _parts(ctx: NodeContext, spread):
-    dx = ctx.x(0) - ctx.x0(0)
+    dx = difference(ctx.xp, ctx.x(0), ctx.x0(0))  # a mask's -inf in both passes: 0, not NaN
     return (dx + spread) * 0.5, (dx - spread) * 0.5
 
 
@@ -106,7 +106,7 @@ def node_backward(spread: dict[str, Any]):
             plain = rule.backward(ctx, *sums)
             absolute = rule.abs_backward(ctx, *diffs)
             if _splits_by_term(rule):  # one multiplier for both parts of each input
-                signs = [None if i >= len(ctx.node.inputs) or ctx.is_const(i) else xp.sign(ctx.x(i) - ctx.x0(i))
+                signs = [None if i >= len(ctx.node.inputs) or ctx.is_const(i) else xp.sign(difference(xp, ctx.x(i), ctx.x0(i)))
                          for i in range(len(plain))]
                 return tuple(None if p is None else xp.concatenate([(p + a * sg) * 0.5] * 2)
                              for p, a, sg in zip(plain, absolute, signs))
@@ -126,7 +126,7 @@ def node_backward(spread: dict[str, Any]):
             if g is None:
                 combined.append(None)
                 continue
-            dy = ctx._run.actual(o).astype(g.dtype) - ctx._run.reference(o).astype(g.dtype)  # bools: 0/1
+            dy = difference(xp, ctx._run.actual(o).astype(g.dtype), ctx._run.reference(o).astype(g.dtype))  # bools: 0/1
             combined.append(xp.where(dy > 0, g[:k], g[k:]))
         result = rule.backward(ctx, *combined)
         return tuple(None if m is None else xp.concatenate([m, m]) for m in result)

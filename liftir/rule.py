@@ -165,6 +165,17 @@ def accurate_sum(x, axis: tuple[int, ...], keepdims: bool = False, mean: bool = 
     return fn(axis=axis, keepdims=keepdims, dtype=np.float64).astype(x.dtype)
 
 
+def difference(xp, x, x0):
+    """x - x0, and 0 where x == x0: a value equal in both passes did not change, even when it
+    is infinite (an attention mask's -inf, where x - x0 would be NaN)."""
+    with np.errstate(invalid="ignore"):
+        d = x - x0
+    nan = d != d  # only inf - inf (or a NaN input) gives NaN: one cheap pass in the common case
+    if not bool(nan.any()):
+        return d
+    return xp.where(nan & (x == x0), xp.zeros((), dtype=d.dtype), d)
+
+
 def unbroadcast(xp, g, shape: tuple[int, ...]):
     """Sum a (K, P, ...) multiplier over the axes a broadcasting op expanded `shape` along."""
     target = (g.shape[0],) + tuple(shape)
@@ -275,9 +286,10 @@ def sinhc(xp, u):
 
 
 def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
-    """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16)."""
-    dx = x - x0
-    dy = y - y0
+    """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16).
+    Equal infinities (a mask's -inf in both passes) count as dx = dy = 0, not NaN."""
+    dx = difference(xp, x, x0)
+    dy = difference(xp, y, y0)
     eps = np.finfo(dx.dtype).eps
     if exact_pieces:
         same = dx == 0
@@ -296,4 +308,4 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
     quotient = dy / safe
     if not bool(small.any()):
         return quotient
-    return xp.where(small, df((x + x0) * 0.5), quotient)
+    return xp.where(small, df(x * 0.5 + x0 * 0.5), quotient)  # halves first: finfo.min twice overflows

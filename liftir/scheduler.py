@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import networkx as nx
 import numpy as np
 
+from .backend import to_host
 from .batch_axis import AXIS0, BatchAxis, broadcast_rows, locate, repeat_rows, take_rows, tile_rows
 from .errors import BatchAxisError, RuleError, UnsupportedOpError
 from .folding import evaluate_static, static_nodes
@@ -45,6 +46,7 @@ class Plan:
         self._order_cache: dict[tuple[str, ...], list[str]] = {}
         self._ort_forward: dict[tuple[str, ...], Any] = {}
         self._batch_axes: dict[tuple, dict[str, BatchAxis]] = {}
+        self._batch_free: dict[tuple, set[str]] = {}
         self.method = method
         #: nodes with no rule for this mode; fatal only on the way to an explained tensor
         #: (a classifier's label head, ArgMax and friends, need none to explain its scores)
@@ -219,12 +221,17 @@ def _locate_batch(plan: Plan, run: Run, outputs: tuple[str, ...], feeds: dict[st
         graph = plan.graph
         nodes = [graph.nodes[n] for n in plan.order_for(outputs) if n not in plan.static]
         rows = next(iter(feeds.values())).shape[0]
+        free: set[str] = set()
         plan._batch_axes[signature] = locate(
             nodes, feeds, lambda t: tuple(run.values[t].shape) if t in run.values else None,
             run.host_value, rows,
             lambda node: plan.rules[node.name].type_only_inputs if node.name in plan.rules else (),
-            lambda name: name in graph.constants)
+            lambda name: name in graph.constants, batch_free=free)
+        plan._batch_free[signature] = free
     run.batch = plan._batch_axes[signature]
+    for name in plan._batch_free[signature]:  # no samples in them: constants of this run
+        if name in run.values:
+            run.static[name] = to_host(run.values.pop(name))
 
 
 def backward(run: Run, seeds: dict[str, Any], wrt: tuple[str, ...], outputs: tuple[str, ...],

@@ -13,7 +13,7 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
-from liftir.rule import Elementwise, RuleError, sinhc
+from liftir.rule import Elementwise, RuleError, difference, sinhc
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -73,7 +73,7 @@ def erfc(xp, x):
 
 def _far_ratio(rule, xp, x, x0, ctx, near):
     """Plain (y - y0)/(x - x0) where |dx| >= 1 (no cancellation there), `near` elsewhere."""
-    dx = x - x0
+    dx = difference(xp, x, x0)  # equal infinities (a mask's -inf in both passes) did not move
     far = abs(dx) >= 1
     # y recomputed with f, not read from the forward: see Elementwise.divided_difference
     ratio = (rule.f(xp, x, ctx) - rule.f(xp, x0, ctx)) / xp.where(far, dx, 1)
@@ -247,7 +247,7 @@ class Sigmoid(Elementwise):
         # sigma(x) - sigma(x0) = sinh(dx/2) / (2 cosh(x/2) cosh(x0/2)) has no cancellation; with
         # 4 cosh(x/2) cosh(x0/2) = e^((|x|+|x0|)/2) (1 + e^-|x|)(1 + e^-|x0|) nothing overflows.
         # Used where |dx| < 1; larger steps have no cancellation in the plain ratio.
-        half = xp.clip((x - x0) * 0.5, -0.5, 0.5)
+        half = xp.clip(difference(xp, x, x0) * 0.5, -0.5, 0.5)
         e, e0 = xp.exp(-abs(x)), xp.exp(-abs(x0))
         near = sinhc(xp, half) * xp.exp(-0.5 * (abs(x) + abs(x0))) / ((1 + e) * (1 + e0))
         return _far_ratio(self, xp, x, x0, ctx, near)
@@ -266,7 +266,7 @@ class Tanh(Elementwise):
         # tanh(x) - tanh(x0) = sinh(x - x0) / (cosh(x) cosh(x0)), and
         # cosh(x) cosh(x0) = e^(|x|+|x0|) (1 + e^-2|x|)(1 + e^-2|x0|) / 4
         e, e0 = xp.exp(-2 * abs(x)), xp.exp(-2 * abs(x0))
-        near = (4 * sinhc(xp, xp.clip(x - x0, -1, 1)) * xp.exp(-(abs(x) + abs(x0)))
+        near = (4 * sinhc(xp, xp.clip(difference(xp, x, x0), -1, 1)) * xp.exp(-(abs(x) + abs(x0)))
                 / ((1 + e) * (1 + e0)))
         return _far_ratio(self, xp, x, x0, ctx, near)
 
@@ -342,8 +342,8 @@ class Exp(Elementwise):
     def divided_difference(self, xp, x, x0, ctx):
         # e^x - e^x0 = 2 e^((x+x0)/2) sinh(dx/2): exact for |dx| < 1; beyond, the plain ratio
         # (e^x0 alone could underflow, or overflow in expm1(dx), where the ratio is finite)
-        half = xp.clip((x - x0) * 0.5, -0.5, 0.5)
-        near = xp.exp((x + x0) * 0.5) * sinhc(xp, half)
+        half = xp.clip(difference(xp, x, x0) * 0.5, -0.5, 0.5)
+        near = xp.exp(x * 0.5 + x0 * 0.5) * sinhc(xp, half)  # halves first: finfo.min + finfo.min overflows
         return _far_ratio(self, xp, x, x0, ctx, near)
 
 

@@ -26,7 +26,7 @@ from liftir.kernels.parallel import over_rows
 from liftir.kernels.windows import scatter_to_windows, window_max
 from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError
+from liftir.rule import MODES, Rule, RuleError, difference
 
 from .linear import _Pool, _pool_geometry, _reduce_axes
 
@@ -45,7 +45,7 @@ def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
     else:
         top = xp.maximum(y, y0)
         contrib = scatter(g * (top - y0), g * (y - top))
-    dx = x - x0
+    dx = difference(xp, x, x0)  # a masked -inf in both passes did not move (not NaN)
     nonzero = dx != 0
     if bool(nonzero.all()):
         return contrib / dx

@@ -24,7 +24,7 @@ import numpy as np
 
 from liftir.kernels.scatter import scatter_add
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Linear, Rule, RuleError, unbroadcast
+from liftir.rule import MODES, Linear, Rule, RuleError, difference, unbroadcast
 
 
 def _midpoint_number(ctx, index, dtype):
@@ -72,7 +72,7 @@ class Compare(_Boolean):
         dd = 0
         for i, sign in ((0, 1), (1, -1)):
             if not ctx.is_const(i):
-                dd = dd + sign * (ctx.x(i).astype(dtype) - ctx.x0(i).astype(dtype))
+                dd = dd + sign * difference(xp, ctx.x(i).astype(dtype), ctx.x0(i).astype(dtype))
         dd = xp.broadcast_to(xp.asarray(dd, dtype=dtype), dc.shape)
         changed = dc != 0  # then u - v changed sign (or left 0), so dd != 0
         m = xp.where(changed, dc / xp.where(changed, dd, xp.ones_like(dd)), xp.zeros_like(dc))

@@ -10,11 +10,23 @@ y_i = exp(z_i), z_i = x_i - LSE(x), and uses:
   its gradient) and c = dLSE - sum_k p_k dx_k, so that sum_j m_j dx_j = dLSE exactly.
 This is liftir's rule, not the paper's (the paper gives none for an inner softmax); it
 conserves the difference exactly and reduces to the gradient when dx -> 0.
+
+Attention masks add -inf (TorchScript exports) or finfo.min (dynamo) to the scores. A
+position whose probability is exactly 0 in both passes is masked (or so far below the
+row's maximum that exp underflows): the softmax is flat in it, so its multiplier is 0 and
+it takes no part in the LSE split (there x - x0 is -inf - -inf = NaN, or the rounding of
+finfo.min + score). A position masked in one pass only (a mask that differs between input
+and reference) is refused by node name: with -inf its difference is infinite, which no
+multiplier carries as a finite contribution; with finfo.min the split's terms p dx reach
+~1e37 and would have to cancel to an O(1) change.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from liftir.backend import to_host
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, rescale_multiplier
+from liftir.rule import MODES, Rule, RuleError, difference, rescale_multiplier
 
 
 def _axis(ctx, ndim):
@@ -27,7 +39,8 @@ def _axis(ctx, ndim):
 
 
 def _log_softmax(xp, x, axis):
-    shifted = x - x.max(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
+        shifted = x - x.max(axis=axis, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
@@ -39,9 +52,35 @@ def _lse_difference(xp, x, x0, p0, dx, axis):
 
     def lse(v):
         top = v.max(axis=axis, keepdims=True)
+        top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
         return top + xp.log(xp.exp(v - top).sum(axis=axis, keepdims=True))
 
     return xp.where(near, small, lse(x) - lse(x0))
+
+
+#: the LSE split's terms p dx may cancel to the output's change with this relative loss at most
+_CANCELLATION = 1e-3
+
+
+def _refuse_switched_masks(ctx, xp, dx, p_mid, d_lse, axis):
+    """Refuse a position masked in one pass only (an attention mask that differs between the
+    input and its reference): -inf there leaves no finite multiplier; finfo.min makes the
+    split's terms p dx ~1e37, whose sum must cancel to dLSE = O(1), which no precision
+    survives. Unmasked scores never come near: sum |p dx| <= max |dx|, and a large uniform
+    shift has dLSE as large."""
+    spread = abs(p_mid * dx).sum(axis=axis, keepdims=True)
+    eps = float(np.finfo(dx.dtype).eps)
+    bad = ~(abs(dx) < np.inf).all(axis=axis, keepdims=True) | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
+    if not bool(bad.any()):
+        return
+    step = float(to_host(xp.where(abs(dx) < np.inf, abs(dx), np.inf).max()))  # NaN counts as inf
+    raise RuleError(
+        f"{ctx.node.op_type} node {ctx.node.name!r}: an input position changes by {step:.3g} between the "
+        f"actual and the reference pass while it carries probability in one of them: a position masked "
+        f"(-inf or finfo.min added) in one pass and not the other, e.g. an attention mask that differs "
+        f"between the input and its reference. DeepLIFT's multipliers cannot carry that difference "
+        f"({'infinite' if step == np.inf else f'beyond {dx.dtype} precision'}): give the reference the "
+        f"input's own attention mask (leave that held input out of `baselines`), or use a gradient method")
 
 
 @builtin_rule("Softmax", "LogSoftmax")
@@ -54,6 +93,10 @@ class Softmax(Rule):
         return z if ctx.node.op_type == "LogSoftmax" else ctx.xp.exp(z)
 
     def backward(self, ctx, g):
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-masked rows: NaN, as the forward
+            return self._backward(ctx, g)
+
+    def _backward(self, ctx, g):
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
@@ -67,18 +110,25 @@ class Softmax(Rule):
             x0 = xp.broadcast_to(ctx.x0(0), x.shape)
             z0 = _log_softmax(xp, x0, axis)
             p0 = xp.exp(z0)
-            dx = x - x0
-            d_lse = _lse_difference(xp, x, x0, p0, dx, axis)
+            # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0
+            live = (p > 0) | (p0 > 0)
+            dx = xp.where(live, difference(xp, x, x0), 0)
             p_mid = (p + p0) * 0.5
+            d_lse = _lse_difference(xp, x, x0, p0, dx, axis)
+            _refuse_switched_masks(ctx, xp, dx, p_mid, d_lse, axis)
             # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
             # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
             approx = (p_mid * dx).sum(axis=axis, keepdims=True)
             norm2 = (dx * dx).sum(axis=axis, keepdims=True)
             weights = p_mid + (d_lse - approx) * dx / xp.where(norm2 > 0, norm2, 1)
+            weights = xp.where(live, weights, 0)
             if log:
-                r = xp.ones_like(p)
+                r = live.astype(p.dtype)  # masked outputs are -inf in both passes: no difference
             else:
-                r = rescale_multiplier(xp, z, z0, p, p0, xp.exp, piecewise_linear=False)
+                r = rescale_multiplier(xp, xp.where(live, z, 0), xp.where(live, z0, 0), p, p0, xp.exp,
+                                       piecewise_linear=False)
+                r = xp.where(live, r, 0)
         gr = g * r
-        return (gr - weights * gr.sum(axis=axis + 1, keepdims=True),)
+        out = gr - weights * gr.sum(axis=axis + 1, keepdims=True)
+        return (xp.where(live, out, 0) if ctx.mode == "deeplift" else out,)

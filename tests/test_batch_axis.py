@@ -62,3 +62,41 @@ def test_row_helpers_agree_with_an_explicit_per_sample_view(loc, shape):
     np.testing.assert_array_equal(rep.reshape(2 * N, -1), np.repeat(per_sample.reshape(N, -1), 2, axis=0))
     til = samples_first(np, tile_rows(np, x, loc, 2), loc)
     np.testing.assert_array_equal(til.reshape(2 * N, -1), np.tile(per_sample.reshape(N, -1), (2, 1)))
+
+
+def test_tensors_read_for_their_type_only_hold_no_samples():
+    """CastLike(constant, x) and what is computed from it alone hold no samples: `locate`
+    gives them no location and lists them as batch-free (the scheduler keeps them as
+    constants of the run; a (1,) zero was once sliced as if it held the batch)."""
+    nodes = [_node("CastLike", ["zero", "x"], ["z"], name="like"), _node("Neg", ["z"], ["nz"], name="neg"),
+             _node("Where", ["c", "nz", "x"], ["y"], name="pick")]
+    shapes = {"x": (N, E), "z": (1,), "nz": (1,), "c": (N, E), "y": (N, E)}
+    free: set[str] = set()
+    locs = locate(nodes, {"x": None, "c": None}, lambda t: shapes.get(t), lambda t: None, N,
+                  lambda n: (1,) if n.op_type == "CastLike" else (), batch_free=free)
+    assert free == {"z", "nz"} and "z" not in locs and locs["y"] == AXIS0
+
+
+def test_deeplift_through_where_with_a_castlike_constant_branch():
+    """End to end: Where(x > 0, CastLike(0, x), x) conserves against onnxruntime."""
+    import onnxruntime
+    from onnx import TensorProto, numpy_helper
+
+    import liftir
+    nodes = [helper.make_node("CastLike", ["zero", "x"], ["z"]),
+             helper.make_node("Greater", ["x", "zero"], ["c"]),
+             helper.make_node("Where", ["c", "z", "x"], ["neg"]),
+             helper.make_node("MatMul", ["neg", "w"], ["y"])]
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", E])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+                               numpy_helper.from_array(rng.standard_normal((E, 2)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((N, E)).astype(np.float32)
+    x0 = 0.3 * rng.standard_normal((1, E)).astype(np.float32)
+    sess = onnxruntime.InferenceSession(model.SerializeToString())
+    diff = sess.run(None, {"x": x})[0][:, 1] - sess.run(None, {"x": x0})[0][0, 1]
+    attr, delta = liftir.Explainer(model).attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.abs(attr.sum(1) - diff).max() <= 1e-5 * (1 + np.abs(diff).max())
+    assert np.abs(delta).max() <= 1e-5 * (1 + np.abs(diff).max())

@@ -74,12 +74,15 @@ SPECS = {
     "SwiGLU": ([(3, 4, 6), (3, 4, 6)], {"alpha": 1.2}, 28, (3, 4, 6)),
     "CenterCropPad": ([(3, 4, 6), c(3, 8, dtype=np.int64)], {"axes": [1, 2]}, 18),
     "AffineGrid": ([(3, 2, 3), c(3, 1, 4, 5, dtype=np.int64)], {}, 20),
+    # scaled dot-product attention, Q K V of (N, heads, L, d); causal; an additive -inf mask
+    # with a padded key and a fully masked query row (the body's Where(RowAllMasked, 0, softmax))
+    "Attention": ([(3, 2, 4, 5), (3, 2, 4, 5), (3, 2, 4, 5)], {}, 23, (3, 2, 4, 5)),
+    "Attention_causal": ([(3, 2, 4, 5), (3, 2, 4, 5), (3, 2, 4, 5)], {"is_causal": 1}, 23, (3, 2, 4, 5)),
+    "Attention_mask": ([(3, 2, 4, 5), (3, 2, 4, 5), (3, 2, 4, 5),
+                        np.where([[1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]], 0, -np.inf)
+                        .astype(np.float32)], {}, 23, (3, 2, 4, 5)),
 }
 NO_SPEC = {
-    # its body's Where(IsNaN(softmax), 0, softmax) meets a static zero of shape (1,) whose
-    # per-row shape the batch-axis tracking reports as (3,): the backward's unbroadcast fails
-    # (known bug, open in issue 9's attention item)
-    "Attention": "known bug: batch-axis shape of a static Where branch inside the body",
     "Bernoulli": "random: no attribution",
     "BlackmanWindow": "a constant window from an integer size: nothing to attribute",
     "HammingWindow": "a constant window from an integer size: nothing to attribute",

@@ -8,42 +8,21 @@ over reference id sets: checked against its own definition, and it conserves.
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import onnx
 import pytest
 
 import liftir
 
 torch = pytest.importorskip("torch")
 captum_attr = pytest.importorskip("captum.attr")
+pytest.importorskip("transformers")
 
-
-class _BagOfEmbeddings(torch.nn.Module):
-    """ids -> embedding -> mean over tokens -> MLP: a text classifier in a few ops."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.emb = torch.nn.Embedding(20, 6)
-        self.fc1, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, ids):
-        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(dim=1))))
+import zoo_transformers as zt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bag():
-    model = _BagOfEmbeddings().eval()
-    buf = io.BytesIO()
-    torch.onnx.export(model, (torch.zeros(2, 5, dtype=torch.int64),), buf, dynamo=False, opset_version=17,
-                      input_names=["ids"], output_names=["logits"],
-                      dynamic_axes={"ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}})
-    return model, onnx.load_from_string(buf.getvalue())
+    return zt.bag_of_embeddings()
 
 
 def test_integrated_gradients_on_ids_equal_captum_layer_integrated_gradients(bag):
@@ -53,7 +32,7 @@ def test_integrated_gradients_on_ids_equal_captum_layer_integrated_gradients(bag
     ex = liftir.Explainer(proto, "integrated_gradients", precision="float64")
     ours, delta = ex.attribute(ids, baselines=pad, target=2, n_steps=24, return_convergence_delta=True)
     assert list(ours) == ex.attributed and ours[ex.attributed[0]].shape == (4, 5, 6)
-    double = _BagOfEmbeddings().double().eval()
+    double = zt.BagOfEmbeddings().double().eval()
     double.load_state_dict(model.state_dict())
     lig = captum_attr.LayerIntegratedGradients(double, double.emb)
     theirs, their_delta = lig.attribute(torch.tensor(ids), baselines=torch.tensor(np.repeat(pad, 4, 0)), target=2,
@@ -82,7 +61,6 @@ def test_deeplift_shap_on_ids_is_the_mean_of_deeplift_over_reference_id_sets(bag
 
 
 def test_integrated_gradients_on_bert_ids_equal_captum_at_the_word_embeddings():
-    import zoo_transformers as zt
     model = zt.build("bert").eval()
     proto = zt.export(model, zt.MODELS["bert"], "ts17")
     ids, mask = zt.MODELS["bert"].inputs(2, seed=3)

@@ -5,7 +5,7 @@ transformers' BERT and GPT-2), with configurations small enough that an export t
 second and a forward milliseconds. Nothing is downloaded: every weight is drawn from a
 seeded generator. These exports are where the batch axis leaves axis 0 (attention's
 (L, N, E) layout, timm's qkv permute, Swin's window partition, GPT-2's (N*T, E)
-flattening) and where inputs are token ids (BERT, GPT-2).
+flattening) and where inputs are token ids (BERT, GPT-2, Llama).
 
 timm must be installed with ``pip install --no-deps timm`` (its torchvision dependency
 needs a newer CUDA torch than the pinned CPU one); ``vision_shim.install()`` stands in
@@ -128,6 +128,50 @@ class GPT2NextToken(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, -1]
 
 
+class LlamaNextToken(nn.Module):
+    """transformers' LlamaForCausalLM (rotary position embeddings, grouped-query attention,
+    RMSNorm, SiLU gates, causal mask): the logits of the token after the last one."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                             attention_dropout=0.0)
+        self.model = LlamaForCausalLM(config)
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, -1]
+
+
+class BagOfEmbeddings(nn.Module):
+    """A text classifier with DeepLIFT rules for every op: ids -> embedding -> mean -> MLP."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Embedding(20, 6)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(dim=1))))
+
+
+def bag_of_embeddings() -> tuple[nn.Module, onnx.ModelProto]:
+    """The bag-of-embeddings classifier and its TorchScript export (ids (batch, seq) -> logits)."""
+    model = BagOfEmbeddings().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 5, dtype=torch.int64),), buf, dynamo=False, opset_version=17,
+                          input_names=["ids"], output_names=["logits"],
+                          dynamic_axes={"ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}})
+    return model, onnx.load_from_string(buf.getvalue())
+
+
 @dataclass(frozen=True)
 class Spec:
     build: Callable[[], nn.Module]
@@ -154,6 +198,7 @@ MODELS: dict[str, Spec] = {
     "vit": Spec(vit), "deit": Spec(deit), "convnext": Spec(convnext), "mixer": Spec(mixer),
     "swin": Spec(swin), "torch_mha": Spec(TorchMHA),
     "bert": Spec(BertClassifier, text=True), "gpt2": Spec(GPT2NextToken, text=True),
+    "llama": Spec(LlamaNextToken, text=True),
 }
 
 

@@ -1,0 +1,238 @@
+"""The inner Softmax rule on masked scores (attention masks: -inf or finfo.min added).
+
+Anchors: a float64 hand-written implementation of the rule's math on the unmasked
+positions only (a masked position is one whose probability is 0 in both passes: the
+softmax is flat in it), onnxruntime's forward for summation-to-delta on a graph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import liftir
+from liftir.errors import RuleError
+from liftir.rule import difference
+from liftir.rules.softmax import Softmax
+
+F32_MIN = float(np.finfo(np.float32).min)
+
+
+class _Node:
+    name, opset = "attention_softmax", 17
+
+    def __init__(self, op_type):
+        self.op_type = op_type
+
+
+class _Ctx:
+    """What Softmax.backward reads: the actual and reference rows of its one input."""
+
+    xp, mode = np, "deeplift"
+
+    def __init__(self, x, x0, op_type="Softmax"):
+        self.node, self._x, self._x0 = _Node(op_type), x, x0
+
+    def attr(self, name, default=None):
+        return default
+
+    def x(self, index=0):
+        return self._x
+
+    def x0(self, index=0):
+        return self._x0
+
+
+def _hand_multipliers(x, x0, log=False):
+    """M[i, j] = r_i (delta_ij - w_j) for one row, float64: the rule's math written out
+    (exp-Rescale r, trapezoid weights p' plus the least-norm correction along dx)."""
+    x, x0 = np.asarray(x, np.float64), np.asarray(x0, np.float64)
+    lse, lse0 = (v.max() + np.log(np.exp(v - v.max()).sum()) for v in (x, x0))
+    p, p0 = np.exp(x - lse), np.exp(x0 - lse0)
+    dx = x - x0
+    mid = (p + p0) / 2
+    w = mid + (lse - lse0 - mid @ dx) * dx / (dx @ dx)
+    dz = dx - (lse - lse0)
+    r = np.ones_like(p) if log else (p - p0) / dz
+    return r[:, None] * (np.eye(len(x)) - w[None, :])
+
+
+def _rule_multipliers(x, x0, op_type="Softmax"):
+    """The rule's M for each row: output multipliers e_i, one target per output position."""
+    x, x0 = np.asarray(x), np.asarray(x0)
+    n = x.shape[-1]
+    g = np.ascontiguousarray(np.broadcast_to(np.eye(n, dtype=x.dtype)[:, None, :], (n,) + x.shape))
+    (m,) = Softmax().backward(_Ctx(x, x0, op_type), g)  # m[i, row, j] = M_row[i, j]
+    return np.moveaxis(m, 0, 1)  # (rows, i, j)
+
+
+SCORES = np.array([[0.7, -1.3, 0.2, 1.9, -0.4, 0.5], [1.1, 0.3, -0.8, 0.0, 2.2, -1.5]])
+SCORES0 = np.array([[0.1, 0.4, -0.2, 0.6, 0.3, -0.1], [-0.5, 0.9, 0.2, -0.3, 0.7, 0.4]])
+LIVE = np.array([[1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 0, 0]], bool)
+
+
+@pytest.mark.parametrize("op_type", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("mask_value", [-np.inf, F32_MIN])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_masked_positions_get_no_multiplier_and_the_rest_is_the_unmasked_rule(op_type, mask_value, dtype):
+    mask = np.where(LIVE, 0.0, mask_value)
+    x, x0 = (SCORES + mask).astype(dtype), (SCORES0 + mask).astype(dtype)
+    got = _rule_multipliers(x, x0, op_type)
+    assert np.isfinite(got).all()
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for row in range(len(x)):
+        live = LIVE[row]
+        want = _hand_multipliers(SCORES[row, live], SCORES0[row, live], log=op_type == "LogSoftmax")
+        block = got[row][np.ix_(live, live)]
+        assert np.abs(block - want).max() <= tol * np.abs(want).max()
+        assert not got[row][:, ~live].any() and not got[row][~live].any()  # masked: exactly 0
+        # summation-to-delta on every live output: sum_j M_ij dx_j = dy_i
+        z = SCORES[row, live] - np.log(np.exp(SCORES[row, live]).sum())
+        z0 = SCORES0[row, live] - np.log(np.exp(SCORES0[row, live]).sum())
+        dy = (z - z0) if op_type == "LogSoftmax" else np.exp(z) - np.exp(z0)
+        assert np.abs(block.astype(np.float64) @ (SCORES[row, live] - SCORES0[row, live]) - dy).max() <= tol
+
+
+def test_an_all_masked_row_gives_zeros_not_nan():
+    x = np.array([[-np.inf] * 4, [0.3, -np.inf, 1.0, 0.2]])
+    x0 = np.array([[-np.inf] * 4, [0.1, -np.inf, 0.5, 0.9]])
+    got = _rule_multipliers(x, x0)
+    assert np.isfinite(got).all() and not got[0].any()
+
+
+@pytest.mark.parametrize("mask_value", [-np.inf, F32_MIN])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_mask_that_differs_between_the_passes_is_refused_by_node_name(mask_value, dtype):
+    x = np.array([[0.3, mask_value, 1.0]], dtype)
+    x0 = np.array([[0.1, 0.4, 0.5]], dtype)
+    with pytest.raises(RuleError, match="attention_softmax.*attention mask that differs"):
+        _rule_multipliers(x, x0)
+
+
+def test_large_unmasked_steps_are_not_mistaken_for_masks():
+    """Steps of 50 keep the rule; so does a uniform shift of 1e5 (dLSE is as large: the
+    softmax does not change, and the multipliers carry no difference)."""
+    x0 = np.array([[0.1, 0.4, 0.5, -0.2]])
+    x = x0 + np.array([[50.0, -50.0, 3.0, 0.0]])
+    want = _hand_multipliers(x[0], x0[0])
+    assert np.isfinite(want).all()
+    assert np.abs(_rule_multipliers(x, x0)[0] - want).max() <= 1e-9 * np.abs(want).max()
+    shifted = _rule_multipliers(x0 + 1e5, x0)
+    assert np.isfinite(shifted).all() and np.abs(shifted[0] @ np.full(4, 1e5)).max() <= 1e-9
+
+
+def test_difference_of_equal_infinities_is_zero():
+    a = np.array([-np.inf, np.inf, 2.0, -np.inf, F32_MIN], np.float32)
+    b = np.array([-np.inf, np.inf, 0.5, 1.0, F32_MIN], np.float32)
+    np.testing.assert_array_equal(difference(np, a, b), [0, 0, 1.5, -np.inf, 0])
+
+
+def _masked_attention_graph(mask_value):
+    """x (N, 4, 6) -> scores + a constant causal-and-padding mask -> softmax -> @ v -> head."""
+    rng = np.random.default_rng(0)
+    live = np.tril(np.ones((4, 6), bool), k=2)
+    live[:, 5] = False  # a padded key
+    mask = np.where(live, 0.0, mask_value).astype(np.float32)
+    inits = [numpy_helper.from_array(mask, "mask"),
+             numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), "wv"),
+             numpy_helper.from_array(rng.standard_normal((24, 3)).astype(np.float32), "head"),
+             numpy_helper.from_array(np.array([-1, 24], np.int64), "flat")]
+    nodes = [helper.make_node("Add", ["x", "mask"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["a"], axis=-1),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("Mul", ["a", "v"], ["av"]),
+             helper.make_node("Reshape", ["av", "flat"], ["h"]),
+             helper.make_node("MatMul", ["h", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mask_value", [-np.inf, F32_MIN])
+def test_deeplift_conserves_through_a_masked_softmax_against_onnxruntime(mask_value):
+    model = _masked_attention_graph(mask_value)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    x0 = 0.2 * rng.standard_normal((1, 4, 6)).astype(np.float32)
+    sess = onnxruntime.InferenceSession(model.SerializeToString())
+    diff = sess.run(None, {"x": x})[0][:, 1] - sess.run(None, {"x": x0})[0][0, 1]
+    attr, delta = liftir.Explainer(model).attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.isfinite(attr).all()
+    assert np.abs(attr.reshape(3, -1).sum(1) - diff).max() <= 1e-4 * np.abs(diff).max()
+    attr64, delta64 = liftir.Explainer(model, precision="float64").attribute(
+        x.astype(np.float64), baselines=x0.astype(np.float64), target=1, return_convergence_delta=True)
+    assert np.isfinite(attr64).all() and np.abs(delta64).max() <= 1e-9 * np.abs(diff).max()
+
+
+def _decomposed_softmax_graph(mask_value):
+    """softmax written out, as custom attention code exports it: exp(s - max s) / sum, with
+    the mask added first; -inf (or finfo.min) then flows through ReduceMax, Sub and Exp."""
+    rng = np.random.default_rng(2)
+    live = np.tril(np.ones((4, 6), bool), k=2)
+    live[:, 5] = False
+    inits = [numpy_helper.from_array(np.where(live, 0.0, mask_value).astype(np.float32), "mask"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(rng.standard_normal((24, 3)).astype(np.float32), "head"),
+             numpy_helper.from_array(np.array([-1, 24], np.int64), "flat")]
+    nodes = [helper.make_node("Add", ["x", "mask"], ["s"]),
+             helper.make_node("ReduceMax", ["s", "last"], ["top"], keepdims=1),
+             helper.make_node("Sub", ["s", "top"], ["shifted"]),
+             helper.make_node("Exp", ["shifted"], ["e"]),
+             helper.make_node("ReduceSum", ["e", "last"], ["total"], keepdims=1),
+             helper.make_node("Div", ["e", "total"], ["a"]),
+             helper.make_node("Mul", ["a", "x"], ["ax"]),
+             helper.make_node("Reshape", ["ax", "flat"], ["h"]),
+             helper.make_node("MatMul", ["h", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "decomposed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("mask_value", [-np.inf, F32_MIN])
+def test_deeplift_conserves_through_a_written_out_masked_softmax(mask_value):
+    """Rescale (Exp), the max rule and Div see -inf in both passes: dx = 0 there, not NaN."""
+    model = _decomposed_softmax_graph(mask_value)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    x0 = 0.2 * rng.standard_normal((1, 4, 6)).astype(np.float32)
+    sess = onnxruntime.InferenceSession(model.SerializeToString())
+    diff = sess.run(None, {"x": x})[0][:, 1] - sess.run(None, {"x": x0})[0][0, 1]
+    attr, delta = liftir.Explainer(model).attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    assert np.isfinite(attr).all()
+    assert np.abs(attr.reshape(3, -1).sum(1) - diff).max() <= 1e-4 * np.abs(diff).max()
+    _, delta64 = liftir.Explainer(model, precision="float64").attribute(
+        x.astype(np.float64), baselines=x0.astype(np.float64), target=1, return_convergence_delta=True)
+    assert np.abs(delta64).max() <= 1e-9 * np.abs(diff).max()
+
+
+def test_rescale_of_an_input_at_minus_inf_in_both_passes_is_finite():
+    """Exp, Sigmoid, Tanh at x = x0 = -inf (or finfo.min): the multiplier is the slope there,
+    0, never NaN; elsewhere the divided difference (float64 by hand)."""
+    from liftir.registry import lookup
+    x = np.array([[-np.inf, 0.3, F32_MIN, -2.0]])
+    x0 = np.array([[-np.inf, -0.4, F32_MIN, 1.0]])
+    for op, f in (("Exp", np.exp), ("Sigmoid", lambda v: 1 / (1 + np.exp(-v))), ("Tanh", np.tanh)):
+        with np.errstate(over="ignore"):
+            m = lookup(op).divided_difference(np, x, x0, _Ctx(x, x0))
+        assert np.isfinite(m).all(), op
+        live = [1, 3]
+        want = (f(x[0, live]) - f(x0[0, live])) / (x[0, live] - x0[0, live])
+        np.testing.assert_allclose(m[0, live], want, rtol=1e-12)
+        assert not m[0, [0, 2]].any()  # each slope vanishes at -inf (and at finfo.min)
+
+
+def test_masked_softmax_on_the_cupy_side_code_path():
+    """The same masked graph through a stand-in array module with CuPy's functions only
+    (tests/test_array_api_subset.py): equal to NumPy's result, no NumPy-only call."""
+    from test_array_api_subset import subset_module
+    model = _masked_attention_graph(-np.inf)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    x0 = 0.2 * rng.standard_normal((1, 4, 6)).astype(np.float32)
+    want = liftir.Explainer(model).attribute(x, baselines=x0, target=0)
+    ex = liftir.Explainer(model)
+    ex.xp = subset_module()
+    got, delta = ex.attribute(x, baselines=x0, target=0, return_convergence_delta=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.abs(delta).max() <= 1e-5
