@@ -46,6 +46,7 @@ class CompiledPass:
     batch: dict
     n_actual: int
     n_ref: int
+    seed_dtype: np.dtype = np.dtype(np.float32)
     session: object = None
 
     def start(self):
@@ -136,4 +137,5 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
                           initializers + rec.initializers),
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="liftir")
     model.ir_version = min(model.ir_version, 10)
-    return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref)
+    return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref,
+                        np.dtype(seed.dtype))
