@@ -75,6 +75,26 @@ def _standard(node) -> None:
         raise TraceError(f"node {node.name!r} ({node.op_type}) holds subgraphs")
 
 
+def _listing(failures: list[str]) -> str:
+    return f"{len(failures)} node(s) cannot be compiled:\n" + "\n".join(f"  - {f}" for f in failures)
+
+
+def _recording_failures(rec: Recorder, failures: list[str]):
+    """A node_backward that notes a rule's TraceError by node and goes on with zero
+    multipliers, so that one compile attempt lists every node that does not compile."""
+    def node_backward(rule, ctx, grad_outs):
+        try:
+            return rule.backward(ctx, *grad_outs)
+        except TraceError as exc:
+            node = ctx.node
+            failures.append(f"node {node.name!r} ({node.op_type}, rule {type(rule).__name__}): {exc}")
+            k = next(g for g in grad_outs if g is not None).shape[0]
+            return tuple(None if not name or ctx.is_const(i) else
+                         tracer.zeros((k,) + ctx.input_shape(i), np.float32)
+                         for i, name in enumerate(node.inputs))
+    return node_backward
+
+
 def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
                  explained: str, wrt: tuple[str, ...], k: int, options: dict) -> CompiledPass:
     """Trace one pass for these feed shapes (values are irrelevant: only shapes are read).
@@ -88,8 +108,14 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         if v.dtype.kind == "f" and v.dtype != np.float32:
             raise TraceError(f"inputs of dtype {v.dtype} (the compiled engine runs float32 models)")
     order = [n for n in plan.order_for((explained,)) if n not in plan.static]
+    failures = []
     for name in order:
-        _standard(graph.nodes[name])
+        try:
+            _standard(graph.nodes[name])
+        except TraceError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise TraceError(_listing(failures))
     if plan.held:
         raise TraceError("integer inputs (held embeddings) are not compiled yet")
     # shapes, dtypes, static values and where the samples are: one forward of the interpreter
@@ -103,7 +129,10 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
             run.values[name] = Traced(rec, name, value.shape, value.dtype)
         seed_shape = (k,) + probe.loc(explained).resized(tuple(probe.values[explained].shape), n_actual)
         seed = Traced(rec, SEED, seed_shape, probe.values[explained].dtype)
-        grads = scheduler.backward(run, {explained: seed}, wrt, (explained,))
+        grads = scheduler.backward(run, {explained: seed}, wrt, (explained,),
+                                   node_backward=_recording_failures(rec, failures))
+        if failures:
+            raise TraceError(_listing(failures))
         outputs, multipliers = [], {}
         for w in wrt:
             g = grads.get(w)

@@ -1,0 +1,214 @@
+"""The compiled engine (liftir/compile) against the interpreter it is traced from.
+
+The compiled graph is the interpreter's own rules recorded as ONNX, so on every model it
+must give the interpreter's numbers (to 1e-6 relative; they are usually bit for bit the
+same), with summation-to-delta holding, and whatever it cannot record must run on the
+interpreter, said in a log line, never a silently different answer.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import liftir
+from liftir.compile import tracer
+from onnx_builders import model
+
+METHODS = [("deeplift", "cross_max"), ("deeplift", "paper"), ("saliency", "cross_max"),
+           ("input_x_gradient", "cross_max"), ("guided_backprop", "cross_max"), ("deconvnet", "cross_max")]
+REL = 1e-6
+
+
+def _both(m, method, max_rule, x, x0, target, **kwargs):
+    interp = liftir.Explainer(m, method, max_rule=max_rule, **kwargs)
+    comp = liftir.Explainer(m, method, max_rule=max_rule, engine="compiled", **kwargs)
+    a = interp.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+    b = comp.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+    assert comp._compiled.passes and all(p is not None for p in comp._compiled.passes.values()), \
+        comp._compiled.reasons
+    return interp, comp, a, b
+
+
+def _assert_same(a, b):
+    (ra, da), (rb, db) = a, b
+    scale = max(float(np.abs(ra).max()), 1e-30)
+    assert float(np.abs(ra - rb).max()) <= REL * scale
+    if da is not None:
+        assert np.abs(da - db).max() <= REL * max(1.0, scale)
+
+
+def _assert_conserves(ex, x, x0, delta):
+    """|sum of attributions - (f(x) - f(x0))| within float32 round-off of the outputs."""
+    scale = max(1.0, float(np.abs(ex.predict(x)).max()), float(np.abs(ex.predict(x0.reshape((-1,) + x.shape[1:]))).max()))
+    assert np.abs(delta).max() <= 1e-4 * scale
+
+
+# ---- the benchmark models, small ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo_models():
+    zoo = pytest.importorskip("zoo")
+    out = {}
+    for name, kwargs, batch in [("all_conv", {"width": 8}, 2), ("vgg_maxpool", {}, 2), ("residual_bn", {}, 3),
+                                ("mlp_relu_sigmoid_tanh", {}, 5), ("maxpool_relu_adjacent", {}, 3)]:
+        net = zoo.build(name, **kwargs)
+        proto = zoo.export(net, zoo.make_input(name, 2), None, dynamo=False)
+        x = zoo.make_input(name, batch, seed=1).numpy()
+        x0 = (np.random.default_rng(7).standard_normal(x.shape[1:]) * 0.1).astype(np.float32)
+        out[name] = (proto, x, x0)
+    return out
+
+
+@pytest.mark.parametrize("name", ["all_conv", "vgg_maxpool", "residual_bn", "mlp_relu_sigmoid_tanh",
+                                  "maxpool_relu_adjacent"])
+def test_compiled_equals_interpreter_on_benchmark_models(zoo_models, name):
+    proto, x, x0 = zoo_models[name]
+    methods = METHODS if name != "vgg_maxpool" else METHODS[:3]  # the biggest graph: fewer methods
+    for method, max_rule in methods:
+        interp, comp, a, b = _both(proto, method, max_rule, x, x0, 1)
+        _assert_same(a, b)
+        if method == "deeplift":
+            _assert_conserves(comp, x, x0, b[1])
+
+
+# ---- random graphs (fuzzer style) --------------------------------------------------------
+def _random_net(rng):
+    """A random conv net: random layers, a random residual, random pools and activations."""
+    c, size = int(rng.integers(2, 4)), int(rng.integers(6, 10))
+    nodes, consts = [], {}
+    cur, shape = "x", (c, size, size)
+    same_shape = {shape: ["x"]}
+
+    def name(prefix):
+        return f"{prefix}{len(nodes)}"
+
+    def add_const(value):
+        n = f"w{len(consts)}"
+        consts[n] = value.astype(np.float32)
+        return n
+
+    for _ in range(int(rng.integers(3, 7))):
+        kind = rng.choice(["conv", "conv_s2", "relu", "sigmoid", "tanh", "maxpool", "maxpool_overlap",
+                           "avgpool", "bn", "residual"])
+        ch, h, _w = shape
+        out = name("t")
+        if kind in ("conv", "conv_s2"):
+            m = int(rng.integers(2, 5))
+            stride = 2 if kind == "conv_s2" and h >= 4 else 1
+            wn = add_const(rng.standard_normal((m, ch, 3, 3)) * 0.5)
+            bn_ = add_const(rng.standard_normal(m) * 0.1)
+            nodes.append(helper.make_node("Conv", [cur, wn, bn_], [out], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                          strides=[stride, stride]))
+            shape = (m, (h - 1) // stride + 1, (h - 1) // stride + 1)
+        elif kind in ("relu", "sigmoid", "tanh"):
+            nodes.append(helper.make_node(kind.capitalize(), [cur], [out]))
+        elif kind == "maxpool" and h >= 4:
+            nodes.append(helper.make_node("MaxPool", [cur], [out], kernel_shape=[2, 2], strides=[2, 2]))
+            shape = (ch, h // 2, h // 2)
+        elif kind == "maxpool_overlap":
+            nodes.append(helper.make_node("MaxPool", [cur], [out], kernel_shape=[3, 3], strides=[1, 1],
+                                          pads=[1, 1, 1, 1]))
+        elif kind == "avgpool":
+            nodes.append(helper.make_node("AveragePool", [cur], [out], kernel_shape=[3, 3], strides=[1, 1],
+                                          pads=[1, 1, 1, 1], count_include_pad=int(rng.integers(0, 2))))
+        elif kind == "bn":
+            params = [add_const(rng.uniform(0.5, 1.5, ch)), add_const(rng.standard_normal(ch) * 0.1),
+                      add_const(rng.standard_normal(ch) * 0.1), add_const(rng.uniform(0.5, 2, ch))]
+            nodes.append(helper.make_node("BatchNormalization", [cur] + params, [out]))
+        elif kind == "residual" and len(same_shape.get(shape, [])) > 0:
+            nodes.append(helper.make_node("Add", [cur, str(rng.choice(same_shape[shape]))], [out]))
+        else:
+            continue
+        cur = out
+        same_shape.setdefault(shape, []).append(cur)
+    ch, h, _w = shape
+    pooled = name("g")
+    if rng.integers(0, 2):
+        nodes.append(helper.make_node("GlobalAveragePool", [cur], [pooled]))
+        nodes.append(helper.make_node("Flatten", [pooled], [name("f")]))
+        features = ch
+    else:
+        nodes.append(helper.make_node("Flatten", [cur], [name("f")]))
+        features = ch * h * h
+    flat = nodes[-1].output[0]
+    wn = add_const(rng.standard_normal((4, features)) * 0.5)
+    bn_ = add_const(rng.standard_normal(4) * 0.1)
+    nodes.append(helper.make_node("Gemm", [flat, wn, bn_], ["y"], transB=1))
+    return model(nodes, {"x": (None, c, size, size)}, ["y"], consts), (c, size, size)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_equals_interpreter_on_random_graphs(seed):
+    rng = np.random.default_rng(100 + seed)
+    m, shape = _random_net(rng)
+    x = rng.standard_normal((3,) + shape).astype(np.float32)
+    x0 = (rng.standard_normal((1,) + shape) * 0.3).astype(np.float32)
+    for method, max_rule in METHODS:
+        interp, comp, a, b = _both(m, method, max_rule, x, x0, int(rng.integers(0, 4)))
+        _assert_same(a, b)
+        if method == "deeplift":
+            _assert_conserves(comp, x, x0, b[1])
+
+
+# ---- caching ------------------------------------------------------------------------------
+def test_one_compiled_pass_serves_every_target_of_a_batch_shape():
+    rng = np.random.default_rng(3)
+    m, shape = _random_net(rng)
+    ex = liftir.Explainer(m, "deeplift", engine="compiled")
+    ref = liftir.Explainer(m, "deeplift")
+    x = rng.standard_normal((4,) + shape).astype(np.float32)
+    for target in (0, 3, [0, 1, 2, 3]):
+        _assert_same((ref.attribute(x, target=target), None), (ex.attribute(x, target=target), None))
+    assert len(ex._compiled.passes) == 1  # the seed is an input of the graph
+    ex.attribute(x[:2], target=1)
+    assert len(ex._compiled.passes) == 2  # a new batch shape compiles once more
+    _assert_same((ref.attribute(x, target="all"), None), (ex.attribute(x, target="all"), None))
+
+
+# ---- what does not compile runs on the interpreter, and says so ----------------------------
+def test_an_untraceable_rule_falls_back_to_the_interpreter_with_the_node_named(caplog):
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((6, 3)) * 0.5).astype(np.float32)
+    w2 = (rng.standard_normal((2, 6)) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="dense1"),
+             helper.make_node("Softplus", ["h"], ["s"], name="soft"),  # logaddexp: no exact ONNX op
+             helper.make_node("Gemm", ["s", "w2"], ["y"], transB=1, name="dense2")]
+    m = model(nodes, {"x": (None, 3)}, ["y"], {"w1": w1, "w2": w2})
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="liftir"):
+        ex = liftir.Explainer(m, "deeplift", engine="compiled")
+        got, delta = ex.attribute(x, target=1, return_convergence_delta=True)
+    want = liftir.Explainer(m, "deeplift").attribute(x, target=1)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(delta).max() < 1e-5
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "cannot compile" in message and "'soft'" in message and "logaddexp" in message
+    assert "interpreter runs it instead" in message
+    assert list(ex._compiled.passes.values()) == [None]
+
+
+def test_methods_not_compiled_yet_run_on_the_interpreter(caplog):
+    rng = np.random.default_rng(6)
+    m, shape = _random_net(rng)
+    x = rng.standard_normal((2,) + shape).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="liftir"):
+        ex = liftir.Explainer(m, "integrated_gradients", engine="compiled")
+    assert "not compiled yet" in caplog.text
+    np.testing.assert_array_equal(ex.attribute(x, target=0, n_steps=4),
+                                  liftir.Explainer(m, "integrated_gradients").attribute(x, target=0, n_steps=4))
+
+
+def test_tracer_refuses_what_it_cannot_record():
+    rec = tracer.Recorder(17)
+    t = tracer.Traced(rec, "a", (2, 3), np.float32)
+    with pytest.raises(tracer.TraceError, match="Python branch"):
+        bool(t > 0)
+    with pytest.raises(tracer.TraceError, match="converted to NumPy"):
+        np.asarray(t)
+    assert bool(t.any()) and not bool(t.all())  # the branches that handle every element
+    view = t[:, :2]
+    t[:, 2:] = 0.0  # the base written elsewhere: the old view is stale
+    with pytest.raises(tracer.TraceError, match="view was read"):
+        view + 1
