@@ -550,6 +550,25 @@ class Explainer:
             return result, delta
         return result
 
+    def compile(self, path=None, *, batch_size: int = 1, target=None, output: str | None = None):
+        """The explainer as a standalone ONNX model (onnx.ModelProto), also written to `path`.
+
+        It runs in any onnxruntime (or other ONNX runtime) without liftir: inputs are the
+        model's inputs with the batch fixed to `batch_size` and, for reference methods, one
+        baseline row per input (`NAME_baseline`); outputs `NAME_attribution` per input (what
+        `attribute(x, baselines, target)` returns) and, for DeepLIFT, `delta`. `target` is
+        fixed in the model (any form `attribute` takes, for batches of `batch_size`).
+        README, "The compiled engine".
+        """
+        from .compile.export import export  # noqa: PLC0415 - onnx graph building, on demand
+
+        model = export(self, batch_size, target, output)
+        if path is not None:
+            import onnx  # noqa: PLC0415
+
+            onnx.save(model, str(path))
+        return model
+
     def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
         name = self.method.name
         if not isinstance(multiply_by_inputs, bool):
