@@ -230,9 +230,13 @@ def test_tracer_refuses_what_it_cannot_record():
         np.asarray(t)
     assert bool(t.any()) and not bool(t.all())  # the branches that handle every element
     view = t[:, :2]
-    t[:, 2:] = 0.0  # the base written elsewhere: the old view is stale
+    view + 1  # read: its value is now recorded
+    t[:, 2:] = 0.0  # the base written elsewhere: NumPy's view would see it, the recorded one not
     with pytest.raises(tracer.TraceError, match="view was read"):
         view + 1
+    lazy = t[:, 1:]  # not read before the write: it reads the base as it is when read
+    t[:, :1] = 1.0
+    assert (lazy + 1).shape == (2, 2)
 
 
 # ---- export: the explainer as a standalone ONNX model ---------------------------------------

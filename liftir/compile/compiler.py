@@ -75,6 +75,17 @@ def _standard(node) -> None:
         raise TraceError(f"node {node.name!r} ({node.op_type}) holds subgraphs")
 
 
+def live_nodes(nodes: list, wanted: set[str]) -> list:
+    """The nodes some wanted output depends on, in their order: a trace also records what
+    the rules computed and did not use (the `.any()` of a shortcut, overwritten buffers)."""
+    needed, keep = set(wanted), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    return keep[::-1]
+
+
 def _listing(failures: list[str]) -> str:
     return f"{len(failures)} node(s) cannot be compiled:\n" + "\n".join(f"  - {f}" for f in failures)
 
@@ -165,9 +176,11 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     opsets = dict(graph.opsets)
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
+    nodes = live_nodes(forward_nodes + rec.nodes, {o.name for o in outputs})
+    read = {i for node in nodes for i in node.input}
     model = helper.make_model(
-        helper.make_graph(forward_nodes + rec.nodes, "liftir_explainer", inputs, outputs,
-                          initializers + rec.initializers),
+        helper.make_graph(nodes, "liftir_explainer", inputs, outputs,
+                          [t for t in initializers + rec.initializers if t.name in read]),
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="liftir")
     model.ir_version = min(model.ir_version, 10)
     return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref,

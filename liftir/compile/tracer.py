@@ -107,6 +107,9 @@ class Traced:
         self._key = None
         self._version = 0  # bumped by every write
         self._base_version = 0
+        self._pending: list = []  # (slices, value) added into strided parts, not yet emitted
+        self._lazy_view = False  # a view whose value is its base's part, emitted when read
+        self._fill = None  # the fill of a created array never written since
 
     # ---- basics ------------------------------------------------------------------------
     @property
@@ -156,8 +159,34 @@ class Traced:
 
     @property
     def ref(self) -> str:
+        if self._lazy_view:  # a part of its base as the base is now (NumPy views see writes)
+            self._lazy_view = False
+            self.name = _emit_slice(self._base, self._key)
+            self._base_version = self._base._version
         self._check_fresh()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            total = self if self._fill == 0 else None
+            for group in _by_steps(pending):
+                placed = _scatter_strided(self.rec, group, self.shape, self.dtype)
+                total = placed if total is None or total is self else add(total, placed)
+            if total is not self:
+                self.name = (total if self._fill == 0 else add(Traced(self.rec, self.name, self.shape,
+                                                                        self.dtype), total)).ref
+            self._fill = None
         return self.name
+
+    def _add_at(self, key, value) -> None:
+        """self[key] += value for strided slices: kept pending, emitted as one interleave
+        of all such adds when the array is next read (a pool's window scatter)."""
+        spec = _basic_key(key, self.shape)
+        value = _as_dtype(_lift(self.rec, value, self.dtype), self.dtype)
+        sub_shape = tuple(len(range(*sl.indices(n))) for sl, n in zip(spec, self.shape))
+        value = broadcast_to(value.reshape(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+        self._check_fresh()
+        value.ref  # noqa: B018 - emit the value now, while what it reads is current
+        self._pending.append((spec, value))
+        self._version += 1
 
     # ---- writes ------------------------------------------------------------------------
     def _rebind(self, new: "Traced") -> None:
@@ -167,6 +196,7 @@ class Traced:
             new = broadcast_to(new, self.shape)
         self._check_fresh()
         self.name = new.ref
+        self._pending, self._lazy_view, self._fill = [], False, None
         self._version += 1
         if self._base is not None:
             self._base._assign(self._key, self)
@@ -183,6 +213,13 @@ class Traced:
             self._rebind(value.reshape(self.shape) if value.size == self.size else broadcast_to(value, self.shape))
             return
         value = broadcast_to(value.reshape(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+        if self._fill is not None and not self._pending and all(sl.step == 1 for sl in spec):
+            # into a freshly filled array (a padded copy): one Pad with the fill
+            pads = [sl.start for sl in spec] + [n - sl.stop for sl, n in zip(spec, self.shape)]
+            self._rebind(Traced(rec, rec.node("Pad", [value.ref, rec.const(np.array(pads, np.int64)),
+                                                      rec.const(np.asarray(self._fill, self.dtype))]),
+                                self.shape, self.dtype))
+            return
         placed, mask = _place(rec, value, spec, self.shape)
         out = Traced(rec, rec.node("Where", [rec.const(mask), placed.ref, self.ref]), self.shape, self.dtype)
         self._rebind(out)
@@ -200,6 +237,14 @@ class Traced:
         self._assign(key, value)
 
     def _inplace(self, other, fn):
+        base = self._base
+        if (fn is add and base is not None and base._base is None
+                and self._base_version == base._version and not _covers(self._key, base.shape)):
+            base._add_at(self._key, other)  # `a[window] += v`: pending on the base
+            self._base_version = base._version
+            self._lazy_view = True
+            self._version += 1
+            return self
         self._rebind(fn(self, other))
         return self
 
@@ -228,32 +273,15 @@ class Traced:
         # None adds axes, ints remove them: slice first, then reshape
         plain = tuple(k for k in keys if k is not None)
         spec = _basic_key(plain, self.shape)
-        rec = self.rec
-        starts, ends, axes, steps = [], [], [], []
-        for a, (s, n) in enumerate(zip(spec, self.shape)):
-            start, stop, step = s.indices(n)
-            if (start, stop, step) == (0, n, 1):
-                continue
-            length = len(range(start, stop, step))
-            if step < 0:
-                stop = start + (length - 1) * step - 1 if length else start
-                stop = stop if stop >= 0 else -(1 << 62)
-            starts.append(start)
-            ends.append(stop)
-            axes.append(a)
-            steps.append(step)
         sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(spec, self.shape))
-        name = self.ref
-        if axes:
-            name = rec.node("Slice", [name, rec.const(np.array(starts, np.int64)), rec.const(np.array(ends, np.int64)),
-                                      rec.const(np.array(axes, np.int64)), rec.const(np.array(steps, np.int64))])
-        out = Traced(rec, name, sub_shape, self.dtype)
         final = _index_result_shape(keys, self.shape)
-        if final != sub_shape:
-            out = out.reshape(final)
-            return out  # a reshaped selection is a copy as far as writes go (ints and None)
+        if final != sub_shape:  # a reshaped selection is a copy as far as writes go (ints and None)
+            return Traced(self.rec, _emit_slice(self, plain), sub_shape, self.dtype).reshape(final)
+        out = Traced(self.rec, None, sub_shape, self.dtype)
         out._base, out._key, out._base_version = self, plain, self._version
+        out._lazy_view = True  # emitted when read: `a[key] += v` never reads it
         return out
+
 
     # ---- shape ops ---------------------------------------------------------------------
     def reshape(self, *shape, order="C"):
@@ -463,6 +491,29 @@ class Masked:
         return Masked(_as_dtype(self.full, dtype), self.mask)
 
 
+def _emit_slice(base: "Traced", plain) -> str:
+    """The ONNX Slice of `base` for a basic index (ints kept as length-1 slices)."""
+    rec = base.rec
+    starts, ends, axes, steps = [], [], [], []
+    for a, (sl, n) in enumerate(zip(_basic_key(plain, base.shape), base.shape)):
+        start, stop, step = sl.indices(n)
+        if (start, stop, step) == (0, n, 1):
+            continue
+        length = len(range(start, stop, step))
+        if step < 0:
+            stop = start + (length - 1) * step - 1 if length else start
+            stop = stop if stop >= 0 else -(1 << 62)
+        starts.append(start)
+        ends.append(stop)
+        axes.append(a)
+        steps.append(step)
+    name = base.ref
+    if axes:
+        name = rec.node("Slice", [name, rec.const(np.array(starts, np.int64)), rec.const(np.array(ends, np.int64)),
+                                  rec.const(np.array(axes, np.int64)), rec.const(np.array(steps, np.int64))])
+    return name
+
+
 # ---- helpers ------------------------------------------------------------------------------
 def _basic_key(keys, shape) -> list[slice]:
     """A basic index (ints, slices, one Ellipsis) as one slice per axis."""
@@ -496,6 +547,71 @@ def _index_shape_slow(keys, shape):
     keys = keys if isinstance(keys, tuple) else (keys,)
     strided = np.lib.stride_tricks.as_strided(np.zeros(1, np.bool_), shape=shape, strides=(0,) * len(shape))
     return strided[keys].shape
+
+
+def _covers(key, shape) -> bool:
+    return all(sl.indices(n) == (0, n, 1) for sl, n in zip(_basic_key(key, shape), shape))
+
+
+def _by_steps(pending):
+    """Pending adds grouped by their steps (each group is one interleave)."""
+    groups: dict[tuple, list] = {}
+    for spec, value in pending:
+        groups.setdefault(tuple(sl.step for sl in spec), []).append((spec, value))
+    return list(groups.values())
+
+
+def _scatter_strided(rec: Recorder, entries, shape, dtype) -> Traced:
+    """The sum of values placed at strided slices (all with the same steps) of a zero array.
+
+    Positions of one residue class (start mod step per axis) form a lattice; each value is a
+    block of its class's lattice (a Pad there if it is shifted), and the classes interleave
+    into the full array by one Concat per strided axis and a Reshape: no full-size Pad or
+    Where per window offset.
+    """
+    steps = [sl.step for sl in entries[0][0]]
+    strided = [a for a, st in enumerate(steps) if st > 1]
+    lattice = [-(-n // st) for n, st in zip(shape, steps)]
+    classes: dict[tuple, Traced] = {}
+    for spec, value in entries:
+        residue = tuple(sl.start % sl.step for sl in spec)
+        pads = [sl.start // sl.step for sl in spec]
+        pads += [m - q - n for m, q, n in zip(lattice, pads, value.shape)]
+        block = value
+        if any(pads):
+            block = Traced(rec, rec.node("Pad", [value.ref, rec.const(np.array(pads, np.int64))]),
+                           tuple(lattice), dtype)
+        classes[residue] = block if residue not in classes else add(classes[residue], block)
+    if not strided:
+        (only,) = classes.values()
+        return only
+    # each class lattice gets a size-1 axis after every strided axis, then Concat fills it
+    expanded = []
+    for a, m in enumerate(lattice):
+        expanded.append(m)
+        if a in strided:
+            expanded.append(1)
+    where_axis = {a: a + 1 + strided.index(a) for a in strided}
+
+    def build(prefix: tuple, level: int) -> Traced:
+        if level == len(strided):
+            residue = tuple(prefix[strided.index(a)] if a in strided else 0 for a in range(len(shape)))
+            block = classes.get(residue)
+            if block is None:
+                return Traced(rec, rec.node("Expand", [rec.const(np.zeros((), dtype)),
+                                                       rec.const(np.array(expanded, np.int64))]),
+                              tuple(expanded), dtype)
+            return block.reshape(expanded)
+        a = strided[level]
+        parts = [build(prefix + (r,), level + 1) for r in range(steps[a])]
+        out_shape = list(parts[0].shape)
+        out_shape[where_axis[a]] = steps[a]
+        return Traced(rec, rec.node("Concat", [p.ref for p in parts], axis=where_axis[a]), tuple(out_shape), dtype)
+
+    merged = build((), 0).reshape([m * st for m, st in zip(lattice, steps)])
+    if any(m * st != n for m, st, n in zip(lattice, steps, shape)):
+        merged = merged[tuple(slice(0, n) for n in shape)].copy()
+    return merged
 
 
 def _squeezed_value_shape(vshape, target):
@@ -572,7 +688,10 @@ def _as_dtype(x: Traced, dtype) -> Traced:
     if x.dtype == dtype:
         return x
     rec = x.rec
-    return Traced(rec, rec.node("Cast", [x.ref], to=_onnx_type(dtype)), x.shape, dtype)
+    out = Traced(rec, rec.node("Cast", [x.ref], to=_onnx_type(dtype)), x.shape, dtype)
+    if x._fill is not None and not x._pending:
+        out._fill = np.asarray(x._fill).astype(dtype).item()
+    return out
 
 
 def _result_dtype(a, b) -> np.dtype:
@@ -583,6 +702,16 @@ def _result_dtype(a, b) -> np.dtype:
     return _dt(np.result_type(probe(a), probe(b)))
 
 
+def _operand_names(rec: Recorder, ts: list[Traced], shape) -> list[str]:
+    """Names for an elementwise node's operands; an unwritten filled array (ones_like...)
+    is read as its scalar where the other operands already give the result's shape."""
+    names = [t.ref if t._fill is None or t._pending else None for t in ts]
+    kept = [t.shape for t, n in zip(ts, names) if n is not None]
+    if kept and np.broadcast_shapes(*kept) == tuple(shape):
+        return [n if n is not None else rec.const(np.asarray(t._fill, t.dtype)) for t, n in zip(ts, names)]
+    return [t.ref for t in ts]
+
+
 def _binary(op: str, a, b, out_dtype=None, dtype=None) -> Traced:
     rec = _rec_of(a, b)
     if dtype is None:
@@ -591,7 +720,8 @@ def _binary(op: str, a, b, out_dtype=None, dtype=None) -> Traced:
             dtype = np.dtype(np.bool_)
     ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
     shape = np.broadcast_shapes(ta.shape, tb.shape)
-    return Traced(rec, rec.node(op, [ta.ref, tb.ref]), shape, dtype if out_dtype is None else out_dtype)
+    return Traced(rec, rec.node(op, _operand_names(rec, [ta, tb], shape)), shape,
+                  dtype if out_dtype is None else out_dtype)
 
 
 def _unary(op: str, x: Traced, **attrs) -> Traced:
@@ -706,7 +836,7 @@ def where(cond, a, b):
     tc = _as_dtype(_lift(rec, cond, np.bool_), np.bool_)
     ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
     shape = np.broadcast_shapes(tc.shape, ta.shape, tb.shape)
-    return Traced(rec, rec.node("Where", [tc.ref, ta.ref, tb.ref]), shape, dtype)
+    return Traced(rec, rec.node("Where", _operand_names(rec, [tc, ta, tb], shape)), shape, dtype)
 
 
 def broadcast_to(x, shape):
@@ -851,7 +981,9 @@ def _filled(shape, value, dtype) -> Traced:
     dtype = _dt(dtype or np.float64)
     const = np.broadcast_to(np.asarray(value, dtype=dtype), shape)
     name = rec.const(const) if const.size > 1 else rec.const(np.full(shape, value, dtype))
-    return Traced(rec, rec.node("Identity", [name]), shape, dtype)
+    out = Traced(rec, rec.node("Identity", [name]), shape, dtype)
+    out._fill = value
+    return out
 
 
 def zeros(shape, dtype=np.float64):
