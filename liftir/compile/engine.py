@@ -40,13 +40,15 @@ class CompiledEngine:
                tuple((name, v.shape, v.dtype.str) for name, v in feeds.items()))
         if key not in self.passes:
             ex = self.explainer
+            compiled = None
             try:
-                self.passes[key] = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k,
-                                                ex.options).start()
+                compiled = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k, ex.options)
+                self.passes[key] = compiled.start()
             except (TraceError, NotImplementedError) as exc:
                 self._fallback(key, str(exc))
-            except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the graph: interpreter
-                self._fallback(key, f"onnxruntime cannot run the compiled graph ({type(exc).__name__}: "
+            except Exception as exc:  # noqa: BLE001 - a rule's code or onnxruntime refusing: interpreter
+                what = "onnxruntime cannot run the compiled graph" if compiled is not None else "tracing failed"
+                self._fallback(key, f"{what} ({type(exc).__name__}: "
                                     f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})")
         return self.passes[key]
 

@@ -915,7 +915,7 @@ def concatenate(xs, axis=0):
     ts = [_as_dtype(_lift(rec, x, dtype), dtype) for x in xs]
     axis %= ts[0].ndim
     shape = list(ts[0].shape)
-    shape[axis] = sum(t.shape[axis] for t in ts)
+    shape[axis] = builtins.sum(t.shape[axis] for t in ts)
     return Traced(rec, rec.node("Concat", [t.ref for t in ts], axis=axis), shape, dtype)
 
 
