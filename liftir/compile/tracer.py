@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -780,7 +781,15 @@ absolute = abs_ = _elementwise(np.abs, lambda x: _unary("Abs", x))
 exp = _elementwise(np.exp, _float_unary("Exp"))
 log = _elementwise(np.log, _float_unary("Log"))
 sqrt = _elementwise(np.sqrt, _float_unary("Sqrt"))
-tanh = _elementwise(np.tanh, _float_unary("Tanh"))
+def _tanh(x: Traced) -> Traced:
+    """tanh to ~2 ulps, from expm1 (onnxruntime's Tanh is ~5 ulps off; a DeepLIFT quotient of
+    two saturated tanh values would amplify the difference)."""
+    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+    t = _expm1(-2 * abs(x))
+    return _unary("Sign", x) * (-t / (t + 2))
+
+
+tanh = _elementwise(np.tanh, _tanh)
 sin = _elementwise(np.sin, _float_unary("Sin"))
 cos = _elementwise(np.cos, _float_unary("Cos"))
 sinh = _elementwise(np.sinh, _float_unary("Sinh"))
@@ -802,7 +811,49 @@ def _no_onnx(name):
     return fn
 
 
-for _name in ("expm1", "log1p", "logaddexp", "einsum", "tensordot", "bincount", "take", "repeat", "tile", "split"):
+def _expm1(x: Traced) -> Traced:
+    """e^x - 1 to a few ulps: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+    terms = 18 if x.dtype.itemsize >= 8 else 10
+    small = abs(x) < 0.5
+    z = where(small, x, 0.0)
+    acc = z * 0 + 1.0 / math.factorial(terms)
+    for n in range(terms - 1, 0, -1):
+        acc = acc * z + 1.0 / math.factorial(n)
+    return where(small, acc * z, _unary("Exp", x) - 1)
+
+
+def _log1p(x: Traced) -> Traced:
+    """log(1 + x) to a few ulps (Goldberg: log(u) * x / (u - 1) with u = 1 + x rounded)."""
+    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+    u = x + 1
+    exact = u == 1
+    return where(exact, x, _unary("Log", u) * x / where(exact, 1.0, u - 1))
+
+
+def _logaddexp(a, b) -> Traced:
+    """log(e^a + e^b) as NumPy computes it: max + log1p(e^-|a - b|)."""
+    rec = _rec_of(a, b)
+    dtype = _result_dtype(a, b)
+    ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
+    top = maximum(ta, tb)
+    return top + _log1p(_unary("Exp", -abs(ta - tb)))
+
+
+def _too_coarse(name):
+    def fn(*args, **kwargs):
+        raise TraceError(f"{name} would use onnxruntime's Log (~4 ulps against NumPy's 1), too coarse "
+                         f"for a DeepLIFT quotient of two close values")
+    return fn
+
+
+expm1 = _elementwise(np.expm1, _expm1)
+# _log1p and _logaddexp are as accurate as onnxruntime's Log allows, which moved Softplus
+# multipliers by 1e-5 near the rule's small-dx threshold: refused until a finer log exists
+log1p = _elementwise(np.log1p, _too_coarse("log1p"))
+logaddexp = _elementwise(np.logaddexp, _too_coarse("logaddexp"))
+
+for _name in ("einsum", "tensordot", "bincount", "take", "repeat", "tile", "split"):
     globals()[_name] = _no_onnx(_name)
 
 
