@@ -303,3 +303,19 @@ def test_liftir_compile_command_writes_a_servable_explainer(tmp_path):
     got = session.run(["x_attribution"], {"x": x, "x_baseline": x0})[0]
     want = liftir.Explainer(m, "deeplift").attribute(x, target=3)
     _assert_same((want, None), (got, None))
+
+
+def test_gather_with_repeated_constant_indices_compiles_to_a_scatter_add():
+    """Gather's backward sums repeats (bincount in the rule): ScatterElements(add) in the graph."""
+    rng = np.random.default_rng(13)
+    w = (rng.standard_normal((5, 3)) * 0.5).astype(np.float32)
+    idx = np.array([0, 2, 2, 4, 1, 2], np.int64)  # 2 repeated: multipliers must add up
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]),
+             helper.make_node("Gather", ["t", "idx"], ["g"], axis=1),
+             helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    m = model(nodes, {"x": (None, 5)}, ["y"], {"idx": idx, "w": np.tile(w, (2, 1))[:6]})
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    for method in ("deeplift", "saliency"):
+        interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 5), np.float32), 1)
+        _assert_same(a, b)

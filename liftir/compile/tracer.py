@@ -853,7 +853,24 @@ expm1 = _elementwise(np.expm1, _expm1)
 log1p = _elementwise(np.log1p, _too_coarse("log1p"))
 logaddexp = _elementwise(np.logaddexp, _too_coarse("logaddexp"))
 
-for _name in ("einsum", "tensordot", "bincount", "take", "repeat", "tile", "split"):
+def bincount(x, weights=None, minlength=0):
+    """Sums of traced `weights` at constant positions `x`: ScatterElements(reduction="add")."""
+    rec = _rec_of(x, weights)
+    if rec is None:
+        return np.bincount(x, weights=weights, minlength=minlength)
+    if isinstance(x, Traced) or weights is None:
+        raise TraceError("bincount of traced positions (or without weights)")
+    if rec.opset < 16:
+        raise TraceError(f"bincount needs ScatterElements(reduction='add'), opset 16; the model has {rec.opset}")
+    positions = np.asarray(x, np.int64).reshape(-1)
+    size = int(max(minlength, int(positions.max()) + 1 if positions.size else 0))
+    w = _lift(rec, weights).reshape(-1)
+    zeros = rec.const(np.broadcast_to(np.zeros((), w.dtype), (size,)))
+    name = rec.node("ScatterElements", [zeros, rec.const(positions), w.ref], axis=0, reduction="add")
+    return Traced(rec, name, (size,), w.dtype)
+
+
+for _name in ("einsum", "tensordot", "take", "repeat", "tile", "split"):
     globals()[_name] = _no_onnx(_name)
 
 
