@@ -5,6 +5,8 @@ For each model, in one process: the median (after a warm-up) of
   * Captum DeepLift  DeepLift(model).attribute(x, baselines=zeros, target=t) on the torch model
   * liftir DeepLIFT  Explainer(onnx_model, method="deeplift").attribute(x, baselines=x0, target=t)
                      (the Explainer is built once, outside the timed loop, like the ORT session)
+  * liftir compiled  the same with engine="compiled" (one onnxruntime session per pass; its first
+                     call, which compiles, is reported apart)
 Run ``python benchmarks/bench_deeplift.py --help``; see benchmarks/README.md.
 """
 
@@ -110,6 +112,22 @@ def run_one(b: Bench, repeats: int, warmup: int, target: int, dynamo: bool) -> d
             row["liftir_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             if os.environ.get("LIFTIR_BENCH_TRACEBACK"):
                 traceback.print_exc()
+    row.update(compiled_ms=None, compile_ms=None, compiled_agree=None, compiled_error=None)
+    if LIFTIR_ERROR is None and row["liftir_ms"] is not None:
+        try:
+            compiled = liftir.Explainer(proto, method="deeplift", engine="compiled")
+            t0 = time.perf_counter()  # the first call traces, builds and starts the session
+            compiled.attribute(x_np, baselines=x0_np, target=target)
+            row["compile_ms"] = (time.perf_counter() - t0) * 1e3
+            if not all(p is not None for p in compiled._compiled.passes.values()):
+                raise RuntimeError("fell back to the interpreter: " + "; ".join(compiled._compiled.reasons.values()))
+            row["compiled_ms"], cattr = timed(
+                lambda: compiled.attribute(x_np, baselines=x0_np, target=target), repeats, warmup)
+            row["compiled_agree"] = float(np.abs(np.asarray(cattr) - attr).max() / max(np.abs(attr).max(), 1e-12))
+        except Exception as e:
+            row["compiled_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            if os.environ.get("LIFTIR_BENCH_TRACEBACK"):
+                traceback.print_exc()
     return row
 
 
@@ -123,7 +141,8 @@ def _ratio(a, b):
 
 def table(rows: list[dict]) -> str:
     head = ("| model | batch | input | ORT fwd ms | Captum ms | liftir ms | liftir/Captum | "
-            "liftir/ORT-fwd | Captum/ORT-fwd | max rel diff vs Captum |")
+            "liftir/ORT-fwd | Captum/ORT-fwd | max rel diff vs Captum | liftir compiled ms | "
+            "compiled/Captum | compiled/ORT-fwd | compiled vs interpreted |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     notes: list[str] = []
     for r in rows:
@@ -135,16 +154,26 @@ def table(rows: list[dict]) -> str:
             notes.append(f"{r['model']}: liftir failed: {r['liftir_error']}")
             mark += f" [{len(notes)}]"
         agree = "n/a" if r["agree"] is None else f"{r['agree']:.1e}"
+        cagree = "n/a" if r.get("compiled_agree") is None else f"{r['compiled_agree']:.1e}"
+        if r.get("compiled_error"):
+            notes.append(f"{r['model']}: liftir compiled failed: {r['compiled_error']}")
+            mark += f" [{len(notes)}]"
         lines.append(
             f"| {r['model']}{mark} | {r['batch']} | {r['shape']} | {_ms(r['ort_ms'])} | {_ms(r['captum_ms'])} | "
             f"{_ms(r['liftir_ms'])} | {_ratio(r['liftir_ms'], r['captum_ms'])} | {_ratio(r['liftir_ms'], r['ort_ms'])} | "
-            f"{_ratio(r['captum_ms'], r['ort_ms'])} | {agree} |")
+            f"{_ratio(r['captum_ms'], r['ort_ms'])} | {agree} | {_ms(r.get('compiled_ms'))} | "
+            f"{_ratio(r.get('compiled_ms'), r['captum_ms'])} | {_ratio(r.get('compiled_ms'), r['ort_ms'])} | "
+            f"{cagree} |")
     extra = []
     if LIFTIR_ERROR:
         extra.append(f"liftir columns empty: {LIFTIR_ERROR}")
     setups = [f"{r['model']} {_ms(r['setup_ms'])}" for r in rows if r["setup_ms"] is not None]
     if setups:
         extra.append("liftir Explainer construction (not in the liftir column), ms: " + ", ".join(setups))
+    compiles = [f"{r['model']} {_ms(r['compile_ms'])}" for r in rows if r.get("compile_ms") is not None]
+    if compiles:
+        extra.append("liftir compiled: first call (trace + onnxruntime session + one pass; not in its "
+                     "column), ms: " + ", ".join(compiles))
     foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + extra
     return "\n".join(lines + ([""] + [f"{f}  " for f in foot] if foot else []))
 

@@ -32,6 +32,7 @@ examples:
   liftir check model.onnx                  # per-node summation-to-delta + onnxruntime forward
   liftir ops model.onnx                    # which op types of the model have rules
   liftir genome model.onnx --fasta g.fa --bed peaks.bed --width 2114 --out scores.zarr
+  liftir compile model.onnx --method deeplift --target 3 -o explainer.onnx  # serve without liftir
 
 exit codes: 0 ok; 1 conservation lost or forward differs from onnxruntime (check);
   2 bad arguments or files, or the model needs a rule liftir does not have (explain,
@@ -572,6 +573,22 @@ def _ops_run_rules(args, method: str) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from .explainer import Explainer  # noqa: PLC0415
+
+    if args.target is not None and args.target.strip().endswith(".npy"):
+        raise CLIError("--target for compile is an int, a comma-separated list or 'all' (fixed in the model)")
+    target, _ = _parse_target(args.target, args.batch_size)
+    explainer = Explainer(args.model, method=args.method, max_rule=args.max_rule,
+                          final_activation=args.final_activation)
+    model = explainer.compile(args.out, batch_size=args.batch_size, target=target, output=args.output)
+    names = ", ".join(i.name for i in model.graph.input)
+    outs = ", ".join(o.name for o in model.graph.output)
+    print(f"wrote {args.out}: {args.method} for target {_describe_target(target) if target is not None else 'None'}, "
+          f"batch {args.batch_size}; inputs {names}; outputs {outs} ({len(model.graph.node)} nodes)")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -653,6 +670,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="TENSOR", default=None,
                    help="tensor explain would explain (default: every float model output)")
     p.set_defaults(func=cmd_ops, max_rule="cross_max")
+
+    p = sub.add_parser("compile", formatter_class=fmt,
+                       help="write the explainer as a standalone ONNX model (served without liftir)",
+                       description="Write the explainer (forward, multiplier pass and attributions) as one "
+                                   "ONNX model: inputs the model's inputs (batch --batch-size) and, for "
+                                   "reference methods, NAME_baseline (one row); outputs NAME_attribution "
+                                   "and, for DeepLIFT, delta.")
+    p.add_argument("model", metavar="MODEL", help="ONNX model file")
+    p.add_argument("--method", "-m", default="deeplift", choices=list(METHODS), metavar="METHOD",
+                   help=f"one of {', '.join(METHODS)} (default: deeplift; compiled: deeplift, saliency, "
+                        f"input_x_gradient, guided_backprop, deconvnet)")
+    p.add_argument("--target", "-t", metavar="T", default=None,
+                   help="INT: one class for every sample; i,j,... or 'all': several classes")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="samples per call of the exported model (default: 1)")
+    p.add_argument("--output", metavar="TENSOR", default=None,
+                   help="tensor to explain (default: the model's only output)")
+    p.add_argument("--max-rule", choices=["cross_max", "paper"], default="cross_max",
+                   help="DeepLIFT rule for max pooling (default: cross_max)")
+    p.add_argument("--final-activation", choices=["strip", "keep"], default="strip",
+                   help="explain a final softmax/sigmoid at its logits (strip, default) or as is")
+    p.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the explainer")
+    p.set_defaults(func=cmd_compile)
 
     from .genome.cli import add_parser as add_genome_parser  # noqa: PLC0415 - its own module
     add_genome_parser(sub, _positive_int, fmt)

@@ -6,6 +6,7 @@ a backward pass, and turns multipliers into attributions and convergence deltas.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +28,10 @@ from .registry import check_overrides
 from .rule import difference
 from .progress import Progress
 from .training_mode import refuse_training_mode
+from .compile.compiler import COMPILED_METHODS
+from .compile.engine import ENGINES, CompiledEngine
+
+logger = logging.getLogger("liftir")
 
 MAX_RULES = ("cross_max", "paper")
 FINAL_ACTIVATIONS = ("strip", "keep")
@@ -61,6 +66,11 @@ class Explainer:
         Default tensor to explain (any tensor of the graph); the model's only output if omitted.
     precision : "model" (default) or "float64"
         "float64" runs the whole graph in double precision (slower: no onnxruntime kernels).
+    engine : "interpreter" (default) or "compiled"
+        "compiled" records each pass (forward and multipliers) as one ONNX graph run by one
+        onnxruntime session, cached per input shapes and number of targets (liftir/compile);
+        what does not compile runs on the interpreter, said in a log line. README, "The
+        compiled engine".
 
     Memory: `attribute` cuts its work into passes under `max_memory` (default 1 GiB);
     see its docstring and README, "Memory". After a call, `last_pass`
@@ -69,8 +79,12 @@ class Explainer:
 
     def __init__(self, model: Any, method: str = "deeplift", *, backend: str = "numpy",
                  max_rule: str = "cross_max", final_activation: str = "strip",
-                 rules: Mapping | None = None, output: str | None = None, precision: str = "model"):
+                 rules: Mapping | None = None, output: str | None = None, precision: str = "model",
+                 engine: str = "interpreter"):
         self.method: Method = get_method(method)
+        if engine not in ENGINES:
+            raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = engine
         if max_rule not in MAX_RULES:
             raise InputError(f"max_rule must be one of {MAX_RULES}, got {max_rule!r}")
         if final_activation not in FINAL_ACTIVATIONS:
@@ -101,7 +115,7 @@ class Explainer:
         #: set on those cut Explainers: their integer inputs stay at their actual values
         self._path_holds_integers = False
         self._build_options = dict(backend=backend, max_rule=max_rule, final_activation=final_activation,
-                                   rules=rules, output=output, precision=precision)
+                                   rules=rules, output=output, precision=precision, engine=engine)
         if not self.attributed:
             raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
@@ -113,6 +127,10 @@ class Explainer:
         #: how the last `attribute` call was cut into passes (rows and targets per pass)
         self.last_pass: PassSize | None = None
         self._probe()
+        #: compiled passes (liftir/compile), None for the interpreter
+        self._compiled = CompiledEngine(self) if engine == "compiled" else None
+        if self._compiled is not None and self.method.name not in COMPILED_METHODS:
+            logger.warning("liftir: method %r is not compiled yet; the interpreter runs it", self.method.name)
 
     def _probe(self) -> None:
         """Forward one actual and one reference row of zeros now, so that an op mixing samples
@@ -622,6 +640,25 @@ class Explainer:
             return [i.name for i in self.inputs if i.dtype.kind == "f"]
         return self.attributed
 
+    def compile(self, path=None, *, batch_size: int = 1, target=None, output: str | None = None):
+        """The explainer as a standalone ONNX model (onnx.ModelProto), also written to `path`.
+
+        It runs in any onnxruntime (or other ONNX runtime) without liftir: inputs are the
+        model's inputs with the batch fixed to `batch_size` and, for reference methods, one
+        baseline row per input (`NAME_baseline`); outputs `NAME_attribution` per input (what
+        `attribute(x, baselines, target)` returns) and, for DeepLIFT, `delta`. `target` is
+        fixed in the model (any form `attribute` takes, for batches of `batch_size`).
+        README, "The compiled engine".
+        """
+        from .compile.export import export  # noqa: PLC0415 - onnx graph building, on demand
+
+        model = export(self, batch_size, target, output)
+        if path is not None:
+            import onnx  # noqa: PLC0415
+
+            onnx.save(model, str(path))
+        return model
+
     def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
         name = self.method.name
         if not isinstance(multiply_by_inputs, bool):
@@ -669,15 +706,17 @@ class Explainer:
                 yield item
                 bar.update(done)
 
+    def _feeds(self, xs, refs) -> dict:
+        """The stacked batch [actual rows; reference rows] per model input."""
+        return {name: self.xp.asarray(x if ref is None else np.concatenate([x, ref]))
+                for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs))}
+
     def _forward(self, xs, refs, tensor: str) -> scheduler.Run:
         """One batched forward over [actual; reference] rows, up to `tensor`."""
-        xp = self.xp
         n = xs[0].shape[0]
         r = 0 if refs is None else refs[0].shape[0]
-        feeds = {}
-        for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs)):
-            feeds[name] = xp.asarray(x if ref is None else np.concatenate([x, ref]))
-        return scheduler.forward(self.plan, self.xp, feeds, n, r, (tensor,), self.method.mode, self.options)
+        return scheduler.forward(self.plan, self.xp, self._feeds(xs, refs), n, r, (tensor,), self.method.mode,
+                                 self.options)
 
     def _backward(self, run, call: _Call, seed: np.ndarray, node_backward=None):
         dtype = run.device(call.explained).dtype
@@ -699,10 +738,18 @@ class Explainer:
         blocks = [(s, min(s + size.rows, n)) for s in range(0, n, size.rows)]
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas = []
+        compiled = self._compiled if self._compiled is not None and self._compiled.why_not(call) is None else None
         for s0, s1 in self._passes(blocks, call, size, "sample"):
             sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
-            run = self._forward([x[s0:s1] for x in xs], sub_refs, call.explained)
-            _require_samples_first(run, call.explained)
+            sub_x = [x[s0:s1] for x in xs]
+            cp = run = None
+            if compiled is not None:  # one onnxruntime session per (shapes, targets) does the pass
+                feeds = self._feeds(sub_x, sub_refs)
+                rows_ref = 0 if sub_refs is None else sub_refs[0].shape[0]
+                cp = compiled.get(feeds, s1 - s0, rows_ref, call, min(size.targets, call.k))
+            if cp is None:
+                run = self._forward(sub_x, sub_refs, call.explained)
+                _require_samples_first(run, call.explained)
             spread = node_backward = None
             if revealcancel_:
                 spread = revealcancel.split_forward(run, self.plan.order_for((call.explained,)),
@@ -712,10 +759,20 @@ class Explainer:
             block_deltas = []
             for t0 in range(0, call.k, size.targets):
                 seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
+                                  call.axis, slice(t0, t0 + size.targets),
+                                  cp.seed_dtype if cp is not None else run.device(call.explained).dtype)
                 k = seed.shape[0]
-                grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None else seed,
-                                       node_backward)
+                this = compiled.get(feeds, s1 - s0, rows_ref, call, k) if cp is not None else None
+                if this is not None:
+                    grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
+                    run = compiled.light_run(this, feeds, values)
+                    _require_samples_first(run, call.explained)
+                else:
+                    if run is None:  # this number of targets did not compile: the interpreter
+                        run = self._forward(sub_x, sub_refs, call.explained)
+                        _require_samples_first(run, call.explained)
+                    grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None
+                                           else seed, node_backward)
                 sums = 0.0
                 for w in call.wrt:
                     if spread is not None:

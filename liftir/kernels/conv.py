@@ -20,6 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from ..compile.tracer import is_tracer
+
 USE_ORT = True
 """Send NumPy float32/float16 convs to onnxruntime; set to False to force the array path (tests compare both)."""
 
@@ -50,7 +52,7 @@ def conv_adjoint(xp, g, w, *, input_shape, strides, pads, dilations, group, cach
     """
     n = w.ndim - 2
     spans = [dilations[i] * (w.shape[2 + i] - 1) for i in range(n)]
-    if (USE_ORT and xp is np and g.dtype == np.float32 and all(s == 1 for s in strides)
+    if (USE_ORT and (xp is np or is_tracer(xp)) and g.dtype == np.float32 and all(s == 1 for s in strides)
             and all(0 <= pads[i] <= spans[i] and 0 <= pads[n + i] <= spans[i] for i in range(n))):
         # stride 1: the adjoint is a plain Conv with the flipped, channel-swapped kernel, and
         # onnxruntime's Conv is 1.1-1.9x faster than its ConvTranspose (measured here)
@@ -141,6 +143,11 @@ def _split_pads(totals, extra_at_end):
 def _dispatch(xp, op, x, w, b, attrs, cache):
     """Pick the engine: onnxruntime for NumPy float32, the array kernels otherwise."""
     cache = {} if cache is None else cache
+    if is_tracer(xp):  # compiling (liftir/compile): the op itself becomes one node of the graph
+        extra = {} if attrs.output_padding is None else {"output_padding": list(attrs.output_padding)}
+        return xp.emit_node(op, [x, w, b], dict(kernel_shape=list(w.shape[2:]), strides=list(attrs.strides),
+                                                 pads=list(attrs.pads), dilations=list(attrs.dilations),
+                                                 group=attrs.group, **extra))
     if xp is np and x.dtype == np.float16:  # NumPy has no float16 GEMM: compute in float32, round once
         return _dispatch(xp, op, x.astype(np.float32), w, b, attrs, cache).astype(np.float16)
     if USE_ORT and xp is np and x.dtype == np.float32:

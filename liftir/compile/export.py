@@ -1,0 +1,146 @@
+"""The explainer as a standalone ONNX model: serve attributions with onnxruntime alone.
+
+`export(explainer, batch_size, target)` wraps one compiled pass (liftir/compile/compiler.py)
+with what `Explainer.attribute` does around it, recorded by the same tracer: stack each
+input with its baseline, seed the chosen target(s), and turn multipliers into attributions
+(m * (x - x0) for DeepLIFT, m * x for gradient x input, m otherwise) and, for DeepLIFT,
+the convergence deltas. The result takes the model's inputs (batch fixed to `batch_size`)
+and, for reference methods, one baseline row per input (`<name>_baseline`, shape (1, ...)),
+and outputs one attribution per input (`<name>_attribution`, shaped like the input, or
+(N, K, ...) for several targets) and `delta` (N,) / (N, K).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import InputError
+from . import tracer
+from .compiler import COMPILED_METHODS, SEED, compile_pass
+from .tracer import Recorder, Traced, TraceError
+
+STACKED = "liftir_stacked:"
+
+
+def export(explainer, batch_size: int = 1, target=None, output: str | None = None) -> onnx.ModelProto:
+    ex = explainer
+    method = ex.method
+    if method.name not in COMPILED_METHODS:
+        raise InputError(f"method {method.name!r} cannot be exported yet; exportable: {', '.join(COMPILED_METHODS)}")
+    if len(ex.attributed) != len(ex.input_names) or ex.plan.embeddings:
+        raise InputError("models with integer inputs cannot be exported yet")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    n = batch_size
+    out = ex._output_for_call(output)
+    explained, stripped = ex.explained_tensor(out)
+    zeros = [np.zeros((n,) + tuple(d if isinstance(d, int) and d > 0 else 1 for d in info.shape[1:]), info.dtype)
+             if info.shape is not None else None for info in ex.inputs]
+    if any(z is None for z in zeros) or any(not all(isinstance(d, int) and d > 0 for d in info.shape[1:])
+                                            for info in ex.inputs):
+        raise InputError("export needs every input's non-batch dimensions declared in the model")
+    refs = [z[:1] for z in zeros] if method.uses_reference else None
+    cost, rest = ex._row_cost(zeros, explained)
+    if isinstance(target, list):
+        target = np.asarray(target)
+    k = ex._n_targets(rest, target)
+    axis = ex._softmax_axis(out) if stripped else -1
+    dtype = ex.inputs[0].dtype
+    seed = ex._seed((n,) + rest, target, stripped, axis, slice(None), dtype).astype(dtype)
+    feeds = ex._feeds(zeros, refs)
+    wrt = tuple(ex.input_names)
+    compiled = compile_pass(ex.plan, feeds, n, 0 if refs is None else 1, explained, wrt, k, ex.options)
+    for name in wrt:
+        if compiled.batch.get(name) is not None and compiled.batch[name].axis != 0:
+            raise TraceError(f"input {name!r} does not hold the samples on axis 0")
+    model = compiled.model
+    opset = next(o.version for o in model.opset_import if o.domain == "")
+    rec = Recorder(opset, prefix="liftir_export/")
+    graph = model.graph
+    # the pass's stacked inputs become Concat(actual, baseline) of the new inputs
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in feeds:
+                node.input[i] = STACKED + name
+    new_inputs, outputs = [], []
+    for info, z in zip(ex.inputs, zeros):
+        name = info.name
+        elem = helper.np_dtype_to_tensor_dtype(z.dtype)
+        new_inputs.append(helper.make_tensor_value_info(name, elem, list(z.shape)))
+        if refs is not None:
+            new_inputs.append(helper.make_tensor_value_info(f"{name}_baseline", elem, [1] + list(z.shape[1:])))
+            rec.nodes.append(helper.make_node("Concat", [name, f"{name}_baseline"], [STACKED + name], axis=0,
+                                              name=rec.fresh("n")))
+        else:
+            rec.nodes.append(helper.make_node("Identity", [name], [STACKED + name], name=rec.fresh("n")))
+    with tracer.recording(rec):
+        seed_t = tracer._lift(rec, seed)
+        rec.nodes.append(helper.make_node("Identity", [seed_t.ref], [SEED], name=rec.fresh("n")))
+        sums = None
+        for info, z in zip(ex.inputs, zeros):
+            name = info.name
+            m_name = compiled.multipliers.get(name)
+            x = Traced(rec, name, z.shape, z.dtype)
+            if m_name is None:
+                a = tracer.zeros((k,) + z.shape, z.dtype)
+            else:
+                m = Traced(rec, m_name, (k,) + z.shape, z.dtype)
+                if method.attribution == "delta":
+                    a = m * (x - Traced(rec, f"{name}_baseline", (1,) + z.shape[1:], z.dtype))
+                elif method.attribution == "input":
+                    a = m * x
+                else:
+                    a = m
+            if method.attribution == "delta":
+                s = a.reshape(k, n, -1).sum(axis=2)
+                sums = s if sums is None else sums + s
+            outputs.append((f"{name}_attribution", _per_sample(a, k, target)))
+        if method.attribution == "delta":
+            y = Traced(rec, explained, (n + 1,) + rest, dtype)
+            diff = y[:n] - y[n:]
+            explained_diff = (seed_t * diff).reshape(k, n, -1).sum(axis=2)
+            outputs.append(("delta", _per_sample(sums - explained_diff, k, target)))
+    del graph.input[:]
+    graph.input.extend(new_inputs)
+    graph.initializer.extend(rec.initializers)
+    for nm, value in outputs:
+        rec.nodes.append(helper.make_node("Identity", [value.ref], [nm], name=rec.fresh("n")))
+    body = _topological(list(graph.node) + rec.nodes,
+                        {i.name for i in graph.input} | {t.name for t in graph.initializer})
+    del graph.node[:]
+    graph.node.extend(body)
+    del graph.output[:]
+    graph.output.extend(helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+                        for nm, v in outputs)
+    graph.name = f"liftir_{method.name}"
+    model.doc_string = (f"liftir {method.name} explainer of {out!r}, target {target!r}, batch {n}: inputs "
+                        f"{', '.join(ex.input_names)}" + (" and one baseline row each" if refs is not None else ""))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _topological(nodes, available: set[str]) -> list:
+    """Nodes ordered so that each comes after the producers of its inputs (ONNX requires it)."""
+    ready, pending, order = set(available) | {""}, list(nodes), []
+    while pending:
+        left = []
+        for nd in pending:
+            if all(i in ready for i in nd.input):
+                order.append(nd)
+                ready.update(nd.output)
+            else:
+                left.append(nd)
+        if len(left) == len(pending):
+            raise TraceError(f"the exported graph is not connected: {left[0].op_type} node {left[0].name!r} "
+                             f"reads {[i for i in left[0].input if i not in ready]}")
+        pending = left
+    return order
+
+
+def _per_sample(a: Traced, k: int, target) -> Traced:
+    """(K, N, ...) -> (N, ...) for one target, (N, K, ...) for several (as attribute returns)."""
+    several = k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
+    if several:
+        return tracer.moveaxis(a, 0, 1)
+    return a.reshape(a.shape[1:])

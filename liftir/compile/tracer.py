@@ -1,0 +1,1170 @@
+"""A recording array module: the rules' own array code, run once, written down as ONNX.
+
+Rules and kernels receive the array module `xp` (NumPy or CuPy) and write their forward
+and backward as array code. Passed as `xp` instead, a `Tracer` hands them `Traced` arrays:
+symbolic values of known shape and dtype, every operation on which appends ONNX nodes to
+one graph. So each rule states its backward once, and that one text both executes (NumPy,
+CuPy) and compiles (here); nothing is written twice.
+
+Constants stay NumPy arrays (operations among them are computed at trace time and become
+initializers). Shapes are concrete: a trace is for one batch shape.
+
+The contract for traced code (what a rule must respect to compile; anything else raises
+`TraceError` at compile time, so the Explainer falls back to the interpreter, never to a
+wrong answer):
+- data-dependent Python branches only as shortcuts on `.any()` / `.all()` of a traced
+  boolean: in a trace `bool(t.any())` is True and `bool(t.all())` False, i.e. the branch
+  that also handles the exceptional elements runs, so that branch must be correct for
+  all data (it is, in every built-in rule: the other branch is a fast path);
+- writes (`out=`, `a[key] = v`, in-place operators) into a view propagate to its base; a
+  view read after its base was written elsewhere is refused (NumPy would see the write);
+- boolean-mask indexing only as `a[mask] = <expression of b[mask] and scalars>`;
+- small integer dtypes (int8, int16) are carried as int32 (onnxruntime has few int16 kernels).
+"""
+from __future__ import annotations
+
+import builtins
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import LiftirError
+
+
+class TraceError(LiftirError):
+    """Array code did something the compiled engine cannot record (named in the message)."""
+
+
+_WIDEN = {np.dtype(np.int8): np.dtype(np.int32), np.dtype(np.int16): np.dtype(np.int32),
+          np.dtype(np.uint8): np.dtype(np.int32), np.dtype(np.uint16): np.dtype(np.int32)}
+
+
+def _dt(dtype) -> np.dtype:
+    d = np.dtype(dtype)
+    return _WIDEN.get(d, d)
+
+
+def _onnx_type(dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(_dt(dtype))
+
+
+class Recorder:
+    """The graph being written: nodes, initializers, fresh names."""
+
+    def __init__(self, opset: int, prefix: str = "liftir/"):
+        if opset < 13:
+            raise TraceError(f"the model's opset {opset} is below 13, the oldest the compiled engine emits")
+        self.opset = opset
+        self.nodes: list = []
+        self.initializers: list = []
+        self.prefix = prefix
+        self._count = itertools.count()
+        self._consts: dict[tuple, str] = {}
+        self._keep: list = []  # arrays whose id() keys _consts stay alive
+        self.ops: list[str] = []
+
+    def fresh(self, hint: str = "t") -> str:
+        return f"{self.prefix}{hint}{next(self._count)}"
+
+    def const(self, value) -> str:
+        """Initializer name for a NumPy value (deduplicated; broadcast views stored once)."""
+        arr = np.asarray(value)
+        arr = arr.astype(_dt(arr.dtype), copy=False)
+        key = (id(value), arr.dtype.str, arr.shape)
+        if key in self._consts:
+            return self._consts[key]
+        if arr.ndim and arr.size > 1 and all(s == 0 for s in arr.strides):  # a broadcast scalar
+            scalar = self.const(np.ascontiguousarray(arr.reshape(-1)[:1]).reshape(()))
+            name = self.node("Expand", [scalar, self.const(np.asarray(arr.shape, np.int64))])
+        else:
+            name = self.fresh("c")
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self._consts[key] = name
+        self._keep.append(value)
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs):
+        outs = [self.fresh() for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh("n"), domain=domain, **attrs))
+        self.ops.append(op)
+        return outs[0] if n_out == 1 else outs
+
+
+class Traced:
+    """A symbolic array: an ONNX value name with its shape and dtype."""
+
+    __array_ufunc__ = None  # NumPy operators defer to ours: ndarray * Traced -> Traced.__rmul__
+    __array_priority__ = 1000
+
+    def __init__(self, rec: Recorder, name: str, shape, dtype, *, branch: bool | None = None):
+        self.rec, self.name = rec, name
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = _dt(dtype)
+        self._branch = branch
+        self._base: Traced | None = None
+        self._key = None
+        self._version = 0  # bumped by every write
+        self._base_version = 0
+        self._pending: list = []  # (slices, value) added into strided parts, not yet emitted
+        self._lazy_view = False  # a view whose value is its base's part, emitted when read
+        self._fill = None  # the fill of a created array never written since
+
+    # ---- basics ------------------------------------------------------------------------
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def T(self):  # noqa: N802
+        return self.transpose()
+
+    def __repr__(self):
+        return f"Traced({self.name}, {self.shape}, {self.dtype})"
+
+    def __bool__(self):
+        if self._branch is None:
+            raise TraceError("a Python branch on the value of a traced array (only `.any()` / `.all()` "
+                             "shortcuts can be compiled)")
+        return self._branch
+
+    def __array__(self, *args, **kwargs):
+        raise TraceError("a traced array was converted to NumPy (its value is not known at compile time)")
+
+    def __float__(self):
+        raise TraceError("float() of a traced array")
+
+    __int__ = __index__ = __float__
+
+    def item(self):
+        raise TraceError(".item() of a traced array")
+
+    def tolist(self):
+        raise TraceError(".tolist() of a traced array")
+
+    def _check_fresh(self):
+        b = self._base
+        if b is not None:
+            b._check_fresh()
+            if b._version != self._base_version:
+                raise TraceError("a view was read after its base array was written through another view")
+
+    @property
+    def ref(self) -> str:
+        if self._lazy_view:  # a part of its base as the base is now (NumPy views see writes)
+            self._lazy_view = False
+            self.name = _emit_slice(self._base, self._key)
+            self._base_version = self._base._version
+        self._check_fresh()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            total = self if self._fill == 0 else None
+            for group in _by_steps(pending):
+                placed = _scatter_strided(self.rec, group, self.shape, self.dtype)
+                total = placed if total is None or total is self else add(total, placed)
+            if total is not self:
+                self.name = (total if self._fill == 0 else add(Traced(self.rec, self.name, self.shape,
+                                                                        self.dtype), total)).ref
+            self._fill = None
+        return self.name
+
+    def _add_at(self, key, value) -> None:
+        """self[key] += value for strided slices: kept pending, emitted as one interleave
+        of all such adds when the array is next read (a pool's window scatter)."""
+        spec = _basic_key(key, self.shape)
+        value = _as_dtype(_lift(self.rec, value, self.dtype), self.dtype)
+        sub_shape = tuple(len(range(*sl.indices(n))) for sl, n in zip(spec, self.shape))
+        value = broadcast_to(value.reshape(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+        self._check_fresh()
+        value.ref  # noqa: B018 - emit the value now, while what it reads is current
+        self._pending.append((spec, value))
+        self._version += 1
+
+    # ---- writes ------------------------------------------------------------------------
+    def _rebind(self, new: "Traced") -> None:
+        """This array now holds `new` (same shape); a view writes through to its base."""
+        new = _as_dtype(new, self.dtype)
+        if new.shape != self.shape:
+            new = broadcast_to(new, self.shape)
+        self._check_fresh()
+        self.name = new.ref
+        self._pending, self._lazy_view, self._fill = [], False, None
+        self._version += 1
+        if self._base is not None:
+            self._base._assign(self._key, self)
+            self._base_version = self._base._version
+
+    def _assign(self, key, value) -> None:
+        """self[key] = value for a basic-index key (ints, slices, Ellipsis)."""
+        spec = _basic_key(key, self.shape)
+        rec = self.rec
+        value = _lift(rec, value, self.dtype)
+        sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(spec, self.shape))
+        if all(s == slice(0, n, 1) for s, n in zip(spec, self.shape)) or all(
+                len(range(*s.indices(n))) == n and s.indices(n)[2] == 1 for s, n in zip(spec, self.shape)):
+            self._rebind(value.reshape(self.shape) if value.size == self.size else broadcast_to(value, self.shape))
+            return
+        value = broadcast_to(value.reshape(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+        if self._fill is not None and not self._pending and all(sl.step == 1 for sl in spec):
+            # into a freshly filled array (a padded copy): one Pad with the fill
+            pads = [sl.start for sl in spec] + [n - sl.stop for sl, n in zip(spec, self.shape)]
+            self._rebind(Traced(rec, rec.node("Pad", [value.ref, rec.const(np.array(pads, np.int64)),
+                                                      rec.const(np.asarray(self._fill, self.dtype))]),
+                                self.shape, self.dtype))
+            return
+        placed, mask = _place(rec, value, spec, self.shape)
+        out = Traced(rec, rec.node("Where", [rec.const(mask), placed.ref, self.ref]), self.shape, self.dtype)
+        self._rebind(out)
+
+    def __setitem__(self, key, value):
+        if (isinstance(value, Traced) and value._base is self and value._key == key
+                and value._base_version == self._version):
+            return  # `a[key] += v`: the view's in-place add already wrote through
+        if isinstance(key, Traced):  # a[mask] = expression of b[mask]
+            if key.dtype != np.bool_ or key.shape != self.shape:
+                raise TraceError("setting a traced array through an index array other than a full boolean mask")
+            full = value.expand(key) if isinstance(value, Masked) else _lift(self.rec, value, self.dtype)
+            self._rebind(where(key, full, self))
+            return
+        self._assign(key, value)
+
+    def _inplace(self, other, fn):
+        base = self._base
+        if (fn is add and base is not None and base._base is None
+                and self._base_version == base._version and not _covers(self._key, base.shape)):
+            base._add_at(self._key, other)  # `a[window] += v`: pending on the base
+            self._base_version = base._version
+            self._lazy_view = True
+            self._version += 1
+            return self
+        self._rebind(fn(self, other))
+        return self
+
+    def __iadd__(self, o):
+        return self._inplace(o, add)
+
+    def __isub__(self, o):
+        return self._inplace(o, subtract)
+
+    def __imul__(self, o):
+        return self._inplace(o, multiply)
+
+    def __itruediv__(self, o):
+        return self._inplace(o, divide)
+
+    # ---- indexing ----------------------------------------------------------------------
+    def __getitem__(self, key):
+        if isinstance(key, Traced):
+            if key.dtype == np.bool_ and key.shape == self.shape:
+                return Masked(self, key)
+            raise TraceError("indexing a traced array with an index array")
+        if isinstance(key, np.ndarray) or (isinstance(key, tuple) and any(isinstance(k, (np.ndarray, list, Traced))
+                                                                         for k in key)):
+            raise TraceError("fancy indexing of a traced array")
+        keys = key if isinstance(key, tuple) else (key,)
+        # None adds axes, ints remove them: slice first, then reshape
+        plain = tuple(k for k in keys if k is not None)
+        spec = _basic_key(plain, self.shape)
+        sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(spec, self.shape))
+        final = _index_result_shape(keys, self.shape)
+        if final != sub_shape:  # a reshaped selection is a copy as far as writes go (ints and None)
+            return Traced(self.rec, _emit_slice(self, plain), sub_shape, self.dtype).reshape(final)
+        out = Traced(self.rec, None, sub_shape, self.dtype)
+        out._base, out._key, out._base_version = self, plain, self._version
+        out._lazy_view = True  # emitted when read: `a[key] += v` never reads it
+        return out
+
+
+    # ---- shape ops ---------------------------------------------------------------------
+    def reshape(self, *shape, order="C"):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        shape = tuple(int(s) for s in shape)
+        if -1 in shape:
+            known = int(np.prod([s for s in shape if s != -1]))
+            shape = tuple(self.size // known if s == -1 else s for s in shape)
+        if shape == self.shape:
+            return self
+        rec = self.rec
+        return Traced(rec, rec.node("Reshape", [self.ref, rec.const(np.array(shape, np.int64))]), shape, self.dtype)
+
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        axes = tuple(int(a) % self.ndim for a in axes) if axes else tuple(reversed(range(self.ndim)))
+        if axes == tuple(range(self.ndim)):
+            return self
+        rec = self.rec
+        return Traced(rec, rec.node("Transpose", [self.ref], perm=list(axes)),
+                      tuple(self.shape[a] for a in axes), self.dtype)
+
+    def swapaxes(self, a, b):
+        return swapaxes(self, a, b)
+
+    def astype(self, dtype, copy=True):
+        return _as_dtype(self, dtype)
+
+    def copy(self):
+        return Traced(self.rec, self.ref, self.shape, self.dtype)
+
+    def ravel(self):
+        return self.reshape(-1)
+
+    # ---- reductions --------------------------------------------------------------------
+    def _reduce(self, op, axis, keepdims, dtype=None):
+        x = self if dtype is None else _as_dtype(self, dtype)
+        axes = tuple(range(self.ndim)) if axis is None else tuple(
+            a % self.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
+        rec = self.rec
+        shape = tuple(1 if i in axes else n for i, n in enumerate(self.shape))
+        if not axes:
+            return x
+        if op in ("ReduceMax", "ReduceMin") and x.dtype == np.bool_:
+            x = _as_dtype(x, np.int32)
+        if rec.opset >= 18 or (op == "ReduceSum" and rec.opset >= 13):
+            name = rec.node(op, [x.ref, rec.const(np.array(axes, np.int64))], keepdims=1)
+        else:
+            name = rec.node(op, [x.ref], axes=list(axes), keepdims=1)
+        out = Traced(rec, name, shape, x.dtype)
+        if not keepdims:
+            out = out.reshape(tuple(n for i, n in enumerate(self.shape) if i not in axes))
+        return out
+
+    def sum(self, axis=None, keepdims=False, dtype=None):
+        return self._reduce("ReduceSum", axis, keepdims, dtype)
+
+    def mean(self, axis=None, keepdims=False, dtype=None):
+        return self._reduce("ReduceMean", axis, keepdims, dtype)
+
+    def max(self, axis=None, keepdims=False):
+        return self._reduce("ReduceMax", axis, keepdims)
+
+    def min(self, axis=None, keepdims=False):
+        return self._reduce("ReduceMin", axis, keepdims)
+
+    def any(self, axis=None, keepdims=False):
+        out = _as_dtype(self._reduce("ReduceMax", axis, keepdims), np.bool_)
+        out._branch = True if axis is None else None
+        return out
+
+    def all(self, axis=None, keepdims=False):
+        out = _as_dtype(self._reduce("ReduceMin", axis, keepdims), np.bool_)
+        out._branch = False if axis is None else None
+        return out
+
+    def argmax(self, axis=None):
+        if axis is None:
+            return self.reshape(-1).argmax(0)
+        axis %= self.ndim
+        rec = self.rec
+        name = rec.node("ArgMax", [self.ref], axis=axis, keepdims=0, select_last_index=0)
+        return Traced(rec, name, self.shape[:axis] + self.shape[axis + 1:], np.int64)
+
+    # ---- operators ---------------------------------------------------------------------
+    def __add__(self, o):
+        return add(self, o)
+
+    def __radd__(self, o):
+        return add(o, self)
+
+    def __sub__(self, o):
+        return subtract(self, o)
+
+    def __rsub__(self, o):
+        return subtract(o, self)
+
+    def __mul__(self, o):
+        return multiply(self, o)
+
+    def __rmul__(self, o):
+        return multiply(o, self)
+
+    def __truediv__(self, o):
+        return divide(self, o)
+
+    def __rtruediv__(self, o):
+        return divide(o, self)
+
+    def __pow__(self, o):
+        return power(self, o)
+
+    def __matmul__(self, o):
+        return matmul(self, o)
+
+    def __rmatmul__(self, o):
+        return matmul(o, self)
+
+    def __neg__(self):
+        return _unary("Neg", self)
+
+    def __pos__(self):
+        return self
+
+    def __abs__(self):
+        return _unary("Abs", self)
+
+    def __invert__(self):
+        return _unary("Not", self)
+
+    def __and__(self, o):
+        return _binary("And", self, o, np.bool_)
+
+    __rand__ = __and__
+
+    def __or__(self, o):
+        return _binary("Or", self, o, np.bool_)
+
+    __ror__ = __or__
+
+    def __lt__(self, o):
+        return _binary("Less", self, o, np.bool_)
+
+    def __le__(self, o):
+        return _binary("LessOrEqual", self, o, np.bool_)
+
+    def __gt__(self, o):
+        return _binary("Greater", self, o, np.bool_)
+
+    def __ge__(self, o):
+        return _binary("GreaterOrEqual", self, o, np.bool_)
+
+    def __eq__(self, o):  # noqa: D105 - elementwise, as NumPy's
+        return _binary("Equal", self, o, np.bool_)
+
+    def __ne__(self, o):
+        return ~_binary("Equal", self, o, np.bool_)
+
+    __hash__ = object.__hash__
+
+
+class Masked:
+    """`a[mask]` of a traced array: usable only in `b[mask] = <elementwise expression>`."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, full: Traced, mask: Traced):
+        self.full, self.mask = full, mask
+
+    def expand(self, mask):
+        if mask is not self.mask:
+            raise TraceError("boolean-mask assignment from a selection by another mask")
+        return self.full
+
+    def _op(self, o, fn):
+        if isinstance(o, Masked):
+            o = o.expand(self.mask)
+        elif isinstance(o, Traced) or (isinstance(o, np.ndarray) and o.ndim):
+            raise TraceError("a masked selection combined with an array")
+        return Masked(fn(self.full, o), self.mask)
+
+    def __gt__(self, o):
+        return self._op(o, lambda a, b: a > b)
+
+    def __lt__(self, o):
+        return self._op(o, lambda a, b: a < b)
+
+    def __ge__(self, o):
+        return self._op(o, lambda a, b: a >= b)
+
+    def __le__(self, o):
+        return self._op(o, lambda a, b: a <= b)
+
+    def __mul__(self, o):
+        return self._op(o, multiply)
+
+    def __add__(self, o):
+        return self._op(o, add)
+
+    def __sub__(self, o):
+        return self._op(o, subtract)
+
+    def __truediv__(self, o):
+        return self._op(o, divide)
+
+    def astype(self, dtype, copy=True):
+        return Masked(_as_dtype(self.full, dtype), self.mask)
+
+
+def _emit_slice(base: "Traced", plain) -> str:
+    """The ONNX Slice of `base` for a basic index (ints kept as length-1 slices)."""
+    rec = base.rec
+    starts, ends, axes, steps = [], [], [], []
+    for a, (sl, n) in enumerate(zip(_basic_key(plain, base.shape), base.shape)):
+        start, stop, step = sl.indices(n)
+        if (start, stop, step) == (0, n, 1):
+            continue
+        length = len(range(start, stop, step))
+        if step < 0:
+            stop = start + (length - 1) * step - 1 if length else start
+            stop = stop if stop >= 0 else -(1 << 62)
+        starts.append(start)
+        ends.append(stop)
+        axes.append(a)
+        steps.append(step)
+    name = base.ref
+    if axes:
+        name = rec.node("Slice", [name, rec.const(np.array(starts, np.int64)), rec.const(np.array(ends, np.int64)),
+                                  rec.const(np.array(axes, np.int64)), rec.const(np.array(steps, np.int64))])
+    return name
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _basic_key(keys, shape) -> list[slice]:
+    """A basic index (ints, slices, one Ellipsis) as one slice per axis."""
+    keys = keys if isinstance(keys, tuple) else (keys,)
+    if any(k is Ellipsis for k in keys):
+        i = keys.index(Ellipsis)
+        fill = len(shape) - (len(keys) - 1)
+        keys = keys[:i] + (slice(None),) * fill + keys[i + 1:]
+    keys = keys + (slice(None),) * (len(shape) - len(keys))
+    if len(keys) != len(shape):
+        raise TraceError(f"index {keys} does not fit an array of shape {shape}")
+    out = []
+    for k, n in zip(keys, shape):
+        if isinstance(k, slice):
+            out.append(slice(*k.indices(n)))
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            i = int(k) % n
+            out.append(slice(i, i + 1, 1))
+        else:
+            raise TraceError(f"unsupported index {k!r} of a traced array")
+    return out
+
+
+def _index_result_shape(keys, shape) -> tuple[int, ...]:
+    """NumPy's result shape for a basic index (ints drop axes, None adds them)."""
+    return np.empty(shape, dtype=np.bool_)[keys if isinstance(keys, tuple) else (keys,)].shape \
+        if np.prod(shape) < (1 << 16) else _index_shape_slow(keys, shape)
+
+
+def _index_shape_slow(keys, shape):
+    keys = keys if isinstance(keys, tuple) else (keys,)
+    strided = np.lib.stride_tricks.as_strided(np.zeros(1, np.bool_), shape=shape, strides=(0,) * len(shape))
+    return strided[keys].shape
+
+
+def _covers(key, shape) -> bool:
+    return all(sl.indices(n) == (0, n, 1) for sl, n in zip(_basic_key(key, shape), shape))
+
+
+def _by_steps(pending):
+    """Pending adds grouped by their steps (each group is one interleave)."""
+    groups: dict[tuple, list] = {}
+    for spec, value in pending:
+        groups.setdefault(tuple(sl.step for sl in spec), []).append((spec, value))
+    return list(groups.values())
+
+
+def _scatter_strided(rec: Recorder, entries, shape, dtype) -> Traced:
+    """The sum of values placed at strided slices (all with the same steps) of a zero array.
+
+    Positions of one residue class (start mod step per axis) form a lattice; each value is a
+    block of its class's lattice (a Pad there if it is shifted), and the classes interleave
+    into the full array by one Concat per strided axis and a Reshape: no full-size Pad or
+    Where per window offset.
+    """
+    steps = [sl.step for sl in entries[0][0]]
+    strided = [a for a, st in enumerate(steps) if st > 1]
+    lattice = [-(-n // st) for n, st in zip(shape, steps)]
+    classes: dict[tuple, Traced] = {}
+    for spec, value in entries:
+        residue = tuple(sl.start % sl.step for sl in spec)
+        pads = [sl.start // sl.step for sl in spec]
+        pads += [m - q - n for m, q, n in zip(lattice, pads, value.shape)]
+        block = value
+        if any(pads):
+            block = Traced(rec, rec.node("Pad", [value.ref, rec.const(np.array(pads, np.int64))]),
+                           tuple(lattice), dtype)
+        classes[residue] = block if residue not in classes else add(classes[residue], block)
+    if not strided:
+        (only,) = classes.values()
+        return only
+    # each class lattice gets a size-1 axis after every strided axis, then Concat fills it
+    expanded = []
+    for a, m in enumerate(lattice):
+        expanded.append(m)
+        if a in strided:
+            expanded.append(1)
+    where_axis = {a: a + 1 + strided.index(a) for a in strided}
+
+    def build(prefix: tuple, level: int) -> Traced:
+        if level == len(strided):
+            residue = tuple(prefix[strided.index(a)] if a in strided else 0 for a in range(len(shape)))
+            block = classes.get(residue)
+            if block is None:
+                return Traced(rec, rec.node("Expand", [rec.const(np.zeros((), dtype)),
+                                                       rec.const(np.array(expanded, np.int64))]),
+                              tuple(expanded), dtype)
+            return block.reshape(expanded)
+        a = strided[level]
+        parts = [build(prefix + (r,), level + 1) for r in range(steps[a])]
+        out_shape = list(parts[0].shape)
+        out_shape[where_axis[a]] = steps[a]
+        return Traced(rec, rec.node("Concat", [p.ref for p in parts], axis=where_axis[a]), tuple(out_shape), dtype)
+
+    merged = build((), 0).reshape([m * st for m, st in zip(lattice, steps)])
+    if any(m * st != n for m, st, n in zip(lattice, steps, shape)):
+        merged = merged[tuple(slice(0, n) for n in shape)].copy()
+    return merged
+
+
+def _squeezed_value_shape(vshape, target):
+    """A value broadcast into a slice: NumPy aligns trailing axes."""
+    return vshape if len(vshape) <= len(target) else tuple(vshape[len(vshape) - len(target):])
+
+
+def _place(rec: Recorder, value: Traced, spec, shape):
+    """`value` (the slice's shape) placed at `spec` in a zero array of `shape`, and the mask
+    of the positions it covers (a constant, broadcast over untouched axes)."""
+    name, cur = value.ref, list(value.shape)
+    mask_shape = [n if s != slice(0, n, 1) else 1 for s, n in zip(spec, shape)]
+    mask = np.zeros(mask_shape, np.bool_)
+    mask[tuple(s if m > 1 or s != slice(0, 1, 1) or n == 1 else slice(None)
+               for s, m, n in zip(spec, mask_shape, shape))] = True
+    for a, (s, n) in enumerate(zip(spec, shape)):
+        start, stop, step = s.indices(n)
+        if (start, stop, step) == (0, n, 1):
+            continue
+        if step < 0:
+            raise TraceError("writing through a reversed slice")
+        length = cur[a]
+        if step > 1 and length > 1:  # interleave step-1 zeros: (.., L, 1) -> (.., L, step) -> (.., L*step)
+            un = rec.node("Unsqueeze", [name, rec.const(np.array([a + 1], np.int64))])
+            pads = [0] * (2 * (len(cur) + 1))
+            pads[len(cur) + 1 + a + 1] = step - 1
+            padded = rec.node("Pad", [un, rec.const(np.array(pads, np.int64))])
+            cur[a] = length * step
+            name = rec.node("Reshape", [padded, rec.const(np.array(cur, np.int64))])
+            covered = length * step
+        else:
+            covered = length
+        end = n - start - covered
+        if end < 0:
+            name = rec.node("Slice", [name, rec.const(np.array([0], np.int64)),
+                                      rec.const(np.array([covered + end], np.int64)),
+                                      rec.const(np.array([a], np.int64))])
+            covered += end
+            end = 0
+        pads = [0] * (2 * len(cur))
+        pads[a], pads[len(cur) + a] = start, end
+        name = rec.node("Pad", [name, rec.const(np.array(pads, np.int64))])
+        cur[a] = n
+    return Traced(rec, name, shape, value.dtype), mask
+
+
+def _lift(rec: Recorder, v, dtype=None) -> Traced:
+    """A Traced for a Traced, NumPy value or Python scalar (scalars take `dtype`, as NumPy 2)."""
+    if isinstance(v, Traced):
+        if v.rec is not rec:
+            raise TraceError("a traced array from another compile was used")
+        return v
+    if isinstance(v, Masked):
+        raise TraceError("a masked selection used outside `a[mask] = ...`")
+    if isinstance(v, (bool, int, float, np.bool_)) and not isinstance(v, np.ndarray) and dtype is not None \
+            and not isinstance(v, (np.floating, np.integer)):
+        arr = np.asarray(v, dtype=dtype)
+    else:
+        arr = np.asarray(v)
+    return Traced(rec, rec.const(arr if arr is v else arr), arr.shape, arr.dtype)
+
+
+def _rec_of(*xs) -> Recorder | None:
+    for x in xs:
+        if isinstance(x, Traced):
+            return x.rec
+        if isinstance(x, Masked):
+            return x.full.rec
+    return None
+
+
+def _as_dtype(x: Traced, dtype) -> Traced:
+    dtype = _dt(dtype)
+    if x.dtype == dtype:
+        return x
+    rec = x.rec
+    out = Traced(rec, rec.node("Cast", [x.ref], to=_onnx_type(dtype)), x.shape, dtype)
+    if x._fill is not None and not x._pending:
+        out._fill = np.asarray(x._fill).astype(dtype).item()
+    return out
+
+
+def _result_dtype(a, b) -> np.dtype:
+    def probe(v):
+        if isinstance(v, Traced):
+            return np.empty(0, v.dtype)
+        return v
+    return _dt(np.result_type(probe(a), probe(b)))
+
+
+def _operand_names(rec: Recorder, ts: list[Traced], shape) -> list[str]:
+    """Names for an elementwise node's operands; an unwritten filled array (ones_like...)
+    is read as its scalar where the other operands already give the result's shape."""
+    names = [t.ref if t._fill is None or t._pending else None for t in ts]
+    kept = [t.shape for t, n in zip(ts, names) if n is not None]
+    if kept and np.broadcast_shapes(*kept) == tuple(shape):
+        return [n if n is not None else rec.const(np.asarray(t._fill, t.dtype)) for t, n in zip(ts, names)]
+    return [t.ref for t in ts]
+
+
+def _binary(op: str, a, b, out_dtype=None, dtype=None) -> Traced:
+    rec = _rec_of(a, b)
+    if dtype is None:
+        dtype = _result_dtype(a, b)
+        if op in ("And", "Or"):
+            dtype = np.dtype(np.bool_)
+    ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
+    shape = np.broadcast_shapes(ta.shape, tb.shape)
+    return Traced(rec, rec.node(op, _operand_names(rec, [ta, tb], shape)), shape,
+                  dtype if out_dtype is None else out_dtype)
+
+
+def _unary(op: str, x: Traced, **attrs) -> Traced:
+    rec = x.rec
+    return Traced(rec, rec.node(op, [x.ref], **attrs), x.shape, x.dtype)
+
+
+def _elementwise(np_fn, op):
+    def fn(a, b=None, out=None, **kwargs):
+        args = (a,) if b is None else (a, b)
+        if _rec_of(*args) is None:
+            result = np_fn(*args, **kwargs)
+        else:
+            result = op(*args)
+        if out is not None:
+            if not isinstance(out, Traced):
+                raise TraceError(f"{np_fn.__name__}(out=...) into a NumPy array")
+            out._rebind(result)
+            return out
+        return result
+    fn.__name__ = np_fn.__name__
+    return fn
+
+
+def _float_unary(op):
+    def fn(x):
+        x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+        return _unary(op, x)
+    return fn
+
+
+def _div(a, b):
+    dtype = _result_dtype(a, b)
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    return _binary("Div", a, b, dtype=dtype)
+
+
+def _pow(a, b):
+    if isinstance(b, (int, float)) and b == 2:
+        rec = _rec_of(a)
+        a = _lift(rec, a)
+        return a * a
+    return _binary("Pow", a, b)
+
+
+add = _elementwise(np.add, lambda a, b: _binary("Add", a, b))
+subtract = _elementwise(np.subtract, lambda a, b: _binary("Sub", a, b))
+multiply = _elementwise(np.multiply, lambda a, b: _binary("Mul", a, b))
+divide = _elementwise(np.divide, _div)
+true_divide = divide
+power = _elementwise(np.power, _pow)
+maximum = _elementwise(np.maximum, lambda a, b: _binary("Max", a, b))
+minimum = _elementwise(np.minimum, lambda a, b: _binary("Min", a, b))
+absolute = abs_ = _elementwise(np.abs, lambda x: _unary("Abs", x))
+exp = _elementwise(np.exp, _float_unary("Exp"))
+log = _elementwise(np.log, _float_unary("Log"))
+sqrt = _elementwise(np.sqrt, _float_unary("Sqrt"))
+def _tanh(x: Traced) -> Traced:
+    """tanh to ~2 ulps, from expm1 (onnxruntime's Tanh is ~5 ulps off; a DeepLIFT quotient of
+    two saturated tanh values would amplify the difference)."""
+    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+    t = _expm1(-2 * abs(x))
+    return _unary("Sign", x) * (-t / (t + 2))
+
+
+tanh = _elementwise(np.tanh, _tanh)
+sin = _elementwise(np.sin, _float_unary("Sin"))
+cos = _elementwise(np.cos, _float_unary("Cos"))
+sinh = _elementwise(np.sinh, _float_unary("Sinh"))
+cosh = _elementwise(np.cosh, _float_unary("Cosh"))
+arctan = _elementwise(np.arctan, _float_unary("Atan"))
+floor = _elementwise(np.floor, lambda x: _unary("Floor", x))
+ceil = _elementwise(np.ceil, lambda x: _unary("Ceil", x))
+sign = _elementwise(np.sign, lambda x: _unary("Sign", x))
+negative = _elementwise(np.negative, lambda x: _unary("Neg", x))
+globals()["abs"] = absolute
+
+
+def _no_onnx(name):
+    def fn(*args, **kwargs):
+        if _rec_of(*args) is None:
+            return getattr(np, name)(*args, **kwargs)
+        raise TraceError(f"{name} has no exact ONNX equivalent in the compiled engine")
+    fn.__name__ = name
+    return fn
+
+
+def _expm1(x: Traced) -> Traced:
+    """e^x - 1 to a few ulps: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+    terms = 18 if x.dtype.itemsize >= 8 else 10
+    small = abs(x) < 0.5
+    z = where(small, x, 0.0)
+    acc = z * 0 + 1.0 / math.factorial(terms)
+    for n in range(terms - 1, 0, -1):
+        acc = acc * z + 1.0 / math.factorial(n)
+    return where(small, acc * z, _unary("Exp", x) - 1)
+
+
+def _log1p(x: Traced) -> Traced:
+    """log(1 + x) to a few ulps (Goldberg: log(u) * x / (u - 1) with u = 1 + x rounded)."""
+    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
+    u = x + 1
+    exact = u == 1
+    return where(exact, x, _unary("Log", u) * x / where(exact, 1.0, u - 1))
+
+
+def _logaddexp(a, b) -> Traced:
+    """log(e^a + e^b) as NumPy computes it: max + log1p(e^-|a - b|)."""
+    rec = _rec_of(a, b)
+    dtype = _result_dtype(a, b)
+    ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
+    top = maximum(ta, tb)
+    return top + _log1p(_unary("Exp", -abs(ta - tb)))
+
+
+def _too_coarse(name):
+    def fn(*args, **kwargs):
+        raise TraceError(f"{name} would use onnxruntime's Log (~4 ulps against NumPy's 1), too coarse "
+                         f"for a DeepLIFT quotient of two close values")
+    return fn
+
+
+expm1 = _elementwise(np.expm1, _expm1)
+# _log1p and _logaddexp are as accurate as onnxruntime's Log allows, which moved Softplus
+# multipliers by 1e-5 near the rule's small-dx threshold: refused until a finer log exists
+log1p = _elementwise(np.log1p, _too_coarse("log1p"))
+logaddexp = _elementwise(np.logaddexp, _too_coarse("logaddexp"))
+
+def bincount(x, weights=None, minlength=0):
+    """Sums of traced `weights` at constant positions `x`: ScatterElements(reduction="add")."""
+    rec = _rec_of(x, weights)
+    if rec is None:
+        return np.bincount(x, weights=weights, minlength=minlength)
+    if isinstance(x, Traced) or weights is None:
+        raise TraceError("bincount of traced positions (or without weights)")
+    if rec.opset < 16:
+        raise TraceError(f"bincount needs ScatterElements(reduction='add'), opset 16; the model has {rec.opset}")
+    positions = np.asarray(x, np.int64).reshape(-1)
+    size = int(max(minlength, int(positions.max()) + 1 if positions.size else 0))
+    w = _lift(rec, weights).reshape(-1)
+    zeros = rec.const(np.broadcast_to(np.zeros((), w.dtype), (size,)))
+    name = rec.node("ScatterElements", [zeros, rec.const(positions), w.ref], axis=0, reduction="add")
+    return Traced(rec, name, (size,), w.dtype)
+
+
+for _name in ("einsum", "tensordot", "take", "repeat", "tile", "split"):
+    globals()[_name] = _no_onnx(_name)
+
+
+def round(x, decimals=0):  # noqa: A001 - NumPy's name
+    if not isinstance(x, Traced):
+        return np.round(x, decimals)
+    if decimals:
+        raise TraceError("round(decimals=...) in a trace")
+    return _unary("Round", x)
+
+
+def clip(x, lo, hi, out=None):
+    if _rec_of(x, lo, hi) is None:
+        return np.clip(x, lo, hi)
+    result = x
+    if lo is not None:
+        result = maximum(result, lo)
+    if hi is not None:
+        result = minimum(result, hi)
+    if out is not None:
+        out._rebind(result)
+        return out
+    return result
+
+
+def where(cond, a, b):
+    rec = _rec_of(cond, a, b)
+    if rec is None:
+        return np.where(cond, a, b)
+    dtype = _result_dtype(a, b)
+    tc = _as_dtype(_lift(rec, cond, np.bool_), np.bool_)
+    ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
+    shape = np.broadcast_shapes(tc.shape, ta.shape, tb.shape)
+    return Traced(rec, rec.node("Where", _operand_names(rec, [tc, ta, tb], shape)), shape, dtype)
+
+
+def broadcast_to(x, shape):
+    if not isinstance(x, Traced):
+        return np.broadcast_to(x, shape)
+    shape = tuple(int(s) for s in shape)
+    if x.shape == shape:
+        return x
+    rec = x.rec
+    return Traced(rec, rec.node("Expand", [x.ref, rec.const(np.array(shape, np.int64))]), shape, x.dtype)
+
+
+def reshape(x, shape):
+    return x.reshape(shape)
+
+
+def transpose(x, axes=None):
+    return x.transpose(axes) if axes is not None else x.transpose()
+
+
+def swapaxes(x, a, b):
+    if not isinstance(x, Traced):
+        return np.swapaxes(x, a, b)
+    perm = list(range(x.ndim))
+    a, b = a % x.ndim, b % x.ndim
+    perm[a], perm[b] = perm[b], perm[a]
+    return x.transpose(perm)
+
+
+def moveaxis(x, src, dst):
+    if not isinstance(x, Traced):
+        return np.moveaxis(x, src, dst)
+    src_l = [s % x.ndim for s in np.atleast_1d(src).tolist()]
+    dst_l = [d % x.ndim for d in np.atleast_1d(dst).tolist()]
+    order = [None] * x.ndim
+    for s, d in zip(src_l, dst_l):
+        order[d] = s
+    rest = iter(a for a in range(x.ndim) if a not in src_l)
+    return x.transpose([o if o is not None else next(rest) for o in order])
+
+
+def expand_dims(x, axis):
+    if not isinstance(x, Traced):
+        return np.expand_dims(x, axis)
+    axes = np.atleast_1d(axis).tolist()
+    nd = x.ndim + len(axes)
+    shape = list(x.shape)
+    for a in sorted(a % nd for a in axes):
+        shape.insert(a, 1)
+    return x.reshape(shape)
+
+
+def squeeze(x, axis=None):
+    if not isinstance(x, Traced):
+        return np.squeeze(x, axis)
+    axes = [a % x.ndim for a in (np.atleast_1d(axis).tolist() if axis is not None else
+                                 [i for i, n in enumerate(x.shape) if n == 1])]
+    return x.reshape([n for i, n in enumerate(x.shape) if i not in axes])
+
+
+def ascontiguousarray(x):
+    return x if isinstance(x, Traced) else np.ascontiguousarray(x)
+
+
+def asarray(x, dtype=None):
+    if isinstance(x, Traced):
+        return x if dtype is None else _as_dtype(x, dtype)
+    return np.asarray(x, dtype=dtype)
+
+
+def concatenate(xs, axis=0):
+    rec = _rec_of(*xs)
+    if rec is None:
+        return np.concatenate(xs, axis=axis)
+    dtype = _dt(np.result_type(*[np.empty(0, x.dtype) if isinstance(x, Traced) else x for x in xs]))
+    ts = [_as_dtype(_lift(rec, x, dtype), dtype) for x in xs]
+    axis %= ts[0].ndim
+    shape = list(ts[0].shape)
+    shape[axis] = builtins.sum(t.shape[axis] for t in ts)
+    return Traced(rec, rec.node("Concat", [t.ref for t in ts], axis=axis), shape, dtype)
+
+
+def stack(xs, axis=0):
+    if _rec_of(*xs) is None:
+        return np.stack(xs, axis=axis)
+    return concatenate([expand_dims(x, axis) for x in xs], axis=axis)
+
+
+def matmul(a, b, out=None):
+    rec = _rec_of(a, b)
+    if rec is None:
+        return np.matmul(a, b)
+    dtype = _result_dtype(a, b)
+    ta, tb = _as_dtype(_lift(rec, a), dtype), _as_dtype(_lift(rec, b), dtype)
+    if ta.ndim < 2 or tb.ndim < 2:
+        raise TraceError("matmul of a 1-D operand in a trace")
+    shape = np.broadcast_shapes(ta.shape[:-2], tb.shape[:-2]) + (ta.shape[-2], tb.shape[-1])
+    result = Traced(rec, rec.node("MatMul", [ta.ref, tb.ref]), shape, dtype)
+    if out is not None:
+        out._rebind(result)
+        return out
+    return result
+
+
+def take_along_axis(x, idx, axis):
+    rec = _rec_of(x, idx)
+    if rec is None:
+        return np.take_along_axis(x, idx, axis)
+    tx, ti = _lift(rec, x), _as_dtype(_lift(rec, idx), np.int64)
+    axis %= tx.ndim
+    shape = list(np.broadcast_shapes(tx.shape[:axis] + (1,) + tx.shape[axis + 1:],
+                                     ti.shape[:axis] + (1,) + ti.shape[axis + 1:]))
+    tx = broadcast_to(tx, tuple(shape[:axis] + [tx.shape[axis]] + shape[axis + 1:]))
+    shape[axis] = ti.shape[axis]
+    ti = broadcast_to(ti, tuple(shape))
+    return Traced(rec, rec.node("GatherElements", [tx.ref, ti.ref], axis=axis), shape, tx.dtype)
+
+
+def pad(x, width, mode="constant", constant_values=0):
+    if not isinstance(x, Traced):
+        return np.pad(x, width, mode=mode, constant_values=constant_values)
+    if mode != "constant":
+        raise TraceError(f"pad(mode={mode!r}) in a trace")
+    width = np.broadcast_to(np.asarray(width, np.int64).reshape(-1, 2) if np.ndim(width) else
+                            np.full((x.ndim, 2), int(width)), (x.ndim, 2))
+    rec = x.rec
+    pads = np.concatenate([width[:, 0], width[:, 1]]).astype(np.int64)
+    value = rec.const(np.asarray(constant_values, dtype=x.dtype))
+    shape = tuple(int(n + lo + hi) for n, (lo, hi) in zip(x.shape, width))
+    return Traced(rec, rec.node("Pad", [x.ref, rec.const(pads), value]), shape, x.dtype)
+
+
+# ---- array creation: mutable traced arrays of a known fill --------------------------------
+_CURRENT: list[Recorder] = []
+
+
+def _filled(shape, value, dtype) -> Traced:
+    if not _CURRENT:
+        raise TraceError("array creation outside a trace")
+    rec = _CURRENT[-1]
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    dtype = _dt(dtype or np.float64)
+    const = np.broadcast_to(np.asarray(value, dtype=dtype), shape)
+    name = rec.const(const) if const.size > 1 else rec.const(np.full(shape, value, dtype))
+    out = Traced(rec, rec.node("Identity", [name]), shape, dtype)
+    out._fill = value
+    return out
+
+
+def zeros(shape, dtype=np.float64):
+    return _filled(shape, 0, dtype)
+
+
+def ones(shape, dtype=np.float64):
+    return _filled(shape, 1, dtype)
+
+
+def empty(shape, dtype=np.float64):
+    return _filled(shape, 0, dtype)
+
+
+def full(shape, value, dtype=None):
+    return _filled(shape, value, dtype if dtype is not None else np.result_type(value))
+
+
+def _like(fill):
+    def fn(x, dtype=None, **kwargs):
+        if not isinstance(x, Traced):
+            return {0: np.zeros_like, 1: np.ones_like}[fill](x, dtype=dtype)
+        return _filled(x.shape, fill, dtype or x.dtype)
+    return fn
+
+
+zeros_like, ones_like, empty_like = _like(0), _like(1), _like(0)
+
+
+def full_like(x, value, dtype=None):
+    if not isinstance(x, Traced):
+        return np.full_like(x, value, dtype=dtype)
+    return _filled(x.shape, value, dtype or x.dtype)
+
+
+def arange(*args, dtype=None):
+    return np.arange(*args, dtype=dtype)
+
+
+def argmax(x, axis=None):
+    return x.argmax(axis) if isinstance(x, Traced) else np.argmax(x, axis)
+
+
+def sum(x, axis=None, keepdims=False, dtype=None):  # noqa: A001 - NumPy's name
+    return x.sum(axis, keepdims, dtype) if isinstance(x, Traced) else np.sum(x, axis, keepdims=keepdims, dtype=dtype)
+
+
+def mean(x, axis=None, keepdims=False, dtype=None):
+    return x.mean(axis, keepdims, dtype) if isinstance(x, Traced) else np.mean(x, axis, keepdims=keepdims,
+                                                                             dtype=dtype)
+
+
+class _Lib:
+    class stride_tricks:  # noqa: N801 - NumPy's name
+        @staticmethod
+        def as_strided(*args, **kwargs):
+            raise TraceError("as_strided in a trace")
+
+
+lib = _Lib
+for _t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "bool_", "dtype"):
+    globals()[_t] = getattr(np, _t)
+ndarray = Traced
+errstate = np.errstate
+del _t, _name
+
+
+class recording:  # noqa: N801 - a context manager named for what it does
+    """`with recording(rec):` array creation (zeros, ones, full...) writes into `rec`."""
+
+    def __init__(self, rec: Recorder):
+        self.rec = rec
+
+    def __enter__(self):
+        _CURRENT.append(self.rec)
+        return self.rec
+
+    def __exit__(self, *exc):
+        _CURRENT.pop()
+
+
+def is_tracer(xp: Any) -> bool:
+    """True for this module (kernels emit their op as one ONNX node instead of computing)."""
+    return getattr(xp, "__name__", "") == __name__
+
+
+def emit_node(op: str, inputs: list, attrs: dict, out_shape=None) -> Traced:
+    """One ONNX node of a kernel (Conv, ConvTranspose...) on traced/NumPy inputs; its output
+    shape from ONNX shape inference when not given."""
+    rec = _rec_of(*inputs)
+    lifted = [None if v is None else _lift(rec, v) for v in inputs]
+    names = ["" if v is None else v.ref for v in lifted]
+    while names and names[-1] == "":
+        names.pop()
+    first = next(v for v in lifted if v is not None)
+    if out_shape is None:
+        out_shape = _infer_shape(op, [v for v in lifted if v is not None], attrs, rec.opset)
+    return Traced(rec, rec.node(op, names, **attrs), out_shape, first.dtype)
+
+
+def _infer_shape(op, inputs, attrs, opset):
+    import onnx
+    names = [f"i{i}" for i in range(len(inputs))]
+    graph = helper.make_graph(
+        [helper.make_node(op, names, ["y"], **attrs)], "probe",
+        [helper.make_tensor_value_info(n, _onnx_type(v.dtype), list(v.shape)) for n, v in zip(names, inputs)],
+        [helper.make_tensor_value_info("y", _onnx_type(inputs[0].dtype), None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    out = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.output[0]
+    dims = out.type.tensor_type.shape.dim
+    if not dims or any(not d.HasField("dim_value") for d in dims):
+        raise TraceError(f"no static output shape for a {op} kernel")
+    return tuple(d.dim_value for d in dims)
+
+
+_ = builtins  # the module shadows abs/round/sum; builtins stays reachable

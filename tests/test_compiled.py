@@ -1,0 +1,321 @@
+"""The compiled engine (liftir/compile) against the interpreter it is traced from.
+
+The compiled graph is the interpreter's own rules recorded as ONNX, so on every model it
+must give the interpreter's numbers (to 1e-6 relative; they are usually bit for bit the
+same), with summation-to-delta holding, and whatever it cannot record must run on the
+interpreter, said in a log line, never a silently different answer.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import liftir
+from liftir.compile import tracer
+from onnx_builders import model
+
+METHODS = [("deeplift", "cross_max"), ("deeplift", "paper"), ("saliency", "cross_max"),
+           ("input_x_gradient", "cross_max"), ("guided_backprop", "cross_max"), ("deconvnet", "cross_max")]
+REL = 1e-6
+
+
+def _both(m, method, max_rule, x, x0, target, **kwargs):
+    interp = liftir.Explainer(m, method, max_rule=max_rule, **kwargs)
+    comp = liftir.Explainer(m, method, max_rule=max_rule, engine="compiled", **kwargs)
+    a = interp.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+    b = comp.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+    assert comp._compiled.passes and all(p is not None for p in comp._compiled.passes.values()), \
+        comp._compiled.reasons
+    return interp, comp, a, b
+
+
+def _assert_same(a, b, truth=None):
+    """Equal to REL of the largest attribution. With `truth` (the float64 interpreter), for
+    smooth activations: at least as accurate as the interpreter instead. Their rules take
+    (f(x) - f(x0)) / dx where |dx| >= 1, and where both ends saturate that difference
+    cancels, so one ulp of exp (NumPy's and onnxruntime's differ by one) moves the
+    multiplier by up to ~1e-5 of itself in both engines alike."""
+    (ra, da), (rb, db) = a, b
+    scale = max(float(np.abs(ra).max()), 1e-30)
+    diff = float(np.abs(ra - rb).max())
+    if truth is not None and diff > REL * scale:
+        assert float(np.abs(rb - truth).max()) <= max(2 * float(np.abs(ra - truth).max()), REL * scale)
+    else:
+        assert diff <= REL * scale
+    if da is not None:
+        assert np.abs(da - db).max() <= REL * max(1.0, scale) or truth is not None
+
+
+def _assert_conserves(ex, x, x0, delta):
+    """|sum of attributions - (f(x) - f(x0))| within float32 round-off of the outputs."""
+    scale = max(1.0, float(np.abs(ex.predict(x)).max()), float(np.abs(ex.predict(x0.reshape((-1,) + x.shape[1:]))).max()))
+    assert np.abs(delta).max() <= 1e-4 * scale
+
+
+# ---- the benchmark models, small ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo_models():
+    zoo = pytest.importorskip("zoo")
+    out = {}
+    for name, kwargs, batch in [("all_conv", {"width": 8}, 2), ("vgg_maxpool", {"relu_before_pool": True}, 2), ("residual_bn", {}, 3),
+                                ("mlp_relu_sigmoid_tanh", {}, 5), ("maxpool_relu_adjacent", {}, 3)]:
+        net = zoo.build(name, **kwargs)
+        proto = zoo.export(net, zoo.make_input(name, 2), None, dynamo=False)
+        x = zoo.make_input(name, batch, seed=1).numpy()
+        x0 = (np.random.default_rng(7).standard_normal(x.shape[1:]) * 0.1).astype(np.float32)
+        out[name] = (proto, x, x0)
+    return out
+
+
+@pytest.mark.parametrize("name", ["all_conv", "vgg_maxpool", "residual_bn", "mlp_relu_sigmoid_tanh",
+                                  "maxpool_relu_adjacent"])
+def test_compiled_equals_interpreter_on_benchmark_models(zoo_models, name):
+    proto, x, x0 = zoo_models[name]
+    methods = METHODS if name != "vgg_maxpool" else METHODS[:3]  # the biggest graph: fewer methods
+    for method, max_rule in methods:
+        interp, comp, a, b = _both(proto, method, max_rule, x, x0, 1)
+        _assert_same(a, b)
+        if method == "deeplift" and max_rule == "cross_max":  # the paper's max rule need not conserve
+            _assert_conserves(comp, x, x0, b[1])
+
+
+# ---- random graphs (fuzzer style) --------------------------------------------------------
+def _random_net(rng):
+    """A random conv net: random layers, a random residual, random pools and activations."""
+    c, size = int(rng.integers(2, 4)), int(rng.integers(6, 10))
+    nodes, consts = [], {}
+    cur, shape = "x", (c, size, size)
+    same_shape = {shape: ["x"]}
+
+    def name(prefix):
+        return f"{prefix}{len(nodes)}"
+
+    def add_const(value):
+        n = f"w{len(consts)}"
+        consts[n] = value.astype(np.float32)
+        return n
+
+    for _ in range(int(rng.integers(3, 7))):
+        kind = rng.choice(["conv", "conv_s2", "relu", "sigmoid", "tanh", "maxpool", "maxpool_overlap",
+                           "avgpool", "bn", "residual", "relu_pool", "elu"])
+        ch, h, _w = shape
+        out = name("t")
+        if kind in ("conv", "conv_s2"):
+            m = int(rng.integers(2, 5))
+            stride = 2 if kind == "conv_s2" and h >= 4 else 1
+            wn = add_const(rng.standard_normal((m, ch, 3, 3)) * 0.5)
+            bn_ = add_const(rng.standard_normal(m) * 0.1)
+            nodes.append(helper.make_node("Conv", [cur, wn, bn_], [out], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                          strides=[stride, stride]))
+            shape = (m, (h - 1) // stride + 1, (h - 1) // stride + 1)
+        elif kind == "relu_pool":  # dx == 0 at the pool where actual and reference are both <= 0
+            nodes.append(helper.make_node("Relu", [cur], [out + "r"]))
+            nodes.append(helper.make_node("MaxPool", [out + "r"], [out], kernel_shape=[3, 3], strides=[2, 2],
+                                          pads=[1, 1, 1, 1]))
+            shape = (ch, (h - 1) // 2 + 1, (h - 1) // 2 + 1)
+        elif kind in ("relu", "sigmoid", "tanh", "elu"):
+            nodes.append(helper.make_node(kind.capitalize(), [cur], [out]))
+        elif kind == "maxpool" and h >= 4:
+            nodes.append(helper.make_node("MaxPool", [cur], [out], kernel_shape=[2, 2], strides=[2, 2]))
+            shape = (ch, h // 2, h // 2)
+        elif kind == "maxpool_overlap":
+            nodes.append(helper.make_node("MaxPool", [cur], [out], kernel_shape=[3, 3], strides=[1, 1],
+                                          pads=[1, 1, 1, 1]))
+        elif kind == "avgpool":
+            nodes.append(helper.make_node("AveragePool", [cur], [out], kernel_shape=[3, 3], strides=[1, 1],
+                                          pads=[1, 1, 1, 1], count_include_pad=int(rng.integers(0, 2))))
+        elif kind == "bn":
+            params = [add_const(rng.uniform(0.5, 1.5, ch)), add_const(rng.standard_normal(ch) * 0.1),
+                      add_const(rng.standard_normal(ch) * 0.1), add_const(rng.uniform(0.5, 2, ch))]
+            nodes.append(helper.make_node("BatchNormalization", [cur] + params, [out]))
+        elif kind == "residual" and len(same_shape.get(shape, [])) > 0:
+            nodes.append(helper.make_node("Add", [cur, str(rng.choice(same_shape[shape]))], [out]))
+        else:
+            continue
+        cur = out
+        same_shape.setdefault(shape, []).append(cur)
+    ch, h, _w = shape
+    pooled = name("g")
+    if rng.integers(0, 2):
+        nodes.append(helper.make_node("GlobalAveragePool", [cur], [pooled]))
+        nodes.append(helper.make_node("Flatten", [pooled], [name("f")]))
+        features = ch
+    else:
+        nodes.append(helper.make_node("Flatten", [cur], [name("f")]))
+        features = ch * h * h
+    flat = nodes[-1].output[0]
+    wn = add_const(rng.standard_normal((4, features)) * 0.5)
+    bn_ = add_const(rng.standard_normal(4) * 0.1)
+    nodes.append(helper.make_node("Gemm", [flat, wn, bn_], ["y"], transB=1))
+    return model(nodes, {"x": (None, c, size, size)}, ["y"], consts), (c, size, size)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_compiled_equals_interpreter_on_random_graphs(seed):
+    rng = np.random.default_rng(100 + seed)
+    m, shape = _random_net(rng)
+    x = rng.standard_normal((3,) + shape).astype(np.float32)
+    x0 = (rng.standard_normal((1,) + shape) * 0.3).astype(np.float32)
+    x0[0, :, :, ::2] = x[0, :, :, ::2]  # dx == 0 exactly at some positions: the rules' fallbacks run
+    smooth = any(n.op_type in ("Sigmoid", "Tanh", "Elu") for n in m.graph.node)
+    for method, max_rule in METHODS:
+        target = int(rng.integers(0, 4))
+        interp, comp, a, b = _both(m, method, max_rule, x, x0, target)
+        truth = None
+        if smooth:
+            truth = liftir.Explainer(m, method, max_rule=max_rule, precision="float64").attribute(
+                x.astype(np.float64), baselines=x0.astype(np.float64), target=target)
+        _assert_same(a, b, truth)
+        if method == "deeplift" and max_rule == "cross_max":  # the paper's max rule need not conserve
+            _assert_conserves(comp, x, x0, b[1])
+
+
+# ---- caching ------------------------------------------------------------------------------
+def test_one_compiled_pass_serves_every_target_of_a_batch_shape():
+    rng = np.random.default_rng(3)
+    m, shape = _random_net(rng)
+    ex = liftir.Explainer(m, "deeplift", engine="compiled")
+    ref = liftir.Explainer(m, "deeplift")
+    x = rng.standard_normal((4,) + shape).astype(np.float32)
+    for target in (0, 3, [0, 1, 2, 3]):
+        _assert_same((ref.attribute(x, target=target), None), (ex.attribute(x, target=target), None))
+    assert len(ex._compiled.passes) == 1  # the seed is an input of the graph
+    ex.attribute(x[:2], target=1)
+    assert len(ex._compiled.passes) == 2  # a new batch shape compiles once more
+    _assert_same((ref.attribute(x, target="all"), None), (ex.attribute(x, target="all"), None))
+
+
+# ---- what does not compile runs on the interpreter, and says so ----------------------------
+def test_an_untraceable_rule_falls_back_to_the_interpreter_with_the_node_named(caplog):
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((6, 3)) * 0.5).astype(np.float32)
+    w2 = (rng.standard_normal((6, 2)) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="dense1"),
+             helper.make_node("Relu", ["h"], ["s"], name="relu"),
+             helper.make_node("Einsum", ["s", "w2"], ["y"], equation="nj,jk->nk", name="soft")]  # xp.einsum
+    m = model(nodes, {"x": (None, 3)}, ["y"], {"w1": w1, "w2": w2})
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="liftir"):
+        ex = liftir.Explainer(m, "deeplift", engine="compiled")
+        got, delta = ex.attribute(x, target=1, return_convergence_delta=True)
+    want = liftir.Explainer(m, "deeplift").attribute(x, target=1)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(delta).max() < 1e-5
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "cannot compile" in message and "'soft'" in message and "einsum" in message
+    assert "interpreter runs it instead" in message
+    assert list(ex._compiled.passes.values()) == [None]
+
+
+def test_methods_not_compiled_yet_run_on_the_interpreter(caplog):
+    rng = np.random.default_rng(6)
+    m, shape = _random_net(rng)
+    x = rng.standard_normal((2,) + shape).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="liftir"):
+        ex = liftir.Explainer(m, "integrated_gradients", engine="compiled")
+    assert "not compiled yet" in caplog.text
+    np.testing.assert_array_equal(ex.attribute(x, target=0, n_steps=4),
+                                  liftir.Explainer(m, "integrated_gradients").attribute(x, target=0, n_steps=4))
+
+
+@pytest.mark.parametrize("name", ["expm1", "tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-3, 3, 4000), rng.uniform(-1e-3, 1e-3, 2000),
+                        rng.uniform(-0.6, 0.6, 2000)]).astype(dtype)
+    rec = tracer.Recorder(17)
+    with tracer.recording(rec):
+        y = getattr(tracer, name)(tracer.Traced(rec, "x", x.shape, dtype))
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(rec.nodes, "g", [helper.make_tensor_value_info("x", elem, list(x.shape))],
+                              [helper.make_tensor_value_info(y.ref, elem, list(x.shape))], rec.initializers)
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    want = getattr(np, name)(x.astype(np.float64))
+    assert (np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max() <= 8 * np.finfo(dtype).eps
+
+
+def test_tracer_refuses_what_it_cannot_record():
+    rec = tracer.Recorder(17)
+    t = tracer.Traced(rec, "a", (2, 3), np.float32)
+    with pytest.raises(tracer.TraceError, match="Python branch"):
+        bool(t > 0)
+    with pytest.raises(tracer.TraceError, match="converted to NumPy"):
+        np.asarray(t)
+    assert bool(t.any()) and not bool(t.all())  # the branches that handle every element
+    view = t[:, :2]
+    view + 1  # read: its value is now recorded
+    t[:, 2:] = 0.0  # the base written elsewhere: NumPy's view would see it, the recorded one not
+    with pytest.raises(tracer.TraceError, match="view was read"):
+        view + 1
+    lazy = t[:, 1:]  # not read before the write: it reads the base as it is when read
+    t[:, :1] = 1.0
+    assert (lazy + 1).shape == (2, 2)
+
+
+# ---- export: the explainer as a standalone ONNX model ---------------------------------------
+@pytest.mark.parametrize("method,target", [("deeplift", 2), ("deeplift", "all"), ("saliency", [1, 0, 3]),
+                                           ("input_x_gradient", np.array([[0, 3]])), ("guided_backprop", 1)])
+def test_exported_explainer_runs_in_a_bare_onnxruntime_session(method, target):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(11)
+    m, shape = _random_net(rng)
+    x = rng.standard_normal((3,) + shape).astype(np.float32)
+    x0 = (rng.standard_normal((1,) + shape) * 0.3).astype(np.float32)
+    ex = liftir.Explainer(m, method)
+    exported = ex.compile(batch_size=3, target=target)
+    session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": x, "x_baseline": x0} if method == "deeplift" else {"x": x}
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    want, delta = ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+    _assert_same((want, None), (got["x_attribution"], None))
+    if method == "deeplift":  # summed in float32 in the graph, in float64 by attribute
+        assert got["delta"].shape == delta.shape
+        assert np.abs(got["delta"] - delta).max() <= 1e-5 * max(1.0, float(np.abs(want).sum()))
+    else:
+        assert "delta" not in got
+
+
+def test_liftir_compile_command_writes_a_servable_explainer(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from liftir.cli import main
+
+    rng = np.random.default_rng(12)
+    m, shape = _random_net(rng)
+    path = tmp_path / "model.onnx"
+    onnx.save(m, str(path))
+    out = tmp_path / "explainer.onnx"
+    assert main(["compile", str(path), "--method", "deeplift", "--target", "3", "--batch-size", "2",
+                   "-o", str(out)]) == 0
+    x = rng.standard_normal((2,) + shape).astype(np.float32)
+    x0 = np.zeros((1,) + shape, np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["x_attribution"], {"x": x, "x_baseline": x0})[0]
+    want = liftir.Explainer(m, "deeplift").attribute(x, target=3)
+    _assert_same((want, None), (got, None))
+
+
+def test_gather_with_repeated_constant_indices_compiles_to_a_scatter_add():
+    """Gather's backward sums repeats (bincount in the rule): ScatterElements(add) in the graph."""
+    rng = np.random.default_rng(13)
+    w = (rng.standard_normal((5, 3)) * 0.5).astype(np.float32)
+    idx = np.array([0, 2, 2, 4, 1, 2], np.int64)  # 2 repeated: multipliers must add up
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]),
+             helper.make_node("Gather", ["t", "idx"], ["g"], axis=1),
+             helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    m = model(nodes, {"x": (None, 5)}, ["y"], {"idx": idx, "w": np.tile(w, (2, 1))[:6]})
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    for method in ("deeplift", "saliency"):
+        interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 5), np.float32), 1)
+        _assert_same(a, b)
