@@ -549,7 +549,8 @@ class Explainer:
         inputs : as for ``attribute``: array (N, ...), tuple or dict for several inputs.
         references : each sample's own references (N, B, ...) or B shared ones (B, ...).
         target, output, batch_size, max_memory, progress : as for ``attribute``
-            (batch_size and max_memory count pairs).
+            (batch_size caps the samples of a pass, each with all its references when they
+            fit; max_memory bounds the pass's bytes; the progress bar counts pairs).
 
         Returns
         -------
