@@ -11,7 +11,10 @@ Each measurement runs in a fresh process, so its peak RSS is its own:
 * tangermeme 1.6 `deep_lift_shap` (hypothetical=True) on the same model (PyTorch) and
   the same references (liftir's per-region shuffles), if tangermeme is installed.
 
-    python benchmarks/bench_genome.py --regions 100 --tangermeme-regions 10
+    python benchmarks/bench_genome.py --regions 100 --tangermeme-regions 10 [--profile]
+
+`--profile` adds a single-process run with a timer around each stage (FASTA read and
+one-hot, shuffles, forward, backward, scores, Zarr write, the rest).
 
 Keep the counts modest on a shared machine; the 10k and 1M figures are extrapolated.
 """
@@ -67,13 +70,71 @@ def build_bpnet(folder: Path) -> Path:
 
 def stage_liftir(folder: Path, n: int, workers: int) -> dict:
     from liftir.genome import explain_genome
-    out = folder / f"scores_{n}_{workers}.zarr"
-    started = time.perf_counter()
+    out = folder / f"scores_{n}_{workers}_{time.time_ns()}.zarr"
+    started, cpu = time.perf_counter(), time.process_time()
     summary = explain_genome(folder / "bpnet.onnx", fasta=folder / "genome.fa",
                              bed=folder / f"peaks_{n}.bed", width=WIDTH, shuffles=SHUFFLES, seed=0,
                              out=out, workers=workers, progress=False, chunk_size=32)
     seconds = time.perf_counter() - started
-    return {"regions": summary.regions, "seconds": seconds, "max_abs_delta": summary.max_abs_delta}
+    return {"regions": summary.regions, "seconds": seconds, "max_abs_delta": summary.max_abs_delta,
+            "cpu_work_seconds": time.process_time() - cpu}
+
+
+def stage_profile(folder: Path, n: int) -> dict:
+    """The single-process run with a timer (wall and CPU seconds) around each stage.
+
+    Stages: FASTA read + one-hot, references (dinucleotide shuffles), the forward (one
+    onnxruntime session over regions and references), the backward (multipliers of every
+    pair), scores (actual, hypothetical and delta from the multipliers), the Zarr write,
+    and the driver (explainer and store set-up, the summary) as what is left.
+    """
+    import functools
+
+    from liftir import explainer as explainer_module, scheduler
+    from liftir.genome import attribution, pipeline, sequences
+    totals: dict[str, list[float]] = {}
+    in_task = [False]  # the driver's probe pass (sizing the batches) is not a task's work
+
+    def timed(owner, name, label):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            task = label == "tasks"
+            if not (task or in_task[0]):
+                return original(*args, **kwargs)
+            in_task[0] = True
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                t = totals.setdefault(label, [0.0, 0.0])
+                t[0] += time.perf_counter() - wall
+                t[1] += time.process_time() - cpu
+                in_task[0] = in_task[0] and not task
+        setattr(owner, name, wrapper)
+
+    timed(sequences.FastaSource, "fetch", "fasta read + one-hot")
+    timed(pipeline, "make_references", "references (shuffles)")
+    timed(explainer_module.Explainer, "_forward", "forward")
+    timed(scheduler, "backward", "backward")
+    timed(attribution, "pair_multipliers", "multipliers (forward + backward + rest)")
+    timed(pipeline, "shap_scores", "attribution")
+    timed(pipeline.store, "write_chunk", "zarr write")
+    timed(pipeline, "run_task", "tasks")
+    result = stage_liftir(folder, n, 0)
+    t = {k: v for k, v in totals.items()}
+    stages = {"fasta read + one-hot": t["fasta read + one-hot"],
+              "references (shuffles)": t["references (shuffles)"],
+              "forward": t["forward"], "backward": t["backward"],
+              "scores (actual, hypothetical, delta)": [a - b for a, b in zip(t["attribution"],
+                                                       t["multipliers (forward + backward + rest)"])],
+              "zarr write": t["zarr write"]}
+    inner = [sum(v[i] for v in stages.values()) for i in (0, 1)]
+    stages["other (in tasks)"] = [t["tasks"][i] - inner[i] for i in (0, 1)]
+    result["stages"] = stages
+    result["tasks"] = t["tasks"]
+    return result
 
 
 def stage_tangermeme(folder: Path, n: int) -> dict:
@@ -96,9 +157,10 @@ def stage_tangermeme(folder: Path, n: int) -> dict:
     model = bpnet_counts()  # the same seeded weights as the exported ONNX
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1)))
     rt = torch.from_numpy(np.ascontiguousarray(refs.transpose(0, 1, 3, 2)))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     deep_lift_shap(model, xt, references=rt, hypothetical=True, batch_size=32, warning_threshold=1e9)
-    return {"regions": len(x), "seconds": time.perf_counter() - started}
+    return {"regions": len(x), "seconds": time.perf_counter() - started,
+            "cpu_work_seconds": time.process_time() - cpu}
 
 
 def peak_rss_mb() -> float:
@@ -128,6 +190,11 @@ def main() -> None:
     parser.add_argument("--regions", type=int, default=100)
     parser.add_argument("--tangermeme-regions", type=int, default=10)
     parser.add_argument("--only", default=None, help="run only the stages whose name contains this")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each stage of a single-process run (wall and CPU)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="then alternate this many liftir / tangermeme runs (same load) and "
+                             "report the ratio of their times per round")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -136,6 +203,7 @@ def main() -> None:
     if args.stage:
         folder = Path(args.folder)
         result = (stage_tangermeme(folder, args.n) if args.stage == "tangermeme"
+                  else stage_profile(folder, args.n) if args.stage == "profile"
                   else stage_liftir(folder, args.n, args.workers))
         result["peak_rss_mb"] = peak_rss_mb()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -165,16 +233,47 @@ def main() -> None:
             stages.append(("tangermeme", ["--n", str(args.tangermeme_regions), "--stage", "tangermeme"]))
         except ImportError:
             print("tangermeme is not installed: its column is skipped")
+        if args.profile:
+            stages.append(("liftir_profile", ["--n", str(args.regions), "--stage", "profile"]))
         results = {}
         for name, extra in stages:
             if args.only and args.only not in name:
                 continue
-            stage = "tangermeme" if "tangermeme" in extra else "liftir"
-            extra = [e for e in extra if e not in ("--stage", "tangermeme")]
+            stage = next((e for e in ("tangermeme", "profile") if e in extra), "liftir")
+            extra = [e for e in extra if e not in ("--stage", "tangermeme", "profile")]
             r = run_stage(["--stage", stage, "--folder", tmp, *extra])
             if r is not None:
                 results[name] = r
                 report(name, r)
+                for label, (wall, cpu) in r.get("stages", {}).items():
+                    print(f"    {label:38s} wall {wall / r['regions']:7.4f} s/region  "
+                          f"CPU {cpu / r['regions']:7.4f} s/region", flush=True)
+                if "tasks" in r:
+                    rest = [r["seconds"] - r["tasks"][0], r["cpu_seconds"] - r["tasks"][1]]
+                    print(f"    {'driver, start-up (outside tasks)':38s} wall {rest[0] / r['regions']:7.4f} "
+                          f"s/region  CPU {rest[1] / r['regions']:7.4f} s/region", flush=True)
+        ratios = []
+        for i in range(args.rounds if "tangermeme" in results or args.only is None else 0):
+            pair = {}
+            for name, stage in (("liftir", "liftir"), ("tangermeme", "tangermeme")):
+                n = args.regions // 2 if name == "liftir" else args.tangermeme_regions
+                pair[name] = run_stage(["--stage", stage, "--folder", tmp, "--n", str(n)])
+            if None in pair.values():
+                continue
+            # seconds of the work itself (explain_genome, including its explainer build and
+            # store set-up; deep_lift_shap), without the processes' imports
+            per = {k: (r["seconds"] / r["regions"], r["cpu_work_seconds"] / r["regions"])
+                   for k, r in pair.items()}
+            ratio = (per["liftir"][0] / per["tangermeme"][0], per["liftir"][1] / per["tangermeme"][1])
+            ratios.append(ratio)
+            print(f"round {i + 1}: liftir {per['liftir'][0]:.2f} s/region (CPU {per['liftir'][1]:.2f}), "
+                  f"tangermeme {per['tangermeme'][0]:.2f} s/region (CPU {per['tangermeme'][1]:.2f}): "
+                  f"{ratio[0]:.2f}x wall, {ratio[1]:.2f}x CPU", flush=True)
+            results[f"round_{i + 1}"] = pair
+        if ratios:
+            wall, cpu = np.median(np.array(ratios), axis=0)
+            print(f"median over {len(ratios)} rounds: liftir takes {wall:.2f}x tangermeme's wall time, "
+                  f"{cpu:.2f}x its CPU time", flush=True)
     print(json.dumps(results))
 
 

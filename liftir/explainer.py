@@ -659,6 +659,65 @@ class Explainer:
             onnx.save(model, str(path))
         return model
 
+    def pair_multipliers(self, inputs, references, target=None, *, output: str | None = None,
+                         batch_size: int | None = None,
+                         max_memory: int | str | None = DEFAULT_MAX_MEMORY, progress: bool = False):
+        """DeepLIFT multipliers of every (sample, reference) pair, before DeepLIFT-SHAP averages them.
+
+        What TF-MoDISco's hypothetical scores need (`liftir.genome` computes them from these):
+        the multipliers m of each pair, not only their mean times (x - r). The pairs run
+        through the same passes as ``attribute`` with method "deeplift_shap" (one forward over
+        the samples and all their references, the backward over every pair, cut under
+        `max_memory` / `batch_size`), so ``mean over b of m * (x - r_b)`` is what
+        ``attribute`` returns, to round-off.
+
+        Parameters
+        ----------
+        inputs : as for ``attribute``: array (N, ...), tuple or dict for several inputs.
+        references : each sample's own references (N, B, ...) or B shared ones (B, ...).
+        target, output, batch_size, max_memory, progress : as for ``attribute``
+            (batch_size caps the samples of a pass, each with all its references when they
+            fit; max_memory bounds the pass's bytes; the progress bar counts pairs).
+
+        Returns
+        -------
+        (multipliers, differences) : multipliers (N, B, ...) per input, packed like
+        `inputs` ((N, K, B, ...) for several targets), in the model's float type;
+        differences (N, B) (or (N, K, B)) float64: f(x)_t - f(r_b)_t, so that each pair's
+        summation-to-delta residual is ``sum(m * (x - r_b)) - differences``.
+        """
+        if self.method.name not in ("deeplift", "deeplift_shap"):
+            raise InputError(f"pair_multipliers needs method 'deeplift' or 'deeplift_shap' (Rescale "
+                             f"multipliers), not {self.method.name!r}")
+        out = self._output_for_call(output)
+        xs, refs, kind = self.prepare_inputs(inputs, references, True, distribution=True)
+        n = xs[0].shape[0]
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        budget = parse_memory(max_memory)
+        if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
+            target = np.asarray(target)
+            if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
+                raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
+        explained, stripped = self.explained_tensor(out)
+        cost, rest = self._row_cost(xs, explained)
+        call = _Call(explained=explained, stripped=stripped,
+                     axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
+                     k=self._n_targets(rest, target), wrt=tuple(self.attributed), multiply=False,
+                     func=None, progress=progress, per_pair=True)
+        self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
+        if isinstance(target, np.ndarray) and len(rest) == 1:
+            _check_indices(target, rest[0], "targets")
+        m, differences = self._run_pairs(call, xs, refs, cost, budget, min(n, batch_size or n))
+        several = call.k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
+        if several:  # (K, N, B, ...) -> (N, K, B, ...)
+            m, differences = [np.moveaxis(a, 0, 1) for a in m], np.moveaxis(differences, 0, 1)
+        else:
+            m, differences = [a[0] for a in m], differences[0]
+        if len(self.attributed) != len(self.input_names) or self.plan.embeddings:
+            return dict(zip(self.attributed, m)), differences
+        return self._pack(m, kind), differences
+
     def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
         name = self.method.name
         if not isinstance(multiply_by_inputs, bool):
@@ -832,16 +891,18 @@ class Explainer:
                     a, s = self._finish(run, w, grads[w], seed.shape[0], call)
                     per_target[w].append(a)
                     sums = sums + s
-                pass_deltas.append(sums - self._explained_difference(seed, run, call.explained))
+                difference = self._explained_difference(seed, run, call.explained)
+                pass_deltas.append(difference if call.per_pair else sums - difference)
             for w in call.wrt:
                 block[w].append(np.concatenate(per_target[w]))
             block_deltas.append(np.concatenate(pass_deltas))
             if b1 == pairs:  # every pair of samples s0:s1 is in: average over their references
                 for w in call.wrt:
                     a = np.concatenate(block[w], axis=1)
-                    pieces[w].append(a.reshape((a.shape[0], s1 - s0, pairs) + a.shape[2:]).mean(axis=2))
-                d = np.concatenate(block_deltas, axis=1)
-                deltas.append(d.reshape(d.shape[0], s1 - s0, pairs).mean(axis=2))
+                    a = a.reshape((a.shape[0], s1 - s0, pairs) + a.shape[2:])
+                    pieces[w].append(a if call.per_pair else a.mean(axis=2))
+                d = np.concatenate(block_deltas, axis=1).reshape(-1, s1 - s0, pairs)
+                deltas.append(d if call.per_pair else d.mean(axis=2))
                 block, block_deltas = {w: [] for w in call.wrt}, []
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1)
@@ -1015,6 +1076,7 @@ class _Call:
     multiply: bool
     func: Callable | None
     progress: bool
+    per_pair: bool = False  # DeepLIFT-SHAP: keep each (sample, reference) pair, do not average
 
 
 def _even(total: int, most: int) -> int:

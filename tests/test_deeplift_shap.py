@@ -1,11 +1,16 @@
 """DeepLIFT-SHAP with each sample's own references (N, B, ...): dinucleotide shuffles."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import liftir
 from liftir.genomics import dinucleotide_shuffle, one_hot_encode
+from liftir.memory import MemoryBudgetWarning
 
 
 def _dna_model(length=30):
@@ -42,3 +47,41 @@ def test_own_references_equal_one_sample_at_a_time():
     plain = liftir.Explainer(_dna_model())
     mean = np.mean([plain.attribute(x, baselines=refs[:, b]) for b in range(refs.shape[1])], axis=0)
     np.testing.assert_allclose(attr, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_pair_multipliers_are_each_pairs_deeplift():
+    """Explainer.pair_multipliers: the multipliers of every (sample, reference) pair, which
+    DeepLIFT-SHAP averages and TF-MoDISco's hypothetical scores need one by one."""
+    rng = np.random.default_rng(2)
+    x = one_hot_encode(["".join(rng.choice(list("ACGT"), 30)) for _ in range(4)])
+    refs = dinucleotide_shuffle(x, n_shuffles=3, seed=1)  # (N, B, L, 4)
+    model = _dna_model()
+    ex = liftir.Explainer(model, "deeplift_shap")
+    m, diff = ex.pair_multipliers(x, refs)
+    assert m.shape == refs.shape and m.dtype == np.float32 and diff.shape == (4, 3) and diff.dtype == np.float64
+    # the explained differences are onnxruntime's f(x) - f(r_b)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fx = session.run(None, {"x": x})[0][:, 0].astype(np.float64)
+    fr = session.run(None, {"x": refs.reshape(-1, 30, 4)})[0][:, 0].astype(np.float64).reshape(4, 3)
+    np.testing.assert_allclose(diff, fx[:, None] - fr, rtol=1e-5, atol=1e-6)
+    # summation-to-delta holds for every pair
+    sums = (m.astype(np.float64) * (x[:, None] - refs)).reshape(4, 3, -1).sum(axis=2)
+    assert np.abs(sums - diff).max() < 1e-5
+    # each pair is plain DeepLIFT with that reference; their mean times (x - r) is DeepLIFT-SHAP
+    plain = liftir.Explainer(model)
+    for b in range(3):
+        np.testing.assert_allclose(m[:, b], plain.attribute(x, refs[:, b], multiply_by_inputs=False),
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose((m * (x[:, None] - refs)).mean(axis=1), ex.attribute(x, refs), rtol=1e-5, atol=1e-6)
+    # the passes (batch_size, memory budget) never change the numbers; shared references too
+    for options in ({"batch_size": 2}, {"max_memory": None}, {"max_memory": 1}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MemoryBudgetWarning)  # max_memory=1: one pair per pass
+            m2, d2 = ex.pair_multipliers(x, refs, **options)
+        np.testing.assert_allclose(m2, m, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(d2, diff, rtol=1e-6, atol=1e-7)
+    shared, shared_diff = ex.pair_multipliers(x, refs[0])
+    np.testing.assert_allclose(shared[0], m[0], rtol=1e-6, atol=1e-7)
+    assert shared.shape == (4,) + refs.shape[1:] and shared_diff.shape == (4, 3)
+    with pytest.raises(liftir.InputError, match="pair_multipliers needs method"):
+        liftir.Explainer(model, "saliency").pair_multipliers(x, refs)

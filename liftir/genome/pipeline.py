@@ -166,18 +166,18 @@ def _batch_for_budget(explainer, job_refs: int, width: int, channels_first: bool
                       target, output) -> int:
     """Regions per forward/backward pass so one worker stays within `budget` bytes.
 
-    One probe forward of a single (region, reference) pair measures the activations a
-    region needs; a pass over b regions holds b * (1 + S) rows of them, the pairs'
-    expanded copies and multipliers (about 2 * S rows more), and the references and
-    multipliers of the input.
+    One probe region (with `job_refs` references) goes through the Explainer's public
+    `pair_multipliers` with no budget; the Explainer's own estimate of that pass
+    (`last_pass.estimate`: activations kept for the backward, the pairs' expanded copies,
+    multipliers in flight) is what a region costs, measured the way `attribute` sizes
+    its passes.
     """
     shape = (1, 4, width) if channels_first else (1, width, 4)
     x = np.zeros(shape, np.float32)
     x[(0, 0, slice(None)) if channels_first else (0, slice(None), 0)] = 1
-    explained, _ = explainer.explained_tensor(explainer._output_for_call(output))
-    run = explainer._forward([x], [np.zeros_like(x)], explained)
-    per_row = sum(int(v.nbytes) for v in run.values.values() if hasattr(v, "nbytes")) / 2
-    per_region = per_row * (1 + 3 * job_refs) + 6 * job_refs * width * 4 * 4
+    refs = np.zeros((1, job_refs) + shape[1:], np.float32)
+    explainer.pair_multipliers(x, refs, target, output=output, max_memory=None)
+    per_region = explainer.last_pass.estimate + 6 * job_refs * width * 4 * 4  # + refs, m, scores
     return max(1, int(budget // max(per_region, 1)))
 
 

@@ -4,6 +4,12 @@ NumPy's ufuncs run on one core but release the GIL, so on the largest activation
 rule's elementwise work (a ReLU's Rescale multiplier, say) runs about 1.7x faster in
 row chunks on a small thread pool. Only for NumPy and arrays big enough to pay for it;
 CuPy work is already parallel on the GPU.
+
+The chunks are also kept small (about `BLOCK_ELEMENTS` elements, whole rows): a rule's
+several passes over one chunk (a ReLU multiplier makes seven) then stay in the core's
+cache instead of streaming every activation through memory once per pass. On DeepLIFT-
+SHAP's 40 pairs of a BPNet layer (64 x 2114 per row) the ReLU multiplier took 2.6x less
+CPU in one-row chunks than in one piece (benchmarks/README.md, genome pipeline).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 MIN_ELEMENTS = 1 << 18  # below this, one thread is as fast
+BLOCK_ELEMENTS = 1 << 17  # a chunk's share of a 1-2 MiB L2 cache, for float32 arrays
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -21,7 +28,11 @@ def _threads() -> int:
 
 
 def over_rows(xp, work, rows: int, size: int) -> None:
-    """Call work(row_slice) for slices covering range(rows), in parallel when worth it."""
+    """Call work(row_slice) for slices covering range(rows), in parallel when worth it.
+
+    `size` is the elements the work touches (rows times the elements per row); slices are
+    whole rows, at most about BLOCK_ELEMENTS elements each (one row when rows are larger).
+    """
     global _pool
     threads = _threads()
     if xp is not np or threads == 1 or size < MIN_ELEMENTS or rows < 2:
@@ -29,5 +40,6 @@ def over_rows(xp, work, rows: int, size: int) -> None:
         return
     if _pool is None:
         _pool = ThreadPoolExecutor(threads, thread_name_prefix="liftir")
-    bounds = np.linspace(0, rows, min(threads, rows) + 1).astype(int)
-    list(_pool.map(work, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+    per_row = max(1, size // rows)
+    step = max(1, min(-(-rows // threads), BLOCK_ELEMENTS // per_row))
+    list(_pool.map(work, [slice(a, min(a + step, rows)) for a in range(0, rows, step)]))
