@@ -25,6 +25,7 @@ from .errors import InputError
 from .explainer import Explainer
 from .graph import FLOAT_DTYPES, read_model
 from .rule import difference
+from .threads import cpu_threads
 
 __all__ = ["check_model", "compare_with_onnxruntime", "generate_inputs", "CheckReport",
            "NodeCheck", "SummationCheck", "ForwardCheck", "ORT_DOMAINS"]
@@ -248,6 +249,7 @@ def _ort_session(source, model):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
     options.log_severity_level = 3
     # the loaded proto holds any external data liftir read (from the model's folder only), so
     # onnxruntime never opens files itself; a path only past protobuf's 2 GiB limit

@@ -9,14 +9,13 @@ against each other through `Explainer.predict`.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .graph import Graph
+from .threads import cpu_threads
 
 
 class OrtForward:
@@ -51,7 +50,7 @@ class OrtForward:
             vi.type.tensor_type.ClearField("shape")
             model.graph.output.append(vi)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = cpu_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # a failure falls back to the rules, logged by liftir in one line
         self.session = ort.InferenceSession(model.SerializeToString(), options,

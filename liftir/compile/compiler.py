@@ -11,7 +11,6 @@ one compiled pass serves every target spec of the same shape: passes are cached 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import scheduler
+from ..threads import cpu_threads
 from . import tracer
 from .tracer import Recorder, Traced, TraceError
 
@@ -52,7 +52,7 @@ class CompiledPass:
     def start(self):
         import onnxruntime as ort
         options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = cpu_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.session = ort.InferenceSession(self.model.SerializeToString(), options,

@@ -13,10 +13,11 @@ CPU in one-row chunks than in one piece (benchmarks/README.md, genome pipeline).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from ..threads import cpu_threads
 
 MIN_ELEMENTS = 1 << 18  # below this, one thread is as fast
 BLOCK_ELEMENTS = 1 << 17  # a chunk's share of a 1-2 MiB L2 cache, for float32 arrays
@@ -24,7 +25,7 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(8, cpu_threads()))
 
 
 def over_rows(xp, work, rows: int, size: int) -> None:
