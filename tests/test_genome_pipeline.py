@@ -200,6 +200,10 @@ def test_interrupted_and_torn_runs_resume_to_the_same_bytes(genome, reference_st
     group = zarr.open_group(str(out), mode="r+")
     assert list(group["chunk_done"][:3]) == [1, 1, 0]
     group["contributions"][16:24] = 7.0
+    # and a write killed in flight: Zarr's temporary file, never renamed into place
+    torn = out / "contributions" / "c" / "3" / "0" / f"0.{'ab' * 16}.partial"
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(b"torn")
     summary = explain_genome(MODEL, fasta=fasta, bed=bed, out=out, chunk_size=24, **OPTIONS)
     assert summary.chunks_resumed == 2
     assert_identical(reference_store[0], out)

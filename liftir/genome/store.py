@@ -19,6 +19,7 @@ fixed by ``store_chunk``, not by the task size or the worker count.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -67,6 +68,7 @@ def create_or_resume(path: str, config: dict, regions: Regions, width: int,
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise InputError(f"{path} holds a different run (differs in: {', '.join(diff)}); "
                              f"remove it to start over, or choose another output")
+        _sweep_torn_writes(target)
         return
     n = len(regions)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.creating")
@@ -95,6 +97,19 @@ def create_or_resume(path: str, config: dict, regions: Regions, width: int,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: the temporary file of a Zarr write in flight (LocalStore: "<key>.<uuid4 hex>.partial")
+_TORN_WRITE = re.compile(r".*\.[0-9a-f]{32}\.partial")
+
+
+def _sweep_torn_writes(root: Path) -> None:
+    """Delete the temporary files of writes a killed run left behind: they were never
+    renamed into place, so they hold nothing the store reads, and a resumed run must end
+    with exactly the files of an uninterrupted one."""
+    for stale in root.rglob("*.partial"):
+        if _TORN_WRITE.fullmatch(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def done_chunks(path: str) -> np.ndarray:
