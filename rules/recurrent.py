@@ -137,6 +137,7 @@ class _Recurrent(Rule):
     gates: int = 1
     default_acts: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)  # initial_h (and initial_c)
+    slope_keys: tuple[tuple[int, str], ...] = ()  # (activation index, recorded gate input)
     #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
     unclipped: tuple[int, ...] = ()
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
@@ -235,6 +236,18 @@ class _Recurrent(Rule):
         outs = [y] + [xp.stack([f[j] for f in finals], axis=1) for j in range(len(finals[0]))]
         return tuple(outs[:max(1, len(ctx.node.outputs))]) if len(ctx.node.outputs) > 1 else outs[0]
 
+    def _gate_slopes(self, xp, rec, rec0, acts, deeplift):
+        """Every gate's Rescale multiplier (or derivative) for all steps in one call per gate,
+        stored in each step's record as "s_<key>": they depend only on the forward values,
+        so the backward walk need not compute them step by step (100 small calls -> 1)."""
+        for j, key in self.slope_keys:
+            z = xp.stack([r[key] for r in rec], axis=1)
+            z0 = xp.stack([r[key] for r in rec0], axis=1) if deeplift else None
+            slope = acts[j].slope(xp, z, z0, deeplift)
+            per_step = getattr(slope, "ndim", 0) == z.ndim
+            for t, r in enumerate(rec):
+                r["s_" + key] = slope[:, t] if per_step else slope
+
     def _finals(self, record, reverse):
         last = record[0] if reverse else record[-1]
         return [last[k] for k in self.final_keys]
@@ -268,21 +281,28 @@ class _Recurrent(Rule):
         p = x.shape[0]
         k = next(g for g in grads if g is not None).shape[0]
         dtype = next(g for g in grads if g is not None).dtype
-        x0 = xp.broadcast_to(ctx.x0(0)[:, :length], x.shape) if deeplift else None
+        x0 = ctx.x0(0)[:, :length] if deeplift else None
         states = {i: (ctx.x(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
                       else ctx.const(i)) for i in self.state_inputs}
         states0 = {i: (ctx.x0(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
                        else ctx.const(i)) for i in self.state_inputs}
+        rows0 = p
+        if deeplift:  # a reference shared by the batch (one row) is unrolled once, not p times
+            rows0 = max([x0.shape[0]] + [s.shape[0] for i, s in states0.items() if s is not None
+                                         and i < len(ctx.node.inputs) and not ctx.is_const(i)])
+            rows0 = rows0 if rows0 in (1, p) else p
+            x0 = xp.broadcast_to(x0, (rows0,) + tuple(x.shape[1:]))
         g_y = grads[0] if grads else None
         gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
         g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
             rec = self._unroll(xp, x, init, params[d], acts[d], reverse)
-            rec0 = None
+            rec0 = init0 = None
             if deeplift:
-                init0 = [self._state(ctx, i, states0[i], p, d, hidden, x.dtype) for i in self.state_inputs]
+                init0 = [self._state(ctx, i, states0[i], rows0, d, hidden, x.dtype) for i in self.state_inputs]
                 rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse)
+            self._gate_slopes(xp, rec, rec0, acts[d], deeplift)
             # multipliers of the final states (Y_h, Y_c), then of each step's state
             carry = []
             for j, key in enumerate(self.final_keys):
@@ -325,6 +345,7 @@ class RNN(_Recurrent):
     state_inputs = (5,)
     state_keys = ("h",)
     final_keys = ("h",)
+    slope_keys = ((0, "z"),)
 
     def _step(self, xp, xw, state, p, acts):
         (h_prev,) = state
@@ -333,7 +354,7 @@ class RNN(_Recurrent):
 
     def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
         (g_h,) = carry
-        g_z = g_h * acts[0].slope(xp, rec["z"], rec0["z"] if deeplift else None, deeplift)
+        g_z = g_h * rec["s_z"]
         return g_z, [xp.matmul(g_z, p["R"])]
 
 
@@ -346,6 +367,7 @@ class GRU(_Recurrent):
     state_inputs = (5,)
     state_keys = ("h",)
     final_keys = ("h",)
+    slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
 
     def _step(self, xp, xw, state, p, acts):
         (h_prev,) = state
@@ -385,7 +407,7 @@ class GRU(_Recurrent):
         g_z = g_h * (hp - m("ht"))
         g_hprev = g_h * m("z")
         g_ht = g_h - g_hprev
-        g_zh = g_ht * acts[1].slope(xp, rec["zh"], rec0["zh"] if deeplift else None, deeplift)
+        g_zh = g_ht * rec["s_zh"]
         rh = p["R"][2 * hidden:]
         if p["lbr"]:
             g_r = g_zh * m("v")
@@ -394,8 +416,8 @@ class GRU(_Recurrent):
             g_v = xp.matmul(g_zh, rh)
             g_r = g_v * hp
             g_hprev = g_hprev + g_v * m("r")
-        g_zz = g_z * acts[0].slope(xp, rec["zz"], rec0["zz"] if deeplift else None, deeplift)
-        g_zr = g_r * acts[0].slope(xp, rec["zr"], rec0["zr"] if deeplift else None, deeplift)
+        g_zz = g_z * rec["s_zz"]
+        g_zr = g_r * rec["s_zr"]
         g_hprev = g_hprev + xp.matmul(xp.concatenate([g_zz, g_zr], axis=-1), p["R"][:2 * hidden])
         return xp.concatenate([g_zz, g_zr, g_zh], axis=-1), [g_hprev]
 
@@ -410,6 +432,7 @@ class LSTM(_Recurrent):
     unclipped = (2,)
     state_keys = ("h", "c")
     final_keys = ("h", "c")
+    slope_keys = ((2, "c"), (0, "zo"), (0, "zf"), (0, "zi"), (1, "zc"))
 
     def _peepholes(self, ctx, d, hidden, dtype):
         p = self._const(ctx, 7, "P", required=False)
@@ -443,7 +466,7 @@ class LSTM(_Recurrent):
         cp = _mean(c_prev, prev0[1], True) if deeplift else c_prev
 
         def slope(act, key):
-            return act.slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
+            return rec["s_" + key]
 
         g_o = g_h * m("hc")
         g_c = g_c + g_h * m("o") * slope(acts[2], "c")
