@@ -17,6 +17,8 @@ The time loop is inherent; batch rows and hidden units are vectorised.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from liftir.registry import builtin_rule, lookup
@@ -110,6 +112,20 @@ def _activations(ctx, defaults, directions, unclipped=()):
     return [acts[d * per:(d + 1) * per] for d in range(directions)]
 
 
+def _one_blas_thread(xp):
+    """The time loop's matrix products are small ((rows, H) x (H, gates*H)): a multi-threaded
+    BLAS spends more time waking and joining its threads than computing them (measured: 2.3 ms
+    against 0.085 ms per product with OpenBLAS on 2 busy cores). Limit NumPy's BLAS to one
+    thread for the loop when threadpoolctl is installed; without it, nothing changes."""
+    if xp is not np:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _mean(a, a0, deeplift):
     return (a + a0) * 0.5 if deeplift else a
 
@@ -121,6 +137,7 @@ class _Recurrent(Rule):
     gates: int = 1
     default_acts: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)  # initial_h (and initial_c)
+    slope_keys: tuple[tuple[int, str], ...] = ()  # (activation index, recorded gate input)
     #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
     unclipped: tuple[int, ...] = ()
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
@@ -169,7 +186,11 @@ class _Recurrent(Rule):
             length = int(lens[0])
         params = []
         for d in range(len(dirs)):
+            # contiguous transposes, made once: a matmul with a transposed view takes NumPy's
+            # slow non-BLAS loop for stacked operands (20x slower on (N, T, F) inputs)
             params.append({"W": xp.asarray(w[d]), "R": xp.asarray(r[d]),
+                           "Wt": xp.ascontiguousarray(xp.asarray(w[d]).T),
+                           "Rt": xp.ascontiguousarray(xp.asarray(r[d]).T),
                            "Wb": xp.asarray(b[d, :self.gates * hidden]),
                            "Rb": xp.asarray(b[d, self.gates * hidden:]),
                            "P": self._peepholes(ctx, d, hidden, dtype)})
@@ -194,6 +215,10 @@ class _Recurrent(Rule):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, ctx, x, *rest):
+        with _one_blas_thread(ctx.xp):
+            return self._forward(ctx, x, *rest)
+
+    def _forward(self, ctx, x, *rest):
         dirs, params, hidden, acts, length = self._setup(ctx, x)
         rows = x.shape[0]
         states0 = [rest[i - 1] if i - 1 < len(rest) else None for i in self.state_inputs]
@@ -211,6 +236,18 @@ class _Recurrent(Rule):
         outs = [y] + [xp.stack([f[j] for f in finals], axis=1) for j in range(len(finals[0]))]
         return tuple(outs[:max(1, len(ctx.node.outputs))]) if len(ctx.node.outputs) > 1 else outs[0]
 
+    def _gate_slopes(self, xp, rec, rec0, acts, deeplift):
+        """Every gate's Rescale multiplier (or derivative) for all steps in one call per gate,
+        stored in each step's record as "s_<key>": they depend only on the forward values,
+        so the backward walk need not compute them step by step (100 small calls -> 1)."""
+        for j, key in self.slope_keys:
+            z = xp.stack([r[key] for r in rec], axis=1)
+            z0 = xp.stack([r[key] for r in rec0], axis=1) if deeplift else None
+            slope = acts[j].slope(xp, z, z0, deeplift)
+            per_step = getattr(slope, "ndim", 0) == z.ndim
+            for t, r in enumerate(rec):
+                r["s_" + key] = slope[:, t] if per_step else slope
+
     def _finals(self, record, reverse):
         last = record[0] if reverse else record[-1]
         return [last[k] for k in self.final_keys]
@@ -220,7 +257,8 @@ class _Recurrent(Rule):
         steps = x.shape[1]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         # the input projection of all steps at once: (rows, T, gates*H)
-        proj = xp.matmul(x, xp.swapaxes(p["W"], 0, 1)) + p["Wb"]
+        rows, _, features = x.shape
+        proj = (xp.matmul(x.reshape(rows * steps, features), p["Wt"]) + p["Wb"]).reshape(rows, steps, -1)
         record = [None] * steps
         state = init
         for t in order:
@@ -231,6 +269,10 @@ class _Recurrent(Rule):
 
     # ---- backward ---------------------------------------------------------------------------
     def backward(self, ctx, *grads):
+        with _one_blas_thread(ctx.xp):
+            return self._backward(ctx, *grads)
+
+    def _backward(self, ctx, *grads):
         xp = ctx.xp
         deeplift = ctx.mode == "deeplift"
         x_full = ctx.x(0)
@@ -239,21 +281,28 @@ class _Recurrent(Rule):
         p = x.shape[0]
         k = next(g for g in grads if g is not None).shape[0]
         dtype = next(g for g in grads if g is not None).dtype
-        x0 = xp.broadcast_to(ctx.x0(0)[:, :length], x.shape) if deeplift else None
+        x0 = ctx.x0(0)[:, :length] if deeplift else None
         states = {i: (ctx.x(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
                       else ctx.const(i)) for i in self.state_inputs}
         states0 = {i: (ctx.x0(i) if i < len(ctx.node.inputs) and ctx.node.inputs[i] and not ctx.is_const(i)
                        else ctx.const(i)) for i in self.state_inputs}
+        rows0 = p
+        if deeplift:  # a reference shared by the batch (one row) is unrolled once, not p times
+            rows0 = max([x0.shape[0]] + [s.shape[0] for i, s in states0.items() if s is not None
+                                         and i < len(ctx.node.inputs) and not ctx.is_const(i)])
+            rows0 = rows0 if rows0 in (1, p) else p
+            x0 = xp.broadcast_to(x0, (rows0,) + tuple(x.shape[1:]))
         g_y = grads[0] if grads else None
         gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
         g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
             rec = self._unroll(xp, x, init, params[d], acts[d], reverse)
-            rec0 = None
+            rec0 = init0 = None
             if deeplift:
-                init0 = [self._state(ctx, i, states0[i], p, d, hidden, x.dtype) for i in self.state_inputs]
+                init0 = [self._state(ctx, i, states0[i], rows0, d, hidden, x.dtype) for i in self.state_inputs]
                 rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse)
+            self._gate_slopes(xp, rec, rec0, acts[d], deeplift)
             # multipliers of the final states (Y_h, Y_c), then of each step's state
             carry = []
             for j, key in enumerate(self.final_keys):
@@ -261,6 +310,7 @@ class _Recurrent(Rule):
                 carry.append(xp.zeros((k, p, hidden), dtype=dtype) if g is None else g[:, :, d])
             steps = x.shape[1]
             order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
+            g_gates = None
             for t in order:
                 if g_y is not None:
                     carry[0] = carry[0] + g_y[:, :, t, d]
@@ -271,7 +321,12 @@ class _Recurrent(Rule):
                     if deeplift else None
                 g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
                                               prev_state, prev_state0, params[d], acts[d], deeplift)
-                gx[:, :, t] += xp.matmul(g_in, params[d]["W"])
+                if g_gates is None:
+                    g_gates = xp.zeros((k, p, steps, g_in.shape[-1]), dtype=dtype)
+                g_gates[:, :, t] = g_in
+            # the input projection's multipliers, every step in one matmul
+            gx[:, :, :length] += xp.matmul(g_gates.reshape(k * p * steps, -1), params[d]["W"]).reshape(
+                k, p, steps, -1)
             for i, g in zip(self.state_inputs, carry):
                 g_states[i][:, :, d] = g
         out = [gx] + [None] * (len(ctx.node.inputs) - 1)
@@ -290,15 +345,16 @@ class RNN(_Recurrent):
     state_inputs = (5,)
     state_keys = ("h",)
     final_keys = ("h",)
+    slope_keys = ((0, "z"),)
 
     def _step(self, xp, xw, state, p, acts):
         (h_prev,) = state
-        z = xw + xp.matmul(h_prev, xp.swapaxes(p["R"], 0, 1)) + p["Rb"]
+        z = xw + xp.matmul(h_prev, p["Rt"]) + p["Rb"]
         return {"z": z, "h": acts[0](xp, z)}
 
     def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
         (g_h,) = carry
-        g_z = g_h * acts[0].slope(xp, rec["z"], rec0["z"] if deeplift else None, deeplift)
+        g_z = g_h * rec["s_z"]
         return g_z, [xp.matmul(g_z, p["R"])]
 
 
@@ -311,22 +367,23 @@ class GRU(_Recurrent):
     state_inputs = (5,)
     state_keys = ("h",)
     final_keys = ("h",)
+    slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
 
     def _step(self, xp, xw, state, p, acts):
         (h_prev,) = state
         hidden = h_prev.shape[-1]
-        rw, rb = p["R"], p["Rb"]
-        hr = xp.matmul(h_prev, xp.swapaxes(rw[:2 * hidden], 0, 1)) + rb[:2 * hidden]
+        rb = p["Rb"]
+        hr = xp.matmul(h_prev, p["Rzr_t"]) + rb[:2 * hidden]
         zz = xw[:, :hidden] + hr[:, :hidden]
         zr = xw[:, hidden:2 * hidden] + hr[:, hidden:]
         z, r = acts[0](xp, zz), acts[0](xp, zr)
-        rh, rbh = rw[2 * hidden:], rb[2 * hidden:]
+        rht, rbh = p["Rht"], rb[2 * hidden:]
         if p["lbr"]:
-            v = xp.matmul(h_prev, xp.swapaxes(rh, 0, 1)) + rbh
+            v = xp.matmul(h_prev, rht) + rbh
             zh = xw[:, 2 * hidden:] + r * v
         else:
             v = r * h_prev
-            zh = xw[:, 2 * hidden:] + xp.matmul(v, xp.swapaxes(rh, 0, 1)) + rbh
+            zh = xw[:, 2 * hidden:] + xp.matmul(v, rht) + rbh
         ht = acts[1](xp, zh)
         return {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht,
                 "h": (1 - z) * ht + z * h_prev}
@@ -335,6 +392,8 @@ class GRU(_Recurrent):
         dirs, params, hidden, acts, length = super()._setup(ctx, x)
         for p in params:
             p["lbr"] = bool(ctx.attr("linear_before_reset", 0))
+            p["Rzr_t"] = ctx.xp.ascontiguousarray(p["Rt"][:, :2 * hidden])
+            p["Rht"] = ctx.xp.ascontiguousarray(p["Rt"][:, 2 * hidden:])
         return dirs, params, hidden, acts, length
 
     def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
@@ -348,7 +407,7 @@ class GRU(_Recurrent):
         g_z = g_h * (hp - m("ht"))
         g_hprev = g_h * m("z")
         g_ht = g_h - g_hprev
-        g_zh = g_ht * acts[1].slope(xp, rec["zh"], rec0["zh"] if deeplift else None, deeplift)
+        g_zh = g_ht * rec["s_zh"]
         rh = p["R"][2 * hidden:]
         if p["lbr"]:
             g_r = g_zh * m("v")
@@ -357,8 +416,8 @@ class GRU(_Recurrent):
             g_v = xp.matmul(g_zh, rh)
             g_r = g_v * hp
             g_hprev = g_hprev + g_v * m("r")
-        g_zz = g_z * acts[0].slope(xp, rec["zz"], rec0["zz"] if deeplift else None, deeplift)
-        g_zr = g_r * acts[0].slope(xp, rec["zr"], rec0["zr"] if deeplift else None, deeplift)
+        g_zz = g_z * rec["s_zz"]
+        g_zr = g_r * rec["s_zr"]
         g_hprev = g_hprev + xp.matmul(xp.concatenate([g_zz, g_zr], axis=-1), p["R"][:2 * hidden])
         return xp.concatenate([g_zz, g_zr, g_zh], axis=-1), [g_hprev]
 
@@ -373,6 +432,7 @@ class LSTM(_Recurrent):
     unclipped = (2,)
     state_keys = ("h", "c")
     final_keys = ("h", "c")
+    slope_keys = ((2, "c"), (0, "zo"), (0, "zf"), (0, "zi"), (1, "zc"))
 
     def _peepholes(self, ctx, d, hidden, dtype):
         p = self._const(ctx, 7, "P", required=False)
@@ -383,7 +443,7 @@ class LSTM(_Recurrent):
     def _step(self, xp, xw, state, p, acts):
         h_prev, c_prev = state
         hidden = h_prev.shape[-1]
-        zall = xw + xp.matmul(h_prev, xp.swapaxes(p["R"], 0, 1)) + p["Rb"]
+        zall = xw + xp.matmul(h_prev, p["Rt"]) + p["Rb"]
         zi, zo, zf, zc = (zall[:, j * hidden:(j + 1) * hidden] for j in range(4))
         peep = p["P"]
         if peep is not None:
@@ -406,7 +466,7 @@ class LSTM(_Recurrent):
         cp = _mean(c_prev, prev0[1], True) if deeplift else c_prev
 
         def slope(act, key):
-            return act.slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
+            return rec["s_" + key]
 
         g_o = g_h * m("hc")
         g_c = g_c + g_h * m("o") * slope(acts[2], "c")

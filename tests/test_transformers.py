@@ -29,14 +29,10 @@ import zoo_transformers as zt  # noqa: E402
 IMAGE_CASES = [("vit", "ts17"), ("swin", "ts17"), ("mixer", "ts17"), ("convnext", "ts17"), ("torch_mha", "ts14"),
                ("torch_mha", "dynamo")]
 TEXT_CASES = [("bert", "ts17"), ("gpt2", "ts17"), ("bert", "dynamo"), ("gpt2", "dynamo"), ("llama", "ts17")]
-_cache: dict = {}
 
 
 def exported(name: str, how: str):
-    if (name, how) not in _cache:
-        model = zt.build(name)
-        _cache[name, how] = (model, zt.export(model, zt.MODELS[name], how))
-    return _cache[name, how]
+    return zt.exported(name, how)  # shared with tests/test_architectures.py
 
 
 def _ort(proto, feeds):

@@ -319,3 +319,15 @@ def gradient_div():
             return ga, gb
 
     return GradientDiv()
+
+
+_EXPORTED: dict = {}
+
+
+def exported(name: str, how: str):
+    """(model, export) of a zoo model, built and exported once per test session: the
+    exports (dynamo's above all, seconds each) are shared by every test module."""
+    if (name, how) not in _EXPORTED:
+        model = build(name)
+        _EXPORTED[name, how] = (model, export(model, MODELS[name], how))
+    return _EXPORTED[name, how]

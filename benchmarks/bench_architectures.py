@@ -1,0 +1,310 @@
+"""DeepLIFT on transformer and recurrent models: liftir vs Captum, an onnxruntime forward as yardstick.
+
+Per model, in its own subprocess (so each tool's peak memory is its own measurement), side by
+side: the median (after a warm-up) of
+  * ORT forward     onnxruntime InferenceSession.run on the batch
+  * Captum          DeepLift(model) on the input (image, DNA, float sequences), or
+                    LayerDeepLift(model, word embedding) for token-id models (BERT, GPT-2)
+  * liftir          Explainer(onnx_model, "deeplift").attribute(...) with the same reference
+and each one's peak resident set size (Linux VmHWM, reset before each tool through
+/proc/self/clear_refs; it includes the process's baseline: Python, torch, the model).
+Models are the zoo's architectures (tests/zoo_transformers.py, tests/zoo_sequence.py) at
+larger configurations, random weights. Run ``python benchmarks/bench_architectures.py
+--help``; ``--write`` writes benchmarks/results_architectures.md; ``--profile MODEL`` prints
+a cProfile of liftir's attribute on one model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+# model -> (exporter, batch, description); the exporter is the one liftir conserves on
+# (BERT and GPT-2 through TorchScript give NaN today, see the README's architectures table)
+BENCHES = {
+    "vit": ("ts17", 16, "timm ViT, 64x64, patch 8 (64 tokens), depth 4, dim 128, 4 heads"),
+    "swin": ("ts17", 16, "timm Swin, 64x64, patch 4, window 4, dim 32, depths (2, 2)"),
+    "bert": ("dynamo", 16, "HF BERT, 32 tokens, 2 layers, hidden 128, 4 heads"),
+    "gpt2": ("dynamo", 16, "HF GPT-2, 32 tokens, 2 layers, n_embd 128, 4 heads"),
+    "lstm_bi": ("ts17", 64, "bidirectional LSTM, 100 steps, 32 features, hidden 64"),
+    "gru": ("ts17", 64, "GRU, 100 steps, 32 features, hidden 128"),
+    "enformer_small": ("ts17", 16, "Enformer-style, 1024 bp, width 64, 2 attention blocks"),
+}
+SEQ, VOCAB = 32, 1000  # zoo_transformers.export allows sequences up to 32 with dynamo
+
+
+def build(name):
+    """(torch model, example inputs (torch), names, baselines (torch), captum layer or None)."""
+    import torch
+    import zoo_sequence as zs
+    import zoo_transformers as zt
+    g = torch.Generator().manual_seed(1)
+    batch = BENCHES[name][1]
+    if name in ("vit", "swin"):
+        zt._timm()
+        if name == "vit":
+            from timm.models.vision_transformer import VisionTransformer
+            model = VisionTransformer(img_size=64, patch_size=8, depth=4, embed_dim=128, num_heads=4, num_classes=10)
+        else:
+            from timm.models.swin_transformer import SwinTransformer
+            model = SwinTransformer(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2),
+                                    num_heads=(2, 4), num_classes=10)
+        model = zt._seed_(model, 0)
+        x = torch.randn((batch, 3, 64, 64), generator=g)
+        return model, (x,), ["input"], (0.1 * torch.randn((1, 3, 64, 64), generator=g),), None
+    if name in ("bert", "gpt2"):
+        from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+        if name == "bert":
+            inner = BertForSequenceClassification(BertConfig(
+                hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                vocab_size=VOCAB, max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0))
+            model = zt.BertClassifier.__new__(zt.BertClassifier)
+        else:
+            inner = GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+                                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+            model = zt.GPT2NextToken.__new__(zt.GPT2NextToken)
+        torch.nn.Module.__init__(model)
+        model.model = inner
+        model = zt._seed_(model, 0)
+        ids = torch.randint(1, VOCAB, (batch, SEQ), generator=g)
+        mask = torch.ones((batch, SEQ), dtype=torch.int64)
+        layer = inner.bert.embeddings.word_embeddings if name == "bert" else inner.transformer.wte
+        return model, (ids, mask), ["input_ids", "attention_mask"], (torch.zeros((1, SEQ), dtype=torch.int64),), layer
+    if name in ("lstm_bi", "gru"):
+        kind, bi, hidden = ("LSTM", True, 64) if name == "lstm_bi" else ("GRU", False, 128)
+        model = zs.seed_(zs.RecurrentClassifier(kind, bi, hidden=hidden, features=32, front=32), 0)
+        x = torch.randn((batch, 100, 32), generator=g)
+        return model, (x,), ["input"], (0.3 * torch.randn((1, 100, 32), generator=g),), None
+    if name == "enformer_small":
+        model = zs.seed_(zs.EnformerSmall(width=64, heads=4, blocks=2, length=1024), 0)
+        idx = torch.randint(0, 4, (batch, 1024), generator=g)
+        x = torch.nn.functional.one_hot(idx, 4).permute(0, 2, 1).float().contiguous()
+        return model, (x,), ["input"], (torch.full((1, 4, 1024), 0.25),), None
+    raise KeyError(name)
+
+
+def export(model, inputs, names, how):
+    import zoo_transformers as zt
+
+    class Spec:
+        text = len(names) == 2
+
+        def inputs(self, n, seed=0):
+            return tuple(t[:n] for t in inputs)
+
+        def input_names(self):
+            return names
+
+    return zt.export(model, Spec(), how)
+
+
+def _clear_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def timed(fn, repeats, warmup):
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, out
+
+
+def run_one(name, repeats, warmup, target=1):
+    """Everything for one model, in this process; returns a JSON-able row."""
+    import onnxruntime as ort
+    import torch
+    from captum.attr import DeepLift, LayerDeepLift
+
+    import liftir
+
+    threads = int(os.environ.get("BENCH_THREADS", "0"))
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    how, batch, what = BENCHES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, inputs, names, baselines, layer = build(name)
+        proto = export(model, inputs, names, how)
+    feeds = {k: v.numpy() for k, v in zip(names, inputs)}
+    row = {"model": name, "what": what, "exporter": how, "batch": batch, "rss_reset": _clear_peak()}
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    _clear_peak()
+    row["ort_ms"], _ = timed(lambda: sess.run(None, feeds), repeats, warmup)
+    row["ort_rss"] = _peak_mib()
+    del sess
+
+    def captum():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if layer is None:
+                return DeepLift(model).attribute(inputs[0], baselines=baselines[0], target=target).detach()
+            base = baselines[0].expand_as(inputs[0])
+            return LayerDeepLift(model, layer).attribute(inputs[0], baselines=base, target=target,
+                                                         additional_forward_args=inputs[1:]).detach()
+
+    _clear_peak()
+    row["captum_ms"], want = timed(captum, repeats, warmup)
+    row["captum_rss"] = _peak_mib()
+    want = want.numpy()
+
+    explainer = liftir.Explainer(proto, method="deeplift")
+    if layer is None:
+        args, base = feeds["input"], baselines[0].numpy()
+    else:
+        args, base = feeds, {"input_ids": baselines[0].numpy()}
+
+    def ours():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return explainer.attribute(args, baselines=base, target=target, return_convergence_delta=True)
+
+    _clear_peak()
+    row["liftir_ms"], (got, delta) = timed(ours, repeats, warmup)
+    row["liftir_rss"] = _peak_mib()
+    if layer is not None:
+        got = got[explainer.attributed[0]]
+    with torch.no_grad():
+        diff = model(*inputs)[:, target] - (model(*baselines) if layer is None else
+                                            model(baselines[0].expand_as(inputs[0]), *inputs[1:]))[:, target]
+    row["delta"] = float(np.abs(delta).max() / np.abs(diff.numpy()).max())
+    row["captum_delta"] = float(np.abs(want.reshape(batch, -1).sum(1) - diff.numpy()).max() / np.abs(diff.numpy()).max())
+    row["diff_vs_captum"] = float(np.abs(got - want).max() / np.abs(want).max())
+    return row
+
+
+def profile(name, repeats=3):
+    import cProfile
+    import pstats
+
+    import liftir
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, inputs, names, baselines, layer = build(name)
+        proto = export(model, inputs, names, BENCHES[name][0])
+    feeds = {k: v.numpy() for k, v in zip(names, inputs)}
+    ex = liftir.Explainer(proto, method="deeplift")
+    args, base = ((feeds["input"], baselines[0].numpy()) if layer is None else
+                  (feeds, {"input_ids": baselines[0].numpy()}))
+    ex.attribute(args, baselines=base, target=1)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeats):
+        ex.attribute(args, baselines=base, target=1)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def table(rows):
+    head = ("| model | exporter | batch | ORT fwd ms | Captum ms | liftir ms | liftir/Captum | liftir/ORT-fwd | "
+            "peak RSS MiB ORT / Captum / liftir | liftir \\|delta\\| rel | Captum \\|delta\\| rel | max rel diff vs Captum |")
+    lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {BENCHES[r['model']][0]} | | failed: {r['error']} |||||||||")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['exporter']} | {r['batch']} | {r['ort_ms']:.1f} | {r['captum_ms']:.1f} | "
+            f"{r['liftir_ms']:.1f} | **{r['liftir_ms'] / r['captum_ms']:.2f}** | {r['liftir_ms'] / r['ort_ms']:.1f} | "
+            f"{r['ort_rss']:.0f} / {r['captum_rss']:.0f} / {r['liftir_rss']:.0f} | {r['delta']:.1e} | "
+            f"{r['captum_delta']:.1e} | {r['diff_vs_captum']:.1e} |")
+    lines.append("")
+    lines += [f"- {r['model']}: {BENCHES[r['model']][2]}" for r in rows]
+    return "\n".join(lines)
+
+
+def header(repeats, warmup, load):
+    import captum
+    import onnxruntime
+    import torch
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    after = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"CPU: {cpu}, os.cpu_count()={os.cpu_count()}; torch {torch.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, captum {captum.__version__}; median of {repeats} after {warmup} warm-up; "
+            f"target 1; {time.strftime('%Y-%m-%d %H:%M')}; load average before {load}, after {after}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(BENCHES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--write", action="store_true", help="write benchmarks/results_architectures.md")
+    p.add_argument("--threads", type=int, default=0,
+                   help="BLAS / OpenMP / torch threads in each child (0: the libraries' defaults, all cores)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one model, JSON on stdout
+    p.add_argument("--profile", help="cProfile liftir's attribute on this model")
+    args = p.parse_args(argv)
+    if args.profile:
+        profile(args.profile)
+        return 0
+    if args.one:
+        print("ROW " + json.dumps(run_one(args.one, args.repeats, args.warmup)))
+        return 0
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    rows = []
+    for name in [n.strip() for n in args.models.split(",") if n.strip()]:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        env = dict(os.environ)
+        if args.threads:
+            env.update({k: str(args.threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                       "BENCH_THREADS")})
+        done = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats),
+                               "--warmup", str(args.warmup)], capture_output=True, text=True, cwd=ROOT, env=env)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("ROW ")), None)
+        if line is None:
+            rows.append({"model": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:150]})
+        else:
+            rows.append(json.loads(line[4:]))
+    threads = f"{args.threads} thread(s) for BLAS, OpenMP and torch" if args.threads else "default threads (all cores)"
+    text = f"{header(args.repeats, args.warmup, load)}; {threads}\n\n{table(rows)}\n"
+    print(text)
+    if args.write:
+        out = ROOT / "benchmarks" / "results_architectures.md"
+        title = ("# DeepLIFT on transformers and recurrent models: liftir vs Captum\n\n"
+                 "Produced by `python benchmarks/bench_architectures.py --write [--threads N]`; see README.md.\n")
+        sections = {}
+        if out.exists():  # one section per thread setting; this run replaces its own
+            for part in out.read_text().split("\n## ")[1:]:
+                head, _, body = part.partition("\n")
+                sections[head] = body
+        sections[f"threads: {args.threads or 'default'}"] = "\n" + text
+        out.write_text(title + "".join(f"\n## {h}\n{b}" for h, b in sorted(sections.items())))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
