@@ -43,11 +43,10 @@ STEPS = 4  # integrated gradients' steps, liftir and Captum alike
 SAL_TOL, DL32_TOL, DL64_TOL, IG_TOL, CAPTUM_TOL = 1e-4, 1e-4, 1e-9, 1e-4, 1e-5
 
 # rows known not to hold yet, and why (the test asserts they still fail, so a fix shows up)
-PENDING = {(name, how): "NaN: the attention mask's finfo.min constants overflow the differences"
-           for name in ("bert", "gpt2") for how in ("ts14", "ts17")}
+PENDING: dict[tuple[str, str], str] = {}
 CAPTUM_CLASH = {  # why Captum's DeepLift is no reference on a family (shown in the table)
     "timm": "no: LayerNorm, GELU and attention products are plain gradients in Captum",
-    "transformers": "no: LayerNorm, GELU and attention products are plain gradients in Captum",
+    "transformers": "no: LayerNorm/RMSNorm, GELU/SiLU and attention products are plain gradients in Captum",
     "torch": "no: attention's softmax and products are plain gradients in Captum",
 }
 
@@ -101,7 +100,8 @@ def architectures() -> list[Arch]:
     archs += [Arch(n, "timm", zt) for n in ("vit", "deit", "convnext", "mixer", "swin")]
     archs += [Arch("torch_mha", "torch", zt),
               Arch("bert", "transformers", zt, embedding=lambda m: m.model.bert.embeddings.word_embeddings),
-              Arch("gpt2", "transformers", zt, embedding=lambda m: m.model.transformer.wte)]
+              Arch("gpt2", "transformers", zt, embedding=lambda m: m.model.transformer.wte),
+              Arch("llama", "transformers", zt, embedding=lambda m: m.model.model.embed_tokens)]
     archs += [Arch(n, "torch", zs, "layer") for n in ("lstm", "lstm_bi", "gru", "gru_bi")]
     archs += [Arch("enformer_small", "torch", zs, "layer")]
     return archs
@@ -265,12 +265,31 @@ def _integrated_gradients(arch, proto, model):
     from captum.attr import IntegratedGradients
     import liftir
     xs, feeds = _feeds(arch, 2, seed=5)
+    if arch.embedding is not None:  # ids: the path at the word embeddings, the mask held
+        return _layer_integrated_gradients(arch, proto, xs, feeds)
     x0 = _reference(arch, feeds)["input"]
     got = liftir.Explainer(proto, method="integrated_gradients", precision="float64").attribute(
         feeds["input"].astype(np.float64), baselines=x0.astype(np.float64), target=_target(arch.name), n_steps=STEPS)
     import torch
     want = IntegratedGradients(_double(arch.name)).attribute(
         xs[0].double(), baselines=torch.from_numpy(x0).double(), target=_target(arch.name), n_steps=STEPS,
+        method="gausslegendre").detach().numpy()
+    return _rel(got, want)
+
+
+def _layer_integrated_gradients(arch, proto, xs, feeds):
+    """liftir's integrated gradients of a token-id model against Captum's
+    LayerIntegratedGradients at the word embeddings, float64, the same steps."""
+    import torch
+    from captum.attr import LayerIntegratedGradients
+    import liftir
+    pad = _reference(arch, feeds)
+    ex = liftir.Explainer(proto, method="integrated_gradients", precision="float64")
+    got = ex.attribute(feeds, baselines=pad, target=_target(arch.name), n_steps=STEPS)[ex.attributed[0]]
+    double = _double(arch.name)
+    want = LayerIntegratedGradients(double, arch.embedding(double)).attribute(
+        xs[0], baselines=torch.from_numpy(np.repeat(pad["input_ids"], xs[0].shape[0], 0)),
+        additional_forward_args=(xs[1],), target=_target(arch.name), n_steps=STEPS,
         method="gausslegendre").detach().numpy()
     return _rel(got, want)
 
@@ -326,8 +345,7 @@ def measure(name, how) -> Row:
     jobs = {"saliency": lambda: _saliency(arch, proto, model),
             "dl32": lambda: _deeplift(arch, proto, "float32"),
             "dl64": lambda: _deeplift(arch, proto, "float64")}
-    if arch.embedding is None:
-        jobs["ig"] = lambda: _integrated_gradients(arch, proto, model)
+    jobs["ig"] = lambda: _integrated_gradients(arch, proto, model)
     if arch.captum != "none":
         jobs["captum"] = lambda: _captum_deeplift(arch, proto)
     TIMES[name, how, "export"] = time.perf_counter() - t0
