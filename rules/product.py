@@ -126,7 +126,7 @@ class MatMul(_Bilinear):
             if b.ndim == 1:
                 ga = g[..., None] * b
             else:
-                ga = xp.matmul(g if a.ndim > 1 else g[..., None, :], xp.swapaxes(b, -1, -2))
+                ga = _blas_matmul(xp, g if a.ndim > 1 else g[..., None, :], xp.swapaxes(b, -1, -2))
                 if a.ndim == 1:
                     ga = ga[..., 0, :]
             ga = unbroadcast(xp, ga, ctx.input_shape(0))
@@ -136,11 +136,27 @@ class MatMul(_Bilinear):
                 gb = gb if b.ndim > 1 else gb[..., 0]
             else:
                 gg = g if b.ndim > 1 else g[..., None]
-                gb = xp.matmul(xp.swapaxes(a, -1, -2), gg)
+                gb = _blas_matmul(xp, xp.swapaxes(a, -1, -2), gg)
                 if b.ndim == 1:
                     gb = gb[..., 0]
             gb = unbroadcast(xp, gb, ctx.input_shape(1))
         return ga, gb
+
+
+def _blas_matmul(xp, a, b):
+    """a @ b as few BLAS calls as it can be.
+
+    NumPy's stacked matmul runs one small product per leading index, and falls back to its
+    own loop (10-20x slower) when an operand's matrices are not contiguous, as a multiplier
+    that came through a Transpose, or a transposed weight, often is. A 2-D right operand
+    (a weight) makes the whole stack one product of (rows, n) x (n, p); otherwise both
+    operands are made contiguous first."""
+    if b.ndim == 2 and a.ndim > 2:
+        rows = xp.ascontiguousarray(a).reshape(-1, a.shape[-1])
+        return xp.matmul(rows, b).reshape(a.shape[:-1] + (b.shape[-1],))
+    if a.ndim > 2 or b.ndim > 2:
+        return xp.matmul(xp.ascontiguousarray(a), xp.ascontiguousarray(b))
+    return xp.matmul(a, b)
 
 
 @builtin_rule("Div")
