@@ -517,8 +517,7 @@ class Explainer:
             if layer in self.input_names and len(self.attributed) == len(self.input_names):
                 layer = None
         n = xs[0].shape[0]
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_batch_size(batch_size)
         budget = parse_memory(max_memory)
         self._check_attribution_options(multiply_by_inputs, attribution_func, abs)
         quadrature = None
@@ -528,10 +527,7 @@ class Explainer:
                                                     or internal_batch_size < 1):
                 raise InputError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
             quadrature = (alphas, weights, internal_batch_size)
-        if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
-            target = np.asarray(target)
-            if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
-                raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
+        target = _sequence_target(target, n)
         explained, stripped = self.explained_tensor(out)
         cost, rest = self._row_cost(xs, explained)
         call = _Call(explained=explained, stripped=stripped,
@@ -692,13 +688,9 @@ class Explainer:
         out = self._output_for_call(output)
         xs, refs, kind = self.prepare_inputs(inputs, references, True, distribution=True)
         n = xs[0].shape[0]
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_batch_size(batch_size)
         budget = parse_memory(max_memory)
-        if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
-            target = np.asarray(target)
-            if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
-                raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
+        target = _sequence_target(target, n)
         explained, stripped = self.explained_tensor(out)
         cost, rest = self._row_cost(xs, explained)
         call = _Call(explained=explained, stripped=stripped,
@@ -1033,6 +1025,20 @@ class Explainer:
         if node is None or node.op_type == "Sigmoid":
             return -1
         return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
+
+
+def _sequence_target(target, n: int):
+    """A list or array target as an array of one int per sample (N,) or several (N, K)."""
+    if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
+        target = np.asarray(target)
+        if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
+            raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
+    return target
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _check_indices(indices: np.ndarray, size: int, what: str) -> None:
