@@ -145,3 +145,33 @@ def test_reduce_prod_saliency_equals_torch_autograd():
     t = torch.tensor(x, requires_grad=True)
     t.prod(dim=(1)).prod(dim=1).sum().backward()
     np.testing.assert_allclose(ex.attribute(x, target=None), t.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_reduce_prod_of_an_exported_torch_model_matches_autograd_and_conserves():
+    """torch.prod exported by the TorchScript exporter (a ReduceProd node): saliency equals
+    torch.autograd, and DeepLIFT conserves against onnxruntime."""
+    torch = pytest.importorskip("torch")
+    from onnx_builders import export_torch
+
+    class ProdHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(5, 12)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x)).reshape(-1, 3, 4).prod(dim=-1) + 1
+
+    module = ProdHead().eval()
+    proto = export_torch(module, torch.randn(2, 5), 17)
+    assert "ReduceProd" in {n.op_type for n in proto.graph.node}
+    x = RNG.standard_normal((4, 5)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    module(xt)[:, 1].sum().backward()
+    sal = liftir.Explainer(proto, "saliency").attribute(x, target=1)
+    np.testing.assert_allclose(sal, xt.grad.numpy(), rtol=1e-4, atol=1e-6 * np.abs(xt.grad.numpy()).max())
+    x0 = 0.3 * RNG.standard_normal((1, 5)).astype(np.float32)
+    attr, delta = liftir.Explainer(proto).attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    diff = run_ort(proto, {proto.graph.input[0].name: x})[0][:, 1] - run_ort(proto, {proto.graph.input[0].name: x0})[0][0, 1]
+    np.testing.assert_allclose(attr.sum(1), diff, rtol=1e-4, atol=1e-6)
+    assert np.abs(delta).max() <= 1e-5 * max(1.0, np.abs(diff).max())
