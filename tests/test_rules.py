@@ -271,6 +271,27 @@ def test_rescale_falls_back_to_the_derivative(name):
                                f"truth={truth[bad][:4]}")
 
 
+def test_relu_multiplier_is_the_definition_bit_for_bit():
+    """The branch-free ReLU quotient (rules/elementwise.py `_relu_quotient`) equals
+    (relu(x) - relu(x0)) / (x - x0) rounded once in float32, and the slope 1{x > 0} where
+    x == x0, bit for bit, over every pairing of signs, zeros, equal and neighbouring values
+    (normal numbers: a subnormal x or x0 may differ by its own size, documented there)."""
+    from liftir.registry import lookup
+    v = np.array([-3.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, np.float32(1) + np.float32(2 ** -23), 1.0, 2.25, 7e30],
+                 np.float32)
+    x, x0 = np.meshgrid(v, v, indexing="ij")
+    x, x0 = x.reshape(1, -1), x0.reshape(1, -1)
+    m = lookup("Relu").divided_difference(np, x, x0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = (np.maximum(x, 0) - np.maximum(x0, 0)) / (x - x0)
+    want = np.where(x == x0, (x > 0).astype(np.float32), want)
+    assert m.dtype == np.float32
+    np.testing.assert_array_equal(m, want)
+    # and with one reference row for many samples, as a shared baseline is passed
+    m1 = lookup("Relu").divided_difference(np, x.reshape(-1, 1), np.float32([[0.5]]), None)
+    np.testing.assert_array_equal(m1[:, 0], np.where(x[0] == 0.5, 1, (np.maximum(x[0], 0) - 0.5) / (x[0] - 0.5)))
+
+
 def _stable_sigmoid(x):
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
