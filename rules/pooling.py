@@ -23,7 +23,7 @@ import itertools
 import numpy as np
 
 from liftir.kernels.parallel import over_rows
-from liftir.kernels.windows import scatter_to_windows, window_max
+from liftir.kernels.windows import scatter_to_windows, untile, window_max, window_max_hits
 from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, difference
@@ -93,18 +93,57 @@ class MaxPool(_Pool, _MaxRule):
         windows = _pool_geometry(ctx, shape[2:])
         x, x0 = ctx.x(0), ctx.x0(0)
         rows = shape[0]
-        reference = None if x0 is None else window_max(xp, windows, x0)  # 1 or P rows
+        tiled = windows.tiles
+        reference = None if x0 is None else (window_max_hits if tiled else window_max)(xp, windows, x0)  # 1 or P rows
         out = xp.empty(g.shape[:1] + tuple(shape), dtype=g.dtype)
 
         def rows_of(a, s):
             return a[s] if a.shape[0] == rows else a
 
         def work(s):  # samples are independent: row chunks run on parallel threads
-            out[:, s] = self._multipliers(ctx, windows, g[:, s], x[s], rows_of(x0, s) if x0 is not None else None,
-                                          None if reference is None else tuple(rows_of(a, s) for a in reference))
+            ref = None if reference is None else (rows_of(reference[0], s), [rows_of(h, s) for h in reference[1]]
+                                                  if tiled else rows_of(reference[1], s))
+            x0_rows = rows_of(x0, s) if x0 is not None else None
+            if tiled:
+                self._tiled_multipliers(ctx, windows, g[:, s], x[s], x0_rows, ref, out[:, s])
+            else:
+                out[:, s] = self._multipliers(ctx, windows, g[:, s], x[s], x0_rows, ref)
 
         over_rows(xp, work, rows, g.size)
         return (out,)
+
+    @staticmethod
+    def _tiled_multipliers(ctx, windows, g, x, x0, reference, out):
+        """`_multipliers` for windows that tile the input (stride = kernel, the common 2x2
+        pool): each input element is one offset of one window, so each offset's multipliers
+        are computed at the output's size and written once into `out` (K, P, ...), with no
+        scatter-add, no zeroed buffers and no input-sized `where` (the same arithmetic, so
+        the same bits, as the general path)."""
+        xp = ctx.xp
+        y, hits_a = window_max_hits(xp, windows, x)
+        if ctx.mode != "deeplift":
+            untile(xp, windows, [g * hit for hit in hits_a], out)
+            return
+        y0, hits_r = reference
+        if ctx.options.get("max_rule", "cross_max") == "paper":
+            at_actual, at_reference = g * (y - y0), None
+        else:
+            top = xp.maximum(y, y0)
+            at_actual, at_reference = g * (top - y0), g * (y - top)
+        xs, x0s = windows.tiled(x), windows.tiled(x0)  # splitting axes: views
+        pieces = []
+        for k, offset in enumerate(itertools.product(*(range(n) for n in windows.kernel))):
+            index = windows.tile_index(offset)
+            contrib = at_actual * hits_a[k]
+            if at_reference is not None:
+                contrib = contrib + at_reference * hits_r[k]
+            dx = xs[index] - x0s[index]
+            nonzero = dx != 0
+            if bool(nonzero.all()):
+                pieces.append(contrib / dx)
+            else:  # dx == 0: the contribution is 0 by construction; pass the gradient (as Captum)
+                pieces.append(xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), g * hits_a[k]))
+        untile(xp, windows, pieces, out)
 
     @staticmethod
     def _multipliers(ctx, windows, g, x, x0, reference):

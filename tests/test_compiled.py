@@ -260,6 +260,42 @@ def test_tracer_refuses_what_it_cannot_record():
     assert (lazy + 1).shape == (2, 2)
 
 
+def _run_traced(fn, *arrays):
+    """fn(xp, *arrays) recorded by the tracer and run by onnxruntime."""
+    import onnxruntime as ort
+
+    rec = tracer.Recorder(17)
+    with tracer.recording(rec):
+        y = fn(tracer, *(tracer.Traced(rec, f"in{k}", a.shape, a.dtype) for k, a in enumerate(arrays)))
+    info = [helper.make_tensor_value_info(f"in{k}", helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+            for k, a in enumerate(arrays)]
+    graph = helper.make_graph(rec.nodes, "g", info, [helper.make_tensor_value_info(
+        y.ref, helper.np_dtype_to_tensor_dtype(y.dtype), list(y.shape))], rec.initializers)
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {f"in{k}": a for k, a in enumerate(arrays)})[0]
+
+
+def _writes_through_views(xp, a):
+    """What the tiled max-pool backward does: a slice of a buffer, reshaped to expose the
+    window offsets, written offset by offset with integer indices; and a reshaped view
+    read again after its array changed (NumPy's view sees the change)."""
+    out = xp.empty((2, 3, 4, 4), dtype=np.float32)
+    tiles = out[:, 0:3].reshape((2, 3, 2, 2, 2, 2))
+    source = a.reshape((2, 3, 2, 2, 2, 2))
+    for i in range(2):
+        for j in range(2):
+            tiles[..., :, i, :, j] = source[..., :, i, :, j] * (1 + i + 2 * j)
+    flat = out.reshape(-1)
+    out[:, 1] = 0.5
+    return flat.reshape((2, 3, 4, 4)) + out[0, 2, 1]  # int index: a value broadcast along
+
+
+def test_tracer_writes_through_reshaped_views_as_numpy_does():
+    a = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run_traced(_writes_through_views, a), _writes_through_views(np, a))
+
+
 # ---- export: the explainer as a standalone ONNX model ---------------------------------------
 @pytest.mark.parametrize("method,target", [("deeplift", 2), ("deeplift", "all"), ("saliency", [1, 0, 3]),
                                            ("input_x_gradient", np.array([[0, 3]])), ("guided_backprop", 1)])

@@ -467,6 +467,33 @@ def test_maxpool_rules_match_loop_reference(spatial, kernel, strides, pads, base
     np.testing.assert_allclose(grads["x0"], want_grad, rtol=1e-6)
 
 
+@pytest.mark.parametrize("spatial, kernel", [((8,), (2,)), ((6, 6), (2, 2)), ((6, 4), (3, 2)), ((4, 4, 2), (2, 2, 2))],
+                         ids=str)
+@pytest.mark.parametrize("baseline", ["per-sample", "shared"])
+def test_tiled_maxpool_backward_equals_the_general_one_bit_for_bit(spatial, kernel, baseline, monkeypatch):
+    """Windows that tile the input (stride = kernel) take a scatter-free path; on inputs
+    full of ties (first offset wins) and of dx == 0 (the gradient fallback), as after a
+    ReLU, it gives the general path's very bits, in every mode and for both max rules."""
+    from liftir.kernels import windows as kernels_windows
+    c, p = 3, 4
+    rng = np.random.default_rng(len(spatial))
+    x = np.maximum(rng.integers(-2, 3, (p, c) + spatial), 0).astype(np.float32)
+    x0 = np.maximum(rng.integers(-2, 3, ((p if baseline == "per-sample" else 1), c) + spatial), 0).astype(np.float32)
+    x0[..., :1] = np.broadcast_to(x[:x0.shape[0], ..., :1], x0[..., :1].shape)  # dx == 0 along a band
+    m = op_model("MaxPool", [(p, c) + spatial], {"kernel_shape": list(kernel), "strides": list(kernel)}, 13)
+    out_shape = (c,) + tuple(s // k for s, k in zip(spatial, kernel))
+    seed = rng.standard_normal((2, p) + out_shape).astype(np.float32)
+    cases = [("deeplift", "cross_max"), ("deeplift", "paper"), ("saliency", "cross_max")]
+    tiled = {case: multipliers(m, {"x0": x}, {"x0": x0} if case[0] == "deeplift" else None,
+                               seed=seed, max_rule=case[1])[0]["x0"] for case in cases}
+    monkeypatch.setattr(kernels_windows.Windows, "tiles", property(lambda self: False))
+    for case in cases:
+        general = multipliers(m, {"x0": x}, {"x0": x0} if case[0] == "deeplift" else None,
+                              seed=seed, max_rule=case[1])[0]["x0"]
+        np.testing.assert_array_equal(tiled[case], general, err_msg=str(case))
+    assert (x == x0[:1]).mean() > 0.3 and not np.all(tiled[cases[0]] == 0)
+
+
 def op_pool_values(x, windows):
     """(P, C, *out) window maxima of x by the loop windows."""
     out_shape = tuple(np.array(list(windows)).max(axis=0) + 1)

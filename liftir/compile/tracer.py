@@ -16,8 +16,10 @@ wrong answer):
   boolean: in a trace `bool(t.any())` is True and `bool(t.all())` False, i.e. the branch
   that also handles the exceptional elements runs, so that branch must be correct for
   all data (it is, in every built-in rule: the other branch is a fast path);
-- writes (`out=`, `a[key] = v`, in-place operators) into a view propagate to its base; a
-  view read after its base was written elsewhere is refused (NumPy would see the write);
+- writes (`out=`, `a[key] = v`, in-place operators) into a view propagate to its base
+  (a reshaped array counts as a view, as NumPy's reshape of a contiguous array is one); a
+  view read after its base was written elsewhere is refused (NumPy would see the write),
+  a reshaped one re-reads its array;
 - boolean-mask indexing only as `a[mask] = <expression of b[mask] and scalars>`;
 - small integer dtypes (int8, int16) are carried as int32 (onnxruntime has few int16 kernels).
 """
@@ -111,6 +113,8 @@ class Traced:
         self._pending: list = []  # (slices, value) added into strided parts, not yet emitted
         self._lazy_view = False  # a view whose value is its base's part, emitted when read
         self._fill = None  # the fill of a created array never written since
+        self._reshaped: Traced | None = None  # the array this one is a reshaped view of
+        self._reshaped_version = 0
 
     # ---- basics ------------------------------------------------------------------------
     @property
@@ -160,6 +164,10 @@ class Traced:
 
     @property
     def ref(self) -> str:
+        src = self._reshaped
+        if src is not None and src._version != self._reshaped_version:  # NumPy's view sees the write
+            self.name = self.rec.node("Reshape", [src.ref, self.rec.const(np.array(self.shape, np.int64))])
+            self._reshaped_version = src._version
         if self._lazy_view:  # a part of its base as the base is now (NumPy views see writes)
             self._lazy_view = False
             self.name = _emit_slice(self._base, self._key)
@@ -183,7 +191,7 @@ class Traced:
         spec = _basic_key(key, self.shape)
         value = _as_dtype(_lift(self.rec, value, self.dtype), self.dtype)
         sub_shape = tuple(len(range(*sl.indices(n))) for sl, n in zip(spec, self.shape))
-        value = broadcast_to(value.reshape(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+        value = _value_for_key(value, key, self.shape, sub_shape)
         self._check_fresh()
         value.ref  # noqa: B018 - emit the value now, while what it reads is current
         self._pending.append((spec, value))
@@ -202,6 +210,11 @@ class Traced:
         if self._base is not None:
             self._base._assign(self._key, self)
             self._base_version = self._base._version
+        src = self._reshaped
+        if src is not None:  # a write into a reshaped view is a write into its array
+            src._rebind(Traced(self.rec, self.rec.node("Reshape", [self.name, self.rec.const(
+                np.array(src.shape, np.int64))]), src.shape, src.dtype))
+            self._reshaped_version = src._version
 
     def _assign(self, key, value) -> None:
         """self[key] = value for a basic-index key (ints, slices, Ellipsis)."""
@@ -211,9 +224,9 @@ class Traced:
         sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(spec, self.shape))
         if all(s == slice(0, n, 1) for s, n in zip(spec, self.shape)) or all(
                 len(range(*s.indices(n))) == n and s.indices(n)[2] == 1 for s, n in zip(spec, self.shape)):
-            self._rebind(value.reshape(self.shape) if value.size == self.size else broadcast_to(value, self.shape))
+            self._rebind(value._reshape_value(self.shape) if value.size == self.size else broadcast_to(value, self.shape))
             return
-        value = broadcast_to(value.reshape(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+        value = _value_for_key(value, key, self.shape, sub_shape)
         if self._fill is not None and not self._pending and all(sl.step == 1 for sl in spec):
             # into a freshly filled array (a padded copy): one Pad with the fill
             pads = [sl.start for sl in spec] + [n - sl.stop for sl, n in zip(spec, self.shape)]
@@ -239,7 +252,7 @@ class Traced:
 
     def _inplace(self, other, fn):
         base = self._base
-        if (fn is add and base is not None and base._base is None
+        if (fn is add and base is not None and base._base is None and base._reshaped is None
                 and self._base_version == base._version and not _covers(self._key, base.shape)):
             base._add_at(self._key, other)  # `a[window] += v`: pending on the base
             self._base_version = base._version
@@ -286,6 +299,14 @@ class Traced:
 
     # ---- shape ops ---------------------------------------------------------------------
     def reshape(self, *shape, order="C"):
+        """A reshaped view, as NumPy's of a contiguous array: writes into it reach this array."""
+        out = self._reshape_value(*shape)
+        if out is not self:
+            out._reshaped, out._reshaped_version = self, self._version
+        return out
+
+    def _reshape_value(self, *shape):
+        """The values reshaped, as of now (the tracer's own reshapes: no view)."""
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         shape = tuple(int(s) for s in shape)
         if -1 in shape:
@@ -334,7 +355,7 @@ class Traced:
             name = rec.node(op, [x.ref], axes=list(axes), keepdims=1)
         out = Traced(rec, name, shape, x.dtype)
         if not keepdims:
-            out = out.reshape(tuple(n for i, n in enumerate(self.shape) if i not in axes))
+            out = out._reshape_value(tuple(n for i, n in enumerate(self.shape) if i not in axes))
         return out
 
     def sum(self, axis=None, keepdims=False, dtype=None):
@@ -361,7 +382,7 @@ class Traced:
 
     def argmax(self, axis=None):
         if axis is None:
-            return self.reshape(-1).argmax(0)
+            return self._reshape_value(-1).argmax(0)
         axis %= self.ndim
         rec = self.rec
         name = rec.node("ArgMax", [self.ref], axis=axis, keepdims=0, select_last_index=0)
@@ -602,14 +623,14 @@ def _scatter_strided(rec: Recorder, entries, shape, dtype) -> Traced:
                 return Traced(rec, rec.node("Expand", [rec.const(np.zeros((), dtype)),
                                                        rec.const(np.array(expanded, np.int64))]),
                               tuple(expanded), dtype)
-            return block.reshape(expanded)
+            return block._reshape_value(expanded)
         a = strided[level]
         parts = [build(prefix + (r,), level + 1) for r in range(steps[a])]
         out_shape = list(parts[0].shape)
         out_shape[where_axis[a]] = steps[a]
         return Traced(rec, rec.node("Concat", [p.ref for p in parts], axis=where_axis[a]), tuple(out_shape), dtype)
 
-    merged = build((), 0).reshape([m * st for m, st in zip(lattice, steps)])
+    merged = build((), 0)._reshape_value([m * st for m, st in zip(lattice, steps)])
     if any(m * st != n for m, st, n in zip(lattice, steps, shape)):
         merged = merged[tuple(slice(0, n) for n in shape)].copy()
     return merged
@@ -618,6 +639,16 @@ def _scatter_strided(rec: Recorder, entries, shape, dtype) -> Traced:
 def _squeezed_value_shape(vshape, target):
     """A value broadcast into a slice: NumPy aligns trailing axes."""
     return vshape if len(vshape) <= len(target) else tuple(vshape[len(vshape) - len(target):])
+
+
+def _value_for_key(value: Traced, key, shape, sub_shape) -> Traced:
+    """`value` as written by `a[key] = value`: broadcast to NumPy's result shape of the
+    index (integer indices drop their axes), then shaped like the slice (they keep them)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    result = _index_result_shape(keys, shape)
+    if result == sub_shape:
+        return broadcast_to(value._reshape_value(_squeezed_value_shape(value.shape, sub_shape)), sub_shape)
+    return broadcast_to(value._reshape_value(_squeezed_value_shape(value.shape, result)), result)._reshape_value(sub_shape)
 
 
 def _place(rec: Recorder, value: Traced, spec, shape):

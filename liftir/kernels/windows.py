@@ -71,6 +71,24 @@ class Windows:
         nd = self.nd
         return x[(Ellipsis,) + tuple(slice(self.pads[d], self.pads[d] + s) for d, s in enumerate(self.spatial))]
 
+    @property
+    def tiles(self) -> bool:
+        """Windows that tile the input exactly (stride = kernel, no padding, no dilation):
+        each input element lies in one window, at one offset."""
+        return (self.strides == self.kernel and all(d == 1 for d in self.dilations) and not any(self.pads)
+                and not any(self.extra) and all(o * k == s for o, k, s in zip(self.out, self.kernel, self.spatial)))
+
+    def tiled(self, x):
+        """A view of x (..., *spatial) as (..., out_1, k_1, out_2, k_2, ...) when `tiles`:
+        offset (o_1, o_2, ...) of every window is then x_view[..., :, o_1, :, o_2, ...]."""
+        shape = x.shape[:x.ndim - self.nd]
+        for o, k in zip(self.out, self.kernel):
+            shape += (o, k)
+        return x.reshape(shape)
+
+    def tile_index(self, offset: tuple[int, ...]):
+        return (Ellipsis,) + tuple(part for o in offset for part in (slice(None), o))
+
     def offsets(self):
         """For each kernel offset, the slices of the padded input its window elements read."""
         for offset in itertools.product(*(range(k) for k in self.kernel)):
@@ -111,6 +129,46 @@ def window_max(xp, windows: Windows, x):
         else:
             first = xp.where(padded[slices[k]] == best, k, first).astype(np.int16)
     return best, first
+
+
+def window_max_hits(xp, windows: Windows, x):
+    """(max over each window, one boolean mask per offset: where that offset holds the
+    window's first maximum). The same winner as `window_max`, without an index array: the
+    tiled max-rule backward multiplies by these masks directly."""
+    padded = windows.pad(xp, x, -np.inf)
+    slices = [(Ellipsis,) + sl for sl in windows.offsets()]
+    best = padded[slices[0]].copy()
+    for sl in slices[1:]:
+        xp.maximum(best, padded[sl], out=best)
+    hits, free = [], None
+    for k, sl in enumerate(slices):
+        equal = padded[sl] == best
+        if free is None:
+            hits.append(equal)
+            free = ~equal
+        else:
+            hits.append(equal & free)
+            if k < len(slices) - 1:
+                free &= ~equal
+    return best, hits
+
+
+def untile(xp, windows: Windows, pieces, out) -> None:
+    """Write one array per offset (in `offsets` order, each shaped like the pool's output)
+    into `out`, for windows that tile the input: NumPy writes each into its strided view of
+    `out` (one pass, no scatter); other array modules (the tracer, where strided writes
+    become masked selects) interleave them with one stack and one transpose."""
+    if xp is np:
+        view = windows.tiled(out)
+        for offset, piece in zip(itertools.product(*(range(k) for k in windows.kernel)), pieces):
+            view[windows.tile_index(offset)] = piece
+        return
+    nd = windows.nd
+    stacked = xp.stack(pieces, axis=-1)  # (..., out_1, ..., out_nd, k_1 * ... * k_nd)
+    lead = stacked.ndim - 1 - nd
+    stacked = stacked.reshape(stacked.shape[:-1] + tuple(windows.kernel))
+    order = list(range(lead)) + [a for d in range(nd) for a in (lead + d, lead + nd + d)]
+    out[...] = stacked.transpose(order).reshape(out.shape)
 
 
 def scatter_to_windows(xp, windows: Windows, lead: tuple[int, ...], pieces, dtype):
