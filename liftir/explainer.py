@@ -124,6 +124,7 @@ class Explainer:
         self.plan.require((self.output,) if self.output else tuple(
             o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f"))
         self._row_costs: dict[tuple, tuple[RowCost, tuple[int, ...]]] = {}
+        self._explained_dtypes: dict[str, np.dtype] = {}
         #: how the last `attribute` call was cut into passes (rows and targets per pass)
         self.last_pass: PassSize | None = None
         self._probe()
@@ -743,7 +744,13 @@ class Explainer:
                 key = key + (xs[0].shape[0],)
             _require_samples_first(run, explained)
             self._row_costs[key] = (RowCost.measure(run.values, rows), tuple(run.device(explained).shape[1:]))
+            self._explained_dtypes[explained] = run.device(explained).dtype
         return self._row_costs[key]
+
+    def _explained_dtype(self, call: _Call) -> np.dtype:
+        """The explained tensor's dtype in this Explainer's passes (seeds take it), known
+        from `_row_cost`'s probe before any pass has run."""
+        return self._explained_dtypes[call.explained]
 
     def _passes(self, passes: list, call: _Call, size: PassSize, unit: str):
         """Record the chosen pass size (`last_pass`) and yield the passes, counting their work
@@ -921,6 +928,7 @@ class Explainer:
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas = []
         averaged = None
+        compiled = self._compiled if self._compiled is not None and self._compiled.why_not(call) is None else None
         for s0, s1, p0, p1 in self._passes(passes, call, size, "point of the path"):
             sub_x = [x[s0:s1] for x in xs]
             sub_refs = [r[s0:s1] if per_sample_refs else r for r in refs]
@@ -929,13 +937,21 @@ class Explainer:
             a, w = alphas[p0:p1], weights[p0:p1]
             path = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
                     .astype(x.dtype) for x, r in zip(sub_x, sub_refs)]  # (points * s, ...) alpha-major
-            run = self._forward(path, None, call.explained)
-            _require_samples_first(run, call.explained)
+            run = None
+            feeds = self._feeds(path, None) if compiled is not None else None
             for t0 in range(0, call.k, size.targets):
                 seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
+                                  call.axis, slice(t0, t0 + size.targets), self._explained_dtype(call))
                 k = seed.shape[0]
-                grads = self._backward(run, call, np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2)))
+                seed = np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2))
+                this = None if compiled is None else compiled.get(feeds, path[0].shape[0], 0, call, k)
+                if this is not None:  # one onnxruntime session does the gradient pass
+                    grads, _ = this(feeds, seed.astype(this.seed_dtype, copy=False))
+                else:
+                    if run is None:
+                        run = self._forward(path, None, call.explained)
+                        _require_samples_first(run, call.explained)
+                    grads = self._backward(run, call, seed)
                 for i, name in enumerate(self.input_names):
                     if name not in call.wrt or grads[name] is None:
                         continue

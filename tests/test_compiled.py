@@ -215,10 +215,27 @@ def test_methods_not_compiled_yet_run_on_the_interpreter(caplog):
     m, shape = _random_net(rng)
     x = rng.standard_normal((2,) + shape).astype(np.float32)
     with caplog.at_level(logging.WARNING, logger="liftir"):
-        ex = liftir.Explainer(m, "integrated_gradients", engine="compiled")
+        ex = liftir.Explainer(m, "deeplift_revealcancel", engine="compiled")
     assert "not compiled yet" in caplog.text
-    np.testing.assert_array_equal(ex.attribute(x, target=0, n_steps=4),
-                                  liftir.Explainer(m, "integrated_gradients").attribute(x, target=0, n_steps=4))
+    np.testing.assert_array_equal(ex.attribute(x, target=0),
+                                  liftir.Explainer(m, "deeplift_revealcancel").attribute(x, target=0))
+
+
+@pytest.mark.parametrize("name", ["all_conv", "vgg_maxpool", "residual_bn", "mlp_relu_sigmoid_tanh"])
+def test_integrated_gradients_compiled_equals_the_interpreter(zoo_models, name):
+    """The path's gradient passes run compiled (one session per chunk of points): the same
+    attributions and the same deltas, for one target and for several, in chunks of points."""
+    proto, x, x0 = zoo_models[name]
+    interp = liftir.Explainer(proto, "integrated_gradients")
+    comp = liftir.Explainer(proto, "integrated_gradients", engine="compiled")
+    for target, rows in ((1, None), (np.array([[0, 2]]), 3)):
+        a, da = interp.attribute(x, baselines=x0, target=target, n_steps=6, internal_batch_size=rows,
+                                 return_convergence_delta=True)
+        b, db = comp.attribute(x, baselines=x0, target=target, n_steps=6, internal_batch_size=rows,
+                               return_convergence_delta=True)
+        assert comp._compiled.passes and all(p is not None for p in comp._compiled.passes.values()), \
+            comp._compiled.reasons
+        _assert_same((a, da), (b, db))
 
 
 @pytest.mark.parametrize("name", ["expm1", "tanh"])

@@ -25,9 +25,10 @@ from .tracer import Recorder, Traced, TraceError
 logger = logging.getLogger("liftir")
 
 SEED = "liftir_seed"
-#: methods whose whole pass compiles (RevealCancel, DeepLIFT-SHAP and integrated gradients
-#: run on the interpreter for now)
-COMPILED_METHODS = ("deeplift", "saliency", "input_x_gradient", "guided_backprop", "deconvnet")
+#: methods whose whole pass compiles (RevealCancel and DeepLIFT-SHAP run on the interpreter
+#: for now); integrated gradients compiles its gradient passes over points of the path
+COMPILED_METHODS = ("deeplift", "saliency", "input_x_gradient", "guided_backprop", "deconvnet",
+                    "integrated_gradients")
 
 
 def multiplier_name(tensor: str) -> str:
