@@ -83,9 +83,9 @@ def stage_liftir(folder: Path, n: int, workers: int) -> dict:
 def stage_profile(folder: Path, n: int) -> dict:
     """The single-process run with a timer (wall and CPU seconds) around each stage.
 
-    Stages: FASTA read + one-hot, references (dinucleotide shuffles), the forward (one
-    onnxruntime session over regions and references), the backward (multipliers of every
-    pair), scores (actual, hypothetical and delta from the multipliers), the Zarr write,
+    Stages: FASTA read + one-hot, references (dinucleotide shuffles), the compiled pass
+    (one onnxruntime session: forward over regions and references, multipliers of every
+    pair; with the interpreter engine, its forward and backward instead), scores (actual, hypothetical and delta from the multipliers), the Zarr write,
     and the driver (explainer and store set-up, the summary) as what is left.
     """
     import functools
@@ -116,17 +116,21 @@ def stage_profile(folder: Path, n: int) -> dict:
 
     timed(sequences.FastaSource, "fetch", "fasta read + one-hot")
     timed(pipeline, "make_references", "references (shuffles)")
+    from liftir.compile import compiler
     timed(explainer_module.Explainer, "_forward", "forward")
     timed(scheduler, "backward", "backward")
+    timed(compiler.CompiledPass, "__call__", "compiled pass")
     timed(attribution, "pair_multipliers", "multipliers (forward + backward + rest)")
     timed(pipeline, "shap_scores", "attribution")
     timed(pipeline.store, "write_chunk", "zarr write")
     timed(pipeline, "run_task", "tasks")
     result = stage_liftir(folder, n, 0)
     t = {k: v for k, v in totals.items()}
+    none = [0.0, 0.0]
     stages = {"fasta read + one-hot": t["fasta read + one-hot"],
               "references (shuffles)": t["references (shuffles)"],
-              "forward": t["forward"], "backward": t["backward"],
+              "forward (interpreter)": t.get("forward", none), "backward (interpreter)": t.get("backward", none),
+              "compiled pass (forward + backward, one session)": t.get("compiled pass", none),
               "scores (actual, hypothetical, delta)": [a - b for a, b in zip(t["attribution"],
                                                        t["multipliers (forward + backward + rest)"])],
               "zarr write": t["zarr write"]}

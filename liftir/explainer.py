@@ -870,21 +870,34 @@ class Explainer:
                   for s0 in range(0, n, samples) for b0 in range(0, pairs, chunk)]
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas, block, block_deltas = [], {w: [] for w in call.wrt}, []
+        compiled = self._compiled if self._compiled is not None and self._compiled.why_not(call) is None else None
         for s0, s1, b0, b1 in self._passes(passes, call, size, "pair"):
             if own:
                 sub_refs = [r[s0:s1, b0:b1].reshape((-1,) + r.shape[2:]) for r in refs]
             else:
                 sub_refs = [r[b0:b1] for r in refs]
-            run = scheduler.PairedRun(self._forward([x[s0:s1] for x in xs], sub_refs, call.explained),
-                                      b1 - b0, tile_references=not own)
-            _require_samples_first(run, call.explained)
+            sub_x = [x[s0:s1] for x in xs]
+            interpreted = None
+            feeds = self._feeds(sub_x, sub_refs) if compiled is not None else None
             per_target = {w: [] for w in call.wrt}
             pass_deltas = []
             for t0 in range(0, call.k, size.targets):
                 seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), run.device(call.explained).dtype)
+                                  call.axis, slice(t0, t0 + size.targets), self._explained_dtype(call))
                 seed = np.repeat(seed, b1 - b0, axis=1)  # sample-major pairs
-                grads = self._backward(run, call, seed)
+                this = None if compiled is None else compiled.get(
+                    feeds, s1 - s0, sub_refs[0].shape[0], call, seed.shape[0], pairs=b1 - b0, tile_references=not own)
+                if this is not None:  # one onnxruntime session: the forward, the pairs, their backward
+                    grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
+                    run = compiled.light_run(this, feeds, values)
+                    _require_samples_first(run, call.explained)
+                else:
+                    if interpreted is None:  # this number of targets did not compile: the interpreter
+                        interpreted = scheduler.PairedRun(self._forward(sub_x, sub_refs, call.explained),
+                                                          b1 - b0, tile_references=not own)
+                        _require_samples_first(interpreted, call.explained)
+                    run = interpreted
+                    grads = self._backward(run, call, seed)
                 sums = 0.0
                 for w in call.wrt:
                     a, s = self._finish(run, w, grads[w], seed.shape[0], call)

@@ -238,6 +238,32 @@ def test_integrated_gradients_compiled_equals_the_interpreter(zoo_models, name):
         _assert_same((a, da), (b, db))
 
 
+@pytest.mark.parametrize("name", ["all_conv", "vgg_maxpool", "residual_bn", "mlp_relu_sigmoid_tanh"])
+def test_deeplift_shap_compiled_equals_the_interpreter(zoo_models, name):
+    """(sample, reference) pairs expanded inside the compiled graph: the same attributions,
+    deltas and per-pair multipliers as the interpreter, for references shared by all
+    samples and for each sample's own, one target and several, whole and chunked passes;
+    and summation-to-delta per pair."""
+    proto, x, x0 = zoo_models[name]
+    rng = np.random.default_rng(11)
+    shared = (x0[None] + 0.3 * rng.standard_normal((5,) + x0.shape)).astype(np.float32)
+    own = (x0[None, None] + 0.3 * rng.standard_normal((x.shape[0], 3) + x0.shape)).astype(np.float32)
+    interp = liftir.Explainer(proto, "deeplift_shap")
+    comp = liftir.Explainer(proto, "deeplift_shap", engine="compiled")
+    for refs, target, batch_size in ((shared, 1, None), (own, np.array([[0, 2]]), 1)):
+        a = interp.attribute(x, baselines=refs, target=target, batch_size=batch_size, return_convergence_delta=True)
+        b = comp.attribute(x, baselines=refs, target=target, batch_size=batch_size, return_convergence_delta=True)
+        assert comp._compiled.passes and all(p is not None for p in comp._compiled.passes.values()), \
+            comp._compiled.reasons
+        _assert_same(a, b)
+    m_a, d_a = interp.pair_multipliers(x, shared, target=1)
+    m_b, d_b = comp.pair_multipliers(x, shared, target=1)
+    _assert_same((m_a, None), (m_b, None))
+    np.testing.assert_array_equal(d_a, d_b)  # f(x) - f(r_b): the same forward values
+    residual = (m_b.astype(np.float64) * (x[:, None] - shared[None])).reshape(x.shape[0], 5, -1).sum(-1) - d_b
+    assert np.abs(residual).max() <= 1e-5 * max(1.0, float(np.abs(d_b).max()))
+
+
 @pytest.mark.parametrize("name", ["expm1", "tanh"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):

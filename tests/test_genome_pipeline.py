@@ -144,7 +144,7 @@ def test_store_contents_summation_to_delta_and_agreement_with_the_explainer(geno
     meta = group.attrs["liftir"]
     assert meta["method"] == "deeplift_shap" and meta["references"] == {
         "kind": "shuffle", "shuffles": SHUFFLES, "seed": 0}
-    assert len(meta["model_sha256"]) == 64 and meta["liftir_version"]
+    assert len(meta["model_sha256"]) == 64 and meta["liftir_version"] and meta["engine"] == "compiled"
 
     # The first regions again, through the public Explainer on the same shuffles: the
     # actual scores agree, and the hypothetical ones equal hypothetical_contributions of
@@ -182,6 +182,9 @@ def test_cli_with_another_chunk_size_writes_the_same_bytes(genome, reference_sto
     assert_identical(reference_store[0], out)
     with pytest.raises(InputError, match="differs in: references"):
         explain_genome(MODEL, fasta=fasta, bed=bed, out=out, **{**OPTIONS, "seed": 1})
+    # the engine is part of the run: its chunks are not mixed with another engine's
+    with pytest.raises(InputError, match="differs in: engine"):
+        explain_genome(MODEL, fasta=fasta, bed=bed, out=out, engine="interpreter", **OPTIONS)
 
 
 def test_interrupted_and_torn_runs_resume_to_the_same_bytes(genome, reference_store, tmp_path):

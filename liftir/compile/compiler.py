@@ -25,10 +25,11 @@ from .tracer import Recorder, Traced, TraceError
 logger = logging.getLogger("liftir")
 
 SEED = "liftir_seed"
-#: methods whose whole pass compiles (RevealCancel and DeepLIFT-SHAP run on the interpreter
-#: for now); integrated gradients compiles its gradient passes over points of the path
+#: methods whose whole pass compiles (RevealCancel runs on the interpreter for now);
+#: integrated gradients compiles its gradient passes over points of the path, DeepLIFT-SHAP
+#: its passes over (sample, reference) pairs
 COMPILED_METHODS = ("deeplift", "saliency", "input_x_gradient", "guided_backprop", "deconvnet",
-                    "integrated_gradients")
+                    "integrated_gradients", "deeplift_shap")
 
 
 def multiplier_name(tensor: str) -> str:
@@ -49,12 +50,18 @@ class CompiledPass:
     n_ref: int
     seed_dtype: np.dtype = np.dtype(np.float32)
     session: object = None
+    #: DeepLIFT-SHAP: the (sample, reference) pairs each sample's multipliers come for, the
+    #: references shared by all samples (tiled) or each sample's own (0: not a paired pass)
+    pairs: int = 0
+    tile_references: bool = True
 
     def start(self):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _shared_cpu_arena():  # one arena for every compiled pass: memory is the largest
+            options.add_session_config_entry("session.use_env_allocators", "1")  # pass's, not their sum
         options.log_severity_level = 3
         self.session = ort.InferenceSession(self.model.SerializeToString(), options,
                                             providers=["CPUExecutionProvider"])
@@ -67,6 +74,24 @@ class CompiledPass:
         out = dict(zip(names, self.session.run(names, inputs)))
         grads = {w: (out[o] if o else None) for w, o in self.multipliers.items()}
         return grads, {v: out[v] for v in self.values}
+
+
+_ARENA: list[bool] = []
+
+
+def _shared_cpu_arena() -> bool:
+    """Register one CPU arena with onnxruntime's environment (once per process), for the
+    compiled sessions to share: each session keeps its own arena at its peak otherwise, so
+    an Explainer holding passes of several shapes held the sum of their peaks."""
+    if not _ARENA:
+        import onnxruntime as ort
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            _ARENA.append(True)
+        except Exception:  # noqa: BLE001 - an onnxruntime without it: per-session arenas
+            _ARENA.append(False)
+    return _ARENA[0]
 
 
 def _standard(node) -> None:
@@ -108,8 +133,13 @@ def _recording_failures(rec: Recorder, failures: list[str]):
 
 
 def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
-                 explained: str, wrt: tuple[str, ...], k: int, options: dict) -> CompiledPass:
+                 explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int = 0,
+                 tile_references: bool = True) -> CompiledPass:
     """Trace one pass for these feed shapes (values are irrelevant: only shapes are read).
+
+    With `pairs` (DeepLIFT-SHAP), the forward runs the samples and references once and the
+    backward every (sample, reference) pair, as `scheduler.PairedRun` expands them: the
+    expansion is recorded too, so it happens inside the graph.
 
     Raises TraceError naming what cannot be compiled; the caller falls back to the interpreter.
     """
@@ -139,7 +169,10 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         run.static, run.batch = probe.static, probe.batch
         for name, value in probe.values.items():
             run.values[name] = Traced(rec, name, value.shape, value.dtype)
-        seed_shape = (k,) + probe.loc(explained).resized(tuple(probe.values[explained].shape), n_actual)
+        if pairs:
+            run = scheduler.PairedRun(run, pairs, tile_references=tile_references)
+        seed_shape = (k,) + probe.loc(explained).resized(tuple(probe.values[explained].shape),
+                                                         n_actual * pairs if pairs else n_actual)
         seed = Traced(rec, SEED, seed_shape, probe.values[explained].dtype)
         grads = scheduler.backward(run, {explained: seed}, wrt, (explained,),
                                    node_backward=_recording_failures(rec, failures))
@@ -185,4 +218,4 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="liftir")
     model.ir_version = min(model.ir_version, 10)
     return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref,
-                        np.dtype(seed.dtype))
+                        np.dtype(seed.dtype), pairs=pairs, tile_references=tile_references)

@@ -35,14 +35,16 @@ class CompiledEngine:
             return "the array backend is not NumPy"
         return None
 
-    def get(self, feeds: dict, n: int, r: int, call, k: int) -> CompiledPass | None:
-        key = (call.explained, call.wrt, n, r, k,
+    def get(self, feeds: dict, n: int, r: int, call, k: int, pairs: int = 0,
+            tile_references: bool = True) -> CompiledPass | None:
+        key = (call.explained, call.wrt, n, r, k, pairs, tile_references,
                tuple((name, v.shape, v.dtype.str) for name, v in feeds.items()))
         if key not in self.passes:
             ex = self.explainer
             compiled = None
             try:
-                compiled = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k, ex.options)
+                compiled = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k, ex.options,
+                                        pairs, tile_references)
                 self.passes[key] = compiled.start()
             except (TraceError, NotImplementedError) as exc:
                 self._fallback(key, str(exc))
@@ -65,4 +67,6 @@ class CompiledEngine:
         run.values.update(feeds)
         run.values.update(values)
         run.batch = compiled.batch
+        if compiled.pairs:
+            return scheduler.PairedRun(run, compiled.pairs, tile_references=compiled.tile_references)
         return run

@@ -1024,6 +1024,29 @@ def stack(xs, axis=0):
     return concatenate([expand_dims(x, axis) for x in xs], axis=axis)
 
 
+def repeat(x, repeats, axis):
+    """np.repeat with one integer count: each element `repeats` times along `axis`
+    (Unsqueeze, Expand, Reshape)."""
+    if not isinstance(x, Traced):
+        return np.repeat(x, repeats, axis=axis)
+    if not isinstance(repeats, (int, np.integer)) or axis is None:
+        raise TraceError("repeat with per-element counts or without an axis in a trace")
+    axis %= x.ndim
+    expanded = broadcast_to(expand_dims(x, axis + 1), x.shape[:axis + 1] + (int(repeats),) + x.shape[axis + 1:])
+    return expanded._reshape_value(x.shape[:axis] + (x.shape[axis] * int(repeats),) + x.shape[axis + 1:])
+
+
+def tile(x, reps):
+    if not isinstance(x, Traced):
+        return np.tile(x, reps)
+    reps = (int(reps),) if np.ndim(reps) == 0 else tuple(int(r) for r in reps)
+    if len(reps) != x.ndim:
+        raise TraceError(f"tile with {len(reps)} counts for an array of {x.ndim} axes in a trace")
+    rec = x.rec
+    return Traced(rec, rec.node("Tile", [x.ref, rec.const(np.array(reps, np.int64))]),
+                  tuple(n * r for n, r in zip(x.shape, reps)), x.dtype)
+
+
 def matmul(a, b, out=None):
     rec = _rec_of(a, b)
     if rec is None:

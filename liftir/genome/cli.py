@@ -64,6 +64,9 @@ def add_parser(sub, positive_int, formatter) -> None:
     p.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy",
                    help="auto: each worker uses its GPU when it has one")
     p.add_argument("--max-rule", choices=["cross_max", "paper"], default="cross_max")
+    p.add_argument("--engine", choices=["compiled", "interpreter"], default="compiled",
+                   help="compiled (default): each pass one onnxruntime session; interpreter: the "
+                        "rules op by op")
     p.add_argument("--out", "-o", required=True, metavar="STORE.zarr", help="the Zarr store")
     p.add_argument("--modisco-out", metavar="DIR", default=None,
                    help="also write TF-MoDISco's ohe.npz and shap.npz into DIR")
@@ -102,7 +105,7 @@ def _run(explain_genome, args: argparse.Namespace):
         shuffles=args.shuffles, seed=args.seed, gc=args.gc, reference_file=args.reference_file,
         target=args.target, output=args.output, edge=args.edge, chunk_size=args.chunk_size,
         store_chunk=args.store_chunk, max_memory=args.max_memory, workers=args.workers,
-        scheduler=args.scheduler, backend=args.backend, max_rule=args.max_rule,
+        scheduler=args.scheduler, backend=args.backend, max_rule=args.max_rule, engine=args.engine,
         progress=not args.no_progress, modisco_out=args.modisco_out)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..compile.engine import ENGINES
 from ..errors import InputError
 from . import store
 from .attribution import shap_scores
@@ -48,6 +49,7 @@ class Job:
     backend: str = "numpy"
     max_rule: str = "cross_max"
     user_references: np.ndarray | None = None
+    engine: str = "compiled"
 
 
 @dataclass
@@ -82,14 +84,14 @@ _STATE: dict[tuple, Any] = {}
 
 
 def _explainer(job: Job):
-    key = ("explainer", job.model_sha256, job.backend, job.max_rule)
+    key = ("explainer", job.model_sha256, job.backend, job.max_rule, job.engine)
     if key not in _STATE:
         from ..explainer import Explainer
         data = Path(job.model).read_bytes()
         if hashlib.sha256(data).hexdigest() != job.model_sha256:
             raise InputError(f"{job.model} changed since the run started (sha256 differs)")
         _STATE[key] = Explainer(data, method="deeplift_shap", backend=job.backend,
-                                max_rule=job.max_rule)
+                                max_rule=job.max_rule, engine=job.engine)
     return _STATE[key]
 
 
@@ -198,8 +200,8 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
                    target: int | None = None, output: str | None = None, edge: str = "skip",
                    chunk_size: int | None = None, store_chunk: int = DEFAULT_STORE_CHUNK,
                    max_memory=DEFAULT_MAX_MEMORY, workers: int = 0, scheduler: str | None = None,
-                   backend: str = "numpy", max_rule: str = "cross_max", progress: bool = True,
-                   modisco_out: str | None = None,
+                   backend: str = "numpy", max_rule: str = "cross_max", engine: str = "compiled",
+                   progress: bool = True, modisco_out: str | None = None,
                    on_task_done: Callable[[int, int], None] | None = None) -> Summary:
     """DeepLIFT-SHAP scores of every region of a BED on a FASTA (or of one-hot arrays),
     streamed to a Zarr store; rerun the same call to resume an interrupted run.
@@ -225,6 +227,9 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
     workers : 0 (default) runs here; N > 0 starts a Dask LocalCluster of N worker
         processes. ``scheduler`` : address of an existing Dask cluster instead.
     backend : "numpy", "cupy" or "auto" (each worker uses its GPU when it has one).
+    engine : "compiled" (default: each pass one onnxruntime session, compiled once per
+        worker and pass shape) or "interpreter" (the rules op by op; CuPy always). Part of
+        the run's identity: a store is resumed with the engine it was started with.
     modisco_out : also write TF-MoDISco's ohe.npz / shap.npz into this folder.
     on_task_done : called as f(regions_done, regions_total) after each task (tests, GUIs).
 
@@ -280,15 +285,18 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
         raise InputError(f"method 'deeplift' takes one reference per region; {references!r} "
                          f"gives {n_refs} (use deeplift_shap)")
     from ..explainer import Explainer
-    probe = Explainer(model_path.read_bytes(), method="deeplift_shap", max_rule=max_rule)
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
+    probe = Explainer(model_path.read_bytes(), method="deeplift_shap", max_rule=max_rule, engine=engine)
     channels_first = _model_layout(probe, width)
     if backend == "numpy":  # tasks run in this process reuse it
-        _STATE.setdefault(("explainer", sha, backend, max_rule), probe)
+        _STATE.setdefault(("explainer", sha, backend, max_rule, engine), probe)
 
     from .. import __version__
     config = {"format": "liftir-genome-1", "liftir_version": __version__, "model": model_path.name,
               "model_sha256": sha, "method": method, "references": spec.describe(),
               "width": int(width), "target": target, "output": output, "max_rule": max_rule,
+              "engine": engine,
               "regions": len(regions), "store_chunk": store_chunk, "layout": "N,L,ACGT",
               "model_layout": "N,4,L" if channels_first else "N,L,4", **inputs}
     if user_refs is not None:
@@ -299,7 +307,7 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
     store.create_or_resume(out, config, regions, width, store_chunk)
     batch = _stored_batch(out, min(batch, store_chunk))
     job = Job(str(model_path.resolve()), sha, source, str(Path(out).resolve()), spec, store_chunk,
-              batch, channels_first, target, output, backend, max_rule, user_refs)
+              batch, channels_first, target, output, backend, max_rule, user_refs, engine)
 
     n_chunks = -(-len(regions) // store_chunk)
     done = store.done_chunks(out) if existed else np.zeros(n_chunks, bool)
