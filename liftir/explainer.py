@@ -800,35 +800,29 @@ class Explainer:
         for s0, s1 in self._passes(blocks, call, size, "sample"):
             sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
             sub_x = [x[s0:s1] for x in xs]
-            cp = run = None
+            cp = interpreted = None
             if compiled is not None:  # one onnxruntime session per (shapes, targets) does the pass
                 feeds = self._feeds(sub_x, sub_refs)
                 rows_ref = 0 if sub_refs is None else sub_refs[0].shape[0]
                 cp = compiled.get(feeds, s1 - s0, rows_ref, call, min(size.targets, call.k))
             if cp is None:
-                run = self._forward(sub_x, sub_refs, call.explained)
-                _require_samples_first(run, call.explained)
-            spread = node_backward = None
-            if revealcancel_:
-                spread = revealcancel.split_forward(run, self.plan.order_for((call.explained,)),
-                                                    tuple(self.attributed))
-                node_backward = revealcancel.node_backward(spread)
+                interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_)
             block = {w: [] for w in call.wrt}
             block_deltas = []
             for t0 in range(0, call.k, size.targets):
                 seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets),
-                                  cp.seed_dtype if cp is not None else run.device(call.explained).dtype)
+                                  call.axis, slice(t0, t0 + size.targets), self._explained_dtype(call))
                 k = seed.shape[0]
                 this = compiled.get(feeds, s1 - s0, rows_ref, call, k) if cp is not None else None
                 if this is not None:
                     grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
+                    spread = values.pop("liftir_spread", None)
                     run = compiled.light_run(this, feeds, values)
                     _require_samples_first(run, call.explained)
                 else:
-                    if run is None:  # this number of targets did not compile: the interpreter
-                        run = self._forward(sub_x, sub_refs, call.explained)
-                        _require_samples_first(run, call.explained)
+                    if interpreted is None:  # this number of targets did not compile: the interpreter
+                        interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_)
+                    run, spread, node_backward = interpreted
                     grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None
                                            else seed, node_backward)
                 sums = 0.0
@@ -847,6 +841,16 @@ class Explainer:
                 deltas.append(np.concatenate(block_deltas))
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1) if deltas else None
+
+    def _interpreted_pass(self, sub_x, sub_refs, call: _Call, revealcancel_: bool):
+        """The interpreter's forward of one pass, and for RevealCancel its split forward:
+        (run, spread or None, node_backward or None)."""
+        run = self._forward(sub_x, sub_refs, call.explained)
+        _require_samples_first(run, call.explained)
+        if not revealcancel_:
+            return run, None, None
+        spread = revealcancel.split_forward(run, self.plan.order_for((call.explained,)), tuple(self.attributed))
+        return run, spread, revealcancel.node_backward(spread)
 
     def _run_pairs(self, call: _Call, xs, refs, cost: RowCost, budget, cap: int):
         """DeepLIFT-SHAP: DeepLIFT for every (sample, reference) pair, averaged over references.

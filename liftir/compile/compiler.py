@@ -25,11 +25,11 @@ from .tracer import Recorder, Traced, TraceError
 logger = logging.getLogger("liftir")
 
 SEED = "liftir_seed"
-#: methods whose whole pass compiles (RevealCancel runs on the interpreter for now);
-#: integrated gradients compiles its gradient passes over points of the path, DeepLIFT-SHAP
-#: its passes over (sample, reference) pairs
-COMPILED_METHODS = ("deeplift", "saliency", "input_x_gradient", "guided_backprop", "deconvnet",
-                    "integrated_gradients", "deeplift_shap")
+#: methods whose passes compile: integrated gradients its gradient passes over points of
+#: the path, DeepLIFT-SHAP its passes over (sample, reference) pairs, RevealCancel its split
+#: forward and backward
+COMPILED_METHODS = ("deeplift", "deeplift_revealcancel", "saliency", "input_x_gradient", "guided_backprop",
+                    "deconvnet", "integrated_gradients", "deeplift_shap")
 
 
 def multiplier_name(tensor: str) -> str:
@@ -54,6 +54,8 @@ class CompiledPass:
     #: references shared by all samples (tiled) or each sample's own (0: not a paired pass)
     pairs: int = 0
     tile_references: bool = True
+    #: RevealCancel: tensors whose split D = d+ - d- the pass returns too
+    split: tuple[str, ...] = ()
 
     def start(self):
         import onnxruntime as ort
@@ -68,12 +70,16 @@ class CompiledPass:
         return self
 
     def __call__(self, feeds: dict[str, np.ndarray], seed: np.ndarray):
-        names = [o for o in self.multipliers.values() if o] + list(self.values)
+        spreads = [spread_name(w) for w in self.split]
+        names = [o for o in self.multipliers.values() if o] + list(self.values) + spreads
         inputs = {k: np.ascontiguousarray(feeds[k]) for k in self.feeds}
         inputs[SEED] = np.ascontiguousarray(seed)
         out = dict(zip(names, self.session.run(names, inputs)))
         grads = {w: (out[o] if o else None) for w, o in self.multipliers.items()}
-        return grads, {v: out[v] for v in self.values}
+        values = {v: out[v] for v in self.values}
+        if self.split:
+            values["liftir_spread"] = {w: out[spread_name(w)] for w in self.split}
+        return grads, values
 
 
 _ARENA: list[bool] = []
@@ -116,12 +122,13 @@ def _listing(failures: list[str]) -> str:
     return f"{len(failures)} node(s) cannot be compiled:\n" + "\n".join(f"  - {f}" for f in failures)
 
 
-def _recording_failures(rec: Recorder, failures: list[str]):
-    """A node_backward that notes a rule's TraceError by node and goes on with zero
-    multipliers, so that one compile attempt lists every node that does not compile."""
+def _recording_failures(rec: Recorder, failures: list[str], inner=None):
+    """A node_backward (around `inner`, default the rule's own backward) that notes a rule's
+    TraceError by node and goes on with zero multipliers, so that one compile attempt lists
+    every node that does not compile."""
     def node_backward(rule, ctx, grad_outs):
         try:
-            return rule.backward(ctx, *grad_outs)
+            return rule.backward(ctx, *grad_outs) if inner is None else inner(rule, ctx, grad_outs)
         except TraceError as exc:
             node = ctx.node
             failures.append(f"node {node.name!r} ({node.op_type}, rule {type(rule).__name__}): {exc}")
@@ -132,14 +139,23 @@ def _recording_failures(rec: Recorder, failures: list[str]):
     return node_backward
 
 
+def spread_name(tensor: str) -> str:
+    return f"liftir_spread:{tensor}"
+
+
 def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
                  explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int = 0,
-                 tile_references: bool = True) -> CompiledPass:
+                 tile_references: bool = True, split: tuple[str, ...] | None = None) -> CompiledPass:
     """Trace one pass for these feed shapes (values are irrelevant: only shapes are read).
 
     With `pairs` (DeepLIFT-SHAP), the forward runs the samples and references once and the
     backward every (sample, reference) pair, as `scheduler.PairedRun` expands them: the
     expansion is recorded too, so it happens inside the graph.
+
+    With `split` (RevealCancel: the tensors the split starts from, the attributed ones), the
+    graph also runs the forward of the positive/negative split and the RevealCancel
+    backward, on a seed of k targets stacked twice ([m+; m-]), and returns the split D of
+    each `wrt` tensor.
 
     Raises TraceError naming what cannot be compiled; the caller falls back to the interpreter.
     """
@@ -174,11 +190,21 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         seed_shape = (k,) + probe.loc(explained).resized(tuple(probe.values[explained].shape),
                                                          n_actual * pairs if pairs else n_actual)
         seed = Traced(rec, SEED, seed_shape, probe.values[explained].dtype)
-        grads = scheduler.backward(run, {explained: seed}, wrt, (explained,),
-                                   node_backward=_recording_failures(rec, failures))
+        inner, start = None, seed
+        if split is not None:
+            from .. import revealcancel
+            spread = revealcancel.split_forward(run, plan.order_for((explained,)), split)
+            inner, start = revealcancel.node_backward(spread), tracer.concatenate([seed, seed])
+        grads = scheduler.backward(run, {explained: start}, wrt, (explained,),
+                                   node_backward=_recording_failures(rec, failures, inner))
         if failures:
             raise TraceError(_listing(failures))
         outputs, multipliers = [], {}
+        for w in wrt if split is not None else ():
+            d = spread[w]
+            d = d if isinstance(d, Traced) else tracer._lift(rec, d)
+            rec.nodes.append(helper.make_node("Identity", [d.ref], [spread_name(w)], name=rec.fresh("n")))
+            outputs.append(helper.make_tensor_value_info(spread_name(w), tracer._onnx_type(d.dtype), list(d.shape)))
         for w in wrt:
             g = grads.get(w)
             if g is None:
@@ -218,4 +244,5 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="liftir")
     model.ir_version = min(model.ir_version, 10)
     return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref,
-                        np.dtype(seed.dtype), pairs=pairs, tile_references=tile_references)
+                        np.dtype(seed.dtype), pairs=pairs, tile_references=tile_references,
+                        split=tuple(wrt) if split is not None else ())

@@ -41,10 +41,11 @@ class CompiledEngine:
                tuple((name, v.shape, v.dtype.str) for name, v in feeds.items()))
         if key not in self.passes:
             ex = self.explainer
+            split = tuple(ex.attributed) if ex.method.name == "deeplift_revealcancel" else None
             compiled = None
             try:
                 compiled = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k, ex.options,
-                                        pairs, tile_references)
+                                        pairs, tile_references, split)
                 self.passes[key] = compiled.start()
             except (TraceError, NotImplementedError) as exc:
                 self._fallback(key, str(exc))
