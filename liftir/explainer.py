@@ -292,13 +292,25 @@ class Explainer:
         refs = [(x if h else np.zeros((1,) + x.shape[1:], x.dtype)) if b is None else
                 self._baseline(b, x, info, distribution) for b, x, info, h in zip(bs, xs, self.inputs, held)]
         if distribution:
-            if len({r.shape[:r.ndim - xs[0].ndim + 1] for r in refs}) != 1:
+            left_out = [h and b is None for h, b in zip(held, bs)]
+            # (B,) for references shared by the batch, (N, B) for each sample's own; each input
+            # counted against its own rank (a (N,) lengths input beside (N, T, F) features)
+            counts = {r.shape[:r.ndim - x.ndim + 1] for r, x, lo in zip(refs, xs, left_out) if not lo}
+            if len(counts) > 1:
                 raise InputError(f"all baselines must hold the same number of references, got shapes "
-                                 f"{[r.shape for r in refs]}")
+                                 f"{[r.shape for r, lo in zip(refs, left_out) if not lo]}")
+            if any(left_out):
+                # an integer input the baselines leave out keeps each sample's own value for all of
+                # its references, so every input's references become the sample's own, (N, B, ...)
+                pairs = next(iter(counts))[-1] if counts else 1
+                refs = [np.broadcast_to(x[:, None], (n, pairs) + x.shape[1:]) if lo else
+                        r if r.ndim == x.ndim + 1 else np.broadcast_to(r[None], (n,) + r.shape)
+                        for r, x, lo in zip(refs, xs, left_out)]
             return xs, refs, kind
-        if n > 1 and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
+        own = self.plan.own_references  # constants tied to each sample (liftir.rule.Rule.needs_own_references)
+        if n > 1 and not own and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
             refs = [r[:1] for r in refs]  # zeros_like(x) & co.: one reference row, forwarded once
-        if any(r.shape[0] == n and n > 1 for r in refs):  # per-sample references: all to N rows
+        if n > 1 and (own or any(r.shape[0] == n for r in refs)):  # per-sample references: all to N rows
             refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
         return xs, refs, kind
 

@@ -143,13 +143,18 @@ def _rewrite(graph: Graph, node: Node) -> bool:
     outputs = list(node.outputs) + [""] * (3 - len(node.outputs))
     y, y_h, y_c = outputs[:3]
     into = graph.nodes.get(producer.get(node.inputs[0], ""))
-    if not _perm(into, [1, 0, 2]) or len(graph.consumers.get(node.inputs[0], [])) != 1:
+    if not _perm(into, [1, 0, 2]):
+        return False
+    # the packed-sequence export also reads the transposed X's shape (for zero initial
+    # states): the Transpose then stays for those Shape nodes, and the op reads X itself
+    others = [graph.nodes[u] for u in graph.consumers.get(node.inputs[0], []) if u != node.name]
+    if any(o.op_type != "Shape" for o in others):
         return False
     base = node.name
     graph_outputs = {o.name for o in graph.outputs}
     if graph_outputs & {y, y_h, y_c}:
         return False
-    remove = [into.name, node.name]
+    remove = [node.name] if others else [into.name, node.name]
     add = []  # (op, inputs, outputs, attrs) for the nodes that replace the chain
     new_y, new_h, new_c = f"{base}/Y_batch_first", f"{base}/Y_h_batch_first", f"{base}/Y_c_batch_first"
 

@@ -71,6 +71,12 @@ class NodeContext:
     def n_actual(self) -> int:
         return self._run.n_actual
 
+    @property
+    def n_reference(self) -> int:
+        """Reference rows of the forward after the actual ones (0 in gradient modes, 1 for a
+        reference shared by the batch)."""
+        return self._run.n_ref
+
     def x(self, index: int = 0):
         """Actual-pass value of input `index` (P rows)."""
         return self._run.actual(self.node.inputs[index])
@@ -137,6 +143,13 @@ class Rule:
 
     def describe(self, mode: str) -> str:
         return self.paper_rule or type(self).__name__
+
+    def needs_own_references(self, node, constants) -> bool:
+        """True when the node's constants give each sample of a fixed batch a value of its own
+        (a constant per-sample sequence_lens): each sample then needs its own reference row, and
+        the Explainer never forwards one reference shared by the batch. `constants`: the
+        graph's constants by name."""
+        return False
 
     def check_shapes(self, node, shapes) -> None:
         """Refuse at Explainer build what the model's declared shapes already rule out.
