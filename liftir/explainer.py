@@ -996,8 +996,12 @@ class Explainer:
             if self.method.attribution == "input" and call.multiply:
                 m = m * run.actual(tensor)
             return to_host(self._samples_first(run, tensor, m)).astype(dtype, copy=False), None
-        contribution = self._samples_first(run, tensor, m * difference(self.xp, run.actual(tensor), run.reference(tensor)))
+        step = difference(self.xp, run.actual(tensor), run.reference(tensor))
+        contribution = self._samples_first(run, tensor, m * step)
         sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
+        if not np.isfinite(sums).all():  # an infinite step (a -inf mask computed from ids), or worse
+            contribution = self._samples_first(run, tensor, _infinite_steps(self.xp, tensor, m, step))
+            sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
         if call.func is not None:
             result = call.func(m, run.actual(tensor), run.reference(tensor))
             if tuple(getattr(result, "shape", ())) != tuple(m.shape):
@@ -1046,6 +1050,21 @@ def _sequence_target(target, n: int):
         if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
             raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
     return target
+
+
+def _infinite_steps(xp, tensor: str, m, step):
+    """m * (x - x0) where x - x0 is infinite somewhere (a tensor computed from integer inputs,
+    -inf in one pass only: a mask that differs between the input and its reference): nothing
+    downstream read the change where m = 0 (the contribution is 0, not 0 * inf = NaN); where
+    m != 0 no finite attribution exists, which is refused by name."""
+    jump = xp.broadcast_to(abs(step) == np.inf, m.shape)
+    if bool((jump & (m != 0)).any()):
+        raise RuleError(f"tensor {tensor!r} changes by an infinite amount between the input and its reference "
+                        f"(e.g. a -inf mask computed from integer inputs that differ) where the explained output "
+                        f"depends on it: no finite attribution carries that change; give the reference the "
+                        f"input's own values for those integer inputs")
+    with np.errstate(invalid="ignore"):
+        return xp.where(jump, xp.zeros((), dtype=m.dtype), m * step)
 
 
 def _check_batch_size(batch_size) -> None:

@@ -95,6 +95,11 @@ def _relu_quotient(xp, x, x0, out):
     still = dx == 0
     if bool(still.any()):
         out[still] = x[still] > 0
+    if not abs(float(dx.sum())) < np.inf:  # -inf in both passes (a mask): -inf - -inf is NaN, no change
+        with np.errstate(invalid="ignore"):
+            same = dx != dx
+        if bool(same.any()):
+            out[same] = x[same] > 0
 
 
 def sigmoid(xp, x):
