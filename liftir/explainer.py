@@ -997,7 +997,8 @@ class Explainer:
                 m = m * run.actual(tensor)
             return to_host(self._samples_first(run, tensor, m)).astype(dtype, copy=False), None
         step = difference(self.xp, run.actual(tensor), run.reference(tensor))
-        contribution = self._samples_first(run, tensor, m * step)
+        with np.errstate(invalid="ignore"):  # 0 * inf: handled below
+            contribution = self._samples_first(run, tensor, m * step)
         sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
         if not np.isfinite(sums).all():  # an infinite step (a -inf mask computed from ids), or worse
             contribution = self._samples_first(run, tensor, _infinite_steps(self.xp, tensor, m, step))

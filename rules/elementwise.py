@@ -87,15 +87,17 @@ def _relu_quotient(xp, x, x0, out):
     exactly 1 there, 0 where both are <= 0, and conserves dy across the kink; only dx == 0
     needs the slope instead.
     """
-    dx = x - x0
+    with np.errstate(invalid="ignore"):  # -inf in both passes (a mask): NaN here, handled below
+        dx = x - x0
     xp.maximum(x, 0, out=out)
     out -= xp.maximum(x0, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         xp.divide(out, dx, out=out)
+        total = abs(float(dx.sum()))
     still = dx == 0
     if bool(still.any()):
         out[still] = x[still] > 0
-    if not abs(float(dx.sum())) < np.inf:  # -inf in both passes (a mask): -inf - -inf is NaN, no change
+    if not total < np.inf:  # equal infinities did not change: the slope, as for dx == 0
         with np.errstate(invalid="ignore"):
             same = dx != dx
         if bool(same.any()):

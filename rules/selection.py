@@ -189,7 +189,8 @@ class Where(Rule):
             if bool(switched.any()):
                 spread = _midpoint_number(ctx, 1, dtype) - _midpoint_number(ctx, 2, dtype)
                 spread = xp.where(switched, spread, xp.zeros_like(spread))  # inf branches stay put
-                gc = xp.where(switched, g * spread, xp.zeros_like(g))
+                with np.errstate(invalid="ignore"):  # 0 * inf where a branch is infinite: below
+                    gc = xp.where(switched, g * spread, xp.zeros_like(g))
                 jump = ~(abs(spread) < np.inf)  # switched to or from an infinite branch (a -inf mask)
                 if bool(jump.any()):
                     gc = _infinite_switch(ctx, xp, g, gc, jump)

@@ -258,8 +258,11 @@ def test_a_constant_of_batch_length_gives_each_sample_its_length():
     diff = want[:, 1, 2] - run_ort(m, {"x": np.zeros_like(x)})[1][:, 1, 2]
     assert np.abs(attr.reshape(4, -1).sum(1) - diff).max() <= 1e-5 * np.abs(diff).max()
     assert not attr[np.arange(STEPS)[None] >= LENS[:, None]].any()
-    with pytest.raises(InputError, match="lstm_node.*constant sequence_lens.*exactly 4 samples"):
-        ex.attribute(x[:3], target=(1, 2))
+    for kw in ({"inputs": x[:3]}, {"inputs": x, "batch_size": 2}):  # 3 samples; passes of 2
+        with pytest.raises(InputError, match="LSTM node 'lstm_node': its constant sequence_lens.*exactly 4 samples"):
+            ex.attribute(target=(1, 2), **kw)
+    with pytest.raises(InputError, match="lstm_node.*exactly 4 samples.*200 samples"):  # the path's points
+        liftir.Explainer(m, "integrated_gradients", output="hn").attribute(x, target=(1, 2))
 
 
 @pytest.mark.parametrize("method", ["deeplift", "saliency"])
@@ -282,8 +285,10 @@ def test_cupy_subset_backend_with_lengths(method):
 
 class Packed(torch.nn.Module):
     """Features and lengths in; packed LSTM/GRU/RNN; the padded output's mean and h_n into a
-    Linear head. Exported with enforce_sorted=True (the exporter writes one recurrent op with
-    sequence_lens); run with enforce_sorted=False, which is the same computation for any order."""
+    Linear head. Exported with enforce_sorted=True (one recurrent op with sequence_lens) or
+    False (the batch sorted by length around it: TopK, Gather, and Gathers back by the
+    inverse permutation, which liftir/layout.py undoes); run with enforce_sorted=False,
+    which is the same computation for lengths in any order."""
 
     def __init__(self, kind, bidirectional):
         super().__init__()
@@ -302,8 +307,9 @@ class Packed(torch.nn.Module):
         return self.fc(torch.cat([y.mean(1), last], 1))
 
 
-def export_packed(module, opset):
+def export_packed(module, opset, enforce_sorted=True):
     f = io.BytesIO()
+    module.sorted = enforce_sorted
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.randn(3, 6, 3), torch.tensor([6, 4, 2])), f, dynamo=False,
@@ -312,14 +318,19 @@ def export_packed(module, opset):
     return onnx.load_from_string(f.getvalue())
 
 
-PACKED = [("LSTM", True, 14), ("LSTM", False, 17), ("GRU", True, 17), ("GRU", False, 14), ("RNN", True, 17)]
+PACKED = [("LSTM", True, 14, True), ("LSTM", False, 17, True), ("GRU", True, 17, True), ("GRU", False, 14, True),
+          ("RNN", True, 17, True), ("LSTM", True, 17, False), ("GRU", True, 14, False), ("RNN", False, 17, False)]
 
 
-@pytest.mark.parametrize("kind,bidirectional,opset", PACKED, ids=lambda v: str(v))
-def test_packed_sequence_export(kind, bidirectional, opset):
+@pytest.mark.parametrize("kind,bidirectional,opset,enforce_sorted", PACKED, ids=lambda v: str(v))
+def test_packed_sequence_export(kind, bidirectional, opset, enforce_sorted):
     module = Packed(kind, bidirectional).eval()
-    proto = export_packed(module, opset)
+    proto = export_packed(module, opset, enforce_sorted)
     assert any(n.op_type == kind and n.input[4] for n in proto.graph.node)  # sequence_lens from the input
+    assert any(n.op_type == "TopK" for n in proto.graph.node) != enforce_sorted  # the batch sorted by length
+    ex = liftir.Explainer(proto, "saliency")
+    needed = {ex.graph.nodes[n].op_type for n in ex.plan.order_for((ex.output,))}
+    assert "TopK" not in needed and kind in needed  # the sort is undone, the op batch first
     module.sorted = False
     rng = np.random.default_rng(11)
     x = rng.standard_normal((4, 6, 3)).astype(np.float32)
