@@ -13,7 +13,7 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
-from liftir.rule import Elementwise, RuleError, difference, sinhc
+from liftir.rule import Elementwise, RuleError, difference, is_traced, sinhc
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -93,11 +93,11 @@ def _relu_quotient(xp, x, x0, out):
     out -= xp.maximum(x0, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         xp.divide(out, dx, out=out)
-        total = abs(float(dx.sum()))
+        finite = not is_traced(dx) and abs(float(dx.sum())) < np.inf  # one pass in the common case
     still = dx == 0
     if bool(still.any()):
         out[still] = x[still] > 0
-    if not total < np.inf:  # equal infinities did not change: the slope, as for dx == 0
+    if not finite:  # equal infinities did not change: the slope, as for dx == 0
         with np.errstate(invalid="ignore"):
             same = dx != dx
         if bool(same.any()):

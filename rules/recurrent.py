@@ -257,7 +257,10 @@ class _Recurrent(Rule):
         out_of_range = (lens < 1) | (lens > steps)
         if bool(out_of_range.any()):
             i = int(np.argmax(out_of_range))
-            raise bad(f"{op} node {name!r}: sequence_lens gives row {i} the length {int(lens[i])}; every "
+            who = f"sample {i}"
+            if stacked and not const and i >= ctx.n_actual:  # the forward's rows: samples, then references
+                who = f"the reference of sample {i - ctx.n_actual}" if ctx.n_reference > 1 else "the reference"
+            raise bad(f"{op} node {name!r}: sequence_lens gives {who} the length {int(lens[i])}; every "
                       f"length must lie between 1 and the input's {steps} steps")
         if not const:
             if lens.shape[0] != rows:

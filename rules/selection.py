@@ -24,7 +24,7 @@ import numpy as np
 
 from liftir.kernels.scatter import scatter_add
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Linear, Rule, RuleError, difference, unbroadcast
+from liftir.rule import MODES, Linear, Rule, RuleError, difference, is_traced, unbroadcast
 
 
 def _midpoint_number(ctx, index, dtype):
@@ -206,7 +206,7 @@ def _infinite_switch(ctx, xp, g, gc, jump):
     that change (g = 0: a Relu flat there, say) the condition carries nothing, not 0 * inf =
     NaN; where something does, no finite multiplier can carry it: refuse by node name."""
     jump = xp.broadcast_to(jump, g.shape)
-    if bool((jump & (g != 0)).any()):
+    if not is_traced(g) and bool((jump & (g != 0)).any()):
         raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: its condition switches the output between "
                         f"a finite and an infinite branch (e.g. a -inf attention mask that differs between the "
                         f"input and its reference), an infinite change that no finite DeepLIFT multiplier "

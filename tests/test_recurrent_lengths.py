@@ -232,13 +232,16 @@ def test_bad_lengths_are_refused_by_node_name():
     m = lens_model("GRU", "forward", 1, states=False)
     x = np.random.default_rng(8).standard_normal((4, STEPS, FEATURES)).astype(np.float32)
     ex = liftir.Explainer(m, "saliency", output="hn")
-    for bad, what in ((np.array([5, 0, 4, 1], np.int32), "row 1 the length 0"),
-                      (np.array([5, 2, 6, 1], np.int32), "row 2 the length 6")):
+    for bad, what in ((np.array([5, 0, 4, 1], np.int32), "sample 1 the length 0"),
+                      (np.array([5, 2, 6, 1], np.int32), "sample 2 the length 6")):
         with pytest.raises(InputError, match=f"gru_node.*{what}.*between 1 and the input's 5 steps"):
             ex.attribute({"x": x, "lens": bad}, target=(0, 1))
+    with pytest.raises(InputError, match="gru_node.*gives the reference of sample 3 the length 9"):
+        liftir.Explainer(m, "deeplift", output="hn").attribute(
+            {"x": x, "lens": LENS}, baselines={"x": 0 * x, "lens": np.array([5, 2, 4, 9], np.int32)}, target=(0, 1))
     with pytest.raises(InputError, match="lens"):  # not [N]: the Explainer's shape check names the input
         ex.attribute({"x": x, "lens": LENS[:, None]}, target=(0, 1))
-    for const, what in ((np.array([3, 0, 2, 1]), "row 1 the length 0"), (np.array([[5, 2], [4, 1]]), "shape")):
+    for const, what in ((np.array([3, 0, 2, 1]), "sample 1 the length 0"), (np.array([[5, 2], [4, 1]]), "shape")):
         with pytest.raises(RuleError, match=f"gru_node.*{what}"):
             liftir.Explainer(lens_model("GRU", "forward", 1, lens=const, states=False), "saliency",
                              output="hn").attribute(x, target=(0, 1))

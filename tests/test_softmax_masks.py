@@ -367,3 +367,17 @@ def test_a_minus_inf_mask_change_nothing_reads_gives_zeros_not_nan(source):
     assert all(np.isfinite(a).all() for a in values)
     assert np.abs(delta).max() <= 1e-9 * max(1.0, np.abs(diff).max())
     assert np.abs(sum(a.reshape(3, -1).sum(1) for a in values) - diff).max() <= 1e-5 * max(1.0, np.abs(diff).max())
+
+
+def test_the_compiled_engine_warns_where_the_interpreter_refuses():
+    """A compiled pass is recorded without values, so it cannot refuse: it carries the
+    infinite change as 0 (finite attributions, never NaN) and the ConvergenceWarning quotes
+    the interpreter's refusal of the Exp node."""
+    from liftir.diagnostics import ConvergenceWarning
+    model = _switched_mask_graph(-np.inf, "x")
+    feeds, refs = _switched_feeds("x", -np.inf)
+    ex = liftir.Explainer(model, engine="compiled")
+    with pytest.warns(ConvergenceWarning, match="softmax_exp.*infinite in one pass"):
+        attr, delta = ex.attribute(feeds, baselines=refs, target=1, return_convergence_delta=True)
+    assert ex._compiled.passes and all(p is not None for p in ex._compiled.passes.values())  # it did compile
+    assert np.isfinite(attr["x"]).all() and np.isfinite(delta).all()
