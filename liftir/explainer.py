@@ -293,13 +293,25 @@ class Explainer:
         refs = [(x if h else np.zeros((1,) + x.shape[1:], x.dtype)) if b is None else
                 self._baseline(b, x, info, distribution) for b, x, info, h in zip(bs, xs, self.inputs, held)]
         if distribution:
-            if len({r.shape[:r.ndim - xs[0].ndim + 1] for r in refs}) != 1:
+            left_out = [h and b is None for h, b in zip(held, bs)]
+            # (B,) for references shared by the batch, (N, B) for each sample's own; each input
+            # counted against its own rank (a (N,) lengths input beside (N, T, F) features)
+            counts = {r.shape[:r.ndim - x.ndim + 1] for r, x, lo in zip(refs, xs, left_out) if not lo}
+            if len(counts) > 1:
                 raise InputError(f"all baselines must hold the same number of references, got shapes "
-                                 f"{[r.shape for r in refs]}")
+                                 f"{[r.shape for r, lo in zip(refs, left_out) if not lo]}")
+            if any(left_out):
+                # an integer input the baselines leave out keeps each sample's own value for all of
+                # its references, so every input's references become the sample's own, (N, B, ...)
+                pairs = next(iter(counts))[-1] if counts else 1
+                refs = [np.broadcast_to(x[:, None], (n, pairs) + x.shape[1:]) if lo else
+                        r if r.ndim == x.ndim + 1 else np.broadcast_to(r[None], (n,) + r.shape)
+                        for r, x, lo in zip(refs, xs, left_out)]
             return xs, refs, kind
-        if n > 1 and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
+        own = self.plan.own_references  # constants tied to each sample (liftir.rule.Rule.needs_own_references)
+        if n > 1 and not own and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
             refs = [r[:1] for r in refs]  # zeros_like(x) & co.: one reference row, forwarded once
-        if any(r.shape[0] == n and n > 1 for r in refs):  # per-sample references: all to N rows
+        if n > 1 and (own or any(r.shape[0] == n for r in refs)):  # per-sample references: all to N rows
             refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
         return xs, refs, kind
 
@@ -1017,8 +1029,13 @@ class Explainer:
             if self.method.attribution == "input" and call.multiply:
                 m = m * run.actual(tensor)
             return to_host(self._samples_first(run, tensor, m)).astype(dtype, copy=False), None
-        contribution = self._samples_first(run, tensor, m * difference(self.xp, run.actual(tensor), run.reference(tensor)))
+        step = difference(self.xp, run.actual(tensor), run.reference(tensor))
+        with np.errstate(invalid="ignore"):  # 0 * inf: handled below
+            contribution = self._samples_first(run, tensor, m * step)
         sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
+        if not np.isfinite(sums).all():  # an infinite step (a -inf mask computed from ids), or worse
+            contribution = self._samples_first(run, tensor, _infinite_steps(self.xp, tensor, m, step))
+            sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
         if call.func is not None:
             result = call.func(m, run.actual(tensor), run.reference(tensor))
             if tuple(getattr(result, "shape", ())) != tuple(m.shape):
@@ -1067,6 +1084,21 @@ def _sequence_target(target, n: int):
         if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
             raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
     return target
+
+
+def _infinite_steps(xp, tensor: str, m, step):
+    """m * (x - x0) where x - x0 is infinite somewhere (a tensor computed from integer inputs,
+    -inf in one pass only: a mask that differs between the input and its reference): nothing
+    downstream read the change where m = 0 (the contribution is 0, not 0 * inf = NaN); where
+    m != 0 no finite attribution exists, which is refused by name."""
+    jump = xp.broadcast_to(abs(step) == np.inf, m.shape)
+    if bool((jump & (m != 0)).any()):
+        raise RuleError(f"tensor {tensor!r} changes by an infinite amount between the input and its reference "
+                        f"(e.g. a -inf mask computed from integer inputs that differ) where the explained output "
+                        f"depends on it: no finite attribution carries that change; give the reference the "
+                        f"input's own values for those integer inputs")
+    with np.errstate(invalid="ignore"):
+        return xp.where(jump, xp.zeros((), dtype=m.dtype), m * step)
 
 
 def _check_batch_size(batch_size) -> None:

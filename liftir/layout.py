@@ -17,10 +17,13 @@ recurrent rule refuses them with a clear error.
 """
 from __future__ import annotations
 
-import numpy as np
-from onnx import helper
+import dataclasses
 
-from .graph import Graph, Node
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .graph import Graph, Node, TensorInfo
 
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
@@ -57,7 +60,122 @@ def _const(graph: Graph, name: str, value) -> str:
 
 def batch_first(graph: Graph) -> int:
     """All of this module's rewrites; returns how many chains were rewritten."""
-    return batch_first_recurrent(graph) + batch_first_selections(graph)
+    return unsorted_packing(graph) + batch_first_recurrent(graph) + batch_first_selections(graph)
+
+
+def _rewire(graph: Graph, node: Node, old: str, new: str) -> None:
+    """`node` reading tensor `new` wherever it read `old` (its proto too, which the
+    onnxruntime forward runs)."""
+    proto = onnx.NodeProto()
+    proto.CopyFrom(node.proto)
+    del proto.input[:]
+    proto.input.extend(new if i == old else i for i in node.inputs)
+    graph.nodes[node.name] = dataclasses.replace(node, inputs=tuple(proto.input), proto=proto)
+
+
+def _before_casts(graph: Graph, tensor: str) -> str:
+    node = graph.nodes.get(graph.producer.get(tensor, ""))
+    while node is not None and node.op_type == "Cast":
+        tensor = node.inputs[0]
+        node = graph.nodes.get(graph.producer.get(tensor, ""))
+    return tensor
+
+
+def _is_range_from_zero(graph: Graph, tensor: str) -> bool:
+    node = graph.nodes.get(graph.producer.get(tensor, ""))
+    if node is None or node.op_type != "Range":
+        return False
+    start, delta = (graph.constants.get(node.inputs[i]) for i in (0, 2))
+    return start is not None and delta is not None and int(np.asarray(start)) == 0 and int(np.asarray(delta)) == 1
+
+
+VIEWS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def unsorted_packing(graph: Graph) -> int:
+    """Undo the sort of the batch that `pack_padded_sequence(..., enforce_sorted=False)`
+    exports around a recurrent op (TorchScript exporter):
+
+        order = TopK(lengths, N)[1];  X -> Gather(order) -> Transpose -> LSTM(sequence_lens =
+        TopK(lengths, N)[0]) -> views -> Gather(inverse),  inverse = ScatterElements(.., order,
+        Range(0, N))
+
+    The op keeps its rows apart, so sorting its rows and gathering them back cancel: the op
+    reads X and the lengths as given and the gathers by `inverse` go. Without this, liftir's
+    stacked batch of actual and reference rows would be sorted as one batch, by a Gather
+    whose indices are computed (refused). Initial states must not depend on the order
+    (absent, constants, ConstantOfShape); every use of the outputs must end in a Gather by
+    the inverse, through views; other chains are left alone."""
+    rewritten = 0
+    for name in list(graph.order):
+        node = graph.nodes.get(name)
+        if node is None or node.op_type not in RECURRENT_OPS or len(node.inputs) < 5 or not node.inputs[4]:
+            continue
+        if _unsort(graph, node):
+            rewritten += 1
+            graph.rebuild()
+    return rewritten
+
+
+def _unsort(graph: Graph, node: Node) -> bool:
+    producer, consumers = graph.producer, graph.consumers
+    topk = graph.nodes.get(producer.get(_before_casts(graph, node.inputs[4]), ""))
+    if topk is None or topk.op_type != "TopK" or _before_casts(graph, node.inputs[4]) != topk.outputs[0] \
+            or topk.attrs.get("largest", 1) != 1 or len(topk.inputs) < 2:
+        return False
+    lengths = topk.inputs[0]
+    # K = Gather(Shape(lengths), -1) (or 0) of the 1-D lengths: the whole batch
+    k = graph.nodes.get(producer.get(topk.inputs[1], ""))
+    shape = graph.nodes.get(producer.get(k.inputs[0], "")) if k is not None and k.op_type == "Gather" else None
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] != lengths or k.inputs[1] not in graph.constants \
+            or np.asarray(graph.constants[k.inputs[1]]).reshape(-1).tolist() not in ([0], [-1]):
+        return False
+    order = topk.outputs[1]
+    into = graph.nodes.get(producer.get(node.inputs[0], ""))
+    sort = graph.nodes.get(producer.get(into.inputs[0], "")) if _perm(into, [1, 0, 2]) else None
+    if sort is None or sort.op_type != "Gather" or sort.attrs.get("axis", 0) != 0 \
+            or _before_casts(graph, sort.inputs[1]) != order:
+        return False
+    for index in (5, 6):
+        state = node.inputs[index] if index < len(node.inputs) else ""
+        feeder = graph.nodes.get(producer.get(state, ""))
+        if state and state not in graph.constants and (feeder is None or feeder.op_type != "ConstantOfShape"):
+            return False
+    inverse = {o for n in graph.nodes.values() if n.op_type == "ScatterElements" and n.attrs.get("axis", 0) == 0
+               and _before_casts(graph, n.inputs[1]) == order and _is_range_from_zero(graph, n.inputs[2])
+               for o in n.outputs}
+    graph_outputs = {o.name for o in graph.outputs}
+    unsort, stack = [], [o for o in node.outputs if o]
+    while stack:
+        tensor = stack.pop()
+        if tensor in graph_outputs:
+            return False
+        for user in (graph.nodes[u] for u in consumers.get(tensor, [])):
+            if user.op_type == "Gather" and user.inputs[0] == tensor and user.inputs[1] in inverse:
+                unsort.append(user)
+            elif user.op_type in VIEWS and user.inputs[0] == tensor:
+                stack.extend(o for o in user.outputs if o)
+            elif user.op_type != "Shape":
+                return False
+    if not unsort:
+        return False
+    base = node.name
+    as_given = f"{base}/lengths_as_given"
+    _new_node(graph, "Cast", [lengths], [as_given], node.index, f"{base}/unsorted/lengths", to=TensorProto.INT32)
+    known = graph.tensor_info(lengths)  # integer: held, as the lengths are (liftir/held.py)
+    graph.value_info[as_given] = TensorInfo(as_given, np.dtype(np.int32), known.shape if known else None)
+    _rewire(graph, node, node.inputs[4], as_given)
+    _rewire(graph, into, into.inputs[0], sort.inputs[0])
+    for gather in unsort:
+        out = gather.outputs[0]
+        if out in graph_outputs:
+            del graph.nodes[gather.name]
+            _new_node(graph, "Identity", [gather.inputs[0]], [out], gather.index, f"{gather.name}/unsorted")
+            continue
+        for user in list(consumers.get(out, [])):
+            _rewire(graph, graph.nodes[user], out, gather.inputs[0])
+        del graph.nodes[gather.name]
+    return True
 
 
 def _shape_of(graph: Graph, tensor: str):
@@ -143,13 +261,18 @@ def _rewrite(graph: Graph, node: Node) -> bool:
     outputs = list(node.outputs) + [""] * (3 - len(node.outputs))
     y, y_h, y_c = outputs[:3]
     into = graph.nodes.get(producer.get(node.inputs[0], ""))
-    if not _perm(into, [1, 0, 2]) or len(graph.consumers.get(node.inputs[0], [])) != 1:
+    if not _perm(into, [1, 0, 2]):
+        return False
+    # the packed-sequence export also reads the transposed X's shape (for zero initial
+    # states): the Transpose then stays for those Shape nodes, and the op reads X itself
+    others = [graph.nodes[u] for u in graph.consumers.get(node.inputs[0], []) if u != node.name]
+    if any(o.op_type != "Shape" for o in others):
         return False
     base = node.name
     graph_outputs = {o.name for o in graph.outputs}
     if graph_outputs & {y, y_h, y_c}:
         return False
-    remove = [into.name, node.name]
+    remove = [node.name] if others else [into.name, node.name]
     add = []  # (op, inputs, outputs, attrs) for the nodes that replace the chain
     new_y, new_h, new_c = f"{base}/Y_batch_first", f"{base}/Y_h_batch_first", f"{base}/Y_c_batch_first"
 
@@ -213,7 +336,8 @@ def _rewrite(graph: Graph, node: Node) -> bool:
     for dead in remove:
         del graph.nodes[dead]
     for k, (op, ins, outs, attrs, index) in enumerate(add):
-        _new_node(graph, op, ins, outs, index, f"{base}/batch_first/{k}", **attrs)
+        # the op keeps its own name, which its rule's errors give
+        _new_node(graph, op, ins, outs, index, base if op == node.op_type else f"{base}/batch_first/{k}", **attrs)
     _drop_dangling(graph)
     return True
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .backend import to_host
 from .errors import RuleError
 from .kernels.parallel import over_rows
 
@@ -70,6 +71,12 @@ class NodeContext:
     @property
     def n_actual(self) -> int:
         return self._run.n_actual
+
+    @property
+    def n_reference(self) -> int:
+        """Reference rows of the forward after the actual ones (0 in gradient modes, 1 for a
+        reference shared by the batch)."""
+        return self._run.n_ref
 
     def x(self, index: int = 0):
         """Actual-pass value of input `index` (P rows)."""
@@ -138,6 +145,13 @@ class Rule:
     def describe(self, mode: str) -> str:
         return self.paper_rule or type(self).__name__
 
+    def needs_own_references(self, node, constants) -> bool:
+        """True when the node's constants give each sample of a fixed batch a value of its own
+        (a constant per-sample sequence_lens): each sample then needs its own reference row, and
+        the Explainer never forwards one reference shared by the batch. `constants`: the
+        graph's constants by name."""
+        return False
+
     def check_shapes(self, node, shapes) -> None:
         """Refuse at Explainer build what the model's declared shapes already rule out.
 
@@ -174,6 +188,50 @@ def difference(xp, x, x0):
     if not bool(nan.any()):
         return d
     return xp.where(nan & (x == x0), xp.zeros((), dtype=d.dtype), d)
+
+
+def is_traced(a) -> bool:
+    """True for the compiled engine's symbolic arrays (liftir/compile/tracer.py): their values
+    are unknown while a pass is recorded, so a refusal that depends on values cannot run
+    (the compiled pass then carries such a change as 0 and the delta shows the miss)."""
+    return getattr(a, "liftir_traced", False) is True
+
+
+def infinite_steps(xp, x, x0):
+    """Where x - x0 is infinite (a position at -inf in one pass only), or None where it is
+    nowhere: a sum of each in the common, finite case (no infinity in x or x0)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if abs(float(to_host(x.sum()))) < np.inf and abs(float(to_host(x0.sum()))) < np.inf:
+            return None
+    return abs(difference(xp, x, x0)) == np.inf  # equal infinities are no change (0), NaN is no jump
+
+
+def refuse_infinite_steps(ctx, xp, x, x0, y, y0) -> None:
+    """DeepLIFT carries an input's difference as m * dx. Where dx is infinite (-inf added to
+    a position in one pass only: an attention mask that masks it for the input and not for
+    its reference) while the output changes by a finite nonzero amount (exp(-inf) = 0 against
+    exp(s0)), no multiplier carries it: m = dy/dx = 0, and 0 * inf would make the attributions
+    NaN. Refuse by node name instead. An output that does not change there (Relu(-inf) and
+    Relu(-2)) gets m = 0 and passes; equal infinities (masked in both passes) are no change."""
+    if is_traced(x):
+        return
+    jump = infinite_steps(xp, x, x0)
+    if jump is None or not bool(jump.any()):
+        return
+    with np.errstate(invalid="ignore"):
+        dy = difference(xp, y, y0)
+        bad = jump & (dy != 0) & (dy == dy)  # a NaN output (an all-masked row) is NaN in the forward too
+    if not bool(bad.any()):
+        return
+    change = float(to_host(dy[bad][0]))
+    raise RuleError(
+        f"{ctx.node.op_type} node {ctx.node.name!r}: an input position is infinite in one pass and finite in the "
+        f"other (its difference between the actual and the reference pass is infinite), while the output there "
+        f"changes by {change:.3g}: a position masked (-inf added) in one pass and not the other, e.g. an attention "
+        f"mask that differs between the input and its reference. No finite multiplier m gives m * inf = "
+        f"{change:.3g}, so DeepLIFT's contributions could not add up to f(x) - f(x0) (a finite mask such as "
+        f"finfo.min would). Give the reference the input's own mask (leave that held input out of "
+        f"`baselines`), or use a gradient method")
 
 
 def unbroadcast(xp, g, shape: tuple[int, ...]):
@@ -263,7 +321,9 @@ class Elementwise(Rule):
         xp = ctx.xp
         x = ctx.x(0)
         if ctx.mode == "deeplift":
-            m = self.divided_difference(xp, x, ctx.x0(0), ctx)
+            x0 = ctx.x0(0)
+            refuse_infinite_steps(ctx, xp, x, x0, ctx.y(0), ctx.y0(0))
+            m = self.divided_difference(xp, x, x0, ctx)
         else:
             m = self.df(xp, x, ctx)
         return (scale_rows(xp, g, m),)

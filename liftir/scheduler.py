@@ -66,6 +66,10 @@ class Plan:
             else:
                 self.rules[name] = rule
                 rule.check_shapes(node, [None if i in host else _declared_shape(graph, i) for i in node.inputs])
+        #: a node ties constants to the samples of a fixed batch (Rule.needs_own_references):
+        #: every sample is forwarded with its own reference row
+        self.own_references = any(rule.needs_own_references(graph.nodes[name], graph.constants)
+                                  for name, rule in self.rules.items() if rule is not HELD)
         #: run NumPy float32 forwards as one onnxruntime session (see liftir/ort_forward.py);
         #: never when a user rule replaces a built-in one, since its forward must be the one used
         self.use_onnxruntime = all(rule is HELD or is_builtin(rule) for rule in self.rules.values())

@@ -13,7 +13,7 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
-from liftir.rule import Elementwise, RuleError, difference, sinhc
+from liftir.rule import Elementwise, RuleError, difference, is_traced, sinhc
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)

@@ -11,8 +11,19 @@ derivatives and actual values: back-propagation through time.
 The rule runs layout 1 (batch first: X [N, T, F], Y [N, T, D, H], Y_h/Y_c [N, D, H]);
 `liftir.layout` rewrites the time-major (layout 0) nodes PyTorch exports into it. Weights,
 biases and peepholes must be constants; initial states may be activations (they get
-multipliers) or constants/absent. A constant `sequence_lens` must give every sample one
-length (steps past it are zeros in Y and influence nothing).
+multipliers) or constants/absent.
+
+`sequence_lens` gives each row its own length L (the spec): steps t >= L leave the row's
+state as it was and are zeros in Y, so Y_h/Y_c are the state at the last valid step, and
+the reverse direction starts at t = L - 1 (the sequence reversed within its own length).
+Every step runs on all rows and a mask keeps the state of the rows already finished: that
+selection is fixed by the lengths, so the backward passes those rows' multipliers through
+unchanged and gives their inputs none. A model input (held as given, like token ids: the
+reference rows take the reference's lengths, or the input's when the baselines leave them
+out) or a constant (one length for all, or one per sample of a fixed-batch export).
+DeepLIFT needs each sample's reference to have the sample's own lengths: the steps one pass
+takes and the other skips change the output by an amount no float input's difference
+accounts for, so that case is refused by node name.
 The time loop is inherent; batch rows and hidden units are vectorised.
 """
 from __future__ import annotations
@@ -21,6 +32,8 @@ import contextlib
 
 import numpy as np
 
+from liftir.backend import to_host
+from liftir.errors import InputError
 from liftir.registry import builtin_rule, lookup
 from liftir.rule import MODES, Rule, RuleError, rescale_multiplier
 
@@ -175,15 +188,6 @@ class _Recurrent(Rule):
         hidden = r.shape[-1]
         b = self._const(ctx, 3, "B", required=False)
         b = np.zeros((len(dirs), 2 * self.gates * hidden), dtype) if b is None else b.astype(dtype)
-        lens = self._const(ctx, 4, "sequence_lens", required=False)
-        length = x.shape[1]
-        if lens is not None:
-            lens = np.asarray(lens).reshape(-1)
-            if lens.size == 0 or not bool(np.all(lens == lens[0])) or not 1 <= int(lens[0]) <= x.shape[1]:
-                raise RuleError(f"{op} node {ctx.node.name!r}: sequence_lens {lens.tolist()} must be one length "
-                                f"between 1 and the {x.shape[1]} steps shared by every sample (a constant "
-                                f"cannot tell the samples of a batch apart)")
-            length = int(lens[0])
         params = []
         for d in range(len(dirs)):
             # contiguous transposes, made once: a matmul with a transposed view takes NumPy's
@@ -195,7 +199,7 @@ class _Recurrent(Rule):
                            "Rb": xp.asarray(b[d, self.gates * hidden:]),
                            "P": self._peepholes(ctx, d, hidden, dtype)})
         acts = _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
-        return dirs, params, hidden, acts, length
+        return dirs, params, hidden, acts
 
     def _peepholes(self, ctx, d, hidden, dtype):
         return None
@@ -213,24 +217,99 @@ class _Recurrent(Rule):
         raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: input {index} (initial state) has "
                         f"{value.shape[0]} rows where the batch has {rows}")
 
+    # ---- sequence lengths -------------------------------------------------------------------
+    def needs_own_references(self, node, constants):
+        """A constant sequence_lens with lengths that differ gives each sample of a fixed batch
+        its own: a reference shared by the batch could not take them all."""
+        lens = constants.get(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else None
+        if lens is None:
+            return False
+        lens = np.asarray(lens).reshape(-1)
+        return lens.size > 1 and not bool((lens == lens[0]).all())
+
+    def _lens_input(self, ctx, reference=False):
+        """The node's sequence_lens: a host constant, this pass's actual or reference rows, or None."""
+        if len(ctx.node.inputs) <= 4 or not ctx.node.inputs[4]:
+            return None
+        if ctx.is_const(4):
+            return ctx.const(4)
+        return ctx.x0(4) if reference else ctx.x(4)
+
+    def _lengths(self, ctx, value, rows, steps, stacked=False):
+        """Each row's length, (rows,) host ints, or None without sequence_lens. `stacked`: the
+        forward's rows (the actual ones, then the references); else rows of one kind.
+
+        A model input (or any computed tensor) has one length per row. A constant is one
+        length for every row, or one per sample of a fixed-batch export, which ties it to
+        that batch: the pass must hold those samples, each with its own reference row.
+        Bad values are InputError for a tensor the user feeds, RuleError for a constant."""
+        if value is None:
+            return None
+        op, name = ctx.node.op_type, ctx.node.name
+        const = ctx.is_const(4)
+        lens = np.asarray(to_host(value))
+        bad = RuleError if const else InputError
+        if lens.dtype.kind not in "iu":
+            raise RuleError(f"{op} node {name!r}: sequence_lens must be integers, got {lens.dtype}")
+        if lens.ndim != 1 or lens.size == 0:
+            raise bad(f"{op} node {name!r}: sequence_lens has shape {lens.shape}; the spec's is [batch_size], "
+                      f"one length per sample")
+        out_of_range = (lens < 1) | (lens > steps)
+        if bool(out_of_range.any()):
+            i = int(np.argmax(out_of_range))
+            who = f"sample {i}"
+            if stacked and not const and i >= ctx.n_actual:  # the forward's rows: samples, then references
+                who = f"the reference of sample {i - ctx.n_actual}" if ctx.n_reference > 1 else "the reference"
+            raise bad(f"{op} node {name!r}: sequence_lens gives {who} the length {int(lens[i])}; every "
+                      f"length must lie between 1 and the input's {steps} steps")
+        if not const:
+            if lens.shape[0] != rows:
+                raise bad(f"{op} node {name!r}: sequence_lens has {lens.shape[0]} lengths for the {rows} rows of "
+                          f"its input X")
+            return lens.astype(np.int64)
+        if bool((lens == lens[0]).all()):
+            return np.full(rows, int(lens[0]), dtype=np.int64)
+        n = lens.size
+        ok = (ctx.n_actual == n and ctx.n_reference in (0, n)) if stacked else rows == n
+        if not ok:
+            got = (f"{ctx.n_actual} samples and {ctx.n_reference} reference rows" if stacked else f"{rows} rows")
+            raise InputError(f"{op} node {name!r}: its constant sequence_lens gives each of {n} samples its own "
+                             f"length, which ties it to a batch of exactly {n} samples (each with its own "
+                             f"reference row); this pass has {got}. Explain {n} samples at once, or export the "
+                             f"lengths as a model input")
+        return np.tile(lens, rows // n).astype(np.int64)
+
+    @staticmethod
+    def _valid(xp, lens, steps):
+        """(steps to run, (rows, steps) bool mask of the steps each row takes, or None when every
+        row takes them all)."""
+        if lens is None:
+            return steps, None
+        length = int(lens.max())
+        if bool((lens == length).all()):
+            return length, None  # steps past a shared length are zeros and influence nothing
+        return length, xp.asarray(np.arange(length)[None, :] < lens[:, None])
+
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, ctx, x, *rest):
         with _one_blas_thread(ctx.xp):
             return self._forward(ctx, x, *rest)
 
     def _forward(self, ctx, x, *rest):
-        dirs, params, hidden, acts, length = self._setup(ctx, x)
+        dirs, params, hidden, acts = self._setup(ctx, x)
+        xp = ctx.xp
         rows = x.shape[0]
+        lens = self._lengths(ctx, rest[3] if len(rest) > 3 else None, rows, x.shape[1], stacked=True)
+        length, valid = self._valid(xp, lens, x.shape[1])
         states0 = [rest[i - 1] if i - 1 < len(rest) else None for i in self.state_inputs]
         ys, finals = [], []
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, s, rows, d, hidden, x.dtype) for i, s in zip(self.state_inputs, states0)]
-            record = self._unroll(ctx.xp, x[:, :length], init, params[d], acts[d], reverse)
-            ys.append(ctx.xp.stack([rec["h"] for rec in record], axis=1))  # time order of the input
+            record = self._unroll(xp, x[:, :length], init, params[d], acts[d], reverse, valid)
+            ys.append(xp.stack([rec["y"] for rec in record], axis=1))  # time order of the input
             finals.append(self._finals(record, reverse))
-        xp = ctx.xp
         y = xp.stack(ys, axis=2)
-        if length < x.shape[1]:  # steps past sequence_lens are zeros
+        if length < x.shape[1]:  # steps past every row's length are zeros
             y = xp.concatenate([y, xp.zeros((rows, x.shape[1] - length) + tuple(y.shape[2:]), dtype=y.dtype)],
                                axis=1)
         outs = [y] + [xp.stack([f[j] for f in finals], axis=1) for j in range(len(finals[0]))]
@@ -249,11 +328,14 @@ class _Recurrent(Rule):
                 r["s_" + key] = slope[:, t] if per_step else slope
 
     def _finals(self, record, reverse):
-        last = record[0] if reverse else record[-1]
-        return [last[k] for k in self.final_keys]
+        return list((record[0] if reverse else record[-1])["state"])
 
-    def _unroll(self, xp, x, init, p, acts, reverse):
-        """Every step's values, stored at its time index (the reverse direction runs t = T-1..0)."""
+    def _unroll(self, xp, x, init, p, acts, reverse, valid=None):
+        """Every step's values, stored at its time index (the reverse direction runs t = T-1..0).
+
+        rec["state"] is the state the step hands on and rec["y"] its row of Y: where `valid`
+        says a row's sequence has ended (or, in reverse, not yet begun) the row keeps its
+        state and its Y is 0, as the spec's sequence_lens asks."""
         steps = x.shape[1]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         # the input projection of all steps at once: (rows, T, gates*H)
@@ -263,8 +345,16 @@ class _Recurrent(Rule):
         state = init
         for t in order:
             rec = self._step(xp, proj[:, t], state, p, acts)
+            new = [rec[k] for k in self.state_keys]
+            if valid is None:
+                rec["y"] = rec["h"]
+            else:
+                m = valid[:, t:t + 1]
+                new = [xp.where(m, v, s) for v, s in zip(new, state)]
+                rec["y"] = xp.where(m, rec["h"], xp.zeros((), dtype=rec["h"].dtype))
+            rec["state"] = new
             record[t] = rec
-            state = [rec[k] for k in self.state_keys]
+            state = new
         return record
 
     # ---- backward ---------------------------------------------------------------------------
@@ -272,13 +362,35 @@ class _Recurrent(Rule):
         with _one_blas_thread(ctx.xp):
             return self._backward(ctx, *grads)
 
+    def _reference_lengths(self, ctx, lens, p, steps):
+        """The reference rows' lengths, which DeepLIFT needs equal to each sample's own."""
+        if ctx.is_const(4):
+            return lens  # a constant gives the reference rows the lengths it gives their samples
+        value = self._lens_input(ctx, reference=True)
+        lens0 = self._lengths(ctx, value, int(value.shape[0]) if value.ndim else 1, steps)
+        lens0 = np.broadcast_to(lens0, (p,))
+        differ = lens0 != lens
+        if bool(differ.any()):
+            i = int(np.argmax(differ))
+            raise RuleError(
+                f"{ctx.node.op_type} node {ctx.node.name!r}: sample {i} has sequence length {int(lens[i])} but its "
+                f"reference {int(lens0[i])}. The steps one pass takes and the other skips change the output by an "
+                f"amount that no float input's difference accounts for, so DeepLIFT's contributions could not add "
+                f"up to f(x) - f(x0). Give the reference the input's own lengths (leave the lengths input out "
+                f"of `baselines`: it is then held at the input's values), or use a gradient method")
+        return lens0
+
     def _backward(self, ctx, *grads):
         xp = ctx.xp
         deeplift = ctx.mode == "deeplift"
         x_full = ctx.x(0)
-        dirs, params, hidden, acts, length = self._setup(ctx, x_full)
-        x = x_full[:, :length]  # steps past sequence_lens do not influence anything
-        p = x.shape[0]
+        dirs, params, hidden, acts = self._setup(ctx, x_full)
+        p = x_full.shape[0]
+        lens = self._lengths(ctx, self._lens_input(ctx), p, x_full.shape[1])
+        if deeplift and lens is not None:
+            self._reference_lengths(ctx, lens, p, x_full.shape[1])
+        length, valid = self._valid(xp, lens, x_full.shape[1])
+        x = x_full[:, :length]  # steps past every row's length do not influence anything
         k = next(g for g in grads if g is not None).shape[0]
         dtype = next(g for g in grads if g is not None).dtype
         x0 = ctx.x0(0)[:, :length] if deeplift else None
@@ -290,18 +402,19 @@ class _Recurrent(Rule):
         if deeplift:  # a reference shared by the batch (one row) is unrolled once, not p times
             rows0 = max([x0.shape[0]] + [s.shape[0] for i, s in states0.items() if s is not None
                                          and i < len(ctx.node.inputs) and not ctx.is_const(i)])
-            rows0 = rows0 if rows0 in (1, p) else p
+            rows0 = rows0 if rows0 in (1, p) and valid is None else p  # per-row lengths: a row each
             x0 = xp.broadcast_to(x0, (rows0,) + tuple(x.shape[1:]))
         g_y = grads[0] if grads else None
         gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
         g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
+        zero = xp.zeros((), dtype=dtype)
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
-            rec = self._unroll(xp, x, init, params[d], acts[d], reverse)
+            rec = self._unroll(xp, x, init, params[d], acts[d], reverse, valid)
             rec0 = init0 = None
             if deeplift:
                 init0 = [self._state(ctx, i, states0[i], rows0, d, hidden, x.dtype) for i in self.state_inputs]
-                rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse)
+                rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse, valid)
             self._gate_slopes(xp, rec, rec0, acts[d], deeplift)
             # multipliers of the final states (Y_h, Y_c), then of each step's state
             carry = []
@@ -312,15 +425,23 @@ class _Recurrent(Rule):
             order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
             g_gates = None
             for t in order:
-                if g_y is not None:
-                    carry[0] = carry[0] + g_y[:, :, t, d]
+                m = None if valid is None else valid[:, t:t + 1]
+                if g_y is not None:  # Y is 0 where a row's sequence is over: no multiplier there
+                    carry[0] = carry[0] + (g_y[:, :, t, d] if m is None else xp.where(m, g_y[:, :, t, d], zero))
                 prev = t + 1 if reverse else t - 1
                 has_prev = 0 <= prev < steps
-                prev_state = [rec[prev][key] for key in self.state_keys] if has_prev else init
-                prev_state0 = ([rec0[prev][key] for key in self.state_keys] if has_prev else init0) \
-                    if deeplift else None
+                prev_state = rec[prev]["state"] if has_prev else init
+                prev_state0 = (rec0[prev]["state"] if has_prev else init0) if deeplift else None
+                # a row past its length kept its state: the step sees none of its multipliers,
+                # which pass to the previous state unchanged
+                held = carry
+                if m is not None:
+                    carry = [xp.where(m, c, zero) for c in carry]
                 g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
                                               prev_state, prev_state0, params[d], acts[d], deeplift)
+                if m is not None:
+                    carry = [xp.where(m, c, h) for c, h in zip(carry, held)]
+                    g_in = xp.where(m, g_in, zero)
                 if g_gates is None:
                     g_gates = xp.zeros((k, p, steps, g_in.shape[-1]), dtype=dtype)
                 g_gates[:, :, t] = g_in
@@ -389,12 +510,12 @@ class GRU(_Recurrent):
                 "h": (1 - z) * ht + z * h_prev}
 
     def _setup(self, ctx, x):
-        dirs, params, hidden, acts, length = super()._setup(ctx, x)
+        dirs, params, hidden, acts = super()._setup(ctx, x)
         for p in params:
             p["lbr"] = bool(ctx.attr("linear_before_reset", 0))
             p["Rzr_t"] = ctx.xp.ascontiguousarray(p["Rt"][:, :2 * hidden])
             p["Rht"] = ctx.xp.ascontiguousarray(p["Rt"][:, 2 * hidden:])
-        return dirs, params, hidden, acts, length
+        return dirs, params, hidden, acts
 
     def _step_back(self, xp, carry, rec, rec0, prev, prev0, p, acts, deeplift):
         (g_h,) = carry

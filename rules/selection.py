@@ -24,7 +24,7 @@ import numpy as np
 
 from liftir.kernels.scatter import scatter_add
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Linear, Rule, RuleError, difference, unbroadcast
+from liftir.rule import MODES, Linear, Rule, RuleError, difference, is_traced, unbroadcast
 
 
 def _midpoint_number(ctx, index, dtype):
@@ -189,10 +189,29 @@ class Where(Rule):
             if bool(switched.any()):
                 spread = _midpoint_number(ctx, 1, dtype) - _midpoint_number(ctx, 2, dtype)
                 spread = xp.where(switched, spread, xp.zeros_like(spread))  # inf branches stay put
-                gc = unbroadcast(xp, xp.where(switched, g * spread, xp.zeros_like(g)), ctx.input_shape(0))
+                with np.errstate(invalid="ignore"):  # 0 * inf where a branch is infinite: below
+                    gc = xp.where(switched, g * spread, xp.zeros_like(g))
+                jump = ~(abs(spread) < np.inf)  # switched to or from an infinite branch (a -inf mask)
+                if bool(jump.any()):
+                    gc = _infinite_switch(ctx, xp, g, gc, jump)
+                gc = unbroadcast(xp, gc, ctx.input_shape(0))
             else:
                 gc = xp.zeros((g.shape[0],) + ctx.input_shape(0), dtype=dtype)
         return gc, ga, gb
+
+
+def _infinite_switch(ctx, xp, g, gc, jump):
+    """A condition that switches the output between a finite and an infinite branch (a -inf
+    mask in one pass only) changes it by an infinite amount. Where nothing downstream reads
+    that change (g = 0: a Relu flat there, say) the condition carries nothing, not 0 * inf =
+    NaN; where something does, no finite multiplier can carry it: refuse by node name."""
+    jump = xp.broadcast_to(jump, g.shape)
+    if not is_traced(g) and bool((jump & (g != 0)).any()):
+        raise RuleError(f"{ctx.node.op_type} node {ctx.node.name!r}: its condition switches the output between "
+                        f"a finite and an infinite branch (e.g. a -inf attention mask that differs between the "
+                        f"input and its reference), an infinite change that no finite DeepLIFT multiplier "
+                        f"carries; give the reference the input's own mask, or use a gradient method")
+    return xp.where(jump, xp.zeros((), dtype=gc.dtype), gc)
 
 
 # ---- gathers and scatters: flat positions per sample ---------------------------------------

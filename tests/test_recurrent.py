@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import liftir
-from liftir.errors import RuleError
+from liftir.errors import InputError, RuleError
 from onnx_builders import export_torch, run_ort
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -143,8 +143,9 @@ def test_refusals_are_clear():
     m1.graph.initializer.append(lens)
     gru = next(n for n in m1.graph.node if n.op_type == "GRU")
     gru.input[4] = "lens"
-    feeds = {k: v.astype(np.float32) for k, v in _feeds(names1, m1, 2, np.random.default_rng(4)).items()}
-    with pytest.raises(RuleError, match="sequence_lens"):
+    # constant per-sample lengths tie the node to a batch of 2 (tests/test_recurrent_lengths.py)
+    feeds = {k: v.astype(np.float32) for k, v in _feeds(names1, m1, 3, np.random.default_rng(4)).items()}
+    with pytest.raises(InputError, match="GRU node.*constant sequence_lens.*exactly 2 samples"):
         liftir.Explainer(m1, "saliency", output="y").attribute(tuple(feeds.values()), target=(0, 0))
     # a time-major op whose neighbours are not the exporter's chain: a clear refusal
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, "N", 2])

@@ -230,3 +230,154 @@ def test_masked_softmax_on_the_cupy_side_code_path():
     got, delta = ex.attribute(x, baselines=x0, target=0, return_convergence_delta=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     assert np.abs(delta).max() <= 1e-5
+
+
+# ---- masks that differ between the actual and the reference pass ---------------------------
+
+def _switched_mask_graph(mask_value, source, downstream="softmax"):
+    """x (N, 4, 6) plus a mask over the 6 keys, then the written-out softmax of
+    `_decomposed_softmax_graph`. The mask differs between the passes, as it does when it is
+    computed from the inputs: `source` "ids" (Where(ids == PAD, mask_value, 0), ids an
+    integer input whose reference is all PAD in part), "x" (Where(x[:, 0] < -0.5, ...), from
+    the float input itself) or "input" (an additive float mask input, reference zeros).
+    `downstream` "relu": the masked scores only pass Relu(s - 5), flat at both -inf and the
+    reference's score, and times x: a mask change nothing downstream reads."""
+    rng = np.random.default_rng(2)
+    inits = {"last": np.array([-1], np.int64), "ax1": np.array([1], np.int64), "neg": np.array(mask_value, np.float32),
+             "zero": np.array(0.0, np.float32), "pad": np.array(0, np.int64), "thr": np.array(-0.5, np.float32),
+             "row": np.array(0, np.int64), "five": np.array(5.0, np.float32),
+             "head": rng.standard_normal((24, 3)).astype(np.float32), "flat": np.array([-1, 24], np.int64)}
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])]
+    if source == "ids":
+        inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6]))
+        nodes = [helper.make_node("Equal", ["ids", "pad"], ["c"], name="is_pad")]
+    elif source == "x":
+        nodes = [helper.make_node("Gather", ["x", "row"], ["first"], axis=1, name="first_row"),
+                 helper.make_node("Less", ["first", "thr"], ["c"], name="below")]
+    if source == "input":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, 6]))
+        nodes = []
+    else:
+        nodes += [helper.make_node("Where", ["c", "neg", "zero"], ["m2"], name="mask_where"),
+                  helper.make_node("Unsqueeze", ["m2", "ax1"], ["mask"], name="mask_unsqueeze")]
+    nodes.append(helper.make_node("Add", ["x", "mask"], ["s"], name="add_mask"))
+    if downstream == "softmax":
+        nodes += [helper.make_node("ReduceMax", ["s", "last"], ["top"], keepdims=1, name="top"),
+                  helper.make_node("Sub", ["s", "top"], ["shifted"], name="shift"),
+                  helper.make_node("Exp", ["shifted"], ["e"], name="softmax_exp"),
+                  helper.make_node("ReduceSum", ["e", "last"], ["total"], keepdims=1, name="total"),
+                  helper.make_node("Div", ["e", "total"], ["a"], name="normalize")]
+    else:
+        nodes += [helper.make_node("Sub", ["s", "five"], ["low"], name="low"),
+                  helper.make_node("Relu", ["low"], ["a"], name="flat_relu")]
+    nodes += [helper.make_node("Mul", ["a", "x"], ["ax"], name="weigh"),
+              helper.make_node("Reshape", ["ax", "flat"], ["h"], name="flatten"),
+              helper.make_node("MatMul", ["h", "head"], ["y"], name="head_matmul")]
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(nodes, "switched", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items() if k in used])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _switched_feeds(source, mask_value):
+    """Inputs and references whose masks differ: in sample 0 keys 4, 5 are masked for the
+    input only, keys 2, 3 for the reference only (sample 2 masks nothing, its reference 2..5)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    x0 = 0.2 * rng.standard_normal((1, 4, 6)).astype(np.float32)
+    if source == "ids":
+        ids = np.array([[5, 3, 2, 7, 0, 0], [1, 2, 3, 4, 5, 0], [4, 4, 4, 4, 4, 4]])
+        return {"x": x, "ids": ids}, {"x": x0, "ids": np.array([[5, 3, 0, 0, 0, 0]])}
+    if source == "x":
+        x[:, 0, :] = np.where(np.arange(6) >= 4, -1.5, 0.5)  # keys 4, 5 below -0.5 for the input
+        x0[:, 0, :] = np.where((np.arange(6) >= 2) & (np.arange(6) < 4), -1.5, 0.5)
+        x0[0, 0, 1] = 2.5  # the reference's largest score is a key the input masks: the max rule's jump
+        return {"x": x}, {"x": x0}
+    mask = np.zeros((3, 1, 6), np.float32)
+    mask[:, :, 4:] = mask_value
+    return {"x": x, "mask": mask}, {"x": x0, "mask": np.zeros((1, 1, 6), np.float32)}
+
+
+def _ort_difference(model, feeds, refs):
+    sess = onnxruntime.InferenceSession(model.SerializeToString())
+    refs = {k: np.broadcast_to(v, (3,) + v.shape[1:]) for k, v in refs.items()}
+    return sess.run(None, feeds)[0][:, 1] - sess.run(None, refs)[0][:, 1]
+
+
+def _as(feeds, dtype):
+    return {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+
+
+@pytest.mark.parametrize("source", ["ids", "x", "input"])
+def test_written_out_softmax_conserves_a_finite_mask_that_differs_between_the_passes(source):
+    """finfo.min is just a big number: a key masked in one pass only moves its score by
+    ~3.4e38, Exp's Rescale multiplier is dy/dx ~ 1e-38 and the pieces of the written-out
+    softmax keep apart what the fused rule's LSE split would cancel. DeepLIFT conserves
+    against onnxruntime's f(x) - f(x0): 1e-5 in float32, 1e-9 (delta) in float64."""
+    model = _switched_mask_graph(F32_MIN, source)
+    feeds, refs = _switched_feeds(source, F32_MIN)
+    diff = _ort_difference(model, feeds, refs)
+    assert np.abs(diff).min() > 1e-3
+    attr, delta = liftir.Explainer(model).attribute(feeds, baselines=refs, target=1, return_convergence_delta=True)
+    assert all(np.isfinite(a).all() for a in attr.values())
+    total = sum(a.reshape(3, -1).astype(np.float64).sum(1) for a in attr.values())
+    assert np.abs(total - diff).max() <= 1e-5 * np.abs(diff).max()
+    attr64, delta64 = liftir.Explainer(model, precision="float64").attribute(
+        _as(feeds, np.float64), baselines=_as(refs, np.float64), target=1, return_convergence_delta=True)
+    assert all(np.isfinite(a).all() for a in attr64.values())
+    assert np.abs(delta64).max() <= 1e-9 * np.abs(diff).max()
+    total64 = sum(a.reshape(3, -1).sum(1) for a in attr64.values())
+    assert np.abs(total64 - diff).max() <= 1e-5 * np.abs(diff).max()  # onnxruntime computes in float32
+
+
+@pytest.mark.parametrize("source", ["ids", "x"])
+@pytest.mark.parametrize("precision", ["model", "float64"])
+def test_written_out_softmax_refuses_a_minus_inf_mask_that_differs_between_the_passes(source, precision):
+    """-inf in one pass only: Exp's input changes by an infinite amount and its output by a
+    finite one, which no multiplier carries (m = 0, and 0 * inf was a silent NaN): the Exp
+    node is named, with the reason."""
+    model = _switched_mask_graph(-np.inf, source)
+    feeds, refs = _switched_feeds(source, -np.inf)
+    dtype = np.float64 if precision == "float64" else np.float32
+    ex = liftir.Explainer(model, precision=precision)
+    with pytest.raises(RuleError, match="Exp node 'softmax_exp'.*infinite.*No finite multiplier"):
+        ex.attribute(_as(feeds, dtype), baselines=_as(refs, dtype), target=1)
+    # the same model with the reference's own mask conserves (held ids left out; x masks alike)
+    same = {k: v for k, v in refs.items() if k != "ids"}
+    if source == "x":  # the reference keeps the input's first row, which the mask is computed from
+        same = {"x": feeds["x"] * np.array([1.0, 0.3, 0.3, 0.3], np.float32)[:, None]}
+    diff = _ort_difference(model, feeds, {"x": same["x"], **({"ids": feeds["ids"]} if source == "ids" else {})})
+    attr, delta = ex.attribute(_as(feeds, dtype), baselines=_as(same, dtype), target=1, return_convergence_delta=True)
+    assert all(np.isfinite(a).all() for a in (attr.values() if isinstance(attr, dict) else [attr]))
+    assert np.abs(delta).max() <= (1e-9 if precision == "float64" else 1e-5) * np.abs(diff).max()
+
+
+@pytest.mark.parametrize("source", ["ids", "x"])
+def test_a_minus_inf_mask_change_nothing_reads_gives_zeros_not_nan(source):
+    """Where the mask's -inf meets only a flat Relu (0 at -inf and at the reference's score),
+    the change is read by nothing: the mask's tensor (from ids) and the Where's condition
+    (from x) carry 0, not 0 * inf = NaN, and DeepLIFT conserves."""
+    model = _switched_mask_graph(-np.inf, source, downstream="relu")
+    feeds, refs = _switched_feeds(source, -np.inf)
+    diff = _ort_difference(model, feeds, refs)
+    ex = liftir.Explainer(model, precision="float64")
+    attr, delta = ex.attribute(_as(feeds, np.float64), baselines=_as(refs, np.float64), target=1,
+                               return_convergence_delta=True)
+    values = list(attr.values()) if isinstance(attr, dict) else [attr]
+    assert all(np.isfinite(a).all() for a in values)
+    assert np.abs(delta).max() <= 1e-9 * max(1.0, np.abs(diff).max())
+    assert np.abs(sum(a.reshape(3, -1).sum(1) for a in values) - diff).max() <= 1e-5 * max(1.0, np.abs(diff).max())
+
+
+def test_the_compiled_engine_warns_where_the_interpreter_refuses():
+    """A compiled pass is recorded without values, so it cannot refuse: it carries the
+    infinite change as 0 (finite attributions, never NaN) and the ConvergenceWarning quotes
+    the interpreter's refusal of the Exp node."""
+    from liftir.diagnostics import ConvergenceWarning
+    model = _switched_mask_graph(-np.inf, "x")
+    feeds, refs = _switched_feeds("x", -np.inf)
+    ex = liftir.Explainer(model, engine="compiled")
+    with pytest.warns(ConvergenceWarning, match="softmax_exp.*infinite in one pass"):
+        attr, delta = ex.attribute(feeds, baselines=refs, target=1, return_convergence_delta=True)
+    assert ex._compiled.passes and all(p is not None for p in ex._compiled.passes.values())  # it did compile
+    assert np.isfinite(attr["x"]).all() and np.isfinite(delta).all()

@@ -100,6 +100,8 @@ class Traced:
 
     __array_ufunc__ = None  # NumPy operators defer to ours: ndarray * Traced -> Traced.__rmul__
     __array_priority__ = 1000
+    #: read by `liftir.rule.is_traced`: refusals that depend on values are skipped in a trace
+    liftir_traced = True
 
     def __init__(self, rec: Recorder, name: str, shape, dtype, *, branch: bool | None = None):
         self.rec, self.name = rec, name
