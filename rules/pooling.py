@@ -23,7 +23,7 @@ import itertools
 import numpy as np
 
 from liftir.kernels.parallel import over_rows
-from liftir.kernels.windows import scatter_to_windows, untile, window_max, window_max_hits
+from liftir.kernels.windows import scatter_to_windows, untile, window_max, window_max_hits, window_pieces
 from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, difference
@@ -130,14 +130,13 @@ class MaxPool(_Pool, _MaxRule):
         else:
             top = xp.maximum(y, y0)
             at_actual, at_reference = g * (top - y0), g * (y - top)
-        xs, x0s = windows.tiled(x), windows.tiled(x0)  # splitting axes: views
+        xs, x0s = window_pieces(xp, windows, x), window_pieces(xp, windows, x0)
         pieces = []
-        for k, offset in enumerate(itertools.product(*(range(n) for n in windows.kernel))):
-            index = windows.tile_index(offset)
+        for k in range(len(xs)):
             contrib = at_actual * hits_a[k]
             if at_reference is not None:
                 contrib = contrib + at_reference * hits_r[k]
-            dx = xs[index] - x0s[index]
+            dx = xs[k] - x0s[k]
             nonzero = dx != 0
             if bool(nonzero.all()):
                 pieces.append(contrib / dx)

@@ -131,24 +131,42 @@ def window_max(xp, windows: Windows, x):
     return best, first
 
 
+def window_pieces(xp, windows: Windows, x) -> list:
+    """x's elements at each window offset, one output-shaped array per offset (in `offsets`
+    order), for windows that tile the input: NumPy's are strided views; other array modules
+    (the tracer) get one transpose and then contiguous parts, as strided slices are slow
+    gathers in onnxruntime."""
+    view = windows.tiled(x)
+    offsets = list(itertools.product(*(range(k) for k in windows.kernel)))
+    if xp is np:
+        return [view[windows.tile_index(o)] for o in offsets]
+    nd, lead = windows.nd, x.ndim - windows.nd
+    moved = view.transpose([lead + 2 * d + 1 for d in range(nd)] + list(range(lead)) + [lead + 2 * d for d in range(nd)])
+    moved = moved.reshape((len(offsets),) + tuple(x.shape[:lead]) + tuple(windows.out))
+    return [moved[k] for k in range(len(offsets))]
+
+
 def window_max_hits(xp, windows: Windows, x):
     """(max over each window, one boolean mask per offset: where that offset holds the
     window's first maximum). The same winner as `window_max`, without an index array: the
     tiled max-rule backward multiplies by these masks directly."""
-    padded = windows.pad(xp, x, -np.inf)
-    slices = [(Ellipsis,) + sl for sl in windows.offsets()]
-    best = padded[slices[0]].copy()
-    for sl in slices[1:]:
-        xp.maximum(best, padded[sl], out=best)
+    if windows.tiles:
+        pieces = window_pieces(xp, windows, x)
+    else:
+        padded = windows.pad(xp, x, -np.inf)
+        pieces = [padded[(Ellipsis,) + sl] for sl in windows.offsets()]
+    best = pieces[0].copy()
+    for piece in pieces[1:]:
+        xp.maximum(best, piece, out=best)
     hits, free = [], None
-    for k, sl in enumerate(slices):
-        equal = padded[sl] == best
+    for k, piece in enumerate(pieces):
+        equal = piece == best
         if free is None:
             hits.append(equal)
             free = ~equal
         else:
             hits.append(equal & free)
-            if k < len(slices) - 1:
+            if k < len(pieces) - 1:
                 free &= ~equal
     return best, hits
 
