@@ -18,14 +18,43 @@ from .graph import Graph
 from .threads import cpu_threads
 
 
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def runnable(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The node as onnxruntime can run it. liftir rewrites recurrent ops batch first
+    (layout 1, liftir/layout.py), which onnxruntime has no kernel for: there the op runs
+    time major (layout 0) between transposes, the same values under the same names."""
+    layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+    if node.op_type not in _RECURRENT or layout != 1:
+        return [node]
+    tag = f"liftir_time_major/{node.name or node.output[0]}"
+    before, inputs = [], list(node.input)
+    for i in (0, 5, 6):  # X (N, T, F) -> (T, N, F); initial_h, initial_c (N, D, H) -> (D, N, H)
+        if i < len(inputs) and inputs[i]:
+            moved = f"{tag}/in{i}"
+            before.append(helper.make_node("Transpose", [inputs[i]], [moved], perm=[1, 0, 2], name=f"{moved}/T"))
+            inputs[i] = moved
+    outputs, after = [], []
+    for i, out in enumerate(node.output):  # Y (T, D, N, H) -> (N, T, D, H); Y_h, Y_c (D, N, H) -> (N, D, H)
+        if not out:
+            outputs.append("")
+            continue
+        raw = f"{tag}/out{i}"
+        outputs.append(raw)
+        after.append(helper.make_node("Transpose", [raw], [out], perm=[2, 0, 1, 3] if i == 0 else [1, 0, 2],
+                                      name=f"{raw}/T"))
+    attrs = [a for a in node.attribute if a.name != "layout"]
+    op = helper.make_node(node.op_type, inputs, outputs, name=node.name, domain=node.domain)
+    op.attribute.extend(attrs)
+    return before + [op] + after
+
+
 class OrtForward:
     """One onnxruntime session computing every tensor the rules may read."""
 
     def __init__(self, graph: Graph, order: list[str], outputs: tuple[str, ...]):
         nodes = [graph.nodes[name] for name in order]
-        if any(n.op_type in ("LSTM", "GRU", "RNN") and n.attrs.get("layout", 0) == 1 for n in nodes):
-            # onnxruntime runs no batch-first recurrent op (and logs an error trying): the rules will do
-            raise ValueError("onnxruntime does not run recurrent ops with layout=1")
         produced = [o for node in nodes for o in node.outputs if o]
         used = {i for node in nodes for i in node.inputs if i}
         initializers = [numpy_helper.from_array(np.asarray(v), name)
@@ -36,7 +65,7 @@ class OrtForward:
                                                      for d in i.shape[1:]])
             for i in graph.inputs]
         model = helper.make_model(
-            helper.make_graph([node.proto for node in nodes], "liftir_forward", inputs,
+            helper.make_graph([p for node in nodes for p in runnable(node.proto)], "liftir_forward", inputs,
                               [onnx.ValueInfoProto(name=o) for o in produced], initializers),
             opset_imports=[helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()])
         inferred = onnx.shape_inference.infer_shapes(model)

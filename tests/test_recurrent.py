@@ -219,6 +219,31 @@ def test_torch_classifier(torch_models, case):
     np.testing.assert_allclose(attr32, attr, atol=1e-4 * np.abs(attr).max())
 
 
+@pytest.mark.parametrize("case", [c for c in TORCH_CASES if c[0] != "RNN" or c[3] != "dynamo"],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_batch_first_recurrent_ops_forward_on_onnxruntime(torch_models, case, caplog):
+    """liftir runs recurrent ops batch first (layout 1), which onnxruntime has no kernel for;
+    its forward session runs them time major between transposes instead of falling back to
+    the rules' forward: no fallback, the interpreter's attributions and the rules' own
+    forward agree (onnxruntime's gate activations are within float32 round-off of NumPy's)."""
+    import logging
+
+    module, proto = torch_models[case]
+    x = np.random.default_rng(7).standard_normal((3, 5, 3)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="liftir"):
+        ex = liftir.Explainer(proto, "deeplift")
+        got, delta = ex.attribute(x, baselines=np.zeros_like(x[:1]), target=1, return_convergence_delta=True)
+    assert "cannot build a session" not in caplog.text and "layout" not in caplog.text
+    assert any(n.op_type in ("LSTM", "GRU", "RNN") and n.attrs.get("layout", 0) == 1
+               for n in ex.graph.nodes.values())  # the batch-first op is what ran
+    np.testing.assert_allclose(ex.predict(x), module(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+    rules_only = liftir.Explainer(proto, "deeplift")
+    rules_only.plan.use_onnxruntime = False
+    want = rules_only.attribute(x, baselines=np.zeros_like(x[:1]), target=1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.abs(delta).max() <= 1e-5 * max(1.0, float(np.abs(got).sum(axis=(1, 2)).max()))
+
+
 def test_integrated_gradients_equals_captum(torch_models):
     from captum.attr import IntegratedGradients
     module, proto = torch_models[("LSTM", True, False, 14)]

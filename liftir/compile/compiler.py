@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import scheduler
+from ..ort_forward import runnable
 from ..threads import cpu_threads
 from . import tracer
 from .tracer import Recorder, Traced, TraceError
@@ -176,6 +177,10 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         raise TraceError(_listing(failures))
     if plan.held:
         raise TraceError("integer inputs (held embeddings) are not compiled yet")
+    recurrent = [name for name in order if graph.nodes[name].op_type in ("LSTM", "GRU", "RNN")]
+    if recurrent:  # measured: the traced step-by-step backward ran 1.9-3.9x the interpreter's time
+        raise TraceError(f"recurrent node {recurrent[0]!r}: its backward unrolls into nodes per time step, "
+                         f"which the interpreter runs faster")
     # shapes, dtypes, static values and where the samples are: one forward of the interpreter
     probe = scheduler.forward(plan, np, feeds, n_actual, n_ref, (explained,), plan.mode, options)
     opset = graph.opsets.get("", graph.opsets.get("ai.onnx", 0))
@@ -232,7 +237,7 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
               for name, v in feeds.items()]
     inputs.append(helper.make_tensor_value_info(SEED, tracer._onnx_type(seed.dtype), list(seed_shape)))
-    forward_nodes = [graph.nodes[name].proto for name in order]
+    forward_nodes = [p for name in order for p in runnable(graph.nodes[name].proto)]
     opsets = dict(graph.opsets)
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
