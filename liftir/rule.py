@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .compile.tracer import is_tracer
 from .errors import RuleError
 from .kernels.parallel import over_rows
 
@@ -285,6 +286,25 @@ def sinhc(xp, u):
     return xp.where(small, 1 + u * u / 6, xp.sinh(safe) / safe)
 
 
+def fill_where(xp, out, mask, fn, *args):
+    """out[mask] = fn(*args) at the masked elements, computing fn on those elements only.
+
+    For the few elements a rule treats specially (dx ~ 0, where the derivative replaces the
+    quotient), evaluating fn on the whole array would cost as much as the rule itself. `fn`
+    must be elementwise; `args` broadcast against `mask`. A trace cannot select elements (no
+    ONNX form of a boolean gather): it records fn on every element and one Where instead,
+    which gives the same values.
+    """
+    if tuple(mask.shape) != tuple(out.shape):
+        mask = xp.broadcast_to(mask, out.shape)
+    if is_tracer(xp):
+        out[mask] = fn(*args)
+        return out
+    picked = [xp.broadcast_to(a, mask.shape)[mask] if getattr(a, "ndim", 0) else a for a in args]
+    out[mask] = fn(*picked)
+    return out
+
+
 def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
     """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16).
     Equal infinities (a mask's -inf in both passes) count as dx = dy = 0, not NaN."""
@@ -303,9 +323,13 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
         slope = df(x)
         fits = abs(slope * dx - dy) <= 4 * eps * (abs(y) + abs(y0) + abs(slope) * (abs(x) + abs(x0)))
         return xp.where(fits, slope, dy / xp.where(fits, xp.ones_like(dx), dx))
-    small = abs(dx) <= np.sqrt(eps) * (1 + abs(x) + abs(x0))
-    safe = xp.where(small, xp.ones_like(dx), dx)
-    quotient = dy / safe
-    if not bool(small.any()):
-        return quotient
-    return xp.where(small, df(x * 0.5 + x0 * 0.5), quotient)  # halves first: finfo.min twice overflows
+    # small: |dx| <= sqrt(eps) (1 + |x| + |x0|), built in place (one temporary, few passes)
+    bound = abs(x) + abs(x0)
+    bound += 1
+    bound *= np.sqrt(eps)
+    small = abs(dx) <= bound
+    with np.errstate(divide="ignore", invalid="ignore"):  # dx == 0 only where `small` replaces it
+        m = dy / dx
+    if bool(small.any()):  # halves first: finfo.min twice overflows
+        fill_where(xp, m, small, lambda a, b: df(a * 0.5 + b * 0.5), x, x0)
+    return m
