@@ -162,8 +162,9 @@ REFERENCE = {
     "Mish": (lambda t: t * torch.tanh(_softplus(t)), [], {}, 18, (-5, 5), []),
     "Pow": (lambda t: t ** 3, [np.float32(3.0)], {}, 15, (-2, 2), []),
 }
-# a second parametrization of ops whose attributes change the formula
-VARIANTS = {"Gelu-tanh": ("Gelu", _gelu_tanh, {"approximate": "tanh"})}
+# a second parametrization of ops whose attributes (or constant inputs) change the formula
+VARIANTS = {"Gelu-tanh": ("Gelu", _gelu_tanh, {"approximate": "tanh"}),
+            "Pow-square": ("Pow", lambda t: t ** 2, {}, [np.float32(2.0)])}
 
 
 def elementwise_ops():
@@ -173,9 +174,9 @@ def elementwise_ops():
 
 def _spec(name):
     if name in VARIANTS:
-        op, ref, attrs = VARIANTS[name]
+        op, ref, attrs, *extra = VARIANTS[name]
         base = REFERENCE[op]
-        return op, (ref, base[1], attrs) + base[3:]
+        return op, (ref, extra[0] if extra else base[1], attrs) + base[3:]
     return name, REFERENCE[name]
 
 
