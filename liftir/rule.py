@@ -305,6 +305,27 @@ def fill_where(xp, out, mask, fn, *args):
     return out
 
 
+def select(xp, mask, fn_true, fn_false, *args):
+    """where(mask, fn_true(*args), fn_false(*args)), each function evaluated on its own
+    elements only (a piecewise formula, e.g. a rational fit per range, costs one piece per
+    element rather than all of them). The functions must be elementwise; `args` broadcast
+    against `mask`. A trace records both on every element and one Where."""
+    if is_tracer(xp):
+        return xp.where(mask, fn_true(*args), fn_false(*args))
+    if not bool(mask.any()):
+        return fn_false(*args)
+    if bool(mask.all()):
+        return fn_true(*args)
+    args = [xp.broadcast_to(a, mask.shape) if getattr(a, "ndim", 0) else a for a in args]
+    part = fn_true(*[a[mask] if getattr(a, "ndim", 0) else a for a in args])
+    other = ~mask
+    rest = fn_false(*[a[other] if getattr(a, "ndim", 0) else a for a in args])
+    out = xp.empty(mask.shape, dtype=np.result_type(part.dtype, rest.dtype))
+    out[mask] = part
+    out[other] = rest
+    return out
+
+
 def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
     """m = (y - y0)/(x - x0), with the derivative where x - x0 is (near) zero (eq. 15-16).
     Equal infinities (a mask's -inf in both passes) count as dx = dy = 0, not NaN."""

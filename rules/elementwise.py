@@ -13,7 +13,7 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
-from liftir.rule import Elementwise, RuleError, difference, rescale_multiplier, scale_rows, sinhc
+from liftir.rule import Elementwise, RuleError, difference, rescale_multiplier, scale_rows, select, sinhc
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -53,22 +53,23 @@ def _erf_inner(x):
 def _erfc_outer(xp, x):
     """erfc for |x| >= 1, with relative accuracy in the tail (no 1 - erf cancellation)."""
     a = xp.clip(abs(x), 1, 40)  # erfc(40) underflows in float64; clipping keeps the fits finite
-    mid = _poly(a, _ERFC_P) / _poly(a, _ERFC_Q, monic=True)
-    far = _poly(a, _ERFC_R) / _poly(a, _ERFC_S, monic=True)
-    tail = xp.exp(-x * x) * xp.where(a < 8, mid, far)
+    fit = select(xp, a < 8, lambda v: _poly(v, _ERFC_P) / _poly(v, _ERFC_Q, monic=True),
+                 lambda v: _poly(v, _ERFC_R) / _poly(v, _ERFC_S, monic=True), a)
+    tail = xp.exp(-x * x) * fit
     return xp.where(x < 0, 2 - tail, tail)
 
 
 def erf(xp, x):
-    """erf to the precision of x's dtype on any backend (NumPy has none)."""
-    inner = abs(x) <= 1
-    return xp.where(inner, _erf_inner(xp.clip(x, -1, 1)), 1 - _erfc_outer(xp, x)).astype(x.dtype, copy=False)
+    """erf to the precision of x's dtype on any backend (NumPy has none); each element
+    evaluates the one rational fit of its range."""
+    return select(xp, abs(x) <= 1, lambda v: _erf_inner(xp.clip(v, -1, 1)), lambda v: 1 - _erfc_outer(xp, v),
+                  x).astype(x.dtype, copy=False)
 
 
 def erfc(xp, x):
     """1 - erf(x), accurate relative to its own (tiny) value for large x."""
-    inner = abs(x) <= 1
-    return xp.where(inner, 1 - _erf_inner(xp.clip(x, -1, 1)), _erfc_outer(xp, x)).astype(x.dtype, copy=False)
+    return select(xp, abs(x) <= 1, lambda v: 1 - _erf_inner(xp.clip(v, -1, 1)), lambda v: _erfc_outer(xp, v),
+                  x).astype(x.dtype, copy=False)
 
 
 def _far_ratio(rule, xp, x, x0, ctx, near):
