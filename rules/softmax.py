@@ -39,38 +39,44 @@ def _axis(ctx, ndim):
 
 
 def _log_softmax(xp, x, axis):
+    return _log_softmax_lse(xp, x, axis)[0]
+
+
+def _log_softmax_lse(xp, x, axis):
+    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum."""
+    top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
-        shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        shifted = x - top
+    log_sum = xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
+    return shifted - log_sum, top + log_sum
 
 
-def _lse_difference(xp, x, x0, p0, dx, axis):
+def _lse_difference(xp, p0, dx, lse, lse0, axis):
     """LSE(x) - LSE(x0) without cancellation: log1p(sum_j p0_j expm1(dx_j)) (an identity)
     where every |dx_j| < 1, the difference of the two LSEs beyond."""
     near = (abs(dx) < 1).all(axis=axis, keepdims=True)
-    small = xp.log1p((p0 * xp.expm1(xp.where(near, dx, 0))).sum(axis=axis, keepdims=True))
-
-    def lse(v):
-        top = v.max(axis=axis, keepdims=True)
-        top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
-        return top + xp.log(xp.exp(v - top).sum(axis=axis, keepdims=True))
-
-    return xp.where(near, small, lse(x) - lse(x0))
+    step = dx if bool(near.all()) else xp.where(near, dx, 0)  # expm1 of a far row could overflow
+    small = xp.log1p((p0 * xp.expm1(step)).sum(axis=axis, keepdims=True))
+    return xp.where(near, small, lse - lse0)
 
 
 #: the LSE split's terms p dx may cancel to the output's change with this relative loss at most
 _CANCELLATION = 1e-3
 
 
-def _refuse_switched_masks(ctx, xp, dx, p_mid, d_lse, axis):
+def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, finite=None):
     """Refuse a position masked in one pass only (an attention mask that differs between the
     input and its reference): -inf there leaves no finite multiplier; finfo.min makes the
     split's terms p dx ~1e37, whose sum must cancel to dLSE = O(1), which no precision
     survives. Unmasked scores never come near: sum |p dx| <= max |dx|, and a large uniform
-    shift has dLSE as large."""
-    spread = abs(p_mid * dx).sum(axis=axis, keepdims=True)
+    shift has dLSE as large. `p_dx` is p_mid * dx; `finite` (per row) whether every dx is
+    finite, computed here when not given."""
+    spread = abs(p_dx).sum(axis=axis, keepdims=True)
     eps = float(np.finfo(dx.dtype).eps)
-    bad = ~(abs(dx) < np.inf).all(axis=axis, keepdims=True) | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
+    if finite is None:
+        finite = (abs(dx) < np.inf).all(axis=axis, keepdims=True)
+    bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
     if not bool(bad.any()):
         return
     step = float(to_host(xp.where(abs(dx) < np.inf, abs(dx), np.inf).max()))  # NaN counts as inf
@@ -100,35 +106,48 @@ class Softmax(Rule):
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
-        z = _log_softmax(xp, x, axis)
+        z, lse = _log_softmax_lse(xp, x, axis)
         p = xp.exp(z)
         log = ctx.node.op_type == "LogSoftmax"
+        live = None
         if ctx.mode != "deeplift":
             r = xp.ones_like(p) if log else p
             weights = p
         else:
-            x0 = xp.broadcast_to(ctx.x0(0), x.shape)
-            z0 = _log_softmax(xp, x0, axis)
+            x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
+            z0, lse0 = _log_softmax_lse(xp, x0, axis)
             p0 = xp.exp(z0)
-            # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0
-            live = (p > 0) | (p0 > 0)
-            dx = xp.where(live, difference(xp, x, x0), 0)
-            p_mid = (p + p0) * 0.5
-            d_lse = _lse_difference(xp, x, x0, p0, dx, axis)
-            _refuse_switched_masks(ctx, xp, dx, p_mid, d_lse, axis)
+            # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
+            # Without masks (every p, p0 > 0) `live` is everywhere and every dx is finite.
+            unmasked = bool((p.min() > 0).all()) and bool((p0.min() > 0).all())
+            dx = difference(xp, x, x0)
+            if not unmasked:
+                live = (p > 0) | (p0 > 0)
+                dx = xp.where(live, dx, 0)
+            p_mid = p + p0
+            p_mid *= 0.5
+            d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis)
+            p_dx = p_mid * dx
+            approx = p_dx.sum(axis=axis, keepdims=True)
+            # dx is finite where p_mid > 0 exactly when every p dx is: one row-sized test
+            _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, finite=(abs(approx) < np.inf) if unmasked else None)
             # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
             # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
-            approx = (p_mid * dx).sum(axis=axis, keepdims=True)
             norm2 = (dx * dx).sum(axis=axis, keepdims=True)
-            weights = p_mid + (d_lse - approx) * dx / xp.where(norm2 > 0, norm2, 1)
-            weights = xp.where(live, weights, 0)
+            weights = dx * ((d_lse - approx) / xp.where(norm2 > 0, norm2, 1))
+            weights += p_mid
+            if live is not None:
+                weights = xp.where(live, weights, 0)
             if log:
-                r = live.astype(p.dtype)  # masked outputs are -inf in both passes: no difference
+                r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
+            elif live is None:
+                r = rescale_multiplier(xp, z, z0, p, p0, xp.exp, piecewise_linear=False)
             else:
                 r = rescale_multiplier(xp, xp.where(live, z, 0), xp.where(live, z0, 0), p, p0, xp.exp,
                                        piecewise_linear=False)
                 r = xp.where(live, r, 0)
         gr = g * r
-        out = gr - weights * gr.sum(axis=axis + 1, keepdims=True)
-        return (xp.where(live, out, 0) if ctx.mode == "deeplift" else out,)
+        out = gr
+        out -= weights * gr.sum(axis=axis + 1, keepdims=True)
+        return (xp.where(live, out, 0) if live is not None else out,)
