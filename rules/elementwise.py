@@ -420,7 +420,7 @@ class Erf(Elementwise):
             return super().backward(ctx, g)
         xp = ctx.xp
         m = rescale_multiplier(xp, ctx.x(0), ctx.x0(0), ctx.y(0), ctx.y0(0), lambda z: self.df(xp, z, ctx), False)
-        return (scale_rows(xp, g, m),)
+        return (scale_rows(xp, g, m, reuse=True),)
 
 
 @builtin_rule("Gelu")
@@ -503,3 +503,11 @@ class PiecewiseConstant(Elementwise):
 
     def df(self, xp, x, ctx):
         return xp.zeros_like(x)
+
+
+# Each rule above returns a new array from divided_difference and df, which Elementwise.backward
+# may then overwrite with the multipliers (Relu's own kernel is left out).
+for _rule in (LeakyRelu, PRelu, Clip, HardSigmoid, ThresholdedRelu, Abs, Sigmoid, Tanh, Softplus, Softsign, Elu,
+              Selu, Celu, HardSwish, Exp, Log, Sqrt, Reciprocal, Sin, Cos, Atan, Erf, Gelu, Mish, Pow,
+              PiecewiseConstant):
+    _rule.fresh_multipliers = True

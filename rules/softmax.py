@@ -26,7 +26,7 @@ import numpy as np
 
 from liftir.backend import to_host
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, difference, rescale_multiplier
+from liftir.rule import MODES, Rule, RuleError, difference, rescale_multiplier, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -42,22 +42,32 @@ def _log_softmax(xp, x, axis):
     return _log_softmax_lse(xp, x, axis)[0]
 
 
-def _log_softmax_lse(xp, x, axis):
-    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum."""
+def _log_softmax_lse(xp, x, axis, with_p=False):
+    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum; with `with_p` also
+    p = exp(z). (Not exp(x - max) / sum, one exp fewer: the exp rule's quotient (p - p0) /
+    (z - z0) needs p and z consistent, and moved Swin's attributions by 4e-3.)"""
     top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
         shifted = x - top
-    log_sum = xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    e = xp.exp(shifted)
+    total = e.sum(axis=axis, keepdims=True)
+    log_sum = xp.log(total)
     top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
-    return shifted - log_sum, top + log_sum
+    shifted -= log_sum
+    if not with_p:
+        return shifted, top + log_sum
+    return shifted, top + log_sum, xp.exp(shifted)
 
 
-def _lse_difference(xp, p0, dx, lse, lse0, axis):
+def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
     """LSE(x) - LSE(x0) without cancellation: log1p(sum_j p0_j expm1(dx_j)) (an identity)
-    where every |dx_j| < 1, the difference of the two LSEs beyond."""
-    near = (abs(dx) < 1).all(axis=axis, keepdims=True)
+    where every |dx_j| < 1, the difference of the two LSEs beyond. `scratch`: a temporary
+    of dx's shape and dtype it may overwrite."""
+    near = (xp.abs(dx, out=scratch) < 1).all(axis=axis, keepdims=True)
     step = dx if bool(near.all()) else xp.where(near, dx, 0)  # expm1 of a far row could overflow
-    small = xp.log1p((p0 * xp.expm1(step)).sum(axis=axis, keepdims=True))
+    terms = xp.expm1(step, out=scratch)
+    terms *= p0
+    small = xp.log1p(terms.sum(axis=axis, keepdims=True))
     return xp.where(near, small, lse - lse0)
 
 
@@ -103,11 +113,12 @@ class Softmax(Rule):
             return self._backward(ctx, g)
 
     def _backward(self, ctx, g):
+        # Written for few new full-size arrays (each costs page faults as well as a pass):
+        # the temporaries are overwritten in place once they have served.
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
-        z, lse = _log_softmax_lse(xp, x, axis)
-        p = xp.exp(z)
+        z, lse, p = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
         live = None
         if ctx.mode != "deeplift":
@@ -115,8 +126,7 @@ class Softmax(Rule):
             weights = p
         else:
             x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
-            z0, lse0 = _log_softmax_lse(xp, x0, axis)
-            p0 = xp.exp(z0)
+            z0, lse0, p0 = _log_softmax_lse(xp, x0, axis, with_p=True)
             # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
             # Without masks (every p, p0 > 0) `live` is everywhere and every dx is finite.
             unmasked = bool((p.min() > 0).all()) and bool((p0.min() > 0).all())
@@ -126,16 +136,17 @@ class Softmax(Rule):
                 dx = xp.where(live, dx, 0)
             p_mid = p + p0
             p_mid *= 0.5
-            d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis)
-            p_dx = p_mid * dx
+            work = xp.empty_like(dx)
+            d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
+            p_dx = xp.multiply(p_mid, dx, out=work)
             approx = p_dx.sum(axis=axis, keepdims=True)
             # dx is finite where p_mid > 0 exactly when every p dx is: one row-sized test
             _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, finite=(abs(approx) < np.inf) if unmasked else None)
             # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
             # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
-            norm2 = (dx * dx).sum(axis=axis, keepdims=True)
-            weights = dx * ((d_lse - approx) / xp.where(norm2 > 0, norm2, 1))
+            norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
+            weights = xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
             weights += p_mid
             if live is not None:
                 weights = xp.where(live, weights, 0)
@@ -147,7 +158,11 @@ class Softmax(Rule):
                 r = rescale_multiplier(xp, xp.where(live, z, 0), xp.where(live, z0, 0), p, p0, xp.exp,
                                        piecewise_linear=False)
                 r = xp.where(live, r, 0)
-        gr = g * r
-        out = gr
-        out -= weights * gr.sum(axis=axis + 1, keepdims=True)
-        return (xp.where(live, out, 0) if live is not None else out,)
+        gr = scale_rows(xp, g, r, reuse=ctx.mode == "deeplift" and not log)  # r is this rule's own temporary
+        total = gr.sum(axis=axis + 1, keepdims=True)
+        if ctx.mode == "deeplift" and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
+            weights *= total[0]  # weights is a temporary here
+            gr -= weights
+        else:
+            gr -= weights * total
+        return (xp.where(live, gr, 0) if live is not None else gr,)
