@@ -26,7 +26,7 @@ import numpy as np
 
 from liftir.backend import to_host
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, difference, rescale_multiplier, scale_rows
+from liftir.rule import MODES, Rule, RuleError, difference, fill_where, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -44,8 +44,9 @@ def _log_softmax(xp, x, axis):
 
 def _log_softmax_lse(xp, x, axis, with_p=False):
     """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum; with `with_p` also
-    p = exp(z). (Not exp(x - max) / sum, one exp fewer: the exp rule's quotient (p - p0) /
-    (z - z0) needs p and z consistent, and moved Swin's attributions by 4e-3.)"""
+    p = exp(z). (Not exp(x - max) / sum, one exp fewer: p and z must agree to the rounding
+    of one exp, or the exp rule's quotients amplify the difference: it moved Swin's
+    attributions by 4e-3.)"""
     top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
         shifted = x - top
@@ -69,6 +70,26 @@ def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
     terms *= p0
     small = xp.log1p(terms.sum(axis=axis, keepdims=True))
     return xp.where(near, small, lse - lse0)
+
+
+def _exp_rescale(xp, dx, d_lse, p, p0):
+    """Rescale of p = exp(z): (p - p0) / dz with dz = dx - dLSE, the change of z that the LSE
+    split conserves. Where dz < 1 as p0 expm1(dz) / dz, which has no cancellation, unlike the
+    quotient of the rounded p's and z's (z - z0 carries eps |z| of z's rounding: for a step of
+    1e-4 on |z| ~ 5, 1e-2 of itself; this halved ViT's and GPT-2's float32 error against
+    float64); beyond, (p - p0) / dz has none either, and p0 expm1(dz) could overflow.
+    dz == 0: the limit p0."""
+    dz = dx - d_lse
+    r = xp.minimum(dz, 1)
+    r = xp.expm1(r, out=r)
+    r *= p0
+    r = xp.where(dz < 1, r, p - p0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r /= dz
+    still = dz == 0
+    if bool(still.any()):
+        fill_where(xp, r, still, lambda q0: q0, p0)
+    return r
 
 
 #: the LSE split's terms p dx may cancel to the output's change with this relative loss at most
@@ -152,12 +173,10 @@ class Softmax(Rule):
                 weights = xp.where(live, weights, 0)
             if log:
                 r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
-            elif live is None:
-                r = rescale_multiplier(xp, z, z0, p, p0, xp.exp, piecewise_linear=False)
             else:
-                r = rescale_multiplier(xp, xp.where(live, z, 0), xp.where(live, z0, 0), p, p0, xp.exp,
-                                       piecewise_linear=False)
-                r = xp.where(live, r, 0)
+                r = _exp_rescale(xp, dx, d_lse, p, p0)
+                if live is not None:
+                    r = xp.where(live, r, 0)
         gr = scale_rows(xp, g, r, reuse=ctx.mode == "deeplift" and not log)  # r is this rule's own temporary
         total = gr.sum(axis=axis + 1, keepdims=True)
         if ctx.mode == "deeplift" and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
