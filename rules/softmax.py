@@ -43,10 +43,10 @@ def _log_softmax(xp, x, axis):
 
 
 def _log_softmax_lse(xp, x, axis, with_p=False):
-    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum; with `with_p` also
-    p = exp(z). (Not exp(x - max) / sum, one exp fewer: p and z must agree to the rounding
-    of one exp, or the exp rule's quotients amplify the difference: it moved Swin's
-    attributions by 4e-3.)"""
+    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum; with `with_p`,
+    p = exp(z) instead of z (into the first exp's memory). (Not exp(x - max) / sum, one exp
+    fewer: p must be the exp of the z the forward rounds to, or quotients of p's amplify the
+    difference: it moved Swin's attributions by 4e-3.)"""
     top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
         shifted = x - top
@@ -57,38 +57,38 @@ def _log_softmax_lse(xp, x, axis, with_p=False):
     shifted -= log_sum
     if not with_p:
         return shifted, top + log_sum
-    return shifted, top + log_sum, xp.exp(shifted)
+    return xp.exp(shifted, out=e), top + log_sum
 
 
 def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
     """LSE(x) - LSE(x0) without cancellation: log1p(sum_j p0_j expm1(dx_j)) (an identity)
     where every |dx_j| < 1, the difference of the two LSEs beyond. `scratch`: a temporary
     of dx's shape and dtype it may overwrite."""
-    near = (xp.abs(dx, out=scratch) < 1).all(axis=axis, keepdims=True)
-    step = dx if bool(near.all()) else xp.where(near, dx, 0)  # expm1 of a far row could overflow
-    terms = xp.expm1(step, out=scratch)
-    terms *= p0
-    small = xp.log1p(terms.sum(axis=axis, keepdims=True))
+    near = xp.abs(dx, out=scratch).max(axis=axis, keepdims=True) < 1
+    with np.errstate(over="ignore", invalid="ignore"):  # a far row's expm1 may overflow: not used
+        terms = xp.expm1(dx, out=scratch)
+        terms *= p0
+        small = xp.log1p(terms.sum(axis=axis, keepdims=True))
     return xp.where(near, small, lse - lse0)
 
 
-def _exp_rescale(xp, dx, d_lse, p, p0):
-    """Rescale of p = exp(z): (p - p0) / dz with dz = dx - dLSE, the change of z that the LSE
-    split conserves. Where dz < 1 as p0 expm1(dz) / dz, which has no cancellation, unlike the
-    quotient of the rounded p's and z's (z - z0 carries eps |z| of z's rounding: for a step of
-    1e-4 on |z| ~ 5, 1e-2 of itself; this halved ViT's and GPT-2's float32 error against
-    float64); beyond, (p - p0) / dz has none either, and p0 expm1(dz) could overflow.
-    dz == 0: the limit p0."""
-    dz = dx - d_lse
-    r = xp.minimum(dz, 1)
-    r = xp.expm1(r, out=r)
-    r *= p0
-    r = xp.where(dz < 1, r, p - p0)
+def _exp_rescale(xp, dz, p, p0, out):
+    """Rescale of p = exp(z), (p - p0) / dz, with dz = dx - dLSE, the change of z that the LSE
+    split conserves: as max(p, p0) (1 - e^-|dz|) / |dz| (an identity for p = p0 e^dz), which
+    has no cancellation and cannot overflow. The quotient of the rounded p's and z's cancels
+    (z - z0 carries eps |z| of z's rounding: for a step of 1e-4 on |z| ~ 5, 1e-2 of itself);
+    this halved ViT's and GPT-2's float32 error against float64. dz == 0: the limit,
+    max(p, p0). Overwrites dz and p; the result is in `out`."""
+    neg = xp.abs(dz, out=dz)
+    neg *= -1
+    r = xp.expm1(neg, out=out)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r /= dz
-    still = dz == 0
+        r /= neg
+    top = xp.maximum(p, p0, out=p)
+    r *= top
+    still = neg == 0
     if bool(still.any()):
-        fill_where(xp, r, still, lambda q0: q0, p0)
+        fill_where(xp, r, still, lambda t: t, top)
     return r
 
 
@@ -96,18 +96,26 @@ def _exp_rescale(xp, dx, d_lse, p, p0):
 _CANCELLATION = 1e-3
 
 
-def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, finite=None):
+def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None):
     """Refuse a position masked in one pass only (an attention mask that differs between the
     input and its reference): -inf there leaves no finite multiplier; finfo.min makes the
     split's terms p dx ~1e37, whose sum must cancel to dLSE = O(1), which no precision
     survives. Unmasked scores never come near: sum |p dx| <= max |dx|, and a large uniform
-    shift has dLSE as large. `p_dx` is p_mid * dx; `finite` (per row) whether every dx is
-    finite, computed here when not given."""
-    spread = abs(p_dx).sum(axis=axis, keepdims=True)
+    shift has dLSE as large. `p_dx` is p_mid * dx.
+
+    `approx`, the rows' sums of p_dx, is given when nothing is masked (every p, p0 > 0):
+    then every score lies within exp's underflow range U of its row's maximum in both
+    passes, so max |dx| <= |dLSE| + 2U, and the spread test cannot fail where 2 U eps is
+    below _CANCELLATION (float32: 2.5e-5, float64); only a non-finite dx (an overflow) is
+    left, and it shows in the row's sum."""
     eps = float(np.finfo(dx.dtype).eps)
-    if finite is None:
+    span = -2 * float(np.log(np.finfo(dx.dtype).smallest_subnormal))
+    if approx is not None and span * eps < _CANCELLATION:
+        bad = ~(abs(approx) < np.inf)
+    else:
+        spread = abs(p_dx).sum(axis=axis, keepdims=True)
         finite = (abs(dx) < np.inf).all(axis=axis, keepdims=True)
-    bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
+        bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
     if not bool(bad.any()):
         return
     step = float(to_host(xp.where(abs(dx) < np.inf, abs(dx), np.inf).max()))  # NaN counts as inf
@@ -134,12 +142,12 @@ class Softmax(Rule):
             return self._backward(ctx, g)
 
     def _backward(self, ctx, g):
-        # Written for few new full-size arrays (each costs page faults as well as a pass):
-        # the temporaries are overwritten in place once they have served.
+        # Written for few new full-size arrays (each costs page faults as well as a pass, and
+        # attention's are large): temporaries are overwritten in place once they have served.
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
-        z, lse, p = _log_softmax_lse(xp, x, axis, with_p=True)
+        p, lse = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
         live = None
         if ctx.mode != "deeplift":
@@ -147,34 +155,34 @@ class Softmax(Rule):
             weights = p
         else:
             x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
-            z0, lse0, p0 = _log_softmax_lse(xp, x0, axis, with_p=True)
+            p0, lse0 = _log_softmax_lse(xp, x0, axis, with_p=True)
             # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
-            # Without masks (every p, p0 > 0) `live` is everywhere and every dx is finite.
+            # Without masks (every p, p0 > 0) `live` is everywhere and x, x0 are finite.
             unmasked = bool((p.min() > 0).all()) and bool((p0.min() > 0).all())
-            dx = difference(xp, x, x0)
-            if not unmasked:
+            if unmasked:
+                dx = x - x0
+            else:
                 live = (p > 0) | (p0 > 0)
-                dx = xp.where(live, dx, 0)
-            p_mid = p + p0
-            p_mid *= 0.5
+                dx = xp.where(live, difference(xp, x, x0), 0)
+            weights = p + p0  # p_mid first, the weights below
+            weights *= 0.5
             work = xp.empty_like(dx)
             d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
-            p_dx = xp.multiply(p_mid, dx, out=work)
+            p_dx = xp.multiply(weights, dx, out=work)
             approx = p_dx.sum(axis=axis, keepdims=True)
-            # dx is finite where p_mid > 0 exactly when every p dx is: one row-sized test
-            _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, finite=(abs(approx) < np.inf) if unmasked else None)
+            _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx if unmasked else None)
             # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
             # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
             norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
-            weights = xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
-            weights += p_mid
+            weights += xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
             if live is not None:
                 weights = xp.where(live, weights, 0)
             if log:
                 r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
             else:
-                r = _exp_rescale(xp, dx, d_lse, p, p0)
+                dx -= d_lse  # dz
+                r = _exp_rescale(xp, dx, p, p0, work)
                 if live is not None:
                     r = xp.where(live, r, 0)
         gr = scale_rows(xp, g, r, reuse=ctx.mode == "deeplift" and not log)  # r is this rule's own temporary
