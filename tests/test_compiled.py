@@ -356,3 +356,24 @@ def test_gather_with_repeated_constant_indices_compiles_to_a_scatter_add():
     for method in ("deeplift", "saliency"):
         interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 5), np.float32), 1)
         _assert_same(a, b)
+
+
+@pytest.mark.parametrize("index", [np.array(2, np.int64), np.array([[0, 2], [-1, 1]], np.int64)],
+                         ids=["scalar", "unique"])
+def test_gather_without_repeats_compiles(index):
+    """Gather's backward without repeated indices places the multipliers into zeros (no
+    scatter-add): a scalar index (q, k, v taken apart) as a length-1 slice, which traces."""
+    rng = np.random.default_rng(14)
+    w = (rng.standard_normal((4, 3)) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Gather", ["t", "idx"], ["g"], axis=1)]
+    last = "g"
+    if index.ndim:
+        nodes.append(helper.make_node("ReduceMean", ["g", "axes"], ["gm"], keepdims=0))
+        nodes.append(helper.make_node("ReduceMean", ["gm", "axes"], ["gm2"], keepdims=0))
+        last = "gm2"
+    nodes.append(helper.make_node("MatMul", [last, "w"], ["y"]))
+    m = model(nodes, {"x": (None, 3, 4)}, ["y"], {"idx": index, "w": w, "axes": np.array([1], np.int64)}, opset=18)
+    x = rng.standard_normal((4, 3, 4)).astype(np.float32)
+    for method in ("deeplift", "saliency"):
+        interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 3, 4), np.float32), 1)
+        _assert_same(a, b)
