@@ -13,7 +13,8 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
-from liftir.rule import Elementwise, RuleError, difference, rescale_multiplier, scale_rows, select, sinhc
+from liftir.rule import (Elementwise, RuleError, difference, fill_where, rescale_multiplier, scale_rows, select,
+                         sinhc)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -99,9 +100,47 @@ def _relu_quotient(xp, x, x0, out):
 
 
 def sigmoid(xp, x):
-    # exp of -|x| never overflows
+    return _sigmoid_pair(xp, x)[0]
+
+
+def _sigmoid_pair(xp, x, both=False):
+    """sigma(x) (and sigma(-x) with `both`) from one exp(-|x|), which never overflows:
+    1 / (1 + e) for x >= 0, e / (1 + e) below, each without cancellation."""
     e = xp.exp(-abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    d = 1 + e
+    up = x >= 0
+    s = xp.where(up, 1, e)
+    s /= d
+    if not both:
+        return s, None
+    t = xp.where(up, e, 1)
+    t /= d
+    return s, t
+
+
+def _logistic_rescale(xp, x, x0, scale, f):
+    """(f(x) - f(x0)) / (x - x0) for f(v) = sigma(v) (scale 1) or tanh(v) = 2 sigma(2 v) - 1
+    (scale 2), in few passes. Where |dx| < 1 from the identity
+    sigma(a) - sigma(a0) = -sigma(a) sigma(-a0) expm1(-(a - a0)) with a = scale x:
+    m = -scale sigma(a) sigma(-a0) expm1(-scale dx) / dx, which has no cancellation and is
+    scale^2 sigma(a) sigma(-a) (the derivative) at dx == 0. Beyond, the quotient of f's
+    values, which has none either and conserves f exactly (as the rules' forward computes it)."""
+    dx = difference(xp, x, x0)
+    s, _ = _sigmoid_pair(xp, x * scale if scale != 1 else x)
+    s0, t0 = _sigmoid_pair(xp, x0 * scale if scale != 1 else x0, both=True)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # far elements: not used
+        near = dx * -scale
+        near = xp.expm1(near, out=near)
+        near /= dx
+        near *= t0 * -scale
+        near *= s
+        far = s - s0 if f is None else f(x) - f(x0)  # sigmoid: the same values f gives
+        far /= dx
+    m = xp.where(abs(dx) >= 1, far, near)
+    still = dx == 0
+    if bool(still.any()):
+        fill_where(xp, m, still, lambda a, b: a * b * (scale * scale), s, t0)
+    return m.astype(x.dtype, copy=False)
 
 
 @builtin_rule("Relu")
@@ -245,13 +284,7 @@ class Sigmoid(Elementwise):
         return s * sigmoid(xp, -x)  # s * (1 - s) would cancel to 0 for large x
 
     def divided_difference(self, xp, x, x0, ctx):
-        # sigma(x) - sigma(x0) = sinh(dx/2) / (2 cosh(x/2) cosh(x0/2)) has no cancellation; with
-        # 4 cosh(x/2) cosh(x0/2) = e^((|x|+|x0|)/2) (1 + e^-|x|)(1 + e^-|x0|) nothing overflows.
-        # Used where |dx| < 1; larger steps have no cancellation in the plain ratio.
-        half = xp.clip(difference(xp, x, x0) * 0.5, -0.5, 0.5)
-        e, e0 = xp.exp(-abs(x)), xp.exp(-abs(x0))
-        near = sinhc(xp, half) * xp.exp(-0.5 * (abs(x) + abs(x0))) / ((1 + e) * (1 + e0))
-        return _far_ratio(self, xp, x, x0, ctx, near)
+        return _logistic_rescale(xp, x, x0, 1, None)
 
 
 @builtin_rule("Tanh")
@@ -264,12 +297,7 @@ class Tanh(Elementwise):
         return 4 * e / ((1 + e) * (1 + e))  # sech^2 without the cancellation of 1 - tanh^2
 
     def divided_difference(self, xp, x, x0, ctx):
-        # tanh(x) - tanh(x0) = sinh(x - x0) / (cosh(x) cosh(x0)), and
-        # cosh(x) cosh(x0) = e^(|x|+|x0|) (1 + e^-2|x|)(1 + e^-2|x0|) / 4
-        e, e0 = xp.exp(-2 * abs(x)), xp.exp(-2 * abs(x0))
-        near = (4 * sinhc(xp, xp.clip(difference(xp, x, x0), -1, 1)) * xp.exp(-(abs(x) + abs(x0)))
-                / ((1 + e) * (1 + e0)))
-        return _far_ratio(self, xp, x, x0, ctx, near)
+        return _logistic_rescale(xp, x, x0, 2, xp.tanh)
 
 
 @builtin_rule("Softplus")
