@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .backend import to_host
+from .compile.tracer import is_tracer
 from .errors import RuleError
 from .kernels.parallel import over_rows
 
@@ -181,12 +182,14 @@ def accurate_sum(x, axis: tuple[int, ...], keepdims: bool = False, mean: bool = 
 
 def difference(xp, x, x0):
     """x - x0, and 0 where x == x0: a value equal in both passes did not change, even when it
-    is infinite (an attention mask's -inf, where x - x0 would be NaN)."""
+    is infinite (an attention mask's -inf, where x - x0 would be NaN). Always a new array."""
     with np.errstate(invalid="ignore"):
         d = x - x0
-    nan = d != d  # only inf - inf (or a NaN input) gives NaN: one cheap pass in the common case
-    if not bool(nan.any()):
+    # only inf - inf (or a NaN input) gives NaN, and max propagates it: one pass, no temporary
+    top = d.max() if d.size else xp.zeros((), dtype=d.dtype)
+    if not bool((top != top).any()):
         return d
+    nan = d != d
     return xp.where(nan & (x == x0), xp.zeros((), dtype=d.dtype), d)
 
 
@@ -317,6 +320,10 @@ class Elementwise(Rule):
         return rescale_multiplier(xp, x, x0, self.f(xp, x, ctx), self.f(xp, x0, ctx),
                                   lambda z: self.df(xp, z, ctx), self.piecewise_linear, self.exact_pieces)
 
+    #: divided_difference and df always return a new array, which backward may overwrite
+    #: with the multipliers (one large temporary fewer); true of the built-in rules
+    fresh_multipliers: ClassVar[bool] = False
+
     def backward(self, ctx, g):
         xp = ctx.xp
         x = ctx.x(0)
@@ -326,14 +333,20 @@ class Elementwise(Rule):
             m = self.divided_difference(xp, x, x0, ctx)
         else:
             m = self.df(xp, x, ctx)
-        return (scale_rows(xp, g, m),)
+        return (scale_rows(xp, g, m, reuse=self.fresh_multipliers),)
 
 
-def scale_rows(xp, g, m):
-    """g (K, P, ...) * m (P, ...), split over CPU threads on large arrays."""
+def scale_rows(xp, g, m, reuse: bool = False):
+    """g (K, P, ...) * m (P, ...), split over CPU threads on large arrays. `reuse`: m is a
+    temporary of the caller's, so one target's product may be written into it (every new
+    large array costs page faults as well as a pass)."""
     if m.shape != g.shape[1:]:
         return g * m
-    out = xp.empty(g.shape, dtype=np.result_type(g.dtype, m.dtype))
+    dtype = np.result_type(g.dtype, m.dtype)
+    if reuse and xp is np and g.shape[0] == 1 and m.dtype == dtype and m.flags.writeable and m.flags.c_contiguous:
+        out = m.reshape(g.shape)
+    else:
+        out = xp.empty(g.shape, dtype=dtype)
     over_rows(xp, lambda s: xp.multiply(g[:, s], m[s], out=out[:, s]), m.shape[0], g.size)
     return out
 
@@ -343,6 +356,46 @@ def sinhc(xp, u):
     small = abs(u) < 1e-3
     safe = xp.where(small, xp.ones_like(u), u)
     return xp.where(small, 1 + u * u / 6, xp.sinh(safe) / safe)
+
+
+def fill_where(xp, out, mask, fn, *args):
+    """out[mask] = fn(*args) at the masked elements, computing fn on those elements only.
+
+    For the few elements a rule treats specially (dx ~ 0, where the derivative replaces the
+    quotient), evaluating fn on the whole array would cost as much as the rule itself. `fn`
+    must be elementwise; `args` broadcast against `mask`. A trace cannot select elements (no
+    ONNX form of a boolean gather): it records fn on every element and one Where instead,
+    which gives the same values.
+    """
+    if tuple(mask.shape) != tuple(out.shape):
+        mask = xp.broadcast_to(mask, out.shape)
+    if is_tracer(xp):
+        out[mask] = fn(*args)
+        return out
+    picked = [xp.broadcast_to(a, mask.shape)[mask] if getattr(a, "ndim", 0) else a for a in args]
+    out[mask] = fn(*picked)
+    return out
+
+
+def select(xp, mask, fn_true, fn_false, *args):
+    """where(mask, fn_true(*args), fn_false(*args)), each function evaluated on its own
+    elements only (a piecewise formula, e.g. a rational fit per range, costs one piece per
+    element rather than all of them). The functions must be elementwise; `args` broadcast
+    against `mask`. A trace records both on every element and one Where."""
+    if is_tracer(xp):
+        return xp.where(mask, fn_true(*args), fn_false(*args))
+    if not bool(mask.any()):
+        return fn_false(*args)
+    if bool(mask.all()):
+        return fn_true(*args)
+    args = [xp.broadcast_to(a, mask.shape) if getattr(a, "ndim", 0) else a for a in args]
+    part = fn_true(*[a[mask] if getattr(a, "ndim", 0) else a for a in args])
+    other = ~mask
+    rest = fn_false(*[a[other] if getattr(a, "ndim", 0) else a for a in args])
+    out = xp.empty(mask.shape, dtype=np.result_type(part.dtype, rest.dtype))
+    out[mask] = part
+    out[other] = rest
+    return out
 
 
 def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_pieces: bool = False):
@@ -363,9 +416,25 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
         slope = df(x)
         fits = abs(slope * dx - dy) <= 4 * eps * (abs(y) + abs(y0) + abs(slope) * (abs(x) + abs(x0)))
         return xp.where(fits, slope, dy / xp.where(fits, xp.ones_like(dx), dx))
-    small = abs(dx) <= np.sqrt(eps) * (1 + abs(x) + abs(x0))
-    safe = xp.where(small, xp.ones_like(dx), dx)
-    quotient = dy / safe
-    if not bool(small.any()):
-        return quotient
-    return xp.where(small, df(x * 0.5 + x0 * 0.5), quotient)  # halves first: finfo.min twice overflows
+    # few new arrays (each costs page faults as well as a pass): the quotient in dy's,
+    # |dx| in dx's, and small = |dx| <= sqrt(eps) (1 + |x| + |x0|)
+    shape = tuple(dx.shape)
+    bound = abs(x)
+    bound = bound + abs(x0) if tuple(bound.shape) != shape else _iadd(bound, abs(x0))
+    bound += 1
+    bound *= np.sqrt(eps)
+    with np.errstate(divide="ignore", invalid="ignore"):  # dx == 0 only where `small` replaces it
+        if tuple(dy.shape) == shape and dy.dtype == np.result_type(dy.dtype, dx.dtype):
+            m = dy
+            m /= dx
+        else:
+            m = dy / dx
+    small = xp.abs(dx, out=dx) <= bound
+    if bool(small.any()):  # halves first: finfo.min twice overflows
+        fill_where(xp, m, small, lambda a, b: df(a * 0.5 + b * 0.5), x, x0)
+    return m
+
+
+def _iadd(a, b):
+    a += b
+    return a

@@ -58,11 +58,18 @@ def normalized_multiplier(xp, g, x, x0, axes, eps, centre=True):
         s0 = xp.sqrt(v0 + eps)
         r0 = 1 / s0
     g_axes = tuple(a + 1 for a in axes)
-    g_r = (g * ((c + c0) * 0.5)).sum(axis=g_axes, keepdims=True)  # product rule, r's side
+    c_mid = c + c0  # (c + c0) / 2, the product rule's midpoint, reused in place below
+    c_mid *= 0.5
+    g_r = (g * c_mid).sum(axis=g_axes, keepdims=True)  # product rule, r's side
     g_v = g_r * (-(r * r0) / (s + s0))  # Rescale of (v + eps)^(-1/2)
-    g_c = g * ((r + r0) * 0.5) + g_v * ((c + c0) / size)  # product rule, c's side; square; mean
+    g_c = g * ((r + r0) * 0.5)  # product rule, c's side; then the square's c + c0 and the mean
+    if g.shape[0] == 1 and tuple(c_mid.shape) == tuple(g.shape[1:]):
+        c_mid *= g_v[0] * (2 / size)  # one target: c_mid is a temporary of g's shape
+        g_c += c_mid
+    else:
+        g_c += g_v * (c_mid * (2 / size))
     if centre:
-        g_c = g_c - g_c.mean(axis=g_axes, keepdims=True)
+        g_c -= g_c.mean(axis=g_axes, keepdims=True)
     return g_c.astype(g.dtype, copy=False)
 
 

@@ -8,6 +8,8 @@ affine (2.3.1) and the multiplier is that constant.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from liftir.errors import InputError
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, unbroadcast
@@ -16,7 +18,11 @@ from liftir.rule import MODES, Rule, RuleError, unbroadcast
 def _midpoint(ctx, index):
     x0 = ctx.x0(index)
     x = ctx.x(index)
-    return x if x0 is None else (x + x0) * 0.5
+    if x0 is None:
+        return x
+    mid = x + x0
+    mid *= 0.5
+    return mid
 
 
 class _Bilinear(Rule):
@@ -71,12 +77,29 @@ class Mul(_Bilinear):
     def backward(self, ctx, g):
         xp = ctx.xp
         const_a, const_b = ctx.is_const(0), ctx.is_const(1)
-        # with a constant factor the midpoint is the constant itself: one formula serves both
-        other_b = _actual_rows(ctx, 1, ctx.input_value(1)) if const_b else (_midpoint(ctx, 1) if ctx.mode == "deeplift" else ctx.x(1))
-        other_a = _actual_rows(ctx, 0, ctx.input_value(0)) if const_a else (_midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
-        ga = None if const_a else unbroadcast(xp, g * other_b, ctx.input_shape(0))
-        gb = None if const_b else unbroadcast(xp, g * other_a, ctx.input_shape(1))
+
+        def other(index):
+            # with a constant factor the midpoint is the constant itself: one formula serves both
+            if ctx.is_const(index):
+                return _actual_rows(ctx, index, ctx.input_value(index))
+            return _midpoint(ctx, index) if ctx.mode == "deeplift" else ctx.x(index)
+
+        # each factor's multiplier is the other's midpoint: computed only for an input that
+        # gets a multiplier (never for a constant's), and written over when it is a temporary
+        ga = None if const_a else unbroadcast(xp, _times(xp, g, other(1), ctx.mode == "deeplift" and not const_b),
+                                              ctx.input_shape(0))
+        gb = None if const_b else unbroadcast(xp, _times(xp, g, other(0), ctx.mode == "deeplift" and not const_a),
+                                              ctx.input_shape(1))
         return ga, gb
+
+
+def _times(xp, g, factor, temporary):
+    """g * factor, into factor's own memory when it is a temporary of g's shape (one target)."""
+    if temporary and xp is np and g.shape[0] == 1 and tuple(factor.shape) == tuple(g.shape[1:]) \
+            and factor.dtype == np.result_type(g.dtype, factor.dtype) and factor.flags.c_contiguous:
+        out = factor.reshape(g.shape)
+        return xp.multiply(g, factor, out=out)
+    return g * factor
 
 
 @builtin_rule("MatMul")
@@ -120,7 +143,10 @@ class MatMul(_Bilinear):
 
     def backward(self, ctx, g):
         xp = ctx.xp
-        a, b = self._operand(ctx, 0), self._operand(ctx, 1)
+        const_a, const_b = ctx.is_const(0), ctx.is_const(1)
+        # each operand is read only for the other's multiplier (a dense layer: the weight alone)
+        a = self._operand(ctx, 0) if not const_b else ctx.x(0)  # then only its rank is read
+        b = self._operand(ctx, 1) if not const_a else ctx.x(1)
         ga = gb = None
         if not ctx.is_const(0):
             if b.ndim == 1:
@@ -189,8 +215,19 @@ class Div(Rule):
         b0 = ctx.x0(1) if ctx.mode == "deeplift" else b
         a_mid = ctx.input_value(0) if ctx.is_const(0) else (
             _midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
-        ga = None if ctx.is_const(0) else unbroadcast(xp, g * ((1 / b + 1 / b0) * 0.5), ctx.input_shape(0))
-        gb = unbroadcast(xp, g * (-a_mid / (b * b0)), ctx.input_shape(1))
+        ga = None
+        if not ctx.is_const(0):
+            m_a = 1 / b
+            m_a += 1 / b0
+            m_a *= 0.5
+            ga = unbroadcast(xp, _times(xp, g, m_a, True), ctx.input_shape(0))
+        m_b = b * b0  # then -a_mid / (b b0), in place where the shapes allow
+        if tuple(m_b.shape) == tuple(np.broadcast_shapes(tuple(a_mid.shape), tuple(m_b.shape))):
+            m_b = xp.divide(a_mid, m_b, out=m_b)
+        else:
+            m_b = a_mid / m_b
+        m_b *= -1
+        gb = unbroadcast(xp, _times(xp, g, m_b, True), ctx.input_shape(1))
         return ga, gb
 
     def abs_forward(self, ctx, d, _):

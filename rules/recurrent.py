@@ -495,9 +495,10 @@ class GRU(_Recurrent):
         hidden = h_prev.shape[-1]
         rb = p["Rb"]
         hr = xp.matmul(h_prev, p["Rzr_t"]) + rb[:2 * hidden]
-        zz = xw[:, :hidden] + hr[:, :hidden]
-        zr = xw[:, hidden:2 * hidden] + hr[:, hidden:]
-        z, r = acts[0](xp, zz), acts[0](xp, zr)
+        zzr = xw[:, :2 * hidden] + hr  # both gates in one elementwise call (same activation)
+        zz, zr = zzr[:, :hidden], zzr[:, hidden:]
+        gates = acts[0](xp, zzr)
+        z, r = gates[:, :hidden], gates[:, hidden:]
         rht, rbh = p["Rht"], rb[2 * hidden:]
         if p["lbr"]:
             v = xp.matmul(h_prev, rht) + rbh
@@ -567,14 +568,18 @@ class LSTM(_Recurrent):
         zall = xw + xp.matmul(h_prev, p["Rt"]) + p["Rb"]
         zi, zo, zf, zc = (zall[:, j * hidden:(j + 1) * hidden] for j in range(4))
         peep = p["P"]
-        if peep is not None:
+        if peep is None:  # i, o, f in one elementwise call (same activation)
+            gates = acts[0](xp, zall[:, :3 * hidden])
+            i, o, f = gates[:, :hidden], gates[:, hidden:2 * hidden], gates[:, 2 * hidden:]
+            cc = acts[1](xp, zc)
+            c = f * c_prev + i * cc
+        else:
             zi = zi + peep[:hidden] * c_prev
             zf = zf + peep[2 * hidden:] * c_prev
-        i, f, cc = acts[0](xp, zi), acts[0](xp, zf), acts[1](xp, zc)
-        c = f * c_prev + i * cc
-        if peep is not None:
+            i, f, cc = acts[0](xp, zi), acts[0](xp, zf), acts[1](xp, zc)
+            c = f * c_prev + i * cc
             zo = zo + peep[hidden:2 * hidden] * c
-        o = acts[0](xp, zo)
+            o = acts[0](xp, zo)
         hc = acts[2](xp, c)
         return {"zi": zi, "zo": zo, "zf": zf, "zc": zc, "i": i, "o": o, "f": f, "cc": cc,
                 "c": c, "hc": hc, "h": o * hc}

@@ -26,7 +26,7 @@ import numpy as np
 
 from liftir.backend import to_host
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, difference, rescale_multiplier
+from liftir.rule import MODES, Rule, RuleError, difference, fill_where, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -39,38 +39,83 @@ def _axis(ctx, ndim):
 
 
 def _log_softmax(xp, x, axis):
+    return _log_softmax_lse(xp, x, axis)[0]
+
+
+def _log_softmax_lse(xp, x, axis, with_p=False):
+    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum; with `with_p`,
+    p = exp(z) instead of z (into the first exp's memory). (Not exp(x - max) / sum, one exp
+    fewer: p must be the exp of the z the forward rounds to, or quotients of p's amplify the
+    difference: it moved Swin's attributions by 4e-3.)"""
+    top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
-        shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        shifted = x - top
+    e = xp.exp(shifted)
+    total = e.sum(axis=axis, keepdims=True)
+    log_sum = xp.log(total)
+    top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
+    shifted -= log_sum
+    if not with_p:
+        return shifted, top + log_sum
+    return xp.exp(shifted, out=e), top + log_sum
 
 
-def _lse_difference(xp, x, x0, p0, dx, axis):
+def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
     """LSE(x) - LSE(x0) without cancellation: log1p(sum_j p0_j expm1(dx_j)) (an identity)
-    where every |dx_j| < 1, the difference of the two LSEs beyond."""
-    near = (abs(dx) < 1).all(axis=axis, keepdims=True)
-    small = xp.log1p((p0 * xp.expm1(xp.where(near, dx, 0))).sum(axis=axis, keepdims=True))
+    where every |dx_j| < 1, the difference of the two LSEs beyond. `scratch`: a temporary
+    of dx's shape and dtype it may overwrite."""
+    near = xp.abs(dx, out=scratch).max(axis=axis, keepdims=True) < 1
+    with np.errstate(over="ignore", invalid="ignore"):  # a far row's expm1 may overflow: not used
+        terms = xp.expm1(dx, out=scratch)
+        terms *= p0
+        small = xp.log1p(terms.sum(axis=axis, keepdims=True))
+    return xp.where(near, small, lse - lse0)
 
-    def lse(v):
-        top = v.max(axis=axis, keepdims=True)
-        top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
-        return top + xp.log(xp.exp(v - top).sum(axis=axis, keepdims=True))
 
-    return xp.where(near, small, lse(x) - lse(x0))
+def _exp_rescale(xp, dz, p, p0, out):
+    """Rescale of p = exp(z), (p - p0) / dz, with dz = dx - dLSE, the change of z that the LSE
+    split conserves: as max(p, p0) (1 - e^-|dz|) / |dz| (an identity for p = p0 e^dz), which
+    has no cancellation and cannot overflow. The quotient of the rounded p's and z's cancels
+    (z - z0 carries eps |z| of z's rounding: for a step of 1e-4 on |z| ~ 5, 1e-2 of itself);
+    this halved ViT's and GPT-2's float32 error against float64. dz == 0: the limit,
+    max(p, p0). Overwrites dz and p; the result is in `out`."""
+    neg = xp.abs(dz, out=dz)
+    neg *= -1
+    r = xp.expm1(neg, out=out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r /= neg
+    top = xp.maximum(p, p0, out=p)
+    r *= top
+    still = neg == 0
+    if bool(still.any()):
+        fill_where(xp, r, still, lambda t: t, top)
+    return r
 
 
 #: the LSE split's terms p dx may cancel to the output's change with this relative loss at most
 _CANCELLATION = 1e-3
 
 
-def _refuse_switched_masks(ctx, xp, dx, p_mid, d_lse, axis):
+def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None):
     """Refuse a position masked in one pass only (an attention mask that differs between the
     input and its reference): -inf there leaves no finite multiplier; finfo.min makes the
     split's terms p dx ~1e37, whose sum must cancel to dLSE = O(1), which no precision
     survives. Unmasked scores never come near: sum |p dx| <= max |dx|, and a large uniform
-    shift has dLSE as large."""
-    spread = abs(p_mid * dx).sum(axis=axis, keepdims=True)
+    shift has dLSE as large. `p_dx` is p_mid * dx.
+
+    `approx`, the rows' sums of p_dx, is given when nothing is masked (every p, p0 > 0):
+    then every score lies within exp's underflow range U of its row's maximum in both
+    passes, so max |dx| <= |dLSE| + 2U, and the spread test cannot fail where 2 U eps is
+    below _CANCELLATION (float32: 2.5e-5, float64); only a non-finite dx (an overflow) is
+    left, and it shows in the row's sum."""
     eps = float(np.finfo(dx.dtype).eps)
-    bad = ~(abs(dx) < np.inf).all(axis=axis, keepdims=True) | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
+    span = -2 * float(np.log(np.finfo(dx.dtype).smallest_subnormal))
+    if approx is not None and span * eps < _CANCELLATION:
+        bad = ~(abs(approx) < np.inf)
+    else:
+        spread = abs(p_dx).sum(axis=axis, keepdims=True)
+        finite = (abs(dx) < np.inf).all(axis=axis, keepdims=True)
+        bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
     if not bool(bad.any()):
         return
     step = float(to_host(xp.where(abs(dx) < np.inf, abs(dx), np.inf).max()))  # NaN counts as inf
@@ -97,38 +142,54 @@ class Softmax(Rule):
             return self._backward(ctx, g)
 
     def _backward(self, ctx, g):
+        # Written for few new full-size arrays (each costs page faults as well as a pass, and
+        # attention's are large): temporaries are overwritten in place once they have served.
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
-        z = _log_softmax(xp, x, axis)
-        p = xp.exp(z)
+        p, lse = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
+        live = None
         if ctx.mode != "deeplift":
             r = xp.ones_like(p) if log else p
             weights = p
         else:
-            x0 = xp.broadcast_to(ctx.x0(0), x.shape)
-            z0 = _log_softmax(xp, x0, axis)
-            p0 = xp.exp(z0)
-            # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0
-            live = (p > 0) | (p0 > 0)
-            dx = xp.where(live, difference(xp, x, x0), 0)
-            p_mid = (p + p0) * 0.5
-            d_lse = _lse_difference(xp, x, x0, p0, dx, axis)
-            _refuse_switched_masks(ctx, xp, dx, p_mid, d_lse, axis)
+            x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
+            p0, lse0 = _log_softmax_lse(xp, x0, axis, with_p=True)
+            # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
+            # Without masks (every p, p0 > 0) `live` is everywhere and x, x0 are finite.
+            unmasked = bool((p.min() > 0).all()) and bool((p0.min() > 0).all())
+            if unmasked:
+                dx = x - x0
+            else:
+                live = (p > 0) | (p0 > 0)
+                dx = xp.where(live, difference(xp, x, x0), 0)
+            weights = p + p0  # p_mid first, the weights below
+            weights *= 0.5
+            work = xp.empty_like(dx)
+            d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
+            p_dx = xp.multiply(weights, dx, out=work)
+            approx = p_dx.sum(axis=axis, keepdims=True)
+            _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx if unmasked else None)
             # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
             # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
-            approx = (p_mid * dx).sum(axis=axis, keepdims=True)
-            norm2 = (dx * dx).sum(axis=axis, keepdims=True)
-            weights = p_mid + (d_lse - approx) * dx / xp.where(norm2 > 0, norm2, 1)
-            weights = xp.where(live, weights, 0)
+            norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
+            weights += xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
+            if live is not None:
+                weights = xp.where(live, weights, 0)
             if log:
-                r = live.astype(p.dtype)  # masked outputs are -inf in both passes: no difference
+                r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
             else:
-                r = rescale_multiplier(xp, xp.where(live, z, 0), xp.where(live, z0, 0), p, p0, xp.exp,
-                                       piecewise_linear=False)
-                r = xp.where(live, r, 0)
-        gr = g * r
-        out = gr - weights * gr.sum(axis=axis + 1, keepdims=True)
-        return (xp.where(live, out, 0) if ctx.mode == "deeplift" else out,)
+                dx -= d_lse  # dz
+                r = _exp_rescale(xp, dx, p, p0, work)
+                if live is not None:
+                    r = xp.where(live, r, 0)
+        gr = scale_rows(xp, g, r, reuse=ctx.mode == "deeplift" and not log)  # r is this rule's own temporary
+        total = gr.sum(axis=axis + 1, keepdims=True)
+        if ctx.mode == "deeplift" and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
+            weights *= total[0]  # weights is a temporary here
+            gr -= weights
+        else:
+            gr -= weights * total
+        return (xp.where(live, gr, 0) if live is not None else gr,)

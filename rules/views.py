@@ -243,6 +243,16 @@ class Gather(Linear):
         axis = ctx.attr("axis", 0) % len(shape)
         idx = self._indices(ctx, shape, axis)
         a = axis + 1  # the gathered axes start here in g, after the target axis K
+        if idx.ndim == 0 or (xp is np and np.unique(idx).size == idx.size):
+            # no index repeats (a scalar index: q, k, v taken apart): the transpose is a plain
+            # placement into zeros, no scatter-add (a bincount in float64 of every element)
+            gx = xp.zeros((g.shape[0],) + tuple(shape), dtype=g.dtype)
+            if idx.ndim == 0:  # as a length-1 slice, which a trace records (an int key it does not)
+                i = int(idx)
+                gx[(slice(None),) * a + (slice(i, i + 1),)] = g.reshape(g.shape[:a] + (1,) + g.shape[a:])
+            else:
+                gx[(slice(None),) * a + (idx,)] = g
+            return gx, None
         g = xp.moveaxis(g, list(range(a, a + idx.ndim)), list(range(g.ndim - idx.ndim, g.ndim)))
         front = g.shape[: g.ndim - idx.ndim]
         gx = scatter_add(xp, g.reshape(-1, idx.size), idx.reshape(-1), shape[axis])

@@ -180,6 +180,43 @@ def test_compiled_equals_interpreter_on_random_graphs(seed):
             _assert_conserves(comp, x, x0, b[1])  # the paper's max rule need not conserve
 
 
+def test_compiled_equals_interpreter_on_transformer_mlp_pieces():
+    """The transformer rules' elementwise pieces trace: LayerNorm, erf GELU written out (Div,
+    Erf, Add, Mul), the Gelu op, GPT-2's tanh GELU (Pow 3, Tanh), a product of two activations.
+    Their shortcuts (the derivative only where dx ~ 0, one rational fit per erf range) are
+    recorded on every element instead: same values. dx == 0 at some positions exercises them."""
+    rng = np.random.default_rng(21)
+    d, h = 8, 12
+    c = {"s": rng.uniform(0.5, 1.5, d), "b": rng.standard_normal(d) * 0.1, "w1": rng.standard_normal((d, h)) * 0.6,
+         "w2": rng.standard_normal((h, h)) * 0.4, "w3": rng.standard_normal((h, 3)) * 0.4,
+         "r2": np.float32(np.sqrt(2)), "one": np.float32(1), "half": np.float32(0.5), "three": np.float32(3),
+         "k": np.float32(0.044715), "a": np.float32(np.sqrt(2 / np.pi))}
+    c = {k: np.asarray(v, np.float32) for k, v in c.items()}
+    c["ax"] = np.array([1], np.int64)
+    mk = helper.make_node
+    nodes = [mk("LayerNormalization", ["x", "s", "b"], ["ln"], axis=-1),
+             mk("MatMul", ["ln", "w1"], ["u"]),
+             mk("Div", ["u", "r2"], ["u1"]), mk("Erf", ["u1"], ["e"]), mk("Add", ["e", "one"], ["e1"]),
+             mk("Mul", ["u", "e1"], ["ue"]), mk("Mul", ["ue", "half"], ["g1"]),
+             mk("MatMul", ["g1", "w2"], ["v"]), mk("Gelu", ["v"], ["g2"]),
+             mk("Pow", ["v", "three"], ["v3"]), mk("Mul", ["v3", "k"], ["kv3"]), mk("Add", ["v", "kv3"], ["inner"]),
+             mk("Mul", ["inner", "a"], ["ai"]), mk("Tanh", ["ai"], ["t"]), mk("Add", ["t", "one"], ["t1"]),
+             mk("Mul", ["v", "t1"], ["g3"]),
+             mk("Mul", ["g2", "g3"], ["gg"]),
+             mk("MatMul", ["gg", "w3"], ["z"]), mk("ReduceMean", ["z", "ax"], ["y"], keepdims=0)]
+    m = model(nodes, {"x": (None, 5, d)}, ["y"], c, opset=20)
+    x = rng.standard_normal((3, 5, d)).astype(np.float32)
+    x0 = (rng.standard_normal((1, 5, d)) * 0.3).astype(np.float32)
+    x0[0, 1] = x[0, 1]  # a token equal in both: dx == 0 through the whole block on that row
+    for method in ("deeplift", "saliency"):
+        interp, comp, a, b = _both(m, method, "cross_max", x, x0, 1)
+        truth = liftir.Explainer(m, method, precision="float64").attribute(
+            x.astype(np.float64), baselines=x0.astype(np.float64), target=1)
+        _assert_same(a, b, truth)
+        if method == "deeplift":
+            _assert_conserves(comp, x, x0, b[1])
+
+
 # ---- caching ------------------------------------------------------------------------------
 def test_one_compiled_pass_serves_every_target_of_a_batch_shape():
     rng = np.random.default_rng(3)
@@ -406,4 +443,25 @@ def test_gather_with_repeated_constant_indices_compiles_to_a_scatter_add():
     x = rng.standard_normal((4, 5)).astype(np.float32)
     for method in ("deeplift", "saliency"):
         interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 5), np.float32), 1)
+        _assert_same(a, b)
+
+
+@pytest.mark.parametrize("index", [np.array(2, np.int64), np.array([[0, 2], [-1, 1]], np.int64)],
+                         ids=["scalar", "unique"])
+def test_gather_without_repeats_compiles(index):
+    """Gather's backward without repeated indices places the multipliers into zeros (no
+    scatter-add): a scalar index (q, k, v taken apart) as a length-1 slice, which traces."""
+    rng = np.random.default_rng(14)
+    w = (rng.standard_normal((4, 3)) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Gather", ["t", "idx"], ["g"], axis=1)]
+    last = "g"
+    if index.ndim:
+        nodes.append(helper.make_node("ReduceMean", ["g", "axes"], ["gm"], keepdims=0))
+        nodes.append(helper.make_node("ReduceMean", ["gm", "axes"], ["gm2"], keepdims=0))
+        last = "gm2"
+    nodes.append(helper.make_node("MatMul", [last, "w"], ["y"]))
+    m = model(nodes, {"x": (None, 3, 4)}, ["y"], {"idx": index, "w": w, "axes": np.array([1], np.int64)}, opset=18)
+    x = rng.standard_normal((4, 3, 4)).astype(np.float32)
+    for method in ("deeplift", "saliency"):
+        interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 3, 4), np.float32), 1)
         _assert_same(a, b)

@@ -36,11 +36,12 @@ def w(*shape, scale=1.0):
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-def multipliers(m, xs, x0s=None, *, seed=None, output=None, max_rule="cross_max"):
+def multipliers(m, xs, x0s=None, *, seed=None, output=None, max_rule="cross_max", engine="rules"):
     """Input multipliers (K, P, ...) per input name, and the run, for one batched pass.
 
     `xs`/`x0s` map input names to arrays (x0s None: gradient mode). `seed` is the
-    (K, P, ...) multiplier of the output (default: ones, K = 1)."""
+    (K, P, ...) multiplier of the output (default: ones, K = 1). `engine="auto"` runs the
+    forward on onnxruntime, as attribution does."""
     mode = "gradient" if x0s is None else "deeplift"
     ex = liftir.Explainer(m, method="saliency" if x0s is None else "deeplift", max_rule=max_rule,
                           final_activation="keep", output=output)
@@ -48,7 +49,7 @@ def multipliers(m, xs, x0s=None, *, seed=None, output=None, max_rule="cross_max"
     p = xs[names[0]].shape[0]
     r = 0 if x0s is None else x0s[names[0]].shape[0]
     feeds = {n: xs[n] if x0s is None else np.concatenate([xs[n], x0s[n]]) for n in names}
-    run = scheduler.forward(ex.plan, np, feeds, p, r, (ex.output,), mode, ex.options, engine="rules")
+    run = scheduler.forward(ex.plan, np, feeds, p, r, (ex.output,), mode, ex.options, engine=engine)
     y = run.actual(ex.output)
     if seed is None:
         seed = np.ones((1,) + y.shape, y.dtype)
@@ -161,8 +162,9 @@ REFERENCE = {
     "Mish": (lambda t: t * torch.tanh(_softplus(t)), [], {}, 18, (-5, 5), []),
     "Pow": (lambda t: t ** 3, [np.float32(3.0)], {}, 15, (-2, 2), []),
 }
-# a second parametrization of ops whose attributes change the formula
-VARIANTS = {"Gelu-tanh": ("Gelu", _gelu_tanh, {"approximate": "tanh"})}
+# a second parametrization of ops whose attributes (or constant inputs) change the formula
+VARIANTS = {"Gelu-tanh": ("Gelu", _gelu_tanh, {"approximate": "tanh"}),
+            "Pow-square": ("Pow", lambda t: t ** 2, {}, [np.float32(2.0)])}
 
 
 def elementwise_ops():
@@ -172,9 +174,9 @@ def elementwise_ops():
 
 def _spec(name):
     if name in VARIANTS:
-        op, ref, attrs = VARIANTS[name]
+        op, ref, attrs, *extra = VARIANTS[name]
         base = REFERENCE[op]
-        return op, (ref, base[1], attrs) + base[3:]
+        return op, (ref, extra[0] if extra else base[1], attrs) + base[3:]
     return name, REFERENCE[name]
 
 
@@ -336,6 +338,34 @@ def test_rescale_at_huge_inputs(name):
     x64, x064 = big.astype(np.float64), x0.astype(np.float64)
     truth = (_f64(ref, x64) - _f64(ref, x064)) / (x64 - x064)
     np.testing.assert_allclose(m, truth, rtol=2e-5, atol=tiny, err_msg=name)
+
+
+def test_erf_multipliers_from_the_onnxruntime_forward():
+    """The Erf rule divides the forward's own erf values (onnxruntime's, in attribution)
+    instead of recomputing them: that forward must then be as exact as the rule's own f.
+    The same float64 check as above, on the onnxruntime forward, over erf's whole float32
+    range: tails (|x| up to 6), tiny x (relative accuracy near 0) and small steps."""
+    rng = np.random.default_rng(13)
+    n = 3000
+    x = rng.uniform(-6, 6, (1, n)).astype(np.float32)
+    x0 = rng.uniform(-6, 6, (1, n)).astype(np.float32)
+    x[0, :500] = np.float32(10.0) ** rng.uniform(-30, -1, 500) * rng.choice([-1, 1], 500)
+    x0[0, :250] = -x[0, :250] * rng.uniform(0, 2, 250)
+    x0[0, 500:1500] = x[0, 500:1500] + rng.uniform(-1e-2, 1e-2, 1000)
+    m_model = _single("Erf", REFERENCE["Erf"], n)
+    grads, run = multipliers(m_model, {"x0": x}, {"x0": x0}, engine="auto")
+    assert run.plan._ort_forward[("y0",)] is not None, "the forward did not run on onnxruntime"
+    m = grads["x0"][0].astype(np.float64)
+    x64, x064 = x.astype(np.float64), x0.astype(np.float64)
+    fx, fx0 = _f64(torch.erf, x64), _f64(torch.erf, x064)
+    dx = x64 - x064
+    ok = dx != 0
+    truth = (fx - fx0) / np.where(ok, dx, 1)
+    tol = 1e-5 * np.abs(truth) + 4 * EPS32 * (np.abs(fx) + np.abs(fx0)) / np.where(ok, np.abs(dx), 1) + 1e-30
+    bad = ok & (np.abs(m - truth) > tol)
+    assert not bad.any(), f"x={x64[bad][:4]}, x0={x064[bad][:4]}: m={m[bad][:4]}, truth={truth[bad][:4]}"
+    y, y0 = run.actual("y0").astype(np.float64), run.reference("y0").astype(np.float64)
+    assert np.all(np.abs(m * dx - (y - y0)) <= 4 * EPS32 * (np.abs(y) + np.abs(y0)) + 1e-30)
 
 
 def _node_context(op, spec):

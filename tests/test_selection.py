@@ -160,6 +160,9 @@ SELECTIONS = {
                              {"axis": 1, "reduction": "add"}),
     "scatter-elements": ("ScatterElements", [(3, 4), np.array([[2, 0]]), (3, 2)], {"axis": 1}),
     "scatter-nd": ("ScatterND", [(3, 4, 2), np.array([[[0, 3], [0, 1]]]), (3, 2, 2)], {}),
+    "gather-scalar-index": ("Gather", [(3, 4, 5), np.array(-2)], {"axis": 1}),
+    "gather-unique-indices": ("Gather", [(3, 4, 5), np.array([[3, 0], [-1, 1]])], {"axis": 2}),
+    "gather-repeated-indices": ("Gather", [(3, 4, 5), np.array([1, -3, 2, 1])], {"axis": 1}),
 }
 
 
