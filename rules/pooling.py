@@ -31,6 +31,15 @@ from liftir.rule import MODES, Rule, RuleError, difference
 from .linear import _Pool, _pool_geometry, _reduce_axes
 
 
+def shares(ctx, g, y, y0):
+    """What each window's output multiplier g gives its actual argmax and its reference
+    argmax (None: nothing), by the max rule chosen (module docstring)."""
+    if ctx.options.get("max_rule", "cross_max") == "paper":
+        return g * (y - y0), None
+    top = ctx.xp.maximum(y, y0)
+    return g * (top - y0), g * (y - top)
+
+
 def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
     """Input multipliers of a max from output multipliers g (K, ...).
 
@@ -40,11 +49,7 @@ def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
     xp = ctx.xp
     if ctx.mode != "deeplift":
         return scatter(g, None)
-    if ctx.options.get("max_rule", "cross_max") == "paper":
-        contrib = scatter(g * (y - y0), None)
-    else:
-        top = xp.maximum(y, y0)
-        contrib = scatter(g * (top - y0), g * (y - top))
+    contrib = scatter(*shares(ctx, g, y, y0))
     dx = difference(xp, x, x0)  # a masked -inf in both passes did not move (not NaN)
     nonzero = dx != 0
     if bool(nonzero.all()):
@@ -125,11 +130,7 @@ class MaxPool(_Pool, _MaxRule):
             untile(xp, windows, [g * hit for hit in hits_a], out)
             return
         y0, hits_r = reference
-        if ctx.options.get("max_rule", "cross_max") == "paper":
-            at_actual, at_reference = g * (y - y0), None
-        else:
-            top = xp.maximum(y, y0)
-            at_actual, at_reference = g * (top - y0), g * (y - top)
+        at_actual, at_reference = shares(ctx, g, y, y0)
         xs, x0s = window_pieces(xp, windows, x), window_pieces(xp, windows, x0)
         pieces = []
         for k in range(len(xs)):
@@ -152,11 +153,7 @@ class MaxPool(_Pool, _MaxRule):
         if ctx.mode != "deeplift":
             return scatter_to_windows(xp, windows, g.shape[:3], lambda k: g * (first_a == k), g.dtype)
         y0, first_r = reference
-        if ctx.options.get("max_rule", "cross_max") == "paper":
-            at_actual, at_reference = g * (y - y0), None
-        else:
-            top = xp.maximum(y, y0)
-            at_actual, at_reference = g * (top - y0), g * (y - top)
+        at_actual, at_reference = shares(ctx, g, y, y0)
         dx = x - x0
         nonzero = dx != 0
         # where dx == 0 the contribution is 0 by construction; like Captum, pass the gradient
