@@ -106,12 +106,18 @@ def unsorted_packing(graph: Graph) -> int:
     whose indices are computed (refused). Initial states must not depend on the order
     (absent, constants, ConstantOfShape); every use of the outputs must end in a Gather by
     the inverse, through views; other chains are left alone."""
+    return _rewrite_recurrent(graph, lambda node: len(node.inputs) >= 5 and bool(node.inputs[4]), _unsort)
+
+
+def _rewrite_recurrent(graph: Graph, accepts, rewrite) -> int:
+    """Apply `rewrite(graph, node)` to every recurrent node `accepts`, rebuilding the graph's
+    indexes after each change. Returns how many were rewritten."""
     rewritten = 0
     for name in list(graph.order):
         node = graph.nodes.get(name)
-        if node is None or node.op_type not in RECURRENT_OPS or len(node.inputs) < 5 or not node.inputs[4]:
+        if node is None or node.op_type not in RECURRENT_OPS or not accepts(node):
             continue
-        if _unsort(graph, node):
+        if rewrite(graph, node):
             rewritten += 1
             graph.rebuild()
     return rewritten
@@ -245,15 +251,7 @@ def batch_first_selections(graph: Graph) -> int:
 
 def batch_first_recurrent(graph: Graph) -> int:
     """Rewrite every matching time-major recurrent chain to layout 1. Returns how many."""
-    rewritten = 0
-    for name in list(graph.order):
-        node = graph.nodes.get(name)
-        if node is None or node.op_type not in RECURRENT_OPS or node.attrs.get("layout", 0) != 0:
-            continue
-        if _rewrite(graph, node):
-            rewritten += 1
-            graph.rebuild()
-    return rewritten
+    return _rewrite_recurrent(graph, lambda node: node.attrs.get("layout", 0) == 0, _rewrite)
 
 
 def _rewrite(graph: Graph, node: Node) -> bool:
