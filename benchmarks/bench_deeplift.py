@@ -7,6 +7,9 @@ For each model, in one process: the median (after a warm-up) of
                      (the Explainer is built once, outside the timed loop, like the ORT session)
   * liftir compiled  the same with engine="compiled" (one onnxruntime session per pass; its first
                      call, which compiles, is reported apart)
+  * floor            what no implementation of the pass can skip (issue #10): the forward over
+                     the N+1 rows of [actual; reference] plus the compiled backward's linear maps
+                     (transposed convolutions, matrix products) alone, on inputs of their shapes
 Run ``python benchmarks/bench_deeplift.py --help``; see benchmarks/README.md.
 """
 
@@ -71,6 +74,55 @@ def timed(fn, repeats: int, warmup: int):
     return statistics.median(times) * 1e3, out
 
 
+#: the ops of the compiled backward that carry its FLOPs (the multipliers' linear maps)
+LINEAR_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def linear_backward(compiled_model):
+    """A model of the compiled pass's backward linear nodes alone, each fed inputs of its
+    shapes, and those feeds (random): the backward half of the floor."""
+    import onnx
+    from onnx import helper
+
+    inferred = onnx.shape_inference.infer_shapes(compiled_model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    constants = {t.name: t for t in compiled_model.graph.initializer}
+    forward = {o.name for o in compiled_model.graph.output if not o.name.startswith("liftir_")}
+    nodes = [n for n in compiled_model.graph.node if n.op_type in LINEAR_OPS and n.name.startswith("liftir/")
+             and not set(n.output) & forward]
+    feeds, inputs, inits, outputs = {}, [], {}, []
+    rng = np.random.default_rng(0)
+    for n in nodes:
+        for i in n.input:
+            if not i or i in feeds or i in inits:
+                continue
+            if i in constants:
+                inits[i] = constants[i]
+                continue
+            shape = shapes.get(i)
+            if not shape or not all(shape):
+                raise RuntimeError(f"no shape for {i!r}, an input of {n.name!r}")
+            feeds[i] = rng.standard_normal(shape).astype(np.float32)
+            inputs.append(helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, shape))
+        outputs += [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in n.output]
+    model = helper.make_model(helper.make_graph(nodes, "floor", inputs, outputs, list(inits.values())),
+                              opset_imports=compiled_model.opset_import)
+    return model, feeds
+
+
+def floor_ms(proto, compiled_model, rows: np.ndarray, repeats: int, warmup: int) -> float:
+    """The floor: the model's forward over the N+1 rows plus the backward's linear maps."""
+    import onnxruntime as ort
+
+    fwd = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    forward_ms, _ = timed(lambda: fwd.run(None, {fwd.get_inputs()[0].name: rows}), repeats, warmup)
+    model, feeds = linear_backward(compiled_model)
+    bwd = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    backward_ms, _ = timed(lambda: bwd.run(None, feeds), repeats, warmup)
+    return forward_ms + backward_ms
+
+
 def run_one(b: Bench, repeats: int, warmup: int, target: int, dynamo: bool) -> dict:
     import onnxruntime as ort
     from captum.attr import DeepLift
@@ -112,7 +164,7 @@ def run_one(b: Bench, repeats: int, warmup: int, target: int, dynamo: bool) -> d
             row["liftir_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             if os.environ.get("LIFTIR_BENCH_TRACEBACK"):
                 traceback.print_exc()
-    row.update(compiled_ms=None, compile_ms=None, compiled_agree=None, compiled_error=None)
+    row.update(compiled_ms=None, compile_ms=None, compiled_agree=None, compiled_error=None, floor_ms=None)
     if LIFTIR_ERROR is None and row["liftir_ms"] is not None:
         try:
             compiled = liftir.Explainer(proto, method="deeplift", engine="compiled")
@@ -124,6 +176,9 @@ def run_one(b: Bench, repeats: int, warmup: int, target: int, dynamo: bool) -> d
             row["compiled_ms"], cattr = timed(
                 lambda: compiled.attribute(x_np, baselines=x0_np, target=target), repeats, warmup)
             row["compiled_agree"] = float(np.abs(np.asarray(cattr) - attr).max() / max(np.abs(attr).max(), 1e-12))
+            (compiled_pass,) = compiled._compiled.passes.values()
+            row["floor_ms"] = floor_ms(proto, compiled_pass.model, np.concatenate([x_np, x0_np[:1]]),
+                                       repeats, warmup)
         except Exception as e:
             row["compiled_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             if os.environ.get("LIFTIR_BENCH_TRACEBACK"):
@@ -142,7 +197,7 @@ def _ratio(a, b):
 def table(rows: list[dict]) -> str:
     head = ("| model | batch | input | ORT fwd ms | Captum ms | liftir ms | liftir/Captum | "
             "liftir/ORT-fwd | Captum/ORT-fwd | max rel diff vs Captum | liftir compiled ms | "
-            "compiled/Captum | compiled/ORT-fwd | compiled vs interpreted |")
+            "compiled/Captum | compiled/ORT-fwd | compiled vs interpreted | floor ms | floor/ORT-fwd | compiled/floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     notes: list[str] = []
     for r in rows:
@@ -163,7 +218,8 @@ def table(rows: list[dict]) -> str:
             f"{_ms(r['liftir_ms'])} | {_ratio(r['liftir_ms'], r['captum_ms'])} | {_ratio(r['liftir_ms'], r['ort_ms'])} | "
             f"{_ratio(r['captum_ms'], r['ort_ms'])} | {agree} | {_ms(r.get('compiled_ms'))} | "
             f"{_ratio(r.get('compiled_ms'), r['captum_ms'])} | {_ratio(r.get('compiled_ms'), r['ort_ms'])} | "
-            f"{cagree} |")
+            f"{cagree} | {_ms(r.get('floor_ms'))} | {_ratio(r.get('floor_ms'), r['ort_ms'])} | "
+            f"{_ratio(r.get('compiled_ms'), r.get('floor_ms'))} |")
     extra = []
     if LIFTIR_ERROR:
         extra.append(f"liftir columns empty: {LIFTIR_ERROR}")
