@@ -133,17 +133,10 @@ def window_max(xp, windows: Windows, x):
 
 def window_pieces(xp, windows: Windows, x) -> list:
     """x's elements at each window offset, one output-shaped array per offset (in `offsets`
-    order), for windows that tile the input: NumPy's are strided views; other array modules
-    (the tracer) get one transpose and then contiguous parts, as strided slices are slow
-    gathers in onnxruntime."""
-    view = windows.tiled(x)
-    offsets = list(itertools.product(*(range(k) for k in windows.kernel)))
-    if xp is np:
-        return [view[windows.tile_index(o)] for o in offsets]
-    nd, lead = windows.nd, x.ndim - windows.nd
-    moved = view.transpose([lead + 2 * d + 1 for d in range(nd)] + list(range(lead)) + [lead + 2 * d for d in range(nd)])
-    moved = moved.reshape((len(offsets),) + tuple(x.shape[:lead]) + tuple(windows.out))
-    return [moved[k] for k in range(len(offsets))]
+    order), for windows that tile the input: strided slices of x (views in NumPy). In the
+    tracer onnxruntime runs these 3-4x faster than one transpose of the tiled view into
+    contiguous parts, and than slices of that view (measured, 1 and 2 threads)."""
+    return [x[(Ellipsis,) + sl] for sl in windows.offsets()]
 
 
 def window_max_hits(xp, windows: Windows, x):
