@@ -438,7 +438,9 @@ def _bound_value(cell: str) -> float | None:
 
 def tables_agree(readme: str, rows: list[Row]) -> list[str]:
     """Differences between the README table and the measurements: the text must be equal,
-    except that a README bound b stands for a measurement v whenever v ≤ b ≤ 1000 v."""
+    except that a README bound b holds for a measurement v whenever v ≤ b. No lower limit:
+    a float32 error is rounding, and the same export measures 6e-8 on one CPU and 1e-5 on
+    another, so a bound written on one machine must stay true, not tight, on the next."""
     lines = readme.strip().splitlines()
     want = table(rows).splitlines()
     if lines[:2] != want[:2] or len(lines) != len(want):
@@ -453,7 +455,7 @@ def tables_agree(readme: str, rows: list[Row]) -> list[str]:
         for text, (want_text, v) in zip(got, expected):
             b = _bound_value(text)
             if v is not None and b is not None and _BOUND.sub("≤b", text) == _BOUND.sub("≤b", want_text):
-                if not max(v, FLOOR) <= b <= 1000 * max(v, FLOOR):
+                if not max(v, FLOOR) <= b:
                     problems.append(f"{row.arch} {row.how}: README {text!r}, measured {v:.1e}")
             elif text != want_text:
                 problems.append(f"{row.arch} {row.how}: README {text!r}, measured {want_text!r}")
@@ -523,12 +525,31 @@ def test_readme_architectures_table_is_current():
     assert not problems, "run: python tests/test_architectures.py --update\n" + "\n".join(problems[:10])
 
 
+def _keep_looser_bounds(old: str, new: str) -> str:
+    """The new table, except that a README bound looser than the new one is kept: a bound
+    written on a machine that rounds worse must not be tightened by one that rounds better."""
+    old_rows = {line.split(" | ")[0] + line.split(" | ")[2]: line for line in old.splitlines()[2:]}
+    out = new.splitlines()[:2]
+    for line in new.splitlines()[2:]:
+        cells_new = line.split(" | ")
+        before = old_rows.get(cells_new[0] + cells_new[2], "").split(" | ")
+        if len(before) == len(cells_new):
+            for i, (was, now) in enumerate(zip(before, cells_new)):
+                b_was, b_now = _bound_value(was), _bound_value(now)
+                same_text = _BOUND.sub("≤b", was) == _BOUND.sub("≤b", now)
+                if b_was is not None and b_now is not None and same_text and b_was > b_now:
+                    cells_new[i] = was
+        out.append(" | ".join(cells_new))
+    return "\n".join(out)
+
+
 def _update() -> None:
     readme_path = ROOT / "README.md"
     text = readme_path.read_text()
-    block = table(all_rows())
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     assert pattern.search(text), f"README.md needs the markers {START} ... {END}"
+    old_block = text.split(START, 1)[1].split(END, 1)[0].strip()
+    block = _keep_looser_bounds(old_block, table(all_rows()))
     readme_path.write_text(pattern.sub(lambda _: f"{START}\n{block}\n{END}", text))
     print(block)
 
