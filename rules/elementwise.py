@@ -13,8 +13,8 @@ import numpy as np
 
 from liftir.kernels.parallel import over_rows
 from liftir.registry import builtin_rule
-from liftir.rule import (Elementwise, RuleError, difference, fill_where, is_traced, rescale_multiplier, scale_rows,
-                         select, sinhc)
+from liftir.rule import (Elementwise, RuleError, blend, difference, fill_where, is_traced, is_tracer,
+                         rescale_multiplier, scale_rows, select, sinhc)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -57,7 +57,7 @@ def _erfc_outer(xp, x):
     fit = select(xp, a < 8, lambda v: _poly(v, _ERFC_P) / _poly(v, _ERFC_Q, monic=True),
                  lambda v: _poly(v, _ERFC_R) / _poly(v, _ERFC_S, monic=True), a)
     tail = xp.exp(-x * x) * fit
-    return xp.where(x < 0, 2 - tail, tail)
+    return blend(xp, x < 0, 2 - tail, tail)
 
 
 def erf(xp, x):
@@ -112,13 +112,21 @@ def _sigmoid_pair(xp, x, both=False):
     e = xp.exp(-abs(x))
     d = 1 + e
     up = x >= 0
-    s = xp.where(up, 1, e)
+    s = _one_where(xp, up, e)
     s /= d
     if not both:
         return s, None
-    t = xp.where(up, e, 1)
+    t = _one_where(xp, ~up, e)
     t /= d
     return s, t
+
+
+def _one_where(xp, mask, e):
+    """where(mask, 1, e) for e in [0, 1]: in a trace max(e, mask), two cheap passes instead
+    of onnxruntime's Where (3-20x a Mul); the same values."""
+    if is_tracer(xp):
+        return xp.maximum(e, mask.astype(e.dtype))
+    return xp.where(mask, 1, e)
 
 
 def _logistic_rescale(xp, x, x0, scale, f):

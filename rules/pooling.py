@@ -22,12 +22,11 @@ import itertools
 
 import numpy as np
 
-from liftir.compile.tracer import is_tracer
 from liftir.kernels.parallel import over_rows
 from liftir.kernels.windows import scatter_to_windows, untile, window_max, window_max_hits, window_pieces
 from liftir.errors import InputError, ModelLoadError
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, difference
+from liftir.rule import MODES, Rule, RuleError, blend, difference
 
 from .linear import _Pool, _pool_geometry, _reduce_axes
 
@@ -43,16 +42,9 @@ def shares(ctx, g, y, y0):
 
 def quotient_or_gradient(xp, contrib, dx, gradient):
     """contrib / dx, and the gradient where dx == 0 (there the contribution is 0 by
-    construction; like Captum, pass the gradient).
-
-    Compiling, as arithmetic on a 0/1 mask instead of `where`: onnxruntime's CPU Where
-    costs 10-20x a Mul (3-8 ns an element), and with contrib and gradient finite the
-    arithmetic gives the same values (x * 1 = x, x + 0 = x, 0 / 1 = 0)."""
+    construction; like Captum, pass the gradient). Both branches are finite: `blend`."""
     nonzero = dx != 0
-    if not is_tracer(xp):
-        return xp.where(nonzero, contrib / xp.where(nonzero, dx, 1), gradient)
-    zero = (~nonzero).astype(dx.dtype)
-    return contrib * (1 - zero) / (dx + zero) + zero * gradient
+    return blend(xp, nonzero, contrib / blend(xp, nonzero, dx, 1), gradient)
 
 
 def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
