@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, LiftirError
+from .methods import Mode, Passes, Precision
 
 PROG = "liftir"
 RESERVED_KEYS = ("delta", "targets", "method", "output")
@@ -367,15 +368,15 @@ def cmd_explain(args) -> int:
 
     out_shape = ex.predict({k: v[:1] for k, v in inputs.items()}).shape[1:]
     print(f"liftir explain: {args.model}")
-    print(f"  method      {ex.method.name}" + (f" (max_rule {args.max_rule})" if ex.method.mode == "deeplift" else "")
-          + (" in float64" if args.precision == "float64" else ""))
+    print(f"  method      {ex.method.name}" + (f" (max_rule {ex.max_rule})" if ex.method.mode is Mode.DEEPLIFT else "")
+          + (" in float64" if ex.precision is Precision.FLOAT64 else ""))
     for name in names:
         print(f"  input       {name!r} {tuple(inputs[name].shape)} {inputs[name].dtype}")
     print(f"  output      {ex.output!r} (N, {', '.join(map(str, out_shape))})")
     if target is not None:
         print(f"  target      {_describe_target(target)}")
     if delta is not None:
-        what = ("completeness residual of the quadrature" if ex.method.name == "integrated_gradients"
+        what = ("completeness residual of the quadrature" if ex.method.passes is Passes.PATH
                 else "summation-to-delta: sum of attributions - (f(x) - f(x0)); ~0 expected")
         print(f"  max |delta| {float(np.abs(delta).max()):.3e}  ({what})")
     else:
@@ -495,7 +496,7 @@ def cmd_ops(args) -> int:
             desc = rule.describe(mode) if rule.supports(mode) else f"(none for {method.name})"
             rows.append((qualified, rule_origin(domain, op), _modes_text(rule), desc))
         print(f"liftir ops: {len(rows)} op types with rules; rule shown for method {method.name!r} "
-              f"(mode {mode!r})")
+              f"(mode {mode.value!r})")
         print("\n".join(_table(("op", "origin", "modes", "rule"), rows)))
         return 0
 

@@ -14,8 +14,8 @@ import warnings
 
 import numpy as np
 
-#: methods whose attributions sum to the output difference (summation-to-delta)
-CONSERVING_METHODS = ("deeplift", "deeplift_revealcancel", "deeplift_shap")
+from .methods import MaxRule, Reference
+
 MAX_OPS = ("MaxPool", "GlobalMaxPool", "ReduceMax")
 #: a miss within this many ulps of sum |attributions| is round-off of exact rules: the
 #: warning says so without running the per-node check
@@ -40,7 +40,7 @@ def warn_if_not_conserving(explainer, xs, refs, attributions, delta, *, output: 
     tolerance is relative_tolerance(dtype) * |f(x) - f(x0)|, floored at eps * sum |attributions|
     times the same factor for a row whose output does not move (f(x) = f(x0)).
     """
-    if delta is None or explainer.method.name not in CONSERVING_METHODS:
+    if delta is None or not explainer.method.conserves:  # summation-to-delta is not promised
         return
     delta = np.asarray(delta, dtype=np.float64)
     n = delta.shape[0]
@@ -86,7 +86,7 @@ def _faulty_nodes(explainer, xs, refs, sample: int, output: str, layer: str | No
     one = {name: x[sample:sample + 1] for name, x in zip(explainer.input_names, xs)}
     base = None
     if refs is not None:
-        shap = explainer.method.name == "deeplift_shap"
+        shap = explainer.method.reference is Reference.DISTRIBUTION
         base = {}
         for name, r, x in zip(explainer.input_names, refs, xs):
             if shap and r.ndim == x.ndim + 1:
@@ -97,8 +97,8 @@ def _faulty_nodes(explainer, xs, refs, sample: int, output: str, layer: str | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             report = check_model(explainer.model, inputs=one, baselines=base, samples=1,
-                                 max_rule=explainer.options["max_rule"], output=output,
-                                 final_activation=explainer.options["final_activation"],
+                                 max_rule=explainer.max_rule, output=output,
+                                 final_activation=explainer.final_activation,
                                  rules=explainer.rule_overrides, rtol=1e-4)
     except Exception as exc:  # the diagnosis must never break the attribution itself
         return [f"(The per-node check could not run: {type(exc).__name__}: {exc}.)"]
@@ -107,7 +107,7 @@ def _faulty_nodes(explainer, xs, refs, sample: int, output: str, layer: str | No
         return ["The per-node check (`liftir check`, Rescale rules) finds no node that loses conservation."]
     named = ", ".join(f"{c.name!r} ({c.qualified_op}, relative residual {c.relative:.2g})" for c in failing)
     lines = [f"Nodes whose rule loses conservation (`liftir check`): {named}."]
-    if explainer.options["max_rule"] == "paper" and any(c.op_type in MAX_OPS for c in failing):
+    if explainer.max_rule is MaxRule.PAPER and any(c.op_type in MAX_OPS for c in failing):
         lines.append("The paper's max rule cannot conserve where the actual argmax has dx = 0 "
                      "(common right after a ReLU): max_rule='cross_max' conserves.")
     return lines

@@ -6,7 +6,6 @@ a backward pass, and turns multipliers into attributions and convergence deltas.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,18 +22,14 @@ from .folding import fold_constants
 from .layout import batch_first
 from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
 from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
-from .methods import Method, get_method, integration_points
+from .methods import (Attribution, Engine, FinalActivation, MaxRule, Method, Mode, Passes, Precision, Reference,
+                      get_method, integration_points, methods_where)
 from .registry import check_overrides
 from .rule import difference
 from .progress import Progress
 from .training_mode import refuse_training_mode
-from .compile.compiler import COMPILED_METHODS
-from .compile.engine import ENGINES, CompiledEngine
+from .compile.engine import CompiledEngine
 
-logger = logging.getLogger("liftir")
-
-MAX_RULES = ("cross_max", "paper")
-FINAL_ACTIVATIONS = ("strip", "keep")
 STRIPPED_FINAL_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 PASS_THROUGH_OPS = ("Identity", "Cast", "Dropout")
 
@@ -47,7 +42,7 @@ class Explainer:
     model : path, bytes, onnx.ModelProto or "example:NAME"
         The model. It is parsed and checked, never executed as code. A model in memory
         must embed its tensors; from a path, external data is read from its folder only.
-    method : str
+    method : str or liftir.methods.Method
         One of `liftir.methods.METHODS` (README, table under "Use it from Python"):
         "deeplift" (default, Rescale rule), "deeplift_revealcancel", "deeplift_shap",
         "integrated_gradients", "saliency", "input_x_gradient", "guided_backprop",
@@ -77,18 +72,16 @@ class Explainer:
     (`liftir.memory.PassSize`) says how: rows and targets per pass, how many passes.
     """
 
-    def __init__(self, model: Any, method: str = "deeplift", *, backend: str = "numpy",
-                 max_rule: str = "cross_max", final_activation: str = "strip",
-                 rules: Mapping | None = None, output: str | None = None, precision: str = "model",
-                 engine: str = "interpreter"):
+    def __init__(self, model: Any, method: str | Method = "deeplift", *, backend: str = "numpy",
+                 max_rule: str | MaxRule = "cross_max", final_activation: str | FinalActivation = "strip",
+                 rules: Mapping | None = None, output: str | None = None, precision: str | Precision = "model",
+                 engine: str | Engine = "interpreter"):
         self.method: Method = get_method(method)
-        if engine not in ENGINES:
-            raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
-        self.engine = engine
-        if max_rule not in MAX_RULES:
-            raise InputError(f"max_rule must be one of {MAX_RULES}, got {max_rule!r}")
-        if final_activation not in FINAL_ACTIVATIONS:
-            raise InputError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
+        # every option parsed once, here: the rest of liftir reads the enums
+        self.engine = Engine.parse(engine, "engine")
+        self.max_rule = MaxRule.parse(max_rule, "max_rule")
+        self.final_activation = FinalActivation.parse(final_activation, "final_activation")
+        self.precision = Precision.parse(precision, "precision")
         self.xp = array_module(backend)
         self.model = read_model(model)
         rules = check_overrides(rules)  # before function expansion asks them for their ops
@@ -96,11 +89,10 @@ class Explainer:
         fold_constants(self.graph)
         refuse_training_mode(self.graph)
         batch_first(self.graph)
-        if precision not in ("model", "float64"):
-            raise InputError(f"precision must be 'model' or 'float64', got {precision!r}")
-        if precision == "float64":
+        if self.precision is Precision.FLOAT64:
             promote_to_float64(self.graph)
-        self.options = {"max_rule": max_rule, "final_activation": final_activation}
+        #: what rules read of the options (`ctx.options`)
+        self.options = {"max_rule": self.max_rule, "final_activation": self.final_activation}
         self.rule_overrides = rules
         self.inputs = self._model_inputs()
         held = tuple(i.name for i in self.inputs if i.dtype.kind != "f")
@@ -114,8 +106,8 @@ class Explainer:
         self._cuts: dict[tuple[str, ...], Explainer] = {}
         #: set on those cut Explainers: their integer inputs stay at their actual values
         self._path_holds_integers = False
-        self._build_options = dict(backend=backend, max_rule=max_rule, final_activation=final_activation,
-                                   rules=rules, output=output, precision=precision, engine=engine)
+        self._build_options = dict(backend=backend, max_rule=self.max_rule, final_activation=self.final_activation,
+                                   rules=rules, output=output, precision=self.precision, engine=self.engine)
         if not self.attributed:
             raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
@@ -129,9 +121,7 @@ class Explainer:
         self.last_pass: PassSize | None = None
         self._probe()
         #: compiled passes (liftir/compile), None for the interpreter
-        self._compiled = CompiledEngine(self) if engine == "compiled" else None
-        if self._compiled is not None and self.method.name not in COMPILED_METHODS:
-            logger.warning("liftir: method %r is not compiled yet; the interpreter runs it", self.method.name)
+        self._compiled = CompiledEngine(self) if self.engine is Engine.COMPILED else None
 
     def _probe(self) -> None:
         """Forward one actual and one reference row of zeros now, so that an op mixing samples
@@ -349,7 +339,7 @@ class Explainer:
 
     def explained_tensor(self, output: str) -> tuple[str, str | None]:
         """(tensor whose value is explained, final op stripped or None)."""
-        if self.options["final_activation"] != "strip":
+        if self.final_activation is not FinalActivation.STRIP:
             return output, None
         node = self._final_activation(output)
         if node is None:
@@ -455,7 +445,7 @@ class Explainer:
         xs, _, _ = self.prepare_inputs(inputs, None, need_reference=False)
         out = self._output_for_call(output)
         feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
-        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), "gradient", self.options,
+        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), Mode.GRADIENT, self.options,
                                 engine="rules")
         return to_host(run.device(out))
 
@@ -514,7 +504,7 @@ class Explainer:
             most rows one of its forward passes may take.
         abs : saliency only: return |gradient| (Simonyan et al. 2013), as Captum's default.
         """
-        if self.method.name == "integrated_gradients" and not self._path_holds_integers and (
+        if self.method.passes is Passes.PATH and not self._path_holds_integers and (
                 layer is not None or self.plan.embeddings):
             return self._attribute_on_a_cut(
                 inputs, baselines, target, output=output, layer=layer,
@@ -524,7 +514,7 @@ class Explainer:
         method = self.method
         out = self._output_for_call(output)
         xs, refs, kind = self.prepare_inputs(inputs, baselines, method.uses_reference,
-                                             distribution=method.name == "deeplift_shap")
+                                             distribution=method.reference is Reference.DISTRIBUTION)
         if layer is not None:
             layer = self._check_output(layer)
             if layer in self.input_names and len(self.attributed) == len(self.input_names):
@@ -534,7 +524,7 @@ class Explainer:
         budget = parse_memory(max_memory)
         self._check_attribution_options(multiply_by_inputs, attribution_func, abs)
         quadrature = None
-        if method.name == "integrated_gradients":
+        if method.passes is Passes.PATH:
             alphas, weights = integration_points(n_steps, integration)
             if internal_batch_size is not None and (not isinstance(internal_batch_size, int)
                                                     or internal_batch_size < 1):
@@ -552,9 +542,9 @@ class Explainer:
         if isinstance(target, np.ndarray) and len(rest) == 1:
             _check_indices(target, rest[0], "targets")
         cap = min(n, batch_size or n)
-        if method.name == "deeplift_shap":
+        if method.passes is Passes.PAIRS:
             attrs, delta = self._run_pairs(call, xs, refs, cost, budget, cap)
-        elif quadrature is not None:
+        elif method.passes is Passes.PATH:
             attrs, delta = self._run_path(call, xs, refs, cost, budget, cap, quadrature)
         else:
             attrs, delta = self._run_samples(call, xs, refs, cost, budget, cap)
@@ -594,7 +584,7 @@ class Explainer:
                 np.broadcast_to(given_refs[i.name], given[i.name].shape), given[i.name])}
             cut = tuple(e for e in self.plan.embeddings if moving & self._integer_sources(e))
         if cut not in self._cuts:
-            inner = Explainer(cut_at(self.model, list(cut)), self.method.name, **self._build_options)
+            inner = Explainer(cut_at(self.model, list(cut)), self.method, **self._build_options)
             inner._path_holds_integers = True
             self._cuts[cut] = inner
         inner = self._cuts[cut]
@@ -632,7 +622,7 @@ class Explainer:
     def _values(self, xs, names: list[str]) -> dict[str, np.ndarray]:
         """The tensors `names` for the rows `xs`, as NumPy (the rules' forwards)."""
         feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
-        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, tuple(names), "gradient",
+        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, tuple(names), Mode.GRADIENT,
                                 self.options, engine="rules")
         for name in names:
             loc = run.loc(name)
@@ -695,9 +685,9 @@ class Explainer:
         differences (N, B) (or (N, K, B)) float64: f(x)_t - f(r_b)_t, so that each pair's
         summation-to-delta residual is ``sum(m * (x - r_b)) - differences``.
         """
-        if self.method.name not in ("deeplift", "deeplift_shap"):
-            raise InputError(f"pair_multipliers needs method 'deeplift' or 'deeplift_shap' (Rescale "
-                             f"multipliers), not {self.method.name!r}")
+        if not self.method.rescale_multipliers:
+            raise InputError(f"pair_multipliers needs method {_names(lambda m: m.rescale_multipliers, ' or ')} "
+                             f"(Rescale multipliers), not {self.method.name!r}")
         out = self._output_for_call(output)
         xs, refs, kind = self.prepare_inputs(inputs, references, True, distribution=True)
         n = xs[0].shape[0]
@@ -724,17 +714,18 @@ class Explainer:
         return self._pack(m, kind), differences
 
     def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
-        name = self.method.name
+        method, name = self.method, self.method.name
         if not isinstance(multiply_by_inputs, bool):
             raise InputError(f"multiply_by_inputs must be True or False, got {multiply_by_inputs!r}")
-        if abs_ and name != "saliency":
-            raise InputError(f"abs=True is an option of method 'saliency', not {name!r}")
-        if not multiply_by_inputs and name == "deeplift_revealcancel":
-            raise InputError("multiply_by_inputs=False is not defined for deeplift_revealcancel: RevealCancel "
+        if abs_ and not method.takes_abs:
+            raise InputError(f"abs=True is an option of method {_names(lambda m: m.takes_abs, ' or ')}, not {name!r}")
+        if not multiply_by_inputs and method.split:
+            raise InputError(f"multiply_by_inputs=False is not defined for {name}: RevealCancel "
                              "keeps separate multipliers for the positive and negative parts of x - x0")
         if attribution_func is not None:
-            if name not in ("deeplift", "deeplift_shap"):
-                raise InputError(f"attribution_func is an option of deeplift and deeplift_shap, not {name!r}")
+            if not method.rescale_multipliers:
+                raise InputError(f"attribution_func is an option of "
+                                 f"{' and '.join(methods_where(lambda m: m.rescale_multipliers))}, not {name!r}")
             if not callable(attribution_func):
                 raise InputError(f"attribution_func must be callable f(m, x, x0), got {attribution_func!r}")
             if not multiply_by_inputs:
@@ -799,7 +790,7 @@ class Explainer:
 
         Returns multipliers-turned-attributions (K, N, ...) per wrt tensor and deltas (K, N)."""
         n = xs[0].shape[0]
-        revealcancel_ = self.method.name == "deeplift_revealcancel"
+        revealcancel_ = self.method.split
         per_sample_refs = refs is not None and refs[0].shape[0] == n and n > 1
         size = plan_pass(budget, cost, cap, call.k, forward_rows=1 + per_sample_refs + revealcancel_,
                          fixed_rows=refs is not None and not per_sample_refs,
@@ -1022,11 +1013,11 @@ class Explainer:
         with the samples first (a layer whose batch the exporter moved: each sample's own slice),
         and for reference methods the sums of m * (x - x0) per (target, row): (k, P) float64."""
         dtype = run.device(tensor).dtype
-        reference = self.method.attribution == "delta"
+        reference = self.method.attribution is Attribution.DELTA
         if m is None:
             m = self.xp.zeros((k,) + run.actual_shape(tensor), dtype=dtype)
         if not reference:
-            if self.method.attribution == "input" and call.multiply:
+            if self.method.attribution is Attribution.INPUT and call.multiply:
                 m = m * run.actual(tensor)
             return to_host(self._samples_first(run, tensor, m)).astype(dtype, copy=False), None
         step = difference(self.xp, run.actual(tensor), run.reference(tensor))
@@ -1075,6 +1066,11 @@ class Explainer:
         if node is None or node.op_type == "Sigmoid":
             return -1
         return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
+
+
+def _names(test, joined: str) -> str:
+    """The methods with `test(method)`, quoted, for an error message."""
+    return joined.join(repr(name) for name in methods_where(test))
 
 
 def _sequence_target(target, n: int):

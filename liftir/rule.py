@@ -10,9 +10,10 @@ A rule is a small stateless object registered for one or more op types:
 `forward(ctx, *inputs)` computes the op on the stacked batch [actual rows; reference
 rows]. `backward(ctx, *grads)` maps the multipliers of the outputs (shape (K, P, ...):
 K targets, P actual rows) to multipliers of the inputs, one per input (None for
-constants). `ctx.mode` says which method's rule to apply ("deeplift", "gradient",
-"guided_backprop", "deconvnet"); linear rules ignore it, since for an affine map the
-DeepLIFT multiplier is the weight, which is also the gradient (paper 2.3.1).
+constants). `ctx.mode` (a `liftir.methods.Mode`, equal to its string) says which method's
+rule to apply ("deeplift", "gradient", "guided_backprop", "deconvnet"); linear rules ignore
+it, since for an affine map the DeepLIFT multiplier is the weight, which is also the
+gradient (paper 2.3.1).
 The scheduler owns all activations; a rule reads them through `ctx`.
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .backend import to_host
 from .compile.tracer import is_tracer
 from .errors import RuleError
 from .kernels.parallel import over_rows
+from .methods import Mode
 
-MODES = ("deeplift", "gradient", "guided_backprop", "deconvnet")
+MODES = tuple(Mode)
 
 
 class NodeContext:
@@ -38,7 +40,7 @@ class NodeContext:
         self._run = run
         self._plan = plan
         self.xp = run.xp
-        self.mode: str = run.mode
+        self.mode: Mode = run.mode
         self.options: dict[str, Any] = run.options
         self.cache: dict = plan.node_cache.setdefault(node.name, {})
 
@@ -308,7 +310,7 @@ class Elementwise(Rule):
         return self.f(ctx.xp, x, ctx)
 
     def describe(self, mode: str) -> str:
-        return self.paper_rule if mode == "deeplift" else "gradient: m = f'(x)"
+        return self.paper_rule if mode == Mode.DEEPLIFT else "gradient: m = f'(x)"
 
     def divided_difference(self, xp, x, x0, ctx: NodeContext):
         """(f(x) - f(x0)) / (x - x0). Override with a closed form that avoids cancellation.
@@ -327,7 +329,7 @@ class Elementwise(Rule):
     def backward(self, ctx, g):
         xp = ctx.xp
         x = ctx.x(0)
-        if ctx.mode == "deeplift":
+        if ctx.mode == Mode.DEEPLIFT:
             x0 = ctx.x0(0)
             refuse_infinite_steps(ctx, xp, x, x0, ctx.y(0), ctx.y0(0))
             m = self.divided_difference(xp, x, x0, ctx)

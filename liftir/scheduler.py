@@ -20,6 +20,7 @@ from .errors import BatchAxisError, RuleError, UnsupportedOpError
 from .folding import evaluate_static, static_nodes
 from .graph import Graph
 from .held import HELD, held_region
+from .methods import Mode
 from .registry import check_overrides, is_builtin, lookup
 from .rule import NodeContext, Rule
 
@@ -29,10 +30,10 @@ logger = logging.getLogger("liftir")
 class Plan:
     """A graph with every value-carrying node bound to its rule for one mode."""
 
-    def __init__(self, graph: Graph, mode: str, method: str,
+    def __init__(self, graph: Graph, mode: Mode | str, method: str,
                  overrides: Mapping[str, Rule | type] | None = None, integer_inputs: tuple[str, ...] = ()):
         self.graph = graph
-        self.mode = mode
+        self.mode = mode = Mode.parse(mode, "mode")
         self.static = static_nodes(graph)
         #: nodes computing from integer inputs only (liftir/held.py): evaluated, never differentiated
         overrides = check_overrides(overrides)
@@ -112,12 +113,12 @@ def _declared_shape(graph: Graph, tensor: str):
 class Run:
     """The activations of one batched forward: P actual rows, then R reference rows."""
 
-    def __init__(self, plan: Plan, xp, n_actual: int, n_ref: int, mode: str, options: dict):
+    def __init__(self, plan: Plan, xp, n_actual: int, n_ref: int, mode: Mode | str, options: dict):
         self.plan = plan
         self.xp = xp
         self.n_actual = n_actual
         self.n_ref = n_ref
-        self.mode = mode
+        self.mode = Mode.parse(mode, "mode")
         self.options = options
         self.values: dict[str, Any] = {}
         self.static: dict[str, np.ndarray] = {}
@@ -172,7 +173,7 @@ class Run:
 
 
 def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
-            outputs: tuple[str, ...], mode: str, options: dict, engine: str = "auto") -> Run:
+            outputs: tuple[str, ...], mode: Mode | str, options: dict, engine: str = "auto") -> Run:
     """Run every node needed for `outputs` over the stacked batch in `feeds`.
 
     engine "rules" runs each rule's forward; "auto" may use one onnxruntime session instead.

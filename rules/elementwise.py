@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from liftir.kernels.parallel import over_rows
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import (Elementwise, RuleError, blend, difference, fill_where, is_traced, is_tracer,
                          rescale_multiplier, scale_rows, select, sinhc)
@@ -174,15 +175,15 @@ class Relu(Elementwise):
 
     def backward(self, ctx, g):
         xp = ctx.xp
-        if ctx.mode == "deconvnet":  # mask by the top signal only
+        if ctx.mode == Mode.DECONVNET:  # mask by the top signal only
             return (xp.maximum(g, 0),)
-        if ctx.mode == "guided_backprop":  # mask by both the bottom data and the top signal
+        if ctx.mode == Mode.GUIDED_BACKPROP:  # mask by both the bottom data and the top signal
             return (xp.maximum(g, 0) * self.df(xp, ctx.x(0), ctx),)
         return super().backward(ctx, g)
 
     def describe(self, mode):
-        return {"deconvnet": "deconvnet: max(g, 0)",
-                "guided_backprop": "guided: max(g, 0) * 1{x > 0}"}.get(mode, super().describe(mode))
+        return {Mode.DECONVNET: "deconvnet: max(g, 0)",
+                Mode.GUIDED_BACKPROP: "guided: max(g, 0) * 1{x > 0}"}.get(mode, super().describe(mode))
 
 
 @builtin_rule("LeakyRelu")
@@ -455,7 +456,7 @@ class Erf(Elementwise):
         ulp of erf (measured on [-6, 6]; liftir's rational fit in float32 is within 2.5), and
         the rules' forward is this rule's f, so recomputing erf (two rational fits per element,
         half of a ViT's backward) would buy nothing."""
-        if ctx.mode != "deeplift":
+        if ctx.mode != Mode.DEEPLIFT:
             return super().backward(ctx, g)
         xp = ctx.xp
         m = rescale_multiplier(xp, ctx.x(0), ctx.x0(0), ctx.y(0), ctx.y0(0), lambda z: self.df(xp, z, ctx), False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Linear, Rule, RuleError
 
@@ -184,7 +185,7 @@ class Einsum(Rule):
     paper_rule = "affine (2.3.1) with constant operands; product (2.3.5) for two activations"
 
     def describe(self, mode):
-        if mode == "deeplift":
+        if mode == Mode.DEEPLIFT:
             return self.paper_rule
         return "gradient: contraction with the other operands"
 
@@ -221,7 +222,7 @@ class Einsum(Rule):
         xp = ctx.xp
         terms, out = self._parse(ctx)
         active = [i for i in range(len(terms)) if not ctx.is_const(i)]
-        if ctx.mode == "deeplift" and len(active) > 2:
+        if ctx.mode == Mode.DEEPLIFT and len(active) > 2:
             _refuse(ctx, "DeepLIFT's product rule is exact for two activation operands; this has "
                          f"{len(active)}")
         used = set("".join(terms) + out)
@@ -231,7 +232,7 @@ class Einsum(Rule):
             if ctx.is_const(i):
                 return ctx.input_value(i)
             x = ctx.x(i)
-            x0 = ctx.x0(i) if ctx.mode == "deeplift" else None
+            x0 = ctx.x0(i) if ctx.mode == Mode.DEEPLIFT else None
             return x if x0 is None else (x + x0) * 0.5
 
         grads = []

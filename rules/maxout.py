@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, unbroadcast
 
@@ -54,7 +55,7 @@ class Maxout(Rule):
         sign = 1 if ctx.node.op_type == "Max" else -1
         n = len(ctx.node.inputs)
         actual = [ctx.x(i) * sign for i in range(n)]
-        if ctx.mode == "deeplift":
+        if ctx.mode == Mode.DEEPLIFT:
             refs = [ctx.x0(i) * sign for i in range(n)]
             shape = np.broadcast_shapes(*[a.shape for a in actual], *[r.shape for r in refs])
             starts = [xp.broadcast_to(r, shape) for r in refs]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError
 
@@ -82,7 +83,7 @@ class _Normalization(Rule):
     centre = True
 
     def describe(self, mode):
-        return self.paper_rule if mode == "deeplift" else "gradient"
+        return self.paper_rule if mode == Mode.DEEPLIFT else "gradient"
 
     def _constants(self, ctx, indices):
         for i in indices:
@@ -122,7 +123,7 @@ class _Normalization(Rule):
         self._constants(ctx, range(1, len(ctx.node.inputs)))
         xp = ctx.xp
         x = ctx.x(0)
-        x0 = ctx.x0(0) if ctx.mode == "deeplift" else None
+        x0 = ctx.x0(0) if ctx.mode == Mode.DEEPLIFT else None
         scale, _ = self._affine_params(ctx, x.shape, g.dtype)
         gn = g * scale
         xg = self._grouped(ctx, x)

@@ -25,6 +25,7 @@ import numpy as np
 from liftir.kernels.parallel import over_rows
 from liftir.kernels.windows import scatter_to_windows, untile, window_max, window_max_hits, window_pieces
 from liftir.errors import InputError, ModelLoadError
+from liftir.methods import MaxRule, Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, blend, difference
 
@@ -34,7 +35,7 @@ from .linear import _Pool, _pool_geometry, _reduce_axes
 def shares(ctx, g, y, y0):
     """What each window's output multiplier g gives its actual argmax and its reference
     argmax (None: nothing), by the max rule chosen (module docstring)."""
-    if ctx.options.get("max_rule", "cross_max") == "paper":
+    if ctx.options.get("max_rule", MaxRule.CROSS_MAX) == MaxRule.PAPER:
         return g * (y - y0), None
     top = ctx.xp.maximum(y, y0)
     return g * (top - y0), g * (y - top)
@@ -54,7 +55,7 @@ def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
     at the actual / reference argmax of each window into an input-shaped array.
     """
     xp = ctx.xp
-    if ctx.mode != "deeplift":
+    if ctx.mode != Mode.DEEPLIFT:
         return scatter(g, None)
     contrib = scatter(*shares(ctx, g, y, y0))
     dx = difference(xp, x, x0)  # a masked -inf in both passes did not move (not NaN)
@@ -69,7 +70,7 @@ class _MaxRule(Rule):
     paper_rule = "max (2.3.2): cross_max (default) or paper"
 
     def describe(self, mode):
-        return "switches (gradient)" if mode != "deeplift" else self.paper_rule
+        return "switches (gradient)" if mode != Mode.DEEPLIFT else self.paper_rule
 
 
 @builtin_rule("MaxPool")
@@ -132,7 +133,7 @@ class MaxPool(_Pool, _MaxRule):
         the same bits, as the general path)."""
         xp = ctx.xp
         y, hits_a = window_max_hits(xp, windows, x)
-        if ctx.mode != "deeplift":
+        if ctx.mode != Mode.DEEPLIFT:
             untile(xp, windows, [g * hit for hit in hits_a], out)
             return
         y0, hits_r = reference
@@ -156,7 +157,7 @@ class MaxPool(_Pool, _MaxRule):
         """max_rule_multipliers for one chunk of rows, its three scatters fused in one loop."""
         xp = ctx.xp
         y, hit_a = _winner_masks(*_winners(xp, windows, x))
-        if ctx.mode != "deeplift":
+        if ctx.mode != Mode.DEEPLIFT:
             return scatter_to_windows(xp, windows, g.shape[:3], lambda k: g * hit_a(k), g.dtype)
         y0, hit_r = _winner_masks(*reference)
         at_actual, at_reference = shares(ctx, g, y, y0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from liftir.errors import InputError
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, unbroadcast
 
@@ -33,7 +34,7 @@ class _Bilinear(Rule):
     signed = True  # a constant operand may be negative: RevealCancel's |L| uses |constant|
 
     def describe(self, mode):
-        if mode == "deeplift":
+        if mode == Mode.DEEPLIFT:
             return "product (2.3.5): m1 = x0_2 + dx2/2; affine (2.3.1) with a constant operand"
         return "gradient: m1 = x2; affine with a constant operand"
 
@@ -82,13 +83,13 @@ class Mul(_Bilinear):
             # with a constant factor the midpoint is the constant itself: one formula serves both
             if ctx.is_const(index):
                 return _actual_rows(ctx, index, ctx.input_value(index))
-            return _midpoint(ctx, index) if ctx.mode == "deeplift" else ctx.x(index)
+            return _midpoint(ctx, index) if ctx.mode == Mode.DEEPLIFT else ctx.x(index)
 
         # each factor's multiplier is the other's midpoint: computed only for an input that
         # gets a multiplier (never for a constant's), and written over when it is a temporary
-        ga = None if const_a else unbroadcast(xp, _times(xp, g, other(1), ctx.mode == "deeplift" and not const_b),
+        ga = None if const_a else unbroadcast(xp, _times(xp, g, other(1), ctx.mode == Mode.DEEPLIFT and not const_b),
                                               ctx.input_shape(0))
-        gb = None if const_b else unbroadcast(xp, _times(xp, g, other(0), ctx.mode == "deeplift" and not const_a),
+        gb = None if const_b else unbroadcast(xp, _times(xp, g, other(0), ctx.mode == Mode.DEEPLIFT and not const_a),
                                               ctx.input_shape(1))
         return ga, gb
 
@@ -139,7 +140,7 @@ class MatMul(_Bilinear):
     def _operand(self, ctx, index):
         if ctx.is_const(index):
             return ctx.input_value(index)
-        return _midpoint(ctx, index) if ctx.mode == "deeplift" else ctx.x(index)
+        return _midpoint(ctx, index) if ctx.mode == Mode.DEEPLIFT else ctx.x(index)
 
     def backward(self, ctx, g):
         xp = ctx.xp
@@ -196,7 +197,7 @@ class Div(Rule):
     signed = True  # a constant divisor may be negative: RevealCancel's |L| uses 1/|b|
 
     def describe(self, mode):
-        if mode == "deeplift":
+        if mode == Mode.DEEPLIFT:
             return "product (2.3.5) of a and Rescale (2.3.4) 1/b; affine (2.3.1) with a constant divisor"
         return "gradient: m_a = 1/b, m_b = -a/b^2; affine with a constant divisor"
 
@@ -212,9 +213,9 @@ class Div(Rule):
             b = xp.asarray(ctx.input_value(1), dtype=g.dtype)
             return unbroadcast(xp, g / b, ctx.input_shape(0)), None
         b = ctx.x(1)
-        b0 = ctx.x0(1) if ctx.mode == "deeplift" else b
+        b0 = ctx.x0(1) if ctx.mode == Mode.DEEPLIFT else b
         a_mid = ctx.input_value(0) if ctx.is_const(0) else (
-            _midpoint(ctx, 0) if ctx.mode == "deeplift" else ctx.x(0))
+            _midpoint(ctx, 0) if ctx.mode == Mode.DEEPLIFT else ctx.x(0))
         ga = None
         if not ctx.is_const(0):
             m_a = 1 / b

@@ -34,6 +34,7 @@ import numpy as np
 
 from liftir.backend import to_host
 from liftir.errors import InputError
+from liftir.methods import Mode
 from liftir.registry import builtin_rule, lookup
 from liftir.rule import MODES, Rule, RuleError, rescale_multiplier
 
@@ -157,7 +158,7 @@ class _Recurrent(Rule):
                   "gradient: backprop through time")
 
     def describe(self, mode):
-        return self.paper_rule if mode == "deeplift" else "backprop through time"
+        return self.paper_rule if mode == Mode.DEEPLIFT else "backprop through time"
 
     # ---- parameters ---------------------------------------------------------------------
     def _const(self, ctx, index, what, required=True):
@@ -382,7 +383,7 @@ class _Recurrent(Rule):
 
     def _backward(self, ctx, *grads):
         xp = ctx.xp
-        deeplift = ctx.mode == "deeplift"
+        deeplift = ctx.mode == Mode.DEEPLIFT
         x_full = ctx.x(0)
         dirs, params, hidden, acts = self._setup(ctx, x_full)
         p = x_full.shape[0]

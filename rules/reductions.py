@@ -26,6 +26,7 @@ opset (and win over the expansion, being one op instead of three).
 """
 from __future__ import annotations
 
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, sinhc
 
@@ -50,7 +51,7 @@ class _Reduction(Rule):
 
     def backward(self, ctx, g, *unused):
         x = ctx.x(0)
-        x0 = ctx.x0(0) if ctx.mode == "deeplift" else None
+        x0 = ctx.x0(0) if ctx.mode == Mode.DEEPLIFT else None
         axes = self._axes(ctx, x.ndim)
         if axes is not None and not ctx.attr("keepdims", 1):  # give g back its reduced axes
             g = ctx.xp.expand_dims(g, tuple(a + 1 for a in sorted(axes)))
@@ -197,12 +198,12 @@ class ReduceProd(_Reduction):
         return x.prod(axis=axes, keepdims=bool(ctx.attr("keepdims", 1)))
 
     def describe(self, mode):
-        return self.paper_rule if mode == "deeplift" else "gradient: m_i = prod of the other factors"
+        return self.paper_rule if mode == Mode.DEEPLIFT else "gradient: m_i = prod of the other factors"
 
     def backward(self, ctx, g, *unused):
         xp = ctx.xp
         x = ctx.x(0)
-        x0 = ctx.x0(0) if ctx.mode == "deeplift" else None
+        x0 = ctx.x0(0) if ctx.mode == Mode.DEEPLIFT else None
         axes = self._axes(ctx, x.ndim)
         if axes is None:
             return (g,) + (None,) * (len(ctx.node.inputs) - 1)

@@ -23,6 +23,7 @@ import operator
 import numpy as np
 
 from liftir.kernels.scatter import scatter_add
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Linear, Rule, RuleError, difference, is_traced, unbroadcast
 
@@ -44,10 +45,10 @@ class _Boolean(Rule):
     paper_rule = "boolean output read as 0/1"
 
     def describe(self, mode):
-        return self.paper_rule if mode == "deeplift" else "zero gradient (no multiplier)"
+        return self.paper_rule if mode == Mode.DEEPLIFT else "zero gradient (no multiplier)"
 
     def backward(self, ctx, g):
-        if ctx.mode != "deeplift":
+        if ctx.mode != Mode.DEEPLIFT:
             return (None,) * len(ctx.node.inputs)
         return self.deeplift(ctx, g)
 
@@ -166,7 +167,7 @@ class Where(Rule):
     paper_rule = "selection: m_a = c', m_b = 1 - c', m_cond = a' - b' (product rule 2.3.5 on b + c(a - b))"
 
     def describe(self, mode):
-        if mode == "deeplift":
+        if mode == Mode.DEEPLIFT:
             return self.paper_rule
         return "gradient: m_a = c, m_b = 1 - c"
 
@@ -176,7 +177,7 @@ class Where(Rule):
     def backward(self, ctx, g):
         xp = ctx.xp
         dtype = g.dtype
-        if ctx.mode == "deeplift":
+        if ctx.mode == Mode.DEEPLIFT:
             c = _midpoint_number(ctx, 0, dtype)
         else:
             c = ctx.input_value(0) if ctx.is_const(0) else ctx.x(0)
@@ -184,7 +185,7 @@ class Where(Rule):
         ga = None if ctx.is_const(1) else unbroadcast(xp, g * c, ctx.input_shape(1))
         gb = None if ctx.is_const(2) else unbroadcast(xp, g * (1 - c), ctx.input_shape(2))
         gc = None
-        if ctx.mode == "deeplift" and not ctx.is_const(0):
+        if ctx.mode == Mode.DEEPLIFT and not ctx.is_const(0):
             switched = ctx.x(0) != ctx.x0(0)
             if bool(switched.any()):
                 spread = _midpoint_number(ctx, 1, dtype) - _midpoint_number(ctx, 2, dtype)
@@ -299,7 +300,7 @@ class _Indexed(Linear):
         if ctx.is_const(self.index_input):
             return _index_rows(ctx, ctx.xp.asarray(ctx.const(self.index_input)), rows)
         idx = stacked if stacked is not None else ctx.x(self.index_input)
-        if stacked is None and ctx.mode == "deeplift":
+        if stacked is None and ctx.mode == Mode.DEEPLIFT:
             ref = ctx.x0(self.index_input)
             if ref is not None and not bool((ref == idx).all()):
                 _refuse(ctx, "its indices depend on the input and differ between the actual input and the "

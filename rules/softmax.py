@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from liftir.backend import to_host
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import MODES, Rule, RuleError, difference, fill_where, scale_rows
 
@@ -150,7 +151,7 @@ class Softmax(Rule):
         p, lse = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
         live = None
-        if ctx.mode != "deeplift":
+        if ctx.mode != Mode.DEEPLIFT:
             r = xp.ones_like(p) if log else p
             weights = p
         else:
@@ -185,9 +186,9 @@ class Softmax(Rule):
                 r = _exp_rescale(xp, dx, p, p0, work)
                 if live is not None:
                     r = xp.where(live, r, 0)
-        gr = scale_rows(xp, g, r, reuse=ctx.mode == "deeplift" and not log)  # r is this rule's own temporary
+        gr = scale_rows(xp, g, r, reuse=ctx.mode == Mode.DEEPLIFT and not log)  # r is this rule's own temporary
         total = gr.sum(axis=axis + 1, keepdims=True)
-        if ctx.mode == "deeplift" and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
+        if ctx.mode == Mode.DEEPLIFT and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
             weights *= total[0]  # weights is a temporary here
             gr -= weights
         else:

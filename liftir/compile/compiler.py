@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import scheduler
+from ..methods import METHODS
 from ..ort_forward import runnable
 from ..threads import cpu_threads
 from . import tracer
@@ -29,8 +30,7 @@ SEED = "liftir_seed"
 #: methods whose passes compile: integrated gradients its gradient passes over points of
 #: the path, DeepLIFT-SHAP its passes over (sample, reference) pairs, RevealCancel its split
 #: forward and backward
-COMPILED_METHODS = ("deeplift", "deeplift_revealcancel", "saliency", "input_x_gradient", "guided_backprop",
-                    "deconvnet", "integrated_gradients", "deeplift_shap")
+COMPILED_METHODS = tuple(METHODS)
 
 
 def multiplier_name(tensor: str) -> str:

@@ -8,12 +8,13 @@ import logging
 import numpy as np
 
 from .. import scheduler
-from .compiler import COMPILED_METHODS, CompiledPass, compile_pass
+from ..methods import Engine
+from .compiler import CompiledPass, compile_pass
 from .tracer import TraceError
 
 logger = logging.getLogger("liftir")
 
-ENGINES = ("interpreter", "compiled")
+ENGINES = tuple(e.value for e in Engine)
 
 
 class CompiledEngine:
@@ -26,9 +27,6 @@ class CompiledEngine:
 
     def why_not(self, call) -> str | None:
         """Why a call cannot use the compiled engine at all, or None."""
-        method = self.explainer.method.name
-        if method not in COMPILED_METHODS:
-            return f"method {method!r} is not compiled yet"
         if call.func is not None:
             return "attribution_func is array code applied after the pass"
         if self.explainer.xp is not np:
@@ -41,7 +39,7 @@ class CompiledEngine:
                tuple((name, v.shape, v.dtype.str) for name, v in feeds.items()))
         if key not in self.passes:
             ex = self.explainer
-            split = tuple(ex.attributed) if ex.method.name == "deeplift_revealcancel" else None
+            split = tuple(ex.attributed) if ex.method.split else None
             compiled = None
             try:
                 compiled = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k, ex.options,

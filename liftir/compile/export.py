@@ -17,7 +17,8 @@ from onnx import helper
 
 from ..errors import InputError
 from . import tracer
-from .compiler import COMPILED_METHODS, SEED, compile_pass
+from ..methods import Attribution
+from .compiler import SEED, compile_pass
 from .tracer import Recorder, Traced, TraceError
 
 STACKED = "liftir_stacked:"
@@ -26,8 +27,6 @@ STACKED = "liftir_stacked:"
 def export(explainer, batch_size: int = 1, target=None, output: str | None = None) -> onnx.ModelProto:
     ex = explainer
     method = ex.method
-    if method.name not in COMPILED_METHODS:
-        raise InputError(f"method {method.name!r} cannot be exported yet; exportable: {', '.join(COMPILED_METHODS)}")
     if len(ex.attributed) != len(ex.input_names) or ex.plan.embeddings:
         raise InputError("models with integer inputs cannot be exported yet")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -86,17 +85,17 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
                 a = tracer.zeros((k,) + z.shape, z.dtype)
             else:
                 m = Traced(rec, m_name, (k,) + z.shape, z.dtype)
-                if method.attribution == "delta":
+                if method.attribution is Attribution.DELTA:
                     a = m * (x - Traced(rec, f"{name}_baseline", (1,) + z.shape[1:], z.dtype))
-                elif method.attribution == "input":
+                elif method.attribution is Attribution.INPUT:
                     a = m * x
                 else:
                     a = m
-            if method.attribution == "delta":
+            if method.attribution is Attribution.DELTA:
                 s = a.reshape(k, n, -1).sum(axis=2)
                 sums = s if sums is None else sums + s
             outputs.append((f"{name}_attribution", _per_sample(a, k, target)))
-        if method.attribution == "delta":
+        if method.attribution is Attribution.DELTA:
             y = Traced(rec, explained, (n + 1,) + rest, dtype)
             diff = y[:n] - y[n:]
             explained_diff = (seed_t * diff).reshape(k, n, -1).sum(axis=2)

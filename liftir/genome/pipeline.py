@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..compile.engine import ENGINES
 from ..errors import InputError
+from ..methods import Engine, Reference, get_method
 from . import store
 from .attribution import shap_scores
 from .references import ReferenceSpec, load_reference_file, make_references
@@ -281,12 +281,11 @@ def explain_genome(model, *, out: str, fasta: str | None = None, bed: str | None
 
     user_refs = load_reference_file(reference_file, width) if references == "file" else None
     n_refs = spec.n if references != "file" else len(user_refs)
-    if method == "deeplift" and n_refs != 1:
-        raise InputError(f"method 'deeplift' takes one reference per region; {references!r} "
+    if get_method(method).reference is Reference.ONE and n_refs != 1:
+        raise InputError(f"method {method!r} takes one reference per region; {references!r} "
                          f"gives {n_refs} (use deeplift_shap)")
     from ..explainer import Explainer
-    if engine not in ENGINES:
-        raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
+    engine = Engine.parse(engine, "engine").value  # a string: the store's config records it
     probe = Explainer(model_path.read_bytes(), method="deeplift_shap", max_rule=max_rule, engine=engine)
     channels_first = _model_layout(probe, width)
     if backend == "numpy":  # tasks run in this process reuse it
