@@ -3,6 +3,7 @@
 Importing this package registers every rule; the registry does so on first use.
 """
 from . import (  # noqa: F401  (imported for their registrations)
+    conv,
     elementwise,
     linear,
     linear_maps,
