@@ -1,26 +1,28 @@
 """The public entry point: `Explainer(model, method=...).attribute(inputs, baselines, target)`.
 
-This module validates what the user passes (so nothing fails deep inside NumPy),
-stacks actual and reference inputs into one batch, asks the scheduler for a forward and
-a backward pass, and turns multipliers into attributions and convergence deltas.
+This module runs a call: it cuts the work into passes, each a forward over the stacked
+batch [actual; reference] and a backward from the targets' seed, and turns multipliers into
+attributions and convergence deltas as the method (liftir/methods.py) says. What users pass
+is validated before: inputs and baselines in liftir/inputs.py, outputs and targets in
+liftir/targets.py.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from . import diagnostics, revealcancel, scheduler
+from . import diagnostics, revealcancel, scheduler, targets
 from .backend import array_module, to_host
 from .batch_axis import samples_first
 from .cut import cut_at
-from .data import resolve_input
 from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
 from .layout import batch_first
-from .graph import FLOAT_DTYPES, Graph, build_graph, promote_to_float64, read_model
+from .graph import Graph, build_graph, promote_to_float64, read_model
+from .inputs import model_inputs, pack, prepare, stack
 from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
 from .methods import (Attribution, Engine, FinalActivation, MaxRule, Method, Mode, Passes, Precision, Reference,
                       get_method, integration_points, methods_where)
@@ -30,8 +32,6 @@ from .progress import Progress
 from .training_mode import refuse_training_mode
 from .compile.engine import CompiledEngine
 
-STRIPPED_FINAL_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
-PASS_THROUGH_OPS = ("Identity", "Cast", "Dropout")
 
 
 class Explainer:
@@ -94,7 +94,7 @@ class Explainer:
         #: what rules read of the options (`ctx.options`)
         self.options = {"max_rule": self.max_rule, "final_activation": self.final_activation}
         self.rule_overrides = rules
-        self.inputs = self._model_inputs()
+        self.inputs = model_inputs(self.graph)
         held = tuple(i.name for i in self.inputs if i.dtype.kind != "f")
         self.plan = scheduler.Plan(self.graph, self.method.mode, self.method.name, rules, integer_inputs=held)
         #: what attributions are returned for: the float inputs, then the float tensors computed
@@ -154,18 +154,6 @@ class Explainer:
             pass
 
     # ---- model inspection ------------------------------------------------------------------
-    def _model_inputs(self):
-        """Float inputs are attributed; integer and bool ones (token ids, masks) are held."""
-        bad = [i for i in self.graph.inputs if i.dtype is None or
-               (i.dtype.type not in FLOAT_DTYPES and i.dtype.kind not in "biu")]
-        if bad:
-            names = ", ".join(f"{i.name!r} ({i.dtype})" for i in bad)
-            raise ModelLoadError(f"liftir reads float, integer and bool inputs; this model has "
-                                 f"other inputs: {names}")
-        if not self.graph.inputs:
-            raise ModelLoadError("the model has no inputs to attribute to")
-        return list(self.graph.inputs)
-
     def _default_output(self) -> str | None:
         """The model's only output; None when it has several (then each call names one)."""
         outs = [o.name for o in self.graph.outputs]
@@ -191,249 +179,17 @@ class Explainer:
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
 
-    # ---- input validation --------------------------------------------------------------------
-    def _unpack(self, inputs, what: str):
-        """Inputs as a list in model-input order, plus how to pack results the same way."""
-        names = self.input_names
-        if isinstance(inputs, Mapping):
-            unknown = set(inputs) - set(names)
-            missing = [n for n in names if n not in inputs]
-            if unknown or missing:
-                raise InputError(f"{what}: keys must be the model inputs {names}; "
-                                 f"unknown {sorted(unknown)}, missing {missing}")
-            return [inputs[n] for n in names], ("dict", names)
-        if isinstance(inputs, (tuple, list)) and len(names) > 1:
-            if len(inputs) != len(names):
-                raise InputError(f"{what}: the model has {len(names)} inputs {names}, got {len(inputs)} arrays")
-            return list(inputs), ("tuple", None)
-        if isinstance(inputs, tuple) and len(names) == 1 and len(inputs) == 1:
-            return [inputs[0]], ("tuple", None)
-        if len(names) > 1:
-            raise InputError(f"{what}: the model has {len(names)} inputs {names}; pass a tuple or a dict")
-        return [inputs], ("array", None)
-
-    @staticmethod
-    def _pack(values, kind):
-        form, names = kind
-        if form == "dict":
-            return dict(zip(names, values))
-        if form == "tuple":
-            return tuple(values)
-        return values[0]
-
-    def _as_array(self, value, info, what: str) -> np.ndarray:
-        if hasattr(value, "__cuda_array_interface__"):  # a CuPy (or other GPU) array
-            value = to_host(value)
-        try:
-            arr = np.asarray(value)
-        except Exception as exc:
-            raise InputError(f"{what} for input {info.name!r} is not an array: {exc}") from None
-        if arr.dtype.kind not in "biuf":
-            raise InputError(f"{what} for input {info.name!r} has dtype {arr.dtype}; "
-                             f"expected real numbers (float, int or bool)")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
-            raise InputError(f"{what} for input {info.name!r} contains {bad} NaN/Inf value(s)")
-        return arr.astype(info.dtype, copy=False)
-
-    def _check_shape(self, arr: np.ndarray, info, what: str) -> None:
-        if info.shape is None:
-            return
-        if arr.ndim != len(info.shape):
-            raise InputError(f"{what} for input {info.name!r} has shape {arr.shape}; the model expects "
-                             f"rank {len(info.shape)} ({_shape_str(info.shape)})")
-        for axis, (got, want) in enumerate(zip(arr.shape[1:], info.shape[1:]), start=1):
-            if isinstance(want, int) and want > 0 and got != want:
-                raise InputError(f"{what} for input {info.name!r} has shape {arr.shape}; the model expects "
-                                 f"{_shape_str(info.shape)} (axis {axis} must be {want})")
-
     def prepare_inputs(self, inputs, baselines, need_reference: bool, distribution: bool = False):
         """Validated inputs and baselines as lists of NumPy arrays in model-input order.
 
-        Returns (inputs, baselines or None, how to pack results like `inputs`). Every
-        problem is an InputError naming the input; used by `liftir check` and the CLI too.
+        Returns (inputs, baselines or None, how to pack results like `inputs`); every
+        problem is an InputError naming the input (liftir/inputs.py).
         """
-        inputs, baselines = resolve_input(inputs), resolve_input(baselines)  # `example:NAME`
-        xs, kind = self._unpack(inputs, "inputs")
-        xs = [self._as_array(x, info, "inputs") for x, info in zip(xs, self.inputs)]
-        for x, info in zip(xs, self.inputs):
-            if x.ndim == 0:
-                raise InputError(f"inputs for {info.name!r} must have a batch axis, got a scalar")
-            self._check_shape(x, info, "inputs")
-        n = xs[0].shape[0]
-        if any(x.shape[0] != n for x in xs):
-            raise InputError(f"all inputs must have the same batch size, got {[x.shape[0] for x in xs]}")
-        if n == 0:
-            raise InputError("inputs have an empty batch")
-        if not need_reference:
-            return xs, None, kind
-        held = [info.dtype.kind != "f" for info in self.inputs]
-        if baselines is None:
-            bs = [None] * len(xs)
-        elif len(self.inputs) == 1 and not isinstance(baselines, (Mapping, tuple)):
-            bs = [baselines]
-        elif isinstance(baselines, (int, float)):
-            bs = [None if h else baselines for h in held]  # a scalar reference is for float inputs
-        elif isinstance(baselines, Mapping) and any(held):  # held inputs may be left out
-            bs, _ = self._unpack({**{i.name: None for i, h in zip(self.inputs, held) if h}, **baselines},
-                                 "baselines")
-        else:
-            bs, _ = self._unpack(baselines, "baselines")
-        # default reference: zeros; an integer input not given is held at its actual value
-        refs = [(x if h else np.zeros((1,) + x.shape[1:], x.dtype)) if b is None else
-                self._baseline(b, x, info, distribution) for b, x, info, h in zip(bs, xs, self.inputs, held)]
-        if distribution:
-            left_out = [h and b is None for h, b in zip(held, bs)]
-            # (B,) for references shared by the batch, (N, B) for each sample's own; each input
-            # counted against its own rank (a (N,) lengths input beside (N, T, F) features)
-            counts = {r.shape[:r.ndim - x.ndim + 1] for r, x, lo in zip(refs, xs, left_out) if not lo}
-            if len(counts) > 1:
-                raise InputError(f"all baselines must hold the same number of references, got shapes "
-                                 f"{[r.shape for r, lo in zip(refs, left_out) if not lo]}")
-            if any(left_out):
-                # an integer input the baselines leave out keeps each sample's own value for all of
-                # its references, so every input's references become the sample's own, (N, B, ...)
-                pairs = next(iter(counts))[-1] if counts else 1
-                refs = [np.broadcast_to(x[:, None], (n, pairs) + x.shape[1:]) if lo else
-                        r if r.ndim == x.ndim + 1 else np.broadcast_to(r[None], (n,) + r.shape)
-                        for r, x, lo in zip(refs, xs, left_out)]
-            return xs, refs, kind
-        own = self.plan.own_references  # constants tied to each sample (liftir.rule.Rule.needs_own_references)
-        if n > 1 and not own and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
-            refs = [r[:1] for r in refs]  # zeros_like(x) & co.: one reference row, forwarded once
-        if n > 1 and (own or any(r.shape[0] == n for r in refs)):  # per-sample references: all to N rows
-            refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
-        return xs, refs, kind
-
-    def _baseline(self, b, x: np.ndarray, info, distribution: bool = False) -> np.ndarray:
-        if np.isscalar(b):
-            return np.full((1,) + x.shape[1:], self._as_array(b, info, "baselines"), dtype=x.dtype)
-        arr = self._as_array(b, info, "baselines")
-        if arr.shape == x.shape[1:]:
-            arr = arr[None]
-        if distribution and arr.ndim == x.ndim and arr.shape[1:] == x.shape[1:] and arr.shape[0] >= 1:
-            return arr  # (B, ...): one distribution shared by the batch
-        if distribution and arr.ndim == x.ndim + 1 and arr.shape[0] == x.shape[0] and arr.shape[2:] == x.shape[1:]:
-            return arr  # (N, B, ...): each sample's own references (e.g. its dinucleotide shuffles)
-        if arr.ndim != x.ndim or arr.shape[0] not in (1, x.shape[0]):
-            raise InputError(f"baselines for input {info.name!r} have shape {arr.shape}; expected "
-                             f"{x.shape}, (1, {', '.join(map(str, x.shape[1:]))}) or {x.shape[1:]}")
-        try:
-            return np.broadcast_to(arr, (arr.shape[0],) + x.shape[1:])
-        except ValueError:
-            raise InputError(f"baselines for input {info.name!r} of shape {arr.shape} do not broadcast "
-                             f"to the inputs' shape {x.shape}") from None
-
-    # ---- targets -----------------------------------------------------------------------------
-    def _final_activation(self, output: str):
-        """The Softmax/LogSoftmax/Sigmoid node a model output comes from, or None.
-
-        Looks through Identity, Cast and Dropout (skl2onnx ends Softmax -> Identity).
-        """
-        if output not in {o.name for o in self.graph.outputs}:
-            return None  # an intermediate neuron (output=...) is explained as it is
-        node = self.graph.nodes.get(self.graph.producer.get(output, ""))
-        while node is not None and node.op_type in PASS_THROUGH_OPS:
-            node = self.graph.nodes.get(self.graph.producer.get(node.inputs[0], ""))
-        return node if node is not None and node.op_type in STRIPPED_FINAL_OPS else None
+        return prepare(self.inputs, inputs, baselines, need_reference, distribution, self.plan.own_references)
 
     def explained_tensor(self, output: str) -> tuple[str, str | None]:
-        """(tensor whose value is explained, final op stripped or None)."""
-        if self.final_activation is not FinalActivation.STRIP:
-            return output, None
-        node = self._final_activation(output)
-        if node is None:
-            return output, None
-        if node.op_type != "Sigmoid" and node.opset < 13 and len(self._shape_hint(node.outputs[0])) > 2:
-            return output, None  # old-opset softmax over flattened trailing axes: keep it
-        return node.inputs[0], node.op_type
-
-    def _shape_hint(self, name: str):
-        info = self.graph.tensor_info(name)
-        return info.shape if info is not None and info.shape is not None else (None, None)
-
-    @staticmethod
-    def _n_targets(rest: tuple[int, ...], target) -> int:
-        """K, the number of targets explained together: 1 unless "all" or an (N, K) array."""
-        if isinstance(target, str) and target == "all":
-            return int(np.prod(rest)) if rest else 1
-        if isinstance(target, np.ndarray) and target.ndim == 2:
-            return target.shape[1]
-        return 1
-
-    def _seed(self, out_shape: tuple[int, ...], target, stripped: str | None, axis: int,
-              targets: slice = slice(None), dtype=np.float64) -> np.ndarray:
-        """The initial multipliers (k, N, *out_shape[1:]) selecting the explained quantity,
-        for the targets `targets` of the K the call asks for.
-
-        K is 1 for one target per sample; K > 1 for several (target="all" or an (N, K) /
-        (1, K) array of class indices). Only the slice asked for is built: for "all" the
-        full seed is K * N * K numbers, 13 GiB for 30,000 outputs.
-        """
-        n = out_shape[0]
-        rest = out_shape[1:]
-        size = int(np.prod(rest)) if rest else 1
-        if stripped in ("Softmax", "LogSoftmax"):
-            dtype = np.float64  # the mean-normalized weights are built in double, then cast once
-        if isinstance(target, str):
-            if target != "all":
-                raise InputError(f"target must be an int, a sequence, a tuple or 'all', got {target!r}")
-            picked = np.arange(size)[targets]
-            mask = np.zeros((len(picked), n, size), dtype=dtype)
-            mask[np.arange(len(picked)), :, picked] = 1.0
-            mask = mask.reshape((len(picked), n) + rest)
-        elif isinstance(target, np.ndarray) and target.ndim == 2:
-            if len(rest) != 1:
-                raise InputError(f"several class targets per sample need an (N, C) output; this one is "
-                                 f"{('N',) + rest}")
-            if target.shape[0] not in (1, n) or target.dtype.kind not in "iu":
-                raise InputError(f"a 2-D target must be ints of shape (N, K) or (1, K), got {target.shape}")
-            _check_indices(target, rest[0], "targets")
-            t = np.broadcast_to(target, (n, target.shape[1]))[:, targets]
-            mask = np.zeros((t.shape[1], n) + rest, dtype=dtype)
-            mask[np.arange(t.shape[1])[None, :], np.arange(n)[:, None], t] = 1.0
-        elif target is None:
-            if size != 1:
-                raise InputError(f"the explained output has shape {('N',) + rest}: pass target= "
-                                 f"(an index, one index per sample, a tuple over the non-batch axes, or 'all')")
-            mask = np.ones((1, n) + rest, dtype=dtype)
-        else:
-            mask = np.zeros((1, n) + rest, dtype=dtype)
-            mask[(0, np.arange(n)) + self._target_index(target, n, rest)] = 1.0
-        if stripped in ("Softmax", "LogSoftmax"):
-            ax = axis if axis >= 0 else len(out_shape) + axis
-            if ax == 0:
-                raise InputError("a Softmax over the batch axis cannot be explained per sample")
-            mask = mask - mask.sum(axis=ax + 1, keepdims=True) / out_shape[ax]  # paper 2.5
-        return mask
-
-    @staticmethod
-    def _target_index(target, n: int, rest: tuple[int, ...]) -> tuple:
-        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-            if len(rest) != 1:
-                raise InputError(f"an int target indexes axis 1 of an (N, C) output; this output is "
-                                 f"{('N',) + rest}: pass a tuple with one index per non-batch axis")
-            _check_indices(np.asarray([target]), rest[0], "target")
-            return (np.full(n, int(target)),)
-        if isinstance(target, tuple):
-            if len(target) != len(rest) or not all(isinstance(t, (int, np.integer)) for t in target):
-                raise InputError(f"a tuple target needs one int per non-batch axis of the output "
-                                 f"{('N',) + rest}, got {target!r}")
-            for t, size in zip(target, rest):
-                if not 0 <= t < size:
-                    raise InputError(f"target {target!r} is out of range for output shape {('N',) + rest} "
-                                     f"(indices count from 0; negative indices are not accepted)")
-            return tuple(np.full(n, int(t)) for t in target)
-        if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, str):
-            arr = np.asarray(target)
-            if arr.ndim != 1 or arr.shape[0] != n or arr.dtype.kind not in "iu":
-                raise InputError(f"a sequence target needs one int per sample ({n}), got shape {arr.shape}")
-            if len(rest) != 1:
-                raise InputError(f"per-sample int targets index axis 1 of an (N, C) output; this output is "
-                                 f"{('N',) + rest}")
-            _check_indices(arr, rest[0], "targets")
-            return (arr,)
-        raise InputError(f"target must be None, an int, a tuple of ints or a sequence of ints, got {target!r}")
+        """(tensor whose value is explained, final op stripped or None): liftir/targets.py."""
+        return targets.explained_tensor(self.graph, output, self.final_activation)
 
     # ---- running ---------------------------------------------------------------------------------
     def predict(self, inputs, output: str | None = None):
@@ -530,17 +286,9 @@ class Explainer:
                                                     or internal_batch_size < 1):
                 raise InputError(f"internal_batch_size must be a positive int, got {internal_batch_size!r}")
             quadrature = (alphas, weights, internal_batch_size)
-        target = _sequence_target(target, n)
-        explained, stripped = self.explained_tensor(out)
-        cost, rest = self._row_cost(xs, explained)
-        call = _Call(explained=explained, stripped=stripped,
-                     axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
-                     k=self._n_targets(rest, target), wrt=(layer,) if layer else tuple(self._wrt()),
-                     multiply=multiply_by_inputs, func=attribution_func, progress=progress)
-        # bad targets fail now, not after the first passes: the form on one row, the range on all
-        self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
-        if isinstance(target, np.ndarray) and len(rest) == 1:
-            _check_indices(target, rest[0], "targets")
+        call, cost = self._call(out, xs, target, wrt=(layer,) if layer else tuple(self._wrt()),
+                                multiply=multiply_by_inputs, func=attribution_func, progress=progress)
+        target = call.target
         cap = min(n, batch_size or n)
         if method.passes is Passes.PAIRS:
             attrs, delta = self._run_pairs(call, xs, refs, cost, budget, cap)
@@ -556,7 +304,7 @@ class Explainer:
         elif len(self.attributed) != len(self.input_names) or self.plan.embeddings:
             result = dict(zip(call.wrt, attrs))  # integer inputs: by attributed tensor
         else:
-            result = self._pack(attrs, kind)
+            result = pack(attrs, kind)
         diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer)
         if return_convergence_delta:
             return result, delta
@@ -693,25 +441,16 @@ class Explainer:
         n = xs[0].shape[0]
         _check_batch_size(batch_size)
         budget = parse_memory(max_memory)
-        target = _sequence_target(target, n)
-        explained, stripped = self.explained_tensor(out)
-        cost, rest = self._row_cost(xs, explained)
-        call = _Call(explained=explained, stripped=stripped,
-                     axis=self._softmax_axis(out) if stripped else -1, target=target, rest=rest,
-                     k=self._n_targets(rest, target), wrt=tuple(self.attributed), multiply=False,
-                     func=None, progress=progress, per_pair=True)
-        self._seed((1,) + rest, _rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
-        if isinstance(target, np.ndarray) and len(rest) == 1:
-            _check_indices(target, rest[0], "targets")
+        call, cost = self._call(out, xs, target, wrt=tuple(self.attributed), multiply=False, func=None,
+                                progress=progress, per_pair=True)
         m, differences = self._run_pairs(call, xs, refs, cost, budget, min(n, batch_size or n))
-        several = call.k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
-        if several:  # (K, N, B, ...) -> (N, K, B, ...)
+        if targets.several(call.k, call.target):  # (K, N, B, ...) -> (N, K, B, ...)
             m, differences = [np.moveaxis(a, 0, 1) for a in m], np.moveaxis(differences, 0, 1)
         else:
             m, differences = [a[0] for a in m], differences[0]
         if len(self.attributed) != len(self.input_names) or self.plan.embeddings:
             return dict(zip(self.attributed, m)), differences
-        return self._pack(m, kind), differences
+        return pack(m, kind), differences
 
     def _check_attribution_options(self, multiply_by_inputs, attribution_func, abs_) -> None:
         method, name = self.method, self.method.name
@@ -730,6 +469,23 @@ class Explainer:
                 raise InputError(f"attribution_func must be callable f(m, x, x0), got {attribution_func!r}")
             if not multiply_by_inputs:
                 raise InputError("pass attribution_func or multiply_by_inputs=False, not both")
+
+    def _call(self, out: str, xs, target, *, wrt: tuple[str, ...], multiply: bool, func, progress: bool,
+              per_pair: bool = False) -> tuple[_Call, RowCost]:
+        """What a call explains, with its targets checked now, not after the first passes (the
+        form on one row, the range on all), and the cost of a forward row."""
+        n = xs[0].shape[0]
+        target = targets.sequence_target(target, n)
+        explained, stripped = self.explained_tensor(out)
+        cost, rest = self._row_cost(xs, explained)
+        call = _Call(explained=explained, stripped=stripped,
+                     axis=targets.softmax_axis(self.graph, out) if stripped else -1, target=target, rest=rest,
+                     k=targets.n_targets(rest, target), wrt=wrt, multiply=multiply, func=func, progress=progress,
+                     per_pair=per_pair)
+        targets.seed((1,) + rest, targets.rows_of(target, 0, 1, n), stripped, call.axis, slice(0, 1))
+        if isinstance(target, np.ndarray) and len(rest) == 1:
+            targets.check_indices(target, rest[0], "targets")
+        return call, cost
 
     def _row_cost(self, xs, explained: str) -> tuple[RowCost, tuple[int, ...]]:
         """Bytes a forward row keeps, and the explained tensor's non-batch shape, from a
@@ -769,8 +525,7 @@ class Explainer:
 
     def _feeds(self, xs, refs) -> dict:
         """The stacked batch [actual rows; reference rows] per model input."""
-        return {name: self.xp.asarray(x if ref is None else np.concatenate([x, ref]))
-                for name, x, ref in zip(self.input_names, xs, refs or [None] * len(xs))}
+        return stack(self.xp, self.input_names, xs, refs)
 
     def _forward(self, xs, refs, tensor: str) -> scheduler.Run:
         """One batched forward over [actual; reference] rows, up to `tensor`."""
@@ -813,8 +568,7 @@ class Explainer:
             block = {w: [] for w in call.wrt}
             block_deltas = []
             for t0 in range(0, call.k, size.targets):
-                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), self._explained_dtype(call))
+                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
                 k = seed.shape[0]
                 this = compiled.get(feeds, s1 - s0, rows_ref, call, k) if cp is not None else None
                 if this is not None:
@@ -889,8 +643,7 @@ class Explainer:
             per_target = {w: [] for w in call.wrt}
             pass_deltas = []
             for t0 in range(0, call.k, size.targets):
-                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), self._explained_dtype(call))
+                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
                 seed = np.repeat(seed, b1 - b0, axis=1)  # sample-major pairs
                 this = None if compiled is None else compiled.get(
                     feeds, s1 - s0, sub_refs[0].shape[0], call, seed.shape[0], pairs=b1 - b0, tile_references=not own)
@@ -960,8 +713,7 @@ class Explainer:
             run = None
             feeds = self._feeds(path, None) if compiled is not None else None
             for t0 in range(0, call.k, size.targets):
-                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), self._explained_dtype(call))
+                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
                 k = seed.shape[0]
                 seed = np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2))
                 this = None if compiled is None else compiled.get(feeds, path[0].shape[0], 0, call, k)
@@ -991,8 +743,7 @@ class Explainer:
                     (contribution if call.multiply else averaged[i]).astype(x.dtype))
             differences = []
             for t0 in range(0, call.k, size.targets):
-                seed = self._seed((s1 - s0,) + call.rest, _rows_of(call.target, s0, s1, n), call.stripped,
-                                  call.axis, slice(t0, t0 + size.targets), ends.device(call.explained).dtype)
+                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), ends.device(call.explained).dtype)
                 differences.append(self._explained_difference(seed, ends, call.explained))
             deltas.append(sums - np.concatenate(differences))
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
@@ -1004,7 +755,7 @@ class Explainer:
         targets; (N, ...) and (N,) for one."""
         k = attributions[0].shape[0] if attributions else delta.shape[0]  # nothing to attribute to: a held path
         delta = None if delta is None else delta.T
-        if k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2):
+        if targets.several(k, target):
             return [np.moveaxis(a, 0, 1) for a in attributions], delta
         return [a[0] for a in attributions], None if delta is None else delta[:, 0]
 
@@ -1061,25 +812,11 @@ class Explainer:
         difference = np.broadcast_to(difference, seed.shape[1:]).reshape(rows, -1)
         return np.einsum("krx,rx->kr", seed.reshape(k, rows, -1), difference, dtype=np.float64)
 
-    def _softmax_axis(self, output: str) -> int:
-        node = self._final_activation(output)
-        if node is None or node.op_type == "Sigmoid":
-            return -1
-        return int(node.attrs.get("axis", -1 if node.opset >= 13 else 1))
 
 
 def _names(test, joined: str) -> str:
     """The methods with `test(method)`, quoted, for an error message."""
     return joined.join(repr(name) for name in methods_where(test))
-
-
-def _sequence_target(target, n: int):
-    """A list or array target as an array of one int per sample (N,) or several (N, K)."""
-    if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, tuple)):
-        target = np.asarray(target)
-        if target.ndim not in (1, 2) or (target.ndim == 1 and target.shape[0] != n):
-            raise InputError(f"a sequence target needs one int per sample ({n}), got shape {target.shape}")
-    return target
 
 
 def _infinite_steps(xp, tensor: str, m, step):
@@ -1102,33 +839,6 @@ def _check_batch_size(batch_size) -> None:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _check_indices(indices: np.ndarray, size: int, what: str) -> None:
-    """Class indices must lie in [0, size): name the first offender and where it sits.
-
-    Negative indices are refused rather than wrapped as in Python, so that a typo such as
-    `-t -1` cannot silently explain the last class.
-    """
-    flat = indices.reshape(-1)
-    bad = np.flatnonzero((flat < 0) | (flat >= size))
-    if not bad.size:
-        return
-    value = int(flat[bad[0]])
-    where = ""
-    if flat.size > 1:
-        position = tuple(int(i) for i in np.unravel_index(bad[0], indices.shape))
-        if len(position) == 2 and indices.shape[0] == 1:  # (1, K): the same classes for every sample
-            position = position[1:]
-        where = f" at position {position[0] if len(position) == 1 else position}"
-    why = ("negative (class indices count from 0; negative indices are not accepted)" if value < 0
-           else f"out of range for {size} outputs (0 to {size - 1})")
-    more = ""
-    if bad.size > 1:
-        others = sorted({int(v) for v in flat[bad]} - {value})
-        more = (f"; {bad.size} of the {flat.size} entries are out of range"
-                + (f" (also {', '.join(map(str, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""))
-    raise InputError(f"{what}: {value}{where} is {why}{more}")
-
-
 @dataclass(frozen=True)
 class _Call:
     """What one `attribute` call explains, shared by the pass loops."""
@@ -1145,19 +855,17 @@ class _Call:
     progress: bool
     per_pair: bool = False  # DeepLIFT-SHAP: keep each (sample, reference) pair, do not average
 
+    def seed(self, s0: int, s1: int, n: int, chosen: slice, dtype) -> np.ndarray:
+        """The initial multipliers of samples s0:s1 (of n) for the targets `chosen` of the K."""
+        return targets.seed((s1 - s0,) + self.rest, targets.rows_of(self.target, s0, s1, n), self.stripped,
+                            self.axis, chosen, dtype)
+
 
 def _even(total: int, most: int) -> int:
     """The chunk size that cuts `total` into as few chunks of at most `most` as possible,
     all of about the same size (20 in chunks of 19 becomes 10 + 10, not 19 + 1)."""
     chunks = -(-total // max(1, most))
     return -(-total // chunks)
-
-
-def _rows_of(target, start: int, stop: int, n: int):
-    """The part of a per-sample target (N,) / (N, K) that belongs to samples start:stop."""
-    if isinstance(target, np.ndarray) and target.shape[0] == n:
-        return target[start:stop]
-    return target
 
 
 def _require_samples_first(run, tensor: str) -> None:
@@ -1168,6 +876,3 @@ def _require_samples_first(run, tensor: str) -> None:
                              f"the samples on axis {loc.axis}" + ("" if loc.plain else " merged with other axes")
                              + "; explain a tensor with the samples on axis 0 (output=...)")
 
-
-def _shape_str(shape) -> str:
-    return "(" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape) + ")"

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .. import targets
 from ..errors import InputError
-from . import tracer
 from ..methods import Attribution
+from . import tracer
 from .compiler import SEED, compile_pass
 from .tracer import Recorder, Traced, TraceError
 
@@ -43,10 +44,10 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
     cost, rest = ex._row_cost(zeros, explained)
     if isinstance(target, list):
         target = np.asarray(target)
-    k = ex._n_targets(rest, target)
-    axis = ex._softmax_axis(out) if stripped else -1
+    k = targets.n_targets(rest, target)
+    axis = targets.softmax_axis(ex.graph, out) if stripped else -1
     dtype = ex.inputs[0].dtype
-    seed = ex._seed((n,) + rest, target, stripped, axis, slice(None), dtype).astype(dtype)
+    seed = targets.seed((n,) + rest, target, stripped, axis, slice(None), dtype).astype(dtype)
     feeds = ex._feeds(zeros, refs)
     wrt = tuple(ex.input_names)
     compiled = compile_pass(ex.plan, feeds, n, 0 if refs is None else 1, explained, wrt, k, ex.options)
@@ -139,7 +140,6 @@ def _topological(nodes, available: set[str]) -> list:
 
 def _per_sample(a: Traced, k: int, target) -> Traced:
     """(K, N, ...) -> (N, ...) for one target, (N, K, ...) for several (as attribute returns)."""
-    several = k > 1 or isinstance(target, str) or (isinstance(target, np.ndarray) and target.ndim == 2)
-    if several:
+    if targets.several(k, target):
         return tracer.moveaxis(a, 0, 1)
     return a.reshape(a.shape[1:])
