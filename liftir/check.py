@@ -10,14 +10,12 @@ forward are meaningless.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import scheduler
 from .batch_axis import samples_first
 from .backend import to_host
 from .data import resolve_model
@@ -39,8 +37,6 @@ _TINY = 1e-30
 def _difference(actual, reference):
     """actual - reference in float64 on the host; 0 where equal (a mask's -inf in both passes)."""
     return difference(np, to_host(actual).astype(np.float64), to_host(reference).astype(np.float64))
-# scheduler.forward(engine="rules") forces the rules' own forwards (no onnxruntime fast path)
-_FORWARD_HAS_ENGINE = "engine" in inspect.signature(scheduler.forward).parameters
 
 
 @dataclass
@@ -293,9 +289,9 @@ def compare_with_onnxruntime(model, inputs, rtol: float = 1e-4, atol: float = 1e
                                             f"{', '.join(map(repr, domains))}", rtol=rtol, atol=atol)
     outs = [o.name for o in proto.graph.output]
     ex = Explainer(proto, method="saliency", output=outs[0])
-    xs, _, _ = ex.prepare_inputs(inputs, None, need_reference=False)
-    ours = _rules_forward(ex, xs, tuple(outs))
-    theirs = dict(zip(outs, _ort_session(model, proto).run(outs, dict(zip(ex.input_names, xs)))))
+    batch = ex.prepare_inputs(inputs, None, need_reference=False)
+    ours = _rules_forward(ex, batch, tuple(outs))
+    theirs = dict(zip(outs, _ort_session(model, proto).run(outs, dict(zip(ex.input_names, batch.inputs)))))
     return _compare(ours, theirs, rtol, atol)
 
 
@@ -351,8 +347,8 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
         inputs = generate_inputs(ex, samples, seed)
         notes.append("inputs: standard normal of the declared shapes" +
                      ("" if baselines is not None else "; baselines: zeros"))
-    xs, refs, _ = ex.prepare_inputs(inputs, baselines, need_reference=True)
-    n = xs[0].shape[0]
+    batch = ex.prepare_inputs(inputs, baselines, need_reference=True)
+    n = batch.n
     targets = [output] if output else (_float_outputs(ex) or [ex.output])
     explained = list(dict.fromkeys(ex.explained_tensor(t)[0] for t in targets))
     for t in targets:
@@ -361,23 +357,18 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
             notes.append(f"final {stripped[1]} of {t!r} stripped: explained at {stripped[0]!r}")
     forward_outputs = tuple(dict.fromkeys(explained + [o for o in graph_outputs
                                                        if o not in ex.graph.constants]))
-    xp = ex.xp
     rng = np.random.default_rng(seed + 1)
     node_checks: dict[str, NodeCheck] = {}
     residual_rows, scale_rows = [], []
     step = _fixed_batch(ex, n)
     for start in range(0, n, step):
-        sl = slice(start, start + step)
-        bx = [x[sl] for x in xs]
-        brefs = [r[sl] if r.shape[0] == n and n > 1 else r for r in refs]
-        p = bx[0].shape[0]
-        feeds = {name: xp.asarray(np.concatenate([x, r])) for name, x, r in zip(ex.input_names, bx, brefs)}
-        run = scheduler.forward(ex.plan, xp, feeds, p, brefs[0].shape[0], forward_outputs,
-                                ex.method.mode, ex.options)
+        part = batch.samples(start, start + step)
+        p = part.n
+        run = ex.forward(part, outputs=forward_outputs)
         seeds = {}
         for t in explained:
             value = run.actual(t)
-            seeds[t] = xp.asarray(rng.standard_normal((1,) + tuple(value.shape)).astype(value.dtype))
+            seeds[t] = rng.standard_normal((1,) + tuple(value.shape)).astype(value.dtype)
 
         def observe(node, ctx, grad_outs, grad_ins, _start=start):
             record = node_checks.get(node.name)
@@ -415,7 +406,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
                 record.error = f"{type(exc).__name__}: {exc}"
 
         # float inputs and, for integer (held) inputs, their embeddings: what DeepLIFT attributes
-        grads = scheduler.backward(run, seeds, tuple(ex.attributed), tuple(explained), observer=observe)
+        grads = ex.backward(run, seeds, observer=observe)
         total_in = np.zeros(p)
         abs_in = np.zeros(p)
         for name in ex.attributed:
@@ -449,18 +440,16 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
                                rtol=forward_rtol, atol=forward_atol)
     else:
         outs = tuple(o for o in graph_outputs if o not in ex.graph.constants)
-        ours = [_rules_forward(ex, [x[i:i + step] for x in xs], outs) for i in range(0, n, step)]
-        forward = _forward_vs_ort(model, proto, ex, xs, step,
+        ours = [_rules_forward(ex, batch.samples(i, i + step), outs) for i in range(0, n, step)]
+        forward = _forward_vs_ort(model, proto, ex, batch.inputs, step,
                                   {o: _concat([part[o] for part in ours]) for o in outs},
                                   forward_rtol, forward_atol)
     return CheckReport(label, nodes, summation, forward, n, rtol, max_rule, explained, notes)
 
 
-def _rules_forward(ex: Explainer, xs: list[np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _rules_forward(ex: Explainer, batch, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
     """liftir's own forward (every rule's `forward`, never onnxruntime) of the actual rows."""
-    feeds = {name: ex.xp.asarray(x) for name, x in zip(ex.input_names, xs)}
-    extra = {"engine": "rules"} if _FORWARD_HAS_ENGINE else {}
-    run = scheduler.forward(ex.plan, ex.xp, feeds, xs[0].shape[0], 0, outputs, "gradient", ex.options, **extra)
+    run = ex.forward(batch.actual(), outputs=outputs, onnxruntime=False)
     return {o: to_host(run.device(o)) for o in outputs}
 
 
@@ -498,24 +487,16 @@ def exercise_rules(ex: Explainer, inputs=None, output: str | None = None, sample
     """
     if inputs is None:
         inputs = generate_inputs(ex, samples, seed)
-    method = ex.method
-    xs, refs, _ = ex.prepare_inputs(inputs, None, need_reference=method.uses_reference)
+    batch = ex.prepare_inputs(inputs, None, need_reference=ex.method.uses_reference)
     targets = [output or ex.output] if (output or ex.output) else _float_outputs(ex)
     for t in targets:
         ex.plan.require((t,))
     explained = list(dict.fromkeys(ex.explained_tensor(t)[0] for t in targets))
-    step = _fixed_batch(ex, xs[0].shape[0])
-    xs = [x[:step] for x in xs]
-    p = xs[0].shape[0]
-    n_ref = refs[0].shape[0] if refs is not None else 0
-    feeds = {name: ex.xp.asarray(np.concatenate([x, r]) if refs is not None else x)
-             for name, x, r in zip(ex.input_names, xs, refs if refs is not None else xs)}
-    extra = {"engine": "rules"} if _FORWARD_HAS_ENGINE else {}
-    run = scheduler.forward(ex.plan, ex.xp, feeds, p, n_ref, tuple(explained), method.mode, ex.options, **extra)
+    run = ex.forward(batch.samples(0, _fixed_batch(ex, batch.n)), outputs=explained, onnxruntime=False)
     rng = np.random.default_rng(seed + 1)
     seeds = {}
     for t in explained:
         value = run.actual(t)
-        seeds[t] = ex.xp.asarray(rng.standard_normal((1,) + tuple(value.shape)).astype(value.dtype))
-    scheduler.backward(run, seeds, tuple(ex.input_names), tuple(explained))
+        seeds[t] = rng.standard_normal((1,) + tuple(value.shape)).astype(value.dtype)
+    ex.backward(run, seeds, ex.input_names)
     return explained

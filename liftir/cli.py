@@ -310,15 +310,10 @@ def cmd_explain(args) -> int:
     ex = _load_model_explainer(args, args.method, args.output)
     names = ex.input_names
     inputs = match_inputs(load_arrays(args.input, "input"), names, "input", args.input)
-    for k, v in inputs.items():
-        if v.ndim == 0:
-            raise CLIError(f"input {k!r} from {args.input!r} is a scalar; it needs a batch axis")
-    sizes = {k: v.shape[0] for k, v in inputs.items()}
-    if len(set(sizes.values())) != 1:
-        raise CLIError(f"the inputs have different batch sizes: {sizes}")
-    n = next(iter(sizes.values()))
-    if n == 0:
-        raise CLIError(f"{args.input!r} holds an empty batch")
+    # validated once, by the Explainer's run (an InputError naming the input); the batch size
+    # here only sizes the passes and checks a --target file
+    first = inputs[names[0]]
+    n = first.shape[0] if first.ndim else 1
     if args.plot:
         _plot_kind(inputs[names[0]])  # no figure for this shape: say so before computing
     base = _baselines(args.baseline, names)

@@ -8,7 +8,7 @@ liftir/targets.py.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,9 +22,9 @@ from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
 from .layout import batch_first
 from .graph import Graph, build_graph, promote_to_float64, read_model
-from .inputs import model_inputs, pack, prepare, stack
+from .inputs import Batch, model_inputs, pack, prepare, stack
 from .memory import DEFAULT_MAX_MEMORY, PassSize, RowCost, parse_memory, plan_pass
-from .methods import (Attribution, Engine, FinalActivation, MaxRule, Method, Mode, Passes, Precision, Reference,
+from .methods import (Attribution, Engine, FinalActivation, MaxRule, Method, Passes, Precision, Reference,
                       get_method, integration_points, methods_where)
 from .registry import check_overrides
 from .rule import difference
@@ -112,9 +112,7 @@ class Explainer:
             raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
         # every unsupported op on the way to what will be explained, all at once, up front
-        # (with several outputs and none chosen: the float ones; integer label heads are not explained)
-        self.plan.require((self.output,) if self.output else tuple(
-            o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f"))
+        self.plan.require(self._explained_outputs())
         self._row_costs: dict[tuple, tuple[RowCost, tuple[int, ...]]] = {}
         self._explained_dtypes: dict[str, np.dtype] = {}
         #: how the last `attribute` call was cut into passes (rows and targets per pass)
@@ -130,7 +128,7 @@ class Explainer:
         sequence length) get 3; if the probe fails for any other reason (a batch size frozen
         into the graph, a size the model does not take) the first call reports it instead."""
         guessed = False
-        feeds = {}
+        zeros = []
         for info in self.inputs:
             if info.shape is None or (isinstance(info.shape[0], int) and info.shape[0] > 0):
                 return  # unknown rank or a fixed batch size: nothing to probe with
@@ -139,12 +137,9 @@ class Explainer:
                 known = isinstance(d, int) and d > 0
                 guessed |= not known
                 dims.append(d if known else 3)
-            feeds[info.name] = self.xp.asarray(np.zeros([2] + dims, dtype=info.dtype))
-        outputs = (self.output,) if self.output else tuple(
-            o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f")
-        try:
-            scheduler.forward(self.plan, self.xp, feeds, 1, 1, outputs, self.method.mode, self.options,
-                              engine="rules")  # the rules' forwards, which hold their refusals
+            zeros.append(np.zeros([1] + dims, dtype=info.dtype))
+        try:  # the rules' forwards, which hold their refusals
+            self._forward(zeros, zeros, self._explained_outputs(), onnxruntime=False)
         except BatchAxisError:
             raise
         except RuleError:
@@ -154,6 +149,12 @@ class Explainer:
             pass
 
     # ---- model inspection ------------------------------------------------------------------
+    def _explained_outputs(self) -> tuple[str, ...]:
+        """The Explainer's output; with several outputs and none chosen, the float ones
+        (integer label heads are not explained)."""
+        return (self.output,) if self.output else tuple(
+            o.name for o in self.graph.outputs if o.dtype is None or o.dtype.kind == "f")
+
     def _default_output(self) -> str | None:
         """The model's only output; None when it has several (then each call names one)."""
         outs = [o.name for o in self.graph.outputs]
@@ -179,11 +180,12 @@ class Explainer:
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
 
-    def prepare_inputs(self, inputs, baselines, need_reference: bool, distribution: bool = False):
+    def prepare_inputs(self, inputs, baselines, need_reference: bool, distribution: bool = False) -> Batch:
         """Validated inputs and baselines as lists of NumPy arrays in model-input order.
 
-        Returns (inputs, baselines or None, how to pack results like `inputs`); every
-        problem is an InputError naming the input (liftir/inputs.py).
+        Returns a `liftir.inputs.Batch` (inputs, baselines or None, how to pack results like
+        `inputs`), which `forward` takes as it is; every problem is an InputError naming the
+        input (liftir/inputs.py).
         """
         return prepare(self.inputs, inputs, baselines, need_reference, distribution, self.plan.own_references)
 
@@ -191,19 +193,74 @@ class Explainer:
         """(tensor whose value is explained, final op stripped or None): liftir/targets.py."""
         return targets.explained_tensor(self.graph, output, self.final_activation)
 
-    # ---- running ---------------------------------------------------------------------------------
+    # ---- the run API: one forward and one backward pass, as `attribute` runs them ---------------
+    def forward(self, inputs, baselines=None, *, outputs: str | Sequence[str] | None = None,
+                reference: bool | None = None, onnxruntime: bool = True) -> scheduler.Run:
+        """One forward pass over the stacked batch [actual rows; reference rows].
+
+        What `liftir check`, the CLI and `liftir.testing` run (and `attribute` inside its
+        passes), so that none of them stacks inputs or calls the scheduler itself.
+
+        Parameters
+        ----------
+        inputs : as for `attribute`, or a `liftir.inputs.Batch` from `prepare_inputs`
+            (already validated: it is not validated again; its baselines are used).
+        baselines : as for `attribute` (default zeros); ignored without reference rows.
+        outputs : tensor name(s) to compute; default the Explainer's output, or every float
+            output when it has several and none was chosen.
+        reference : run reference rows; default: when the method compares against a reference.
+        onnxruntime : False runs every rule's own forward, never one onnxruntime session
+            (what is compared with onnxruntime, and where rules refuse what they cannot do).
+
+        Returns
+        -------
+        liftir.scheduler.Run : the activations: ``run.actual(name)``, ``run.reference(name)``
+        (None without reference rows), ``run.loc(name)`` (where the samples are), for `backward`.
+        """
+        if isinstance(inputs, Batch):
+            if baselines is not None:
+                raise InputError("a Batch holds its baselines: pass baselines to prepare_inputs instead")
+            batch = inputs
+        else:
+            batch = self.prepare_inputs(inputs, baselines,
+                                        self.method.uses_reference if reference is None else reference)
+        if reference is False:
+            batch = batch.actual()
+        if outputs is None:
+            outputs = self._explained_outputs()
+        else:
+            outputs = tuple(self._check_output(o) for o in ((outputs,) if isinstance(outputs, str) else outputs))
+        return self._forward(batch.inputs, batch.baselines, outputs, onnxruntime)
+
+    def backward(self, run: scheduler.Run, seeds: Mapping[str, Any], wrt: str | Sequence[str] | None = None, *,
+                 observer: Callable | None = None) -> dict[str, Any]:
+        """Multipliers from `seeds` back to `wrt`, each rule's own backward in the method's mode.
+
+        Parameters
+        ----------
+        run : a `forward` of this Explainer.
+        seeds : the multipliers (K, P, ...) of explained tensors, by name (K targets, P actual rows).
+        wrt : tensor name(s) to return multipliers of; default what `attribute` attributes to
+            (the float inputs, and the embeddings of integer ones).
+        observer : ``f(node, ctx, grad_outs, grad_ins)`` sees every node's multipliers
+            (`liftir check` tests each rule's local summation-to-delta with it).
+
+        Returns {name: (K, P, ...) multipliers on the array backend, or None where none arrive}.
+        RevealCancel's split is `attribute`'s; here every rule runs its Rescale-family backward.
+        """
+        seeds = {name: self.xp.asarray(seed) for name, seed in seeds.items()}
+        wrt = tuple(self.attributed if wrt is None else (wrt,) if isinstance(wrt, str) else wrt)
+        return scheduler.backward(run, seeds, wrt, tuple(seeds), observer=observer)
+
     def predict(self, inputs, output: str | None = None):
         """The value of `output` (default: the explained output) for `inputs`, as NumPy.
 
         Computed by the rules' own forwards (the interpreter), never by onnxruntime, so that
         comparing it with onnxruntime tests liftir.
         """
-        xs, _, _ = self.prepare_inputs(inputs, None, need_reference=False)
+        batch = self.prepare_inputs(inputs, None, need_reference=False)
         out = self._output_for_call(output)
-        feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
-        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, (out,), Mode.GRADIENT, self.options,
-                                engine="rules")
-        return to_host(run.device(out))
+        return to_host(self.forward(batch, outputs=out, onnxruntime=False).device(out))
 
     def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,
                   layer: str | None = None, return_convergence_delta: bool = False,
@@ -369,9 +426,7 @@ class Explainer:
 
     def _values(self, xs, names: list[str]) -> dict[str, np.ndarray]:
         """The tensors `names` for the rows `xs`, as NumPy (the rules' forwards)."""
-        feeds = {name: self.xp.asarray(x) for name, x in zip(self.input_names, xs)}
-        run = scheduler.forward(self.plan, self.xp, feeds, xs[0].shape[0], 0, tuple(names), Mode.GRADIENT,
-                                self.options, engine="rules")
+        run = self._forward(xs, None, tuple(names), onnxruntime=False)
         for name in names:
             loc = run.loc(name)
             if not (loc.axis == 0 and loc.plain):
@@ -527,12 +582,13 @@ class Explainer:
         """The stacked batch [actual rows; reference rows] per model input."""
         return stack(self.xp, self.input_names, xs, refs)
 
-    def _forward(self, xs, refs, tensor: str) -> scheduler.Run:
-        """One batched forward over [actual; reference] rows, up to `tensor`."""
-        n = xs[0].shape[0]
+    def _forward(self, xs, refs, outputs: str | tuple[str, ...], onnxruntime: bool = True) -> scheduler.Run:
+        """One batched forward over [actual; reference] rows, up to `outputs` (rule forwards
+        do not depend on the mode: the run's mode is the method's, for its backward)."""
+        outputs = (outputs,) if isinstance(outputs, str) else outputs
         r = 0 if refs is None else refs[0].shape[0]
-        return scheduler.forward(self.plan, self.xp, self._feeds(xs, refs), n, r, (tensor,), self.method.mode,
-                                 self.options)
+        return scheduler.forward(self.plan, self.xp, self._feeds(xs, refs), xs[0].shape[0], r, outputs,
+                                 self.method.mode, self.options, engine="auto" if onnxruntime else "rules")
 
     def _backward(self, run, call: _Call, seed: np.ndarray, node_backward=None):
         dtype = run.device(call.explained).dtype

@@ -7,6 +7,7 @@ fails deep inside NumPy). The validated rows go through the engine stacked as on
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -14,6 +15,34 @@ from .backend import to_host
 from .data import resolve_input
 from .errors import InputError, ModelLoadError
 from .graph import FLOAT_DTYPES
+
+
+class Batch(NamedTuple):
+    """Validated inputs and baselines in model-input order (what `prepare` returns): NumPy
+    arrays (N, ...) per input, the baselines (1 or N, ...) per input or None, or for a
+    distribution (B, ...) / (N, B, ...); and how results are packed like the inputs.
+    `Explainer.forward` takes one without validating it again."""
+
+    inputs: list
+    baselines: list | None
+    kind: tuple
+
+    @property
+    def n(self) -> int:
+        """Samples in the batch."""
+        return self.inputs[0].shape[0]
+
+    def samples(self, start: int, stop: int) -> Batch:
+        """Samples start:stop, with their own baselines where each sample has one (not for a
+        distribution of references, whose first axis may count references)."""
+        n = self.n
+        refs = None if self.baselines is None else [r[start:stop] if r.shape[0] == n and n > 1 else r
+                                                    for r in self.baselines]
+        return Batch([x[start:stop] for x in self.inputs], refs, self.kind)
+
+    def actual(self) -> Batch:
+        """The inputs alone, without baselines (a forward of the actual rows only)."""
+        return Batch(self.inputs, None, self.kind)
 
 
 def model_inputs(graph) -> list:
@@ -94,7 +123,7 @@ def prepare(infos, inputs, baselines, need_reference: bool, distribution: bool =
             own_references: bool = False):
     """Validated inputs and baselines as lists of NumPy arrays in model-input order.
 
-    Returns (inputs, baselines or None, how to pack results like `inputs`). Every
+    Returns a Batch (inputs, baselines or None, how to pack results like `inputs`). Every
     problem is an InputError naming the input. `infos`: the model's inputs (name, dtype,
     shape); `own_references`: every sample needs its own reference row
     (liftir.rule.Rule.needs_own_references), so one shared row is broadcast to all.
@@ -113,7 +142,7 @@ def prepare(infos, inputs, baselines, need_reference: bool, distribution: bool =
     if n == 0:
         raise InputError("inputs have an empty batch")
     if not need_reference:
-        return xs, None, kind
+        return Batch(xs, None, kind)
     held = [info.dtype.kind != "f" for info in infos]
     if baselines is None:
         bs = [None] * len(xs)
@@ -143,13 +172,13 @@ def prepare(infos, inputs, baselines, need_reference: bool, distribution: bool =
             refs = [np.broadcast_to(x[:, None], (n, pairs) + x.shape[1:]) if lo else
                     r if r.ndim == x.ndim + 1 else np.broadcast_to(r[None], (n,) + r.shape)
                     for r, x, lo in zip(refs, xs, left_out)]
-        return xs, refs, kind
+        return Batch(xs, refs, kind)
     own = own_references
     if n > 1 and not own and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
         refs = [r[:1] for r in refs]  # zeros_like(x) & co.: one reference row, forwarded once
     if n > 1 and (own or any(r.shape[0] == n for r in refs)):  # per-sample references: all to N rows
         refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
-    return xs, refs, kind
+    return Batch(xs, refs, kind)
 
 
 def baseline(b, x: np.ndarray, info, distribution: bool = False) -> np.ndarray:
