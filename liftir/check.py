@@ -449,7 +449,7 @@ def check_model(model: Any, inputs=None, baselines=None, samples: int = 8, rtol:
 
 def _rules_forward(ex: Explainer, batch, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
     """liftir's own forward (every rule's `forward`, never onnxruntime) of the actual rows."""
-    run = ex.forward(batch.actual(), outputs=outputs, onnxruntime=False)
+    run = ex.forward(batch, outputs=outputs, reference=False, onnxruntime=False)
     return {o: to_host(run.device(o)) for o in outputs}
 
 

@@ -310,18 +310,18 @@ def cmd_explain(args) -> int:
     ex = _load_model_explainer(args, args.method, args.output)
     names = ex.input_names
     inputs = match_inputs(load_arrays(args.input, "input"), names, "input", args.input)
-    # validated once, by the Explainer's run (an InputError naming the input); the batch size
-    # here only sizes the passes and checks a --target file
-    first = inputs[names[0]]
-    n = first.shape[0] if first.ndim else 1
     if args.plot:
         _plot_kind(inputs[names[0]])  # no figure for this shape: say so before computing
-    base = _baselines(args.baseline, names)
+    ex._output_for_call(None)  # which output: asked before the inputs, as `attribute` asks
+    # validated once, as the Explainer validates (an InputError naming the input); every call
+    # below takes the batch as it is
+    batch = ex.batch(inputs, _baselines(args.baseline, names))
+    n = batch.n
     target, multi = _parse_target(args.target, n)
     progress = not args.no_progress
     batch_size = args.batch_size or _auto_batch_size(n, progress and sys.stderr.isatty())
     try:
-        attrs, delta = ex.attribute(inputs, base, target, return_convergence_delta=True,
+        attrs, delta = ex.attribute(batch, None, target, return_convergence_delta=True,
                                     batch_size=batch_size, progress=progress, n_steps=args.n_steps)
     except LiftirError as exc:
         if args.target is None and "target" in str(exc):
@@ -361,7 +361,7 @@ def cmd_explain(args) -> int:
             label = int(target[0])
         plotted = _plot(args.plot, inputs[first], attr, ex.method.name, label)
 
-    out_shape = ex.predict({k: v[:1] for k, v in inputs.items()}).shape[1:]
+    out_shape = ex.predict(batch.actual().samples(0, 1)).shape[1:]
     print(f"liftir explain: {args.model}")
     print(f"  method      {ex.method.name}" + (f" (max_rule {ex.max_rule})" if ex.method.mode is Mode.DEEPLIFT else "")
           + (" in float64" if ex.precision is Precision.FLOAT64 else ""))

@@ -189,6 +189,24 @@ class Explainer:
         """
         return prepare(self.inputs, inputs, baselines, need_reference, distribution, self.plan.own_references)
 
+    def batch(self, inputs, baselines=None) -> Batch:
+        """`inputs` and `baselines` validated once, as `attribute` validates them for this
+        method, for several calls: `attribute`, `forward` and `predict` take the Batch as it
+        is (the CLI validates its files this way, once)."""
+        return self.prepare_inputs(inputs, baselines, self.method.uses_reference,
+                                   self.method.reference is Reference.DISTRIBUTION)
+
+    def _batch(self, inputs, baselines, need_reference: bool, distribution: bool = False) -> Batch:
+        """`inputs` validated; a Batch already is, and is taken as it is."""
+        if not isinstance(inputs, Batch):
+            return self.prepare_inputs(inputs, baselines, need_reference, distribution)
+        if baselines is not None:
+            raise InputError("a Batch holds its baselines: pass them to Explainer.batch (or prepare_inputs)")
+        if need_reference and inputs.baselines is None:
+            raise InputError(f"method {self.method.name!r} needs reference rows: make the Batch with "
+                             f"Explainer.batch, not without baselines")
+        return inputs if need_reference else inputs.actual()
+
     def explained_tensor(self, output: str) -> tuple[str, str | None]:
         """(tensor whose value is explained, final op stripped or None): liftir/targets.py."""
         return targets.explained_tensor(self.graph, output, self.final_activation)
@@ -203,12 +221,13 @@ class Explainer:
 
         Parameters
         ----------
-        inputs : as for `attribute`, or a `liftir.inputs.Batch` from `prepare_inputs`
-            (already validated: it is not validated again; its baselines are used).
+        inputs : as for `attribute`, or a `liftir.inputs.Batch` (`batch`, `prepare_inputs`):
+            already validated, it is not validated again.
         baselines : as for `attribute` (default zeros); ignored without reference rows.
         outputs : tensor name(s) to compute; default the Explainer's output, or every float
             output when it has several and none was chosen.
-        reference : run reference rows; default: when the method compares against a reference.
+        reference : run reference rows (`baselines`, or the Batch's); default: when the method
+            compares against a reference.
         onnxruntime : False runs every rule's own forward, never one onnxruntime session
             (what is compared with onnxruntime, and where rules refuse what they cannot do).
 
@@ -217,15 +236,7 @@ class Explainer:
         liftir.scheduler.Run : the activations: ``run.actual(name)``, ``run.reference(name)``
         (None without reference rows), ``run.loc(name)`` (where the samples are), for `backward`.
         """
-        if isinstance(inputs, Batch):
-            if baselines is not None:
-                raise InputError("a Batch holds its baselines: pass baselines to prepare_inputs instead")
-            batch = inputs
-        else:
-            batch = self.prepare_inputs(inputs, baselines,
-                                        self.method.uses_reference if reference is None else reference)
-        if reference is False:
-            batch = batch.actual()
+        batch = self._batch(inputs, baselines, self.method.uses_reference if reference is None else reference)
         if outputs is None:
             outputs = self._explained_outputs()
         else:
@@ -258,9 +269,9 @@ class Explainer:
         Computed by the rules' own forwards (the interpreter), never by onnxruntime, so that
         comparing it with onnxruntime tests liftir.
         """
-        batch = self.prepare_inputs(inputs, None, need_reference=False)
+        batch = self._batch(inputs, None, need_reference=False)
         out = self._output_for_call(output)
-        return to_host(self.forward(batch, outputs=out, onnxruntime=False).device(out))
+        return to_host(self.forward(batch, outputs=out, reference=False, onnxruntime=False).device(out))
 
     def attribute(self, inputs, baselines=None, target=None, *, output: str | None = None,
                   layer: str | None = None, return_convergence_delta: bool = False,
@@ -273,7 +284,8 @@ class Explainer:
 
         Parameters
         ----------
-        inputs : array (N, ...), or a tuple / dict (by input name) for several inputs.
+        inputs : array (N, ...), or a tuple / dict (by input name) for several inputs, or a
+            `liftir.inputs.Batch` from `batch` (validated once, with its baselines).
         baselines : the reference input(s): same container, each (N, ...), (1, ...), (...)
             or a scalar; default zeros. For "deeplift_shap": a distribution (B, ...) shared by
             the batch, or (N, B, ...) with each sample's own references.
@@ -326,8 +338,8 @@ class Explainer:
                 n_steps=n_steps, integration=integration, internal_batch_size=internal_batch_size)
         method = self.method
         out = self._output_for_call(output)
-        xs, refs, kind = self.prepare_inputs(inputs, baselines, method.uses_reference,
-                                             distribution=method.reference is Reference.DISTRIBUTION)
+        xs, refs, kind = self._batch(inputs, baselines, method.uses_reference,
+                                     distribution=method.reference is Reference.DISTRIBUTION)
         if layer is not None:
             layer = self._check_output(layer)
             if layer in self.input_names and len(self.attributed) == len(self.input_names):
@@ -376,7 +388,7 @@ class Explainer:
         between them): between the embeddings of the ids whose reference differs, the
         other float inputs on their own paths, integer ones held at their actual values
         (LayerIntegratedGradients on those embeddings)."""
-        xs, refs, _ = self.prepare_inputs(inputs, baselines, need_reference=True)
+        xs, refs, _ = self._batch(inputs, baselines, need_reference=True)
         given = dict(zip(self.input_names, xs))
         given_refs = dict(zip(self.input_names, refs))
         if layer is not None:
@@ -492,7 +504,7 @@ class Explainer:
             raise InputError(f"pair_multipliers needs method {_names(lambda m: m.rescale_multipliers, ' or ')} "
                              f"(Rescale multipliers), not {self.method.name!r}")
         out = self._output_for_call(output)
-        xs, refs, kind = self.prepare_inputs(inputs, references, True, distribution=True)
+        xs, refs, kind = self._batch(inputs, references, True, distribution=True)
         n = xs[0].shape[0]
         _check_batch_size(batch_size)
         budget = parse_memory(max_memory)
