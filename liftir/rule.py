@@ -130,7 +130,7 @@ class Rule:
     op_types: ClassVar[tuple[str, ...]] = ()
     domain: ClassVar[str] = ""
     #: methods this rule can serve; None means every mode (true of all linear maps)
-    modes: ClassVar[tuple[str, ...] | None] = None
+    modes: ClassVar[tuple[Mode | str, ...] | None] = None
     #: the paper section whose rule this implements, shown by `liftir ops`
     paper_rule: ClassVar[str] = ""
     #: inputs read for their type only, never their values (CastLike's `target_type`)
@@ -142,10 +142,10 @@ class Rule:
     def backward(self, ctx: NodeContext, *grads):
         raise NotImplementedError
 
-    def supports(self, mode: str) -> bool:
+    def supports(self, mode: Mode) -> bool:
         return self.modes is None or mode in self.modes
 
-    def describe(self, mode: str) -> str:
+    def describe(self, mode: Mode) -> str:
         return self.paper_rule or type(self).__name__
 
     def needs_own_references(self, node, constants) -> bool:
@@ -309,7 +309,7 @@ class Elementwise(Rule):
     def forward(self, ctx, x, *params):
         return self.f(ctx.xp, x, ctx)
 
-    def describe(self, mode: str) -> str:
+    def describe(self, mode: Mode) -> str:
         return self.paper_rule if mode == Mode.DEEPLIFT else "gradient: m = f'(x)"
 
     def divided_difference(self, xp, x, x0, ctx: NodeContext):
