@@ -70,6 +70,11 @@ class Explainer:
     Memory: `attribute` cuts its work into passes under `max_memory` (default 1 GiB);
     see its docstring and README, "Memory". After a call, `last_pass`
     (`liftir.memory.PassSize`) says how: rows and targets per pass, how many passes.
+
+    Options are given as strings or as the enums of `liftir.methods` (`MaxRule`, ...),
+    parsed here once; a bad value is an InputError listing the choices. One pass at a time:
+    `batch` (inputs validated once), `forward` and `backward`, what `liftir check`, the CLI
+    and `liftir.testing` run.
     """
 
     def __init__(self, model: Any, method: str | Method = "deeplift", *, backend: str = "numpy",
