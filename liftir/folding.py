@@ -39,14 +39,17 @@ def _gather_elements(node: Node, data: np.ndarray, indices: np.ndarray) -> list[
 _HOST_KERNELS = {"GatherElements": _gather_elements}
 
 
-def evaluate_node(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
-    """Run one node with ONNX's reference implementation on host arrays."""
+def evaluate_node(node: Node, inputs: list[np.ndarray | None],
+                  captured: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run one node with ONNX's reference implementation on host arrays; `captured` holds
+    the outer-scope values its subgraphs read (node.captures)."""
     if node.op_type in _HOST_KERNELS and node.domain in ("", "ai.onnx"):
         try:
             return _HOST_KERNELS[node.op_type](node, *inputs)
         except Exception as exc:
             raise ModelLoadError(f"cannot evaluate constant node {node.name!r} ({node.op_type}): {exc}") from exc
     feeds = {name: value for name, value in zip(node.inputs, inputs) if name}
+    feeds.update(captured or {})
     try:
         results = run_node(node.proto, {node.domain: node.opset}, feeds, node.name)
     except Exception as exc:
@@ -71,8 +74,12 @@ def fold_constants(graph: Graph) -> int:
 
     The whole pass shares one budget (liftir.budget.LIMITS): past it, FoldingLimitError.
     """
+    from .loops import inline_control_flow  # noqa: PLC0415 - loops.py uses this module
     with budget():
-        return _fold(graph)
+        folded = _fold(graph)
+        while inline_control_flow(graph):  # unrolled bodies fold per iteration, nested ones next
+            folded += _fold(graph)
+        return folded
 
 
 def _fold(graph: Graph) -> int:
@@ -81,9 +88,10 @@ def _fold(graph: Graph) -> int:
         node = graph.nodes[name]
         if node.op_type in NONDETERMINISTIC_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        if not all(i == "" or i in graph.constants for i in node.inputs):
-            continue
-        values = evaluate_node(node, [graph.constants.get(i) if i else None for i in node.inputs])
+        if not all(i == "" or i in graph.constants for i in node.all_inputs):
+            continue  # a subgraph reading an activation of the outer graph is not constant
+        values = evaluate_node(node, [graph.constants.get(i) if i else None for i in node.inputs],
+                               {c: graph.constants[c] for c in node.captures})
         for out, value in zip(node.outputs, values):
             if out:
                 graph.constants[out] = value
@@ -103,7 +111,7 @@ def static_nodes(graph: Graph) -> set[str]:
         if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
             continue
         if node.op_type in SHAPE_OF_OPS or all(
-                not i or i in graph.constants or i in static_tensors for i in node.inputs):
+                not i or i in graph.constants or i in static_tensors for i in node.all_inputs):
             result.add(name)
             static_tensors.update(o for o in node.outputs if o)
     return result
@@ -122,4 +130,5 @@ def evaluate_static(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]]
         return [np.array(shape[start:end], dtype=np.int64)]
     inputs = [(graph.constants[i] if i in graph.constants else values[i]) if i else None
               for i in node.inputs]
-    return evaluate_node(node, inputs)
+    captured = {c: graph.constants[c] if c in graph.constants else values[c] for c in node.captures}
+    return evaluate_node(node, inputs, captured)

@@ -38,10 +38,43 @@ class Node:
     opset: int
     index: int
     proto: onnx.NodeProto = field(repr=False)
+    #: names a subgraph (Loop/If/Scan body) reads from the enclosing graph: inputs of this
+    #: node too (topological order, folding), though the node proto does not list them
+    captures: tuple[str, ...] = ()
 
     @property
     def qualified_op(self) -> str:
         return f"{self.domain}::{self.op_type}" if self.domain else self.op_type
+
+    @property
+    def all_inputs(self) -> tuple[str, ...]:
+        """The node's inputs, then the outer-scope names its subgraphs capture."""
+        return self.inputs + self.captures
+
+
+def subgraph_captures(proto: onnx.NodeProto) -> tuple[str, ...]:
+    """Names the node's subgraph attributes read but do not define (outer-scope values)."""
+    found: dict[str, None] = {}
+
+    def visit(graph: onnx.GraphProto, outer_defined: set[str]) -> None:
+        defined = set(outer_defined) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        defined |= {t.values.name for t in graph.sparse_initializer}
+        for node in graph.node:
+            for name in node.input:
+                if name and name not in defined:
+                    found.setdefault(name)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                    visit(sub, defined)
+            defined.update(o for o in node.output if o)
+        for out in graph.output:
+            if out.name and out.name not in defined:
+                found.setdefault(out.name)
+
+    for attr in proto.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+            visit(sub, set())
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -87,7 +120,7 @@ class Graph:
         dag = nx.DiGraph()
         for node in self.nodes.values():
             dag.add_node(node.name, node=node)
-            for t in node.inputs:
+            for t in node.all_inputs:
                 if not t:
                     continue
                 self.consumers.setdefault(t, []).append(node.name)
@@ -311,10 +344,22 @@ def build_graph(model: onnx.ModelProto, rules: Mapping | None = None) -> Graph:
             name=name, op_type=proto.op_type, domain=domain,
             inputs=tuple(proto.input), outputs=tuple(proto.output),
             attrs={a.name: _decode_attribute(a) for a in proto.attribute},
-            opset=opsets.get(domain, 1), index=index, proto=proto)
+            opset=opsets.get(domain, 1), index=index, proto=proto, captures=subgraph_captures(proto))
     graph = Graph(nx.DiGraph(), nodes, [], constants, inputs, outputs, value_info, opsets, {}, {})
     graph.rebuild()
     return graph
+
+
+def add_subgraph_value_info(graph: Graph, sub: onnx.GraphProto, rename) -> None:
+    """Record the element types and shapes a subgraph declares for its tensors, under the
+    names `rename(name)` they get once the subgraph is inlined (liftir/loops.py); held
+    integer/bool tensors are told from floats by these types (liftir/held.py)."""
+    for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
+        new = rename(vi.name)  # None: a name that keeps its outer meaning
+        if new is not None and vi.type.HasField("tensor_type"):
+            info = _tensor_info(vi)
+            if new not in graph.value_info:
+                graph.value_info[new] = TensorInfo(new, info.dtype, info.shape)
 
 
 # Ops whose output element type is an attribute (`to` / `dtype`), not their inputs' type.

@@ -12,6 +12,7 @@ f(actual ids) - f(reference ids).
 """
 from __future__ import annotations
 
+import networkx as nx
 import numpy as np
 
 from .backend import to_host
@@ -24,7 +25,8 @@ def held_region(graph: Graph, static: set[str], integer_inputs: list[str],
                 has_rule=lambda node: False) -> tuple[set[str], list[str]]:
     """(held nodes, the float tensors computed directly from integer inputs).
 
-    Held: nodes whose activation inputs are all integer tensors, and nodes of float
+    Held: nodes whose activation inputs are all integer tensors (or floats that only index
+    and mask arithmetic reads: `only_id_arithmetic`), and nodes of float
     activations whose outputs are all integer or bool and that have no rule of their own
     (`has_rule(node)`): comparisons and boolean logic do have rules (rules/selection.py: a
     condition that changes between reference and actual carries part of the difference
@@ -40,21 +42,42 @@ def held_region(graph: Graph, static: set[str], integer_inputs: list[str],
         info = graph.tensor_info(name)
         return info is None or info.dtype is None or info.dtype.kind == "f"
 
+    outputs_of_graph = {o.name for o in graph.outputs}
+    id_arithmetic: dict[str, bool] = {}
+
+    def only_id_arithmetic(name) -> bool:
+        """A float tensor computed from ids that only index and mask arithmetic reads (Keras'
+        Embedding computes its gather index with Cast(ids, float) < 0): held with the ids,
+        not attributed. True iff every reader makes only integer/bool tensors or such floats."""
+        if name not in id_arithmetic:
+            readers = [graph.nodes[c] for c in graph.consumers.get(name, []) if c not in static]
+            id_arithmetic[name] = bool(readers) and name not in outputs_of_graph and all(
+                any(o for o in n.outputs) and all(not o or not is_float(o) or only_id_arithmetic(o)
+                                                  for o in n.outputs) for n in readers)
+        return id_arithmetic[name]
+
     for name in graph.order:
         node = graph.nodes[name]
         if name in static:
             host.update(o for o in node.outputs if o)
             continue
-        active = [i for i in node.inputs if i and i not in host]
+        active = [i for i in node.all_inputs if i and i not in host]
         outputs = [o for o in node.outputs if o]
         if active and all(i in from_ints for i in active):
             nodes.add(name)
             for o in outputs:
-                (frontier.append if is_float(o) else from_ints.add)(o)
+                (frontier.append if is_float(o) and not only_id_arithmetic(o) else from_ints.add)(o)
         elif active and (all(i in from_ints or i in cut for i in active)
                          or (not any(is_float(o) for o in outputs) and not has_rule(node))):
             nodes.add(name)
             cut.update(outputs)
+    # a float tensor no output of the model is computed from (beyond its shape: an unrolled
+    # loop's last state update that nothing reads) carries no attribution
+    live = {graph.producer[o.name] for o in graph.outputs if o.name in graph.producer}
+    for producer in list(live):
+        live |= nx.ancestors(graph.dag, producer)
+    frontier = [t for t in frontier if t in outputs_of_graph or any(
+        c not in static and c in live for c in graph.consumers.get(t, []))]
     return nodes, frontier
 
 
