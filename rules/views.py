@@ -12,7 +12,7 @@ import numpy as np
 from liftir.kernels.scatter import scatter_add
 from liftir.errors import InputError
 from liftir.registry import builtin_rule
-from liftir.rule import Linear, RuleError, unbroadcast
+from liftir.rule import Linear, RuleError, difference, unbroadcast
 
 
 class _Reshaping(Linear):
@@ -102,7 +102,15 @@ class Identity(Linear):
 
 @builtin_rule("Cast", "CastLike")
 class Cast(Linear):
-    """Casts between float types are identities for attribution; to integers they cut the path."""
+    """Casts read booleans and integers as the numbers 0/1 and n, as rules/selection.py does.
+
+    Between number types that keep the value (float to float, bool or int to float: Keras'
+    `Cast(mask, float)`) the cast is the identity, m = 1. Into bool or an integer type from
+    a float it is a step function (x != 0, truncation): DeepLIFT's Rescale m = dy/dx (zero
+    where nothing changed), the gradient is zero. Before, a mask cast from bool cut the
+    path (its change through the masked product was lost, so DeepLIFT missed
+    summation-to-delta silently) and a float-to-bool cast passed m = 1.
+    """
 
     type_only_inputs = (1,)  # CastLike(constant, activation) is a constant per sample
 
@@ -114,11 +122,30 @@ class Cast(Linear):
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ctx.attr("to")))
         return x.astype(dtype)
 
+    def _is_step(self, ctx) -> bool:
+        return ctx.x(0).dtype.kind == "f" and ctx.y(0).dtype.kind != "f"
+
     def backward(self, ctx, g, *unused):
-        source = ctx.x(0).dtype
-        if source.kind != "f":
-            return (None,)
-        return (g.astype(source),)
+        none = (None,) * len(unused)
+        if not self._is_step(ctx):
+            source = ctx.x(0).dtype
+            return (g.astype(source) if source.kind == "f" else g,) + none
+        if ctx.mode != "deeplift":
+            return (None,) + none
+        xp = ctx.xp
+        dtype = g.dtype
+        x, x0 = ctx.x(0).astype(dtype), ctx.x0(0)
+        dy = ctx.y(0).astype(dtype) - ctx.y0(0).astype(dtype)
+        dx = difference(xp, x, x0.astype(dtype))
+        changed = dy != 0  # then dx != 0
+        m = xp.where(changed, dy / xp.where(changed, dx, xp.ones_like(dx)), xp.zeros_like(dx))
+        return (xp.where(changed, g * m, xp.zeros_like(g)),) + none
+
+    def describe(self, mode):
+        return "affine (2.3.1): m = 1; into bool/int from float: rescale (2.3.4) of a step, zero gradient"
+
+    def is_affine(self, ctx) -> bool:
+        return not self._is_step(ctx)
 
 
 @builtin_rule("Transpose")
@@ -347,3 +374,58 @@ class DepthSpace(Linear):
         inverse = "DepthToSpace" if ctx.node.op_type == "SpaceToDepth" else "SpaceToDepth"
         back = self._move(flat, inverse, ctx.attr("blocksize"), self._mode(ctx))
         return (back.reshape((k,) + ctx.input_shape(0)),)
+
+
+@builtin_rule("ReverseSequence")
+class ReverseSequence(Linear):
+    """Each sample's first `sequence_lens[b]` steps reversed along the time axis (Keras'
+    go_backwards and Bidirectional through tf2onnx): a permutation per sample, linear with
+    0/1 weights, and its own inverse, so backward applies the same reversal to the
+    multipliers. Lengths computed from the input are fixed only where actual and reference
+    agree (as for gathers by computed indices); DeepLIFT refuses otherwise."""
+
+    @staticmethod
+    def _reverse(xp, x, lens, time_axis: int, batch_axis: int):
+        steps = x.shape[time_axis]
+        lens = xp.asarray(lens).astype(np.int64).reshape(-1)
+        t = xp.arange(steps, dtype=np.int64)
+        shape_t = [1] * x.ndim
+        shape_t[time_axis] = steps
+        shape_b = [1] * x.ndim
+        shape_b[batch_axis] = lens.shape[0]
+        t, lens = t.reshape(shape_t), lens.reshape(shape_b)
+        index = xp.where(t < lens, lens - 1 - t, t)
+        return xp.take_along_axis(x, xp.broadcast_to(index, x.shape), axis=time_axis)
+
+    def _axes(self, ctx, ndim):
+        return ctx.attr("time_axis", 0) % ndim, ctx.attr("batch_axis", 1) % ndim
+
+    def forward(self, ctx, x, lens):
+        time_axis, batch_axis = self._axes(ctx, x.ndim)
+        if lens.shape[0] != x.shape[batch_axis]:
+            raise RuleError(f"ReverseSequence node {ctx.node.name!r}: sequence_lens has {lens.shape[0]} "
+                            f"entries for {x.shape[batch_axis]} rows on batch axis {batch_axis}")
+        return self._reverse(ctx.xp, x, lens, time_axis, batch_axis)
+
+    def _actual_lens(self, ctx, rows: int):
+        xp = ctx.xp
+        if not ctx.is_const(1):
+            lens = ctx.x(1)
+            ref = ctx.x0(1)
+            if ctx.mode == "deeplift" and ref is not None and bool(xp.any(xp.asarray(ref) != xp.asarray(lens))):
+                raise RuleError(f"ReverseSequence node {ctx.node.name!r}: the sequence lengths, computed from the "
+                                f"input, differ between a sample and its reference; DeepLIFT has no rule for a "
+                                f"change of the permutation (give the reference the sample's lengths)")
+            return lens
+        lens = np.asarray(ctx.const(1)).reshape(-1)
+        if lens.shape[0] == rows or bool((lens == lens[0]).all()):
+            return np.full(rows, lens[0]) if lens.shape[0] != rows else lens
+        if lens.shape[0] >= ctx.n_actual == rows:
+            return lens[:rows]  # the stacked batch: actual rows first
+        raise RuleError(f"ReverseSequence node {ctx.node.name!r}: per-sample constant sequence_lens "
+                        f"({lens.shape[0]} entries) do not fit the {rows} rows of this pass")
+
+    def backward(self, ctx, g):
+        time_axis, batch_axis = self._axes(ctx, g.ndim - 1)
+        lens = self._actual_lens(ctx, g.shape[1 + batch_axis])
+        return (self._reverse(ctx.xp, g, lens, time_axis + 1, batch_axis + 1), None)
