@@ -21,6 +21,9 @@ def cut_at(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     graph's outputs; a kept node that also wrote a cut tensor writes it under a new name,
     so that the cut tensor's value is always the one fed."""
     cut = set(tensors)
+    from .loops import flat_model, has_control_flow  # noqa: PLC0415
+    if has_control_flow(model):  # tensors of an unrolled loop body exist only in the flat model
+        model = flat_model(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
              + list(inferred.graph.output)}

@@ -208,3 +208,30 @@ def _stack(graph: Graph, owner: Node, out: str, pieces: list[str], name: str) ->
         expanded.append(target)
     if len(pieces) > 1:
         _add(graph, owner, "Concat", expanded, [out], f"{name}/concat", axis=0)
+
+
+def has_control_flow(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("Loop", "If") and n.domain in STANDARD for n in model.graph.node)
+
+
+def flat_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its Loops unrolled and constant Ifs inlined, as a ModelProto: what
+    liftir/cut.py cuts when a tensor to cut at exists only in an unrolled loop body (the
+    embeddings of a Keras Embedding feeding an RNN)."""
+    from .folding import fold_constants  # noqa: PLC0415 - folding imports this module lazily
+    from .graph import build_graph  # noqa: PLC0415
+    graph = build_graph(model)
+    fold_constants(graph)
+    nodes = [graph.nodes[name].proto for name in graph.order]
+    read = {i for n in graph.nodes.values() for i in n.all_inputs if i} | {o.name for o in graph.outputs}
+    initializers = [numpy_helper.from_array(np.asarray(v), k) for k, v in graph.constants.items() if k in read]
+    inputs = [vi for vi in model.graph.input if vi.name not in graph.constants]
+    value_info = [helper.make_tensor_value_info(i.name, helper.np_dtype_to_tensor_dtype(i.dtype),
+                                                None if i.shape is None else list(i.shape))
+                  for i in graph.value_info.values() if i.dtype is not None and i.name not in graph.constants]
+    flat = helper.make_graph(nodes, model.graph.name, inputs, list(model.graph.output), initializers,
+                             value_info=value_info)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.CopyFrom(flat)
+    return out

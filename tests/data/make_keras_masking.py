@@ -111,8 +111,11 @@ def main():
     mask = ids != 0
     emb = embedding(ids).numpy()
     after = lambda e: dense(gru(e, mask=mask))  # noqa: E731 - the model past its embedding
+    same_mask = np.where(ids > 0, 1, 0).astype(np.int32)  # reference ids: token 1 wherever ids has one
+    emb0 = embedding(same_mask).numpy()
     np.savez_compressed(os.path.join(HERE, "keras_embedding_gru.npz"), ids=ids, output=model(ids).numpy(),
-                        embedding=emb, saliency=gradients(after, emb))
+                        embedding=emb, saliency=gradients(after, emb), same_mask=same_mask,
+                        ig_same_mask=integrated(after, emb, emb0))  # the path at the embeddings, mask fixed
     print("embedding_gru", os.path.getsize(os.path.join(HERE, "keras_embedding_gru.onnx")), "bytes")
     print("tensorflow", tf.__version__, "keras", keras.__version__, "tf2onnx", tf2onnx.__version__)
 
