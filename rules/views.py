@@ -142,7 +142,8 @@ class Cast(Linear):
         return (xp.where(changed, g * m, xp.zeros_like(g)),) + none
 
     def describe(self, mode):
-        return "affine (2.3.1): m = 1; into bool/int from float: rescale (2.3.4) of a step, zero gradient"
+        step = "rescale (2.3.4) of a step" if mode == "deeplift" else "zero gradient"
+        return f"affine (2.3.1): m = 1; float to bool/int: {step}"
 
     def is_affine(self, ctx) -> bool:
         return not self._is_step(ctx)
