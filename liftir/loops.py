@@ -32,10 +32,12 @@ def inline_control_flow(graph: Graph) -> int:
 
     Loops nested in a body are copied with it and unrolled on the next call (the caller,
     folding.fold_constants, repeats until nothing is left)."""
+    from .folding import static_nodes  # noqa: PLC0415
+    static = static_nodes(graph)  # shape arithmetic: evaluated per input shape, never unrolled
     count = 0
     for name in list(graph.order):
         node = graph.nodes.get(name)
-        if node is None or node.domain not in STANDARD:
+        if node is None or node.domain not in STANDARD or name in static:
             continue
         if node.op_type == "Loop":
             _unroll(graph, node)

@@ -145,3 +145,27 @@ def test_an_if_with_a_constant_condition_is_inlined():
     np.testing.assert_allclose(ex.predict(x), _ort(model, x), rtol=1e-12)
     attr, delta = ex.attribute(x, baselines=x0, target=0, return_convergence_delta=True)
     assert np.abs(delta).max() <= 1e-12
+
+
+def test_a_loop_of_shape_arithmetic_stays_static():
+    """A Loop computing from shapes only (here: doubling the feature count 3 times) is
+    evaluated per input shape like other shape arithmetic, not unrolled or refused."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Add", ["n", "n"], ["n_out"])], "body",
+        [helper.make_tensor_value_info("i", TP.INT64, []), helper.make_tensor_value_info("c", TP.BOOL, []),
+         helper.make_tensor_value_info("n", TP.INT64, [1])],
+        [helper.make_tensor_value_info("c_out", TP.BOOL, []), helper.make_tensor_value_info("n_out", TP.INT64, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"], start=1, end=2),
+         helper.make_node("Loop", ["M", "cond", "s"], ["n8"], body=body, name="shape_loop"),
+         helper.make_node("Concat", ["minus1", "n8"], ["shape"], axis=0),
+         helper.make_node("Tile", ["x", "reps"], ["xt"]), helper.make_node("Reshape", ["xt", "shape"], ["y"])],
+        "static", [helper.make_tensor_value_info("x", D, ["N", 2])], [helper.make_tensor_value_info("y", D, ["N", 16])],
+        [numpy_helper.from_array(np.array(3, np.int64), "M"), numpy_helper.from_array(np.array(True), "cond"),
+         numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+         numpy_helper.from_array(np.array([1, 8], np.int64), "reps")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(4).normal(size=(2, 2))
+    ex = liftir.Explainer(model, "saliency")
+    assert "shape_loop" in ex.graph.nodes
+    np.testing.assert_allclose(ex.predict(x), _ort(model, x))
