@@ -20,13 +20,18 @@ from .folding import evaluate_node
 from .graph import Graph
 from .rule import Rule
 
+#: ops whose inputs after the first are positions, never values that carry a difference
+INDEXING = frozenset({"Gather", "GatherElements", "GatherND"})
+
 
 def held_region(graph: Graph, static: set[str], integer_inputs: list[str],
                 has_rule=lambda node: False) -> tuple[set[str], list[str]]:
     """(held nodes, the float tensors computed directly from integer inputs).
 
-    Held: nodes whose activation inputs are all integer tensors (or floats that only index
-    and mask arithmetic reads: `only_id_arithmetic`), and nodes of float
+    Held: nodes whose activation inputs are all integer tensors (or floats of the ids that
+    only index arithmetic reads: `only_id_arithmetic`), nodes computing, from those and
+    the attributed floats of the ids, integers that only gathers read as indices
+    (`index_only`), and nodes of float
     activations whose outputs are all integer or bool and that have no rule of their own
     (`has_rule(node)`): comparisons and boolean logic do have rules (rules/selection.py: a
     condition that changes between reference and actual carries part of the difference
@@ -43,18 +48,29 @@ def held_region(graph: Graph, static: set[str], integer_inputs: list[str],
         return info is None or info.dtype is None or info.dtype.kind == "f"
 
     outputs_of_graph = {o.name for o in graph.outputs}
-    id_arithmetic: dict[str, bool] = {}
+    index_memo: dict[str, bool] = {}
+
+    def index_only(name) -> bool:
+        """An integer/bool tensor whose value reaches floats only as gather indices (where the
+        change of ids shows as the change of the gathered float, the embedding)."""
+        if name not in index_memo:
+            index_memo[name] = False  # (a DAG: no cycle can ask again)
+            readers = [graph.nodes[c] for c in graph.consumers.get(name, []) if c not in static]
+            index_memo[name] = name not in outputs_of_graph and all(
+                (n.op_type in INDEXING and name in n.inputs[1:] and name not in n.inputs[:1])
+                or (any(n.outputs) and all(not o or (not is_float(o) and index_only(o)) for o in n.outputs))
+                for n in readers)
+        return index_memo[name]
 
     def only_id_arithmetic(name) -> bool:
-        """A float tensor computed from ids that only index and mask arithmetic reads (Keras'
-        Embedding computes its gather index with Cast(ids, float) < 0): held with the ids,
-        not attributed. True iff every reader makes only integer/bool tensors or such floats."""
-        if name not in id_arithmetic:
-            readers = [graph.nodes[c] for c in graph.consumers.get(name, []) if c not in static]
-            id_arithmetic[name] = bool(readers) and name not in outputs_of_graph and all(
-                any(o for o in n.outputs) and all(not o or not is_float(o) or only_id_arithmetic(o)
-                                                  for o in n.outputs) for n in readers)
-        return id_arithmetic[name]
+        """A float tensor computed from ids that only index arithmetic reads (Keras' Embedding
+        computes its gather index through Cast(ids, float) < 0): held with the ids, not
+        attributed. A float read into a mask (a Where condition, a cast back to float) is
+        not: its change carries part of the difference."""
+        readers = [graph.nodes[c] for c in graph.consumers.get(name, []) if c not in static]
+        return bool(readers) and name not in outputs_of_graph and all(
+            any(n.outputs) and all(not o or (not is_float(o) and index_only(o)) for o in n.outputs)
+            for n in readers)
 
     for name in graph.order:
         node = graph.nodes[name]
@@ -67,6 +83,10 @@ def held_region(graph: Graph, static: set[str], integer_inputs: list[str],
             nodes.add(name)
             for o in outputs:
                 (frontier.append if is_float(o) and not only_id_arithmetic(o) else from_ints.add)(o)
+        elif active and outputs and all(i in from_ints or i in frontier for i in active) and all(
+                not is_float(o) and index_only(o) for o in outputs):
+            nodes.add(name)  # index arithmetic on an attributed float of the ids: no multipliers
+            from_ints.update(outputs)
         elif active and (all(i in from_ints or i in cut for i in active)
                          or (not any(is_float(o) for o in outputs) and not has_rule(node))):
             nodes.add(name)

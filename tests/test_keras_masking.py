@@ -202,3 +202,30 @@ def test_reverse_sequence_is_a_permutation_per_sample():
     assert np.abs(delta).max() <= 1e-13
     sal = liftir.Explainer(model, "saliency").attribute((x, lens), target=0)
     np.testing.assert_allclose(sal["x"] if isinstance(sal, dict) else sal[0], np.broadcast_to(W[index], x.shape))
+
+
+def test_only_index_arithmetic_of_ids_is_held():
+    """ids -> Cast(float): read into a gather index (Keras' Embedding: Cast(ids) < 0 picks
+    ids + V) it is held with the ids; read into a Where condition it carries the change of
+    the condition and stays attributed. Both conserve from a reference with other ids."""
+    from onnx import TensorProto as TP, helper
+    nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TP.DOUBLE),
+             helper.make_node("Less", ["f", "zero"], ["neg"]), helper.make_node("Cast", ["neg"], ["negi"], to=TP.INT64),
+             helper.make_node("Mul", ["negi", "V"], ["shift"]), helper.make_node("Add", ["ids", "shift"], ["index"]),
+             helper.make_node("Gather", ["table", "index"], ["emb"], axis=0),  # (N, T, 2)
+             helper.make_node("Greater", ["f", "two"], ["big"]), helper.make_node("Unsqueeze", ["big", "last"], ["big3"]),
+             helper.make_node("Neg", ["emb"], ["nemb"]), helper.make_node("Where", ["big3", "emb", "nemb"], ["w"]),
+             helper.make_node("Flatten", ["w"], ["flat"]), helper.make_node("ReduceSum", ["flat", "axis"], ["y"])]
+    table = np.random.default_rng(5).normal(size=(6, 2))
+    model = _model(nodes, [helper.make_tensor_value_info("ids", TP.INT64, ["N", 4])],
+                   {"zero": np.array(0.0), "two": np.array(2.5), "V": np.array(6), "table": table,
+                    "last": np.array([-1]), "axis": np.array([1])})
+    ex = liftir.Explainer(model, "deeplift")
+    assert sorted(ex.attributed) == ["emb", "f"]  # the condition's Cast, not the index arithmetic's
+    ids, ref = np.array([[1, 4, 5, -2], [3, 0, 2, 5]]), np.array([[4, 1, 5, 3]])
+    attr, delta = ex.attribute(ids, baselines=ref, target=0, return_convergence_delta=True)
+    change = ex.predict(ids)[:, 0] - ex.predict(np.broadcast_to(ref, ids.shape))[:, 0]
+    np.testing.assert_allclose(ex.predict(ids), ort.InferenceSession(model.SerializeToString()).run(
+        None, {"ids": ids})[0], rtol=1e-14)
+    assert np.abs(delta).max() <= 1e-12 * np.abs(change).max()
+    assert np.abs(attr["f"]).max() > 0  # the condition switched: part of the difference is its
