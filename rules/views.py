@@ -413,7 +413,7 @@ class ReverseSequence(Linear):
         if not ctx.is_const(1):
             lens = ctx.x(1)
             ref = ctx.x0(1)
-            if ctx.mode == "deeplift" and ref is not None and bool(xp.any(xp.asarray(ref) != xp.asarray(lens))):
+            if ctx.mode == "deeplift" and ref is not None and bool((xp.asarray(ref) != xp.asarray(lens)).any()):
                 raise RuleError(f"ReverseSequence node {ctx.node.name!r}: the sequence lengths, computed from the "
                                 f"input, differ between a sample and its reference; DeepLIFT has no rule for a "
                                 f"change of the permutation (give the reference the sample's lengths)")

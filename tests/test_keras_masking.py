@@ -229,3 +229,17 @@ def test_only_index_arithmetic_of_ids_is_held():
         None, {"ids": ids})[0], rtol=1e-14)
     assert np.abs(delta).max() <= 1e-12 * np.abs(change).max()
     assert np.abs(attr["f"]).max() > 0  # the condition switched: part of the difference is its
+
+
+@pytest.mark.parametrize("method", ["deeplift", "saliency"])
+def test_cupy_subset_backend(method):
+    """The unrolled Bidirectional LSTM (ReverseSequence, mask casts) on the stand-in for
+    CuPy's array module (tests/test_array_api_subset.py): the same numbers as NumPy."""
+    from test_array_api_subset import subset_module
+    a = _anchors("masking_bilstm")
+    x = a["x"]
+    reference = _explainer("masking_bilstm", method).attribute(x, baselines=0.0, target=0)
+    ex = liftir.Explainer(_path("masking_bilstm"), method)
+    ex.xp = subset_module()
+    got = ex.attribute(x, baselines=0.0, target=0)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-7)
