@@ -169,3 +169,10 @@ def test_a_loop_of_shape_arithmetic_stays_static():
     ex = liftir.Explainer(model, "saliency")
     assert "shape_loop" in ex.graph.nodes
     np.testing.assert_allclose(ex.predict(x), _ort(model, x))
+
+
+def test_unrolling_is_bounded_by_the_folding_budget():
+    """A Loop over activations with a huge constant trip count is refused before unrolling."""
+    from liftir.errors import FoldingLimitError
+    with pytest.raises(FoldingLimitError, match=r"'rnn_loop'.*unroll a Loop of 1000000000 iterations"):
+        liftir.Explainer(_rnn_loop(trips=10**9))
