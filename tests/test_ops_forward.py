@@ -403,6 +403,10 @@ CASES["Gather"] = [
     op("Gather", [(2, 5, 3), np.array([[0, 1], [4, 4], [2, -2]], np.int64)], {"axis": 1}, 11, id="2d-index"),
     op("Gather", [(2, 4, 5, 3), np.array([[1, 0, 1]], np.int32)], {"axis": 2}, 13, id="int32-axis2"),
 ]
+CASES["ReverseSequence"] = [
+    op("ReverseSequence", [(2, 4, 3), i64(3, 1)], {"batch_axis": 0, "time_axis": 1}, 10, id="per-sample"),
+    op("ReverseSequence", [(2, 4, 3), i64(4, 4)], {"batch_axis": 0, "time_axis": 1}, 10, id="full"),
+]
 CASES["Expand"] = [
     op("Expand", [(2, 1, 4), i64(3, 1)], opset=13, id="broadcast"),
     op("Expand", [(2, 3, 1), i64(1, 1, 5)], opset=8, id="ones"),

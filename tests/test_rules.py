@@ -1061,6 +1061,13 @@ class GraphBuilder:
             b.add(op, [t], shape, to=helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype)))
         elif op == "CastLike":
             b.add(op, [t, b.const(np.zeros(1))], shape)
+        elif op == "ReverseSequence":  # the first k of C steps of every row, as tf2onnx's reversals
+            t = b.pick(lambda s: len(s) == 2) or b.add("Unsqueeze", [t, b.ints(1)], (1,) + shape)
+            c = b.tensors[t][0]
+            rows = b.add("Shape", [t], (1,), start=0, end=1)
+            lens = b.add("Expand", [b.ints(b.integer(1, c)), rows], (1,))
+            del b.tensors[rows], b.tensors[lens]  # integers: no float op reads these
+            b.add(op, [t, lens], b.tensors[t], batch_axis=0, time_axis=1)
         else:
             return False
         return True
