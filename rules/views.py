@@ -11,6 +11,7 @@ import numpy as np
 
 from liftir.kernels.scatter import scatter_add
 from liftir.errors import InputError
+from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import Linear, RuleError, difference, unbroadcast
 
@@ -130,7 +131,7 @@ class Cast(Linear):
         if not self._is_step(ctx):
             source = ctx.x(0).dtype
             return (g.astype(source) if source.kind == "f" else g,) + none
-        if ctx.mode != "deeplift":
+        if ctx.mode != Mode.DEEPLIFT:
             return (None,) + none
         xp = ctx.xp
         dtype = g.dtype
@@ -142,7 +143,7 @@ class Cast(Linear):
         return (xp.where(changed, g * m, xp.zeros_like(g)),) + none
 
     def describe(self, mode):
-        step = "rescale (2.3.4) of a step" if mode == "deeplift" else "zero gradient"
+        step = "rescale (2.3.4) of a step" if mode == Mode.DEEPLIFT else "zero gradient"
         return f"affine (2.3.1): m = 1; float to bool/int: {step}"
 
     def is_affine(self, ctx) -> bool:
@@ -413,7 +414,7 @@ class ReverseSequence(Linear):
         if not ctx.is_const(1):
             lens = ctx.x(1)
             ref = ctx.x0(1)
-            if ctx.mode == "deeplift" and ref is not None and bool((xp.asarray(ref) != xp.asarray(lens)).any()):
+            if ctx.mode == Mode.DEEPLIFT and ref is not None and bool((xp.asarray(ref) != xp.asarray(lens)).any()):
                 raise RuleError(f"ReverseSequence node {ctx.node.name!r}: the sequence lengths, computed from the "
                                 f"input, differ between a sample and its reference; DeepLIFT has no rule for a "
                                 f"change of the permutation (give the reference the sample's lengths)")
