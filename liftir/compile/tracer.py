@@ -856,35 +856,44 @@ def _expm1(x: Traced) -> Traced:
     return where(small, acc * z, _unary("Exp", x) - 1)
 
 
+def _wide(x: Traced) -> Traced:
+    """x in float64 (an integer or float32 array): where onnxruntime's float32 kernel is
+    coarser than NumPy's, the float64 kernel rounded back is as fine or finer."""
+    return _as_dtype(x, np.float64) if x.dtype != np.float64 else x
+
+
+def _log1p64(u: Traced) -> Traced:
+    """log(1 + u) for float64 u, to a few float64 ulps (Goldberg: log(w) * u / (w - 1) with
+    w = 1 + u rounded; onnxruntime has no Log1p)."""
+    w = u + 1
+    exact = w == 1
+    return where(exact, u, _unary("Log", w) * u / where(exact, 1.0, w - 1))
+
+
 def _log1p(x: Traced) -> Traced:
-    """log(1 + x) to a few ulps (Goldberg: log(u) * x / (u - 1) with u = 1 + x rounded)."""
-    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
-    u = x + 1
-    exact = u == 1
-    return where(exact, x, _unary("Log", u) * x / where(exact, 1.0, u - 1))
+    """log(1 + x), computed in float64 and rounded to x's dtype: within an ulp of NumPy's
+    float32 log1p (onnxruntime's float32 Log is ~4 ulps off, too coarse for a DeepLIFT
+    quotient of two close values)."""
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    return _as_dtype(_log1p64(_wide(x)), dtype)
 
 
 def _logaddexp(a, b) -> Traced:
-    """log(e^a + e^b) as NumPy computes it: max + log1p(e^-|a - b|)."""
+    """log(e^a + e^b) as NumPy computes it (max + log1p(e^-|a - b|), a + log 2 where a == b,
+    so that equal infinities stay infinite), in float64 rounded to the operands' dtype."""
     rec = _rec_of(a, b)
     dtype = _result_dtype(a, b)
-    ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
+    dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
+    ta, tb = _wide(_lift(rec, a, dtype)), _wide(_lift(rec, b, dtype))
     top = maximum(ta, tb)
-    return top + _log1p(_unary("Exp", -abs(ta - tb)))
-
-
-def _too_coarse(name):
-    def fn(*args, **kwargs):
-        raise TraceError(f"{name} would use onnxruntime's Log (~4 ulps against NumPy's 1), too coarse "
-                         f"for a DeepLIFT quotient of two close values")
-    return fn
+    out = where(ta == tb, ta + math.log(2.0), top + _log1p64(_unary("Exp", -abs(ta - tb))))
+    return _as_dtype(out, dtype)
 
 
 expm1 = _elementwise(np.expm1, _expm1)
-# _log1p and _logaddexp are as accurate as onnxruntime's Log allows, which moved Softplus
-# multipliers by 1e-5 near the rule's small-dx threshold: refused until a finer log exists
-log1p = _elementwise(np.log1p, _too_coarse("log1p"))
-logaddexp = _elementwise(np.logaddexp, _too_coarse("logaddexp"))
+log1p = _elementwise(np.log1p, _log1p)
+logaddexp = _elementwise(np.logaddexp, _logaddexp)
+
 
 def bincount(x, weights=None, minlength=0):
     """Sums of traced `weights` at constant positions `x`: ScatterElements(reduction="add")."""
@@ -903,8 +912,59 @@ def bincount(x, weights=None, minlength=0):
     return Traced(rec, name, (size,), w.dtype)
 
 
-for _name in ("einsum", "tensordot", "take", "repeat", "tile", "split"):
-    globals()[_name] = _no_onnx(_name)
+tensordot = _no_onnx("tensordot")
+
+
+def take(x, indices, axis=None):
+    """np.take: one Gather (constant or traced indices)."""
+    rec = _rec_of(x, indices)
+    if rec is None:
+        return np.take(x, indices, axis=axis)
+    tx = _lift(rec, x)
+    if axis is None:
+        tx, axis = tx.reshape(-1), 0
+    axis %= tx.ndim
+    ti = _as_dtype(_lift(rec, np.asarray(indices, np.int64) if not isinstance(indices, Traced) else indices),
+                   np.int64)
+    shape = tx.shape[:axis] + ti.shape + tx.shape[axis + 1:]
+    return Traced(rec, rec.node("Gather", [tx.ref, ti.ref], axis=axis), shape, tx.dtype)
+
+
+def split(x, indices_or_sections, axis=0):
+    """np.split: the parts as slices of x (views, as NumPy's)."""
+    if not isinstance(x, Traced):
+        return np.split(x, indices_or_sections, axis=axis)
+    axis %= x.ndim
+    n = x.shape[axis]
+    if np.ndim(indices_or_sections) == 0:
+        sections = int(indices_or_sections)
+        if n % sections:
+            raise TraceError(f"split of {n} into {sections} unequal sections in a trace")
+        bounds = [n // sections * i for i in range(1, sections)]
+    else:
+        bounds = [int(b) for b in indices_or_sections]
+    edges = [0] + bounds + [n]
+    lead = (slice(None),) * axis
+    return [x[lead + (slice(a, max(a, b)),)] for a, b in zip(edges[:-1], edges[1:])]
+
+
+def einsum(equation, *operands):
+    """np.einsum with explicit output subscripts: one Einsum node."""
+    rec = _rec_of(*operands)
+    if rec is None:
+        return np.einsum(equation, *operands)
+    spec = equation.replace(" ", "")
+    if "->" not in spec or "." in spec:
+        raise TraceError(f"einsum {equation!r} without explicit output subscripts (or with ...) in a trace")
+    ins, out = spec.split("->")
+    terms = ins.split(",")
+    dtype = _dt(np.result_type(*[np.empty(0, o.dtype) if isinstance(o, Traced) else o for o in operands]))
+    ts = [_as_dtype(_lift(rec, o), dtype) for o in operands]
+    dims: dict[str, int] = {}
+    for term, t in zip(terms, ts):
+        for c, size in zip(term, t.shape):
+            dims[c] = max(dims.get(c, 1), size)
+    return Traced(rec, rec.node("Einsum", [t.ref for t in ts], equation=spec), tuple(dims[c] for c in out), dtype)
 
 
 def round(x, decimals=0):  # noqa: A001 - NumPy's name
@@ -1172,7 +1232,7 @@ for _t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "
     globals()[_t] = getattr(np, _t)
 ndarray = Traced
 errstate = np.errstate
-del _t, _name
+del _t
 
 
 class recording:  # noqa: N801 - a context manager named for what it does
