@@ -394,6 +394,26 @@ def _gathers_splits_contracts(xp, a, b):
         picked.reshape((a.shape[0], -1))[:, :3] + mixed.reshape((a.shape[0], -1))[:, :3]
 
 
+def _fills_step_by_step(xp, a):
+    """A buffer written one time step at a time (a recurrent backward's per-step gates):
+    kept pending and emitted as one Concat; a read in between, an overlapping write and a
+    write along another axis emit what is pending first, as NumPy's order of writes asks."""
+    buf = xp.zeros((2, 3, 5, 4), dtype=np.float32)
+    for t in (4, 0, 2):  # steps out of order, steps 1 and 3 left at the fill
+        buf[:, :, t] = a[:, :, t] * (t + 1)
+    early = buf.sum(axis=2)  # read while writes are pending
+    buf[:, :, 1:3] = a[:, :, 1:3] - 1  # overlaps step 2
+    buf[:, 1] = 7.0  # another axis
+    ones = xp.ones((2, 3, 5, 4), dtype=np.float32)
+    ones[:, :, 3] = a[:, :, 3]  # never read as a whole before being used in arithmetic
+    return buf + early[:, :, None] + ones
+
+
+def test_tracer_keeps_step_by_step_writes_as_numpy_does():
+    a = np.random.default_rng(2).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run_traced(_fills_step_by_step, a), _fills_step_by_step(np, a))
+
+
 def test_tracer_take_split_and_einsum_equal_numpy():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((2, 4, 3)).astype(np.float32)

@@ -115,6 +115,11 @@ class Traced:
         self._pending: list = []  # (slices, value) added into strided parts, not yet emitted
         self._lazy_view = False  # a view whose value is its base's part, emitted when read
         self._fill = None  # the fill of a created array never written since
+        #: writes into a filled array along one axis, disjoint (start, stop, value), not yet
+        #: emitted: one Concat when read (a buffer filled step by step, e.g. a recurrent
+        #: backward's per-step gates), instead of a full-size Where per write
+        self._writes: list = []
+        self._writes_axis = 0
         self._reshaped: Traced | None = None  # the array this one is a reshaped view of
         self._reshaped_version = 0
 
@@ -175,6 +180,8 @@ class Traced:
             self.name = _emit_slice(self._base, self._key)
             self._base_version = self._base._version
         self._check_fresh()
+        if self._writes:
+            self._flush_writes()
         if self._pending:
             pending, self._pending = self._pending, []
             total = self if self._fill == 0 else None
@@ -196,6 +203,8 @@ class Traced:
         value = _value_for_key(value, key, self.shape, sub_shape)
         self._check_fresh()
         value.ref  # noqa: B018 - emit the value now, while what it reads is current
+        if self._writes:
+            self._flush_writes()
         self._pending.append((spec, value))
         self._version += 1
 
@@ -207,7 +216,7 @@ class Traced:
             new = broadcast_to(new, self.shape)
         self._check_fresh()
         self.name = new.ref
-        self._pending, self._lazy_view, self._fill = [], False, None
+        self._pending, self._lazy_view, self._fill, self._writes = [], False, None, []
         self._version += 1
         if self._base is not None:
             self._base._assign(self._key, self)
@@ -229,6 +238,10 @@ class Traced:
             self._rebind(value._reshape_value(self.shape) if value.size == self.size else broadcast_to(value, self.shape))
             return
         value = _value_for_key(value, key, self.shape, sub_shape)
+        if self._defer_write(spec, value):
+            return
+        if self._writes:
+            self._flush_writes()
         if self._fill is not None and not self._pending and all(sl.step == 1 for sl in spec):
             # into a freshly filled array (a padded copy): one Pad with the fill
             pads = [sl.start for sl in spec] + [n - sl.stop for sl, n in zip(spec, self.shape)]
@@ -239,6 +252,47 @@ class Traced:
         placed, mask = _place(rec, value, spec, self.shape)
         out = Traced(rec, rec.node("Where", [rec.const(mask), placed.ref, self.ref]), self.shape, self.dtype)
         self._rebind(out)
+
+    def _defer_write(self, spec, value) -> bool:
+        """Keep `self[spec] = value` pending if it writes a step-1 range of one axis (every
+        other axis whole) of a filled array, disjoint from the writes pending on that axis."""
+        value = _as_dtype(value, self.dtype)
+        value.ref  # noqa: B018 - emit the value now, while what it reads is current (it may read self)
+        if self._fill is None or self._pending or self._base is not None or self._reshaped is not None:
+            return False
+        partial = [a for a, (sl, n) in enumerate(zip(spec, self.shape)) if sl.indices(n) != (0, n, 1)]
+        if len(partial) != 1 or spec[partial[0]].step != 1:
+            return False
+        axis = partial[0]
+        start, stop = spec[axis].start, spec[axis].stop
+        if self._writes and (axis != self._writes_axis or any(start < b and a < stop for a, b, _ in self._writes)):
+            return False
+        self._check_fresh()
+        self._writes.append((start, stop, value))
+        self._writes_axis = axis
+        self._version += 1
+        return True
+
+    def _flush_writes(self) -> None:
+        """The pending writes and the fill between them, as one Concat along their axis."""
+        writes, self._writes = sorted(self._writes, key=lambda w: w[0]), []
+        axis, n, rec = self._writes_axis, self.shape[self._writes_axis], self.rec
+        fill = np.asarray(self._fill, self.dtype)
+
+        def gap(length):
+            shape = self.shape[:axis] + (length,) + self.shape[axis + 1:]
+            return rec.const(np.broadcast_to(fill, shape))
+
+        parts, pos = [], 0
+        for a, b, v in writes:
+            if a > pos:
+                parts.append(gap(a - pos))
+            parts.append(v.ref)
+            pos = b
+        if pos < n:
+            parts.append(gap(n - pos))
+        self.name = rec.node("Concat", parts, axis=axis) if len(parts) > 1 else rec.node("Identity", parts)
+        self._fill = None
 
     def __setitem__(self, key, value):
         if (isinstance(value, Traced) and value._base is self and value._key == key
@@ -723,7 +777,7 @@ def _as_dtype(x: Traced, dtype) -> Traced:
         return x
     rec = x.rec
     out = Traced(rec, rec.node("Cast", [x.ref], to=_onnx_type(dtype)), x.shape, dtype)
-    if x._fill is not None and not x._pending:
+    if x._fill is not None and not x._pending and not x._writes:
         out._fill = np.asarray(x._fill).astype(dtype).item()
     return out
 
@@ -739,7 +793,7 @@ def _result_dtype(a, b) -> np.dtype:
 def _operand_names(rec: Recorder, ts: list[Traced], shape) -> list[str]:
     """Names for an elementwise node's operands; an unwritten filled array (ones_like...)
     is read as its scalar where the other operands already give the result's shape."""
-    names = [t.ref if t._fill is None or t._pending else None for t in ts]
+    names = [t.ref if t._fill is None or t._pending or t._writes else None for t in ts]
     kept = [t.shape for t, n in zip(ts, names) if n is not None]
     if kept and np.broadcast_shapes(*kept) == tuple(shape):
         return [n if n is not None else rec.const(np.asarray(t._fill, t.dtype)) for t, n in zip(ts, names)]
