@@ -83,7 +83,8 @@ class Recorder:
             name = self.node("Expand", [scalar, self.const(np.asarray(arr.shape, np.int64))])
         else:
             name = self.fresh("c")
-            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+            # (np.ascontiguousarray makes a 0-d array 1-d: keep the shape, a Gather index must be a scalar)
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr).reshape(arr.shape), name))
         self._consts[key] = name
         self._keep.append(value)
         return name
@@ -346,6 +347,12 @@ class Traced:
         sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(spec, self.shape))
         final = _index_result_shape(keys, self.shape)
         if final != sub_shape:  # a reshaped selection is a copy as far as writes go (ints and None)
+            ints = [a for a, k in enumerate(_full_key(plain, self.ndim)) if not isinstance(k, slice)]
+            whole = all(sl.indices(n) == (0, n, 1) for a, (sl, n) in enumerate(zip(spec, self.shape)) if a not in ints)
+            if len(ints) == 1 and whole and None not in keys:  # one step of a sequence: one Gather
+                rec = self.rec
+                return Traced(rec, rec.node("Gather", [self.ref, rec.const(np.array(spec[ints[0]].start, np.int64))],
+                                            axis=ints[0]), final, self.dtype)
             return Traced(self.rec, _emit_slice(self, plain), sub_shape, self.dtype).reshape(final)
         out = Traced(self.rec, None, sub_shape, self.dtype)
         out._base, out._key, out._base_version = self, plain, self._version
@@ -615,6 +622,14 @@ def _basic_key(keys, shape) -> list[slice]:
     return out
 
 
+def _full_key(keys, ndim) -> tuple:
+    """A basic index (no None) with its Ellipsis expanded and trailing axes filled: one key per axis."""
+    if any(k is Ellipsis for k in keys):
+        i = keys.index(Ellipsis)
+        keys = keys[:i] + (slice(None),) * (ndim - (len(keys) - 1)) + keys[i + 1:]
+    return keys + (slice(None),) * (ndim - len(keys))
+
+
 def _index_result_shape(keys, shape) -> tuple[int, ...]:
     """NumPy's result shape for a basic index (ints drop axes, None adds them)."""
     return np.empty(shape, dtype=np.bool_)[keys if isinstance(keys, tuple) else (keys,)].shape \
@@ -869,8 +884,12 @@ exp = _elementwise(np.exp, _float_unary("Exp"))
 log = _elementwise(np.log, _float_unary("Log"))
 sqrt = _elementwise(np.sqrt, _float_unary("Sqrt"))
 def _tanh(x: Traced) -> Traced:
-    """tanh to ~2 ulps, from expm1 (onnxruntime's Tanh is ~5 ulps off; a DeepLIFT quotient of
-    two saturated tanh values would amplify the difference)."""
+    """tanh to ~2 ulps (onnxruntime's float32 Tanh is ~5 ulps off; a DeepLIFT quotient of
+    two saturated tanh values would amplify the difference): float32 through onnxruntime's
+    float64 Tanh (a few float64 ulps) rounded back, three nodes (a recurrent net's unrolled
+    steps hold hundreds of tanh); float64 from expm1."""
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
+        return _as_dtype(_unary("Tanh", _wide(x)), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
     t = _expm1(-2 * abs(x))
     return _unary("Sign", x) * (-t / (t + 2))
@@ -899,7 +918,13 @@ def _no_onnx(name):
 
 
 def _expm1(x: Traced) -> Traced:
-    """e^x - 1 to a few ulps: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    """e^x - 1 to a few ulps. float32: in float64, e^x - 1 (its cancellation costs float64
+    digits only, ~1e-12 relative where |x| >= 1e-4) or x (1 + x/2 + x^2/6) below, rounded
+    back (12 nodes). float64: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
+        w = _wide(x)
+        series = w * (w * (w * (1.0 / 6) + 0.5) + 1)
+        return _as_dtype(where(abs(w) < 1e-4, series, _unary("Exp", w) - 1), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
     terms = 18 if x.dtype.itemsize >= 8 else 10
     small = abs(x) < 0.5
