@@ -308,7 +308,7 @@ def test_deeplift_shap_compiled_equals_the_interpreter(zoo_models, name):
     assert np.abs(residual).max() <= 1e-5 * max(1.0, float(np.abs(d_b).max()))
 
 
-@pytest.mark.parametrize("name", ["expm1", "tanh", "log1p", "logaddexp"])
+@pytest.mark.parametrize("name", ["expm1", "expm1_large", "tanh", "log1p", "logaddexp"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
     """Within a few ulps of the float64 truth (log1p and logaddexp(x, 0) are computed in
@@ -318,6 +318,9 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(-3, 3, 4000), rng.uniform(-1e-3, 1e-3, 2000),
                         rng.uniform(-0.6, 0.6, 2000)]).astype(dtype)
+    if name == "expm1_large":  # beyond tracer._SMALL elements: the float32 polynomial
+        name, x = "expm1", np.concatenate([x * s for s in (1, 0.9, 0.8, 1.1, 1.2)]).astype(dtype)
+        assert x.size > tracer._SMALL
     if name == "log1p":  # its domain, x > -1, down to tiny and up to large x
         x = np.concatenate([x[x > -0.999], rng.uniform(-0.999, 0, 1000), np.exp(rng.uniform(-30, 30, 1000))]).astype(dtype)
     rec = tracer.Recorder(17)

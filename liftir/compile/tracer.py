@@ -917,16 +917,22 @@ def _no_onnx(name):
     return fn
 
 
+#: arrays up to this many elements take the fewer-node float64 route of expm1
+_SMALL = 1 << 15
+
+
 def _expm1(x: Traced) -> Traced:
-    """e^x - 1 to a few ulps. float32: in float64, e^x - 1 (its cancellation costs float64
-    digits only, ~1e-12 relative where |x| >= 1e-4) or x (1 + x/2 + x^2/6) below, rounded
-    back (12 nodes). float64: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
-    if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
+    """e^x - 1 to a few ulps. Small float32 arrays (a recurrent step's gates, of which an
+    unrolled net holds hundreds): in float64, e^x - 1 (its cancellation costs float64 digits
+    only, ~1e-12 relative where |x| >= 1e-4) or x (1 + x/2 + x^2/6) below, rounded back (12
+    nodes). Large ones (attention scores: float64 passes there cost 3x the float32 ones) and
+    float64: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size <= _SMALL:
         w = _wide(x)
         series = w * (w * (w * (1.0 / 6) + 0.5) + 1)
         return _as_dtype(where(abs(w) < 1e-4, series, _unary("Exp", w) - 1), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
-    terms = 18 if x.dtype.itemsize >= 8 else 10
+    terms = 18 if x.dtype.itemsize >= 8 else 9  # truncated after z^9/9!: 0.5^9 / 10! ~ 5e-10 relative
     small = abs(x) < 0.5
     z = where(small, x, 0.0)
     acc = z * 0 + 1.0 / math.factorial(terms)
