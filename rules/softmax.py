@@ -26,7 +26,7 @@ import numpy as np
 
 from liftir.backend import to_host
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, difference, fill_where, is_traced, scale_rows
+from liftir.rule import MODES, Rule, RuleError, fill_where, is_traced, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -170,7 +170,9 @@ class Softmax(Rule):
                 dx = x - x0
             else:
                 live = (p > 0) | (p0 > 0)
-                dx = xp.where(live, difference(xp, x, x0), 0)
+                # x - x0 is difference(x, x0) wherever live (p > 0 only where x is finite), and
+                # its NaN (-inf - -inf) lies where the mask puts 0: one full-size Where fewer
+                dx = xp.where(live, x - x0, 0)
             weights = p + p0  # p_mid first, the weights below
             weights *= 0.5
             work = xp.empty_like(dx)
