@@ -6,6 +6,9 @@ side: the median (after a warm-up) of
   * Captum          DeepLift(model) on the input (image, DNA, float sequences), or
                     LayerDeepLift(model, word embedding) for token-id models (BERT, GPT-2)
   * liftir          Explainer(onnx_model, "deeplift").attribute(...) with the same reference
+  * liftir compiled the same with engine="compiled" (the pass as one ONNX graph in one
+                    onnxruntime session; its first call, which traces and starts the session,
+                    is reported apart as "compile s" and is not in the median)
 and each one's peak resident set size (Linux VmHWM, reset before each tool through
 /proc/self/clear_refs; it includes the process's baseline: Python, torch, the model).
 Models are the zoo's architectures (tests/zoo_transformers.py, tests/zoo_sequence.py) at
@@ -191,10 +194,30 @@ def run_one(name, repeats, warmup, target=1):
     row["liftir_rss"] = _peak_mib()
     if layer is not None:
         got = got[explainer.attributed[0]]
+
+    compiled = liftir.Explainer(proto, method="deeplift", engine="compiled")
+
+    def ours_compiled():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return compiled.attribute(args, baselines=base, target=target, return_convergence_delta=True)
+
+    _clear_peak()
+    t0 = time.perf_counter()
+    ours_compiled()  # traces the pass and starts its session
+    row["compile_s"] = time.perf_counter() - t0
+    row["compiled_ms"], (got_c, delta_c) = timed(ours_compiled, repeats, max(warmup - 1, 0))
+    row["compiled_rss"] = _peak_mib()
+    reasons = list(compiled._compiled.reasons.values())
+    row["compiled_fallback"] = reasons[0][:150] if reasons else ""
+    if layer is not None:
+        got_c = got_c[compiled.attributed[0]]
+    row["compiled_vs_interpreter"] = float(np.abs(got_c - got).max() / np.abs(got).max())
     with torch.no_grad():
         diff = model(*inputs)[:, target] - (model(*baselines) if layer is None else
                                             model(baselines[0].expand_as(inputs[0]), *inputs[1:]))[:, target]
     row["delta"] = float(np.abs(delta).max() / np.abs(diff.numpy()).max())
+    row["compiled_delta"] = float(np.abs(delta_c).max() / np.abs(diff.numpy()).max())
     row["captum_delta"] = float(np.abs(want.reshape(batch, -1).sum(1) - diff.numpy()).max() / np.abs(diff.numpy()).max())
     row["diff_vs_captum"] = float(np.abs(got - want).max() / np.abs(want).max())
     return row
@@ -223,18 +246,24 @@ def profile(name, repeats=3):
 
 
 def table(rows):
-    head = ("| model | exporter | batch | ORT fwd ms | Captum ms | liftir ms | liftir/Captum | liftir/ORT-fwd | "
-            "peak RSS MiB ORT / Captum / liftir | liftir \\|delta\\| rel | Captum \\|delta\\| rel | max rel diff vs Captum |")
+    head = ("| model | exporter | batch | ORT fwd ms | Captum ms | liftir ms | liftir compiled ms | liftir/Captum | "
+            "compiled/Captum | compiled/liftir | liftir/ORT-fwd | compiled/ORT-fwd | compile s | "
+            "peak RSS MiB ORT / Captum / liftir / compiled | liftir \\|delta\\| rel | compiled \\|delta\\| rel | "
+            "Captum \\|delta\\| rel | max rel diff vs Captum | compiled vs liftir |")
     lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {BENCHES[r['model']][0]} | | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['model']} | {BENCHES[r['model']][0]} | | failed: {r['error']} |" + "|" * 16)
             continue
+        fallback = f" (interpreter: {r['compiled_fallback']})" if r.get("compiled_fallback") else ""
         lines.append(
             f"| {r['model']} | {r['exporter']} | {r['batch']} | {r['ort_ms']:.1f} | {r['captum_ms']:.1f} | "
-            f"{r['liftir_ms']:.1f} | **{r['liftir_ms'] / r['captum_ms']:.2f}** | {r['liftir_ms'] / r['ort_ms']:.1f} | "
-            f"{r['ort_rss']:.0f} / {r['captum_rss']:.0f} / {r['liftir_rss']:.0f} | {r['delta']:.1e} | "
-            f"{r['captum_delta']:.1e} | {r['diff_vs_captum']:.1e} |")
+            f"{r['liftir_ms']:.1f} | {r['compiled_ms']:.1f}{fallback} | **{r['liftir_ms'] / r['captum_ms']:.2f}** | "
+            f"**{r['compiled_ms'] / r['captum_ms']:.2f}** | {r['compiled_ms'] / r['liftir_ms']:.2f} | "
+            f"{r['liftir_ms'] / r['ort_ms']:.1f} | {r['compiled_ms'] / r['ort_ms']:.1f} | {r['compile_s']:.1f} | "
+            f"{r['ort_rss']:.0f} / {r['captum_rss']:.0f} / {r['liftir_rss']:.0f} / {r['compiled_rss']:.0f} | "
+            f"{r['delta']:.1e} | {r['compiled_delta']:.1e} | {r['captum_delta']:.1e} | {r['diff_vs_captum']:.1e} | "
+            f"{r['compiled_vs_interpreter']:.1e} |")
     lines.append("")
     lines += [f"- {r['model']}: {BENCHES[r['model']][2]}" for r in rows]
     return "\n".join(lines)

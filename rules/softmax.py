@@ -27,7 +27,7 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, difference, fill_where, scale_rows
+from liftir.rule import MODES, Rule, RuleError, fill_where, is_traced, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -108,7 +108,12 @@ def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None):
     then every score lies within exp's underflow range U of its row's maximum in both
     passes, so max |dx| <= |dLSE| + 2U, and the spread test cannot fail where 2 U eps is
     below _CANCELLATION (float32: 2.5e-5, float64); only a non-finite dx (an overflow) is
-    left, and it shows in the row's sum."""
+    left, and it shows in the row's sum.
+
+    While the compiled engine records the pass (values unknown) nothing is refused: the
+    rows that would be are returned, and the caller zeroes their multipliers (the delta
+    then misses, and the ConvergenceWarning's per-node check quotes this refusal).
+    """
     eps = float(np.finfo(dx.dtype).eps)
     span = -2 * float(np.log(np.finfo(dx.dtype).smallest_subnormal))
     if approx is not None and span * eps < _CANCELLATION:
@@ -117,8 +122,10 @@ def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None):
         spread = abs(p_dx).sum(axis=axis, keepdims=True)
         finite = (abs(dx) < np.inf).all(axis=axis, keepdims=True)
         bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
+    if is_traced(bad):
+        return bad
     if not bool(bad.any()):
-        return
+        return None
     step = float(to_host(xp.where(abs(dx) < np.inf, abs(dx), np.inf).max()))  # NaN counts as inf
     raise RuleError(
         f"{ctx.node.op_type} node {ctx.node.name!r}: an input position changes by {step:.3g} between the "
@@ -150,7 +157,7 @@ class Softmax(Rule):
         axis = _axis(ctx, x.ndim)
         p, lse = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
-        live = None
+        live = refused = None
         if ctx.mode != Mode.DEEPLIFT:
             r = xp.ones_like(p) if log else p
             weights = p
@@ -164,14 +171,16 @@ class Softmax(Rule):
                 dx = x - x0
             else:
                 live = (p > 0) | (p0 > 0)
-                dx = xp.where(live, difference(xp, x, x0), 0)
+                # x - x0 is difference(x, x0) wherever live (p > 0 only where x is finite), and
+                # its NaN (-inf - -inf) lies where the mask puts 0: one full-size Where fewer
+                dx = xp.where(live, x - x0, 0)
             weights = p + p0  # p_mid first, the weights below
             weights *= 0.5
             work = xp.empty_like(dx)
             d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
             p_dx = xp.multiply(weights, dx, out=work)
             approx = p_dx.sum(axis=axis, keepdims=True)
-            _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx if unmasked else None)
+            refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx if unmasked else None)
             # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
             # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
@@ -193,4 +202,6 @@ class Softmax(Rule):
             gr -= weights
         else:
             gr -= weights * total
+        if refused is not None:  # compiled: rows the interpreter refuses carry nothing (not NaN)
+            live = ~refused if live is None else live & ~refused
         return (xp.where(live, gr, 0) if live is not None else gr,)

@@ -234,22 +234,20 @@ def test_one_compiled_pass_serves_every_target_of_a_batch_shape():
 
 # ---- what does not compile runs on the interpreter, and says so ----------------------------
 def test_an_untraceable_rule_falls_back_to_the_interpreter_with_the_node_named(caplog):
-    rng = np.random.default_rng(5)
-    w1 = (rng.standard_normal((6, 3)) * 0.5).astype(np.float32)
-    w2 = (rng.standard_normal((6, 2)) * 0.5).astype(np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="dense1"),
-             helper.make_node("Relu", ["h"], ["s"], name="relu"),
-             helper.make_node("Einsum", ["s", "w2"], ["y"], equation="nj,jk->nk", name="soft")]  # xp.einsum
-    m = model(nodes, {"x": (None, 3)}, ["y"], {"w1": w1, "w2": w2})
-    x = rng.standard_normal((4, 3)).astype(np.float32)
+    """A recurrent node whose sequence_lens is a model input: the rule reads the lengths as
+    host values (how many steps to run), which a recorded pass does not know."""
+    from test_recurrent_lengths import LENS, lens_model
+    m = lens_model("LSTM", layout=1, lens="input", states=False)
+    x = np.random.default_rng(5).standard_normal((len(LENS), 5, 2)).astype(np.float32)
+    feeds = {"x": x, "lens": LENS}
     with caplog.at_level(logging.WARNING, logger="liftir"):
-        ex = liftir.Explainer(m, "deeplift", engine="compiled")
-        got, delta = ex.attribute(x, target=1, return_convergence_delta=True)
-    want = liftir.Explainer(m, "deeplift").attribute(x, target=1)
-    np.testing.assert_array_equal(got, want)
+        ex = liftir.Explainer(m, "deeplift", output="hn", engine="compiled")
+        got, delta = ex.attribute(feeds, target=(0, 1), return_convergence_delta=True)
+    want = liftir.Explainer(m, "deeplift", output="hn").attribute(feeds, target=(0, 1))
+    np.testing.assert_array_equal(got["x"], want["x"])
     assert np.abs(delta).max() < 1e-5
     message = " ".join(r.getMessage() for r in caplog.records)
-    assert "cannot compile" in message and "'soft'" in message and "einsum" in message
+    assert "cannot compile" in message and "'lstm_node'" in message and "converted to NumPy" in message
     assert "interpreter runs it instead" in message
     assert list(ex._compiled.passes.values()) == [None]
 
@@ -310,24 +308,40 @@ def test_deeplift_shap_compiled_equals_the_interpreter(zoo_models, name):
     assert np.abs(residual).max() <= 1e-5 * max(1.0, float(np.abs(d_b).max()))
 
 
-@pytest.mark.parametrize("name", ["expm1", "tanh"])
+@pytest.mark.parametrize("name", ["expm1", "expm1_large", "tanh", "log1p", "logaddexp"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
+    """Within a few ulps of the float64 truth (log1p and logaddexp(x, 0) are computed in
+    float64: onnxruntime's float32 Log is ~4 ulps off)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(-3, 3, 4000), rng.uniform(-1e-3, 1e-3, 2000),
                         rng.uniform(-0.6, 0.6, 2000)]).astype(dtype)
+    special = None
+    if name == "expm1_large":  # beyond tracer._SMALL elements: the polynomial, blended
+        name, x = "expm1", np.concatenate([x * s for s in (1, 0.9, 0.8, 1.1, 1.2)]).astype(dtype)
+        assert x.size > tracer._SMALL
+        special = np.array([np.inf, -np.inf, np.nan, 1e3, -1e3, 0.0], dtype)
+        x = np.concatenate([x, special])
+    if name == "log1p":  # its domain, x > -1, down to tiny and up to large x
+        x = np.concatenate([x[x > -0.999], rng.uniform(-0.999, 0, 1000), np.exp(rng.uniform(-30, 30, 1000))]).astype(dtype)
     rec = tracer.Recorder(17)
+    fn = (lambda v: tracer.logaddexp(v, 0)) if name == "logaddexp" else getattr(tracer, name)
     with tracer.recording(rec):
-        y = getattr(tracer, name)(tracer.Traced(rec, "x", x.shape, dtype))
+        y = fn(tracer.Traced(rec, "x", x.shape, dtype))
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(rec.nodes, "g", [helper.make_tensor_value_info("x", elem, list(x.shape))],
                               [helper.make_tensor_value_info(y.ref, elem, list(x.shape))], rec.initializers)
     session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                    .SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
-    want = getattr(np, name)(x.astype(np.float64))
+    assert got.dtype == dtype
+    if special is not None:  # infinities, NaN, overflow and 0 as NumPy has them
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(got[-len(special):], np.expm1(special))
+        got, x = got[:-len(special)], x[:-len(special)]
+    want = np.logaddexp(x.astype(np.float64), 0) if name == "logaddexp" else getattr(np, name)(x.astype(np.float64))
     assert (np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max() <= 8 * np.finfo(dtype).eps
 
 
@@ -378,6 +392,44 @@ def _writes_through_views(xp, a):
     flat = out.reshape(-1)
     out[:, 1] = 0.5
     return flat.reshape((2, 3, 4, 4)) + out[0, 2, 1]  # int index: a value broadcast along
+
+
+def _gathers_splits_contracts(xp, a, b):
+    """Gather's and Split's forwards (np.take, np.split) and Einsum's (np.einsum), as the
+    rules call them (RevealCancel's split forward runs them in the compiled graph)."""
+    parts = xp.split(a, [1, 3], axis=1)
+    picked = xp.take(a, np.array([[2, 0], [1, 1]]), axis=2)
+    mixed = xp.einsum("nij,nkj->nik", a, b)
+    return xp.concatenate([parts[0] * 2, parts[2] - 1, parts[1]], axis=1).sum(axis=2)[:, :3] + \
+        picked.reshape((a.shape[0], -1))[:, :3] + mixed.reshape((a.shape[0], -1))[:, :3]
+
+
+def _fills_step_by_step(xp, a):
+    """A buffer written one time step at a time (a recurrent backward's per-step gates):
+    kept pending and emitted as one Concat; a read in between, an overlapping write and a
+    write along another axis emit what is pending first, as NumPy's order of writes asks."""
+    buf = xp.zeros((2, 3, 5, 4), dtype=np.float32)
+    for t in (4, 0, 2):  # steps out of order, steps 1 and 3 left at the fill
+        buf[:, :, t] = a[:, :, t] * (t + 1)
+    early = buf.sum(axis=2)  # read while writes are pending
+    buf[:, :, 1:3] = a[:, :, 1:3] - 1  # overlaps step 2
+    buf[:, 1] = 7.0  # another axis
+    ones = xp.ones((2, 3, 5, 4), dtype=np.float32)
+    ones[:, :, 3] = a[:, :, 3]  # never read as a whole before being used in arithmetic
+    return buf + early[:, :, None] + ones
+
+
+def test_tracer_keeps_step_by_step_writes_as_numpy_does():
+    a = np.random.default_rng(2).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run_traced(_fills_step_by_step, a), _fills_step_by_step(np, a))
+
+
+def test_tracer_take_split_and_einsum_equal_numpy():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    b = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(_run_traced(_gathers_splits_contracts, a, b), _gathers_splits_contracts(np, a, b),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_tracer_writes_through_reshaped_views_as_numpy_does():

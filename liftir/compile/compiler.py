@@ -175,12 +175,6 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
             failures.append(str(exc))
     if failures:
         raise TraceError(_listing(failures))
-    if plan.held:
-        raise TraceError("integer inputs (held embeddings) are not compiled yet")
-    recurrent = [name for name in order if graph.nodes[name].op_type in ("LSTM", "GRU", "RNN")]
-    if recurrent:  # measured: the traced step-by-step backward ran 1.9-3.9x the interpreter's time
-        raise TraceError(f"recurrent node {recurrent[0]!r}: its backward unrolls into nodes per time step, "
-                         f"which the interpreter runs faster")
     # shapes, dtypes, static values and where the samples are: one forward of the interpreter
     probe = scheduler.forward(plan, np, feeds, n_actual, n_ref, (explained,), plan.mode, options)
     opset = graph.opsets.get("", graph.opsets.get("ai.onnx", 0))

@@ -83,7 +83,8 @@ class Recorder:
             name = self.node("Expand", [scalar, self.const(np.asarray(arr.shape, np.int64))])
         else:
             name = self.fresh("c")
-            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+            # (np.ascontiguousarray makes a 0-d array 1-d: keep the shape, a Gather index must be a scalar)
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr).reshape(arr.shape), name))
         self._consts[key] = name
         self._keep.append(value)
         return name
@@ -115,6 +116,11 @@ class Traced:
         self._pending: list = []  # (slices, value) added into strided parts, not yet emitted
         self._lazy_view = False  # a view whose value is its base's part, emitted when read
         self._fill = None  # the fill of a created array never written since
+        #: writes into a filled array along one axis, disjoint (start, stop, value), not yet
+        #: emitted: one Concat when read (a buffer filled step by step, e.g. a recurrent
+        #: backward's per-step gates), instead of a full-size Where per write
+        self._writes: list = []
+        self._writes_axis = 0
         self._reshaped: Traced | None = None  # the array this one is a reshaped view of
         self._reshaped_version = 0
 
@@ -175,6 +181,8 @@ class Traced:
             self.name = _emit_slice(self._base, self._key)
             self._base_version = self._base._version
         self._check_fresh()
+        if self._writes:
+            self._flush_writes()
         if self._pending:
             pending, self._pending = self._pending, []
             total = self if self._fill == 0 else None
@@ -196,6 +204,8 @@ class Traced:
         value = _value_for_key(value, key, self.shape, sub_shape)
         self._check_fresh()
         value.ref  # noqa: B018 - emit the value now, while what it reads is current
+        if self._writes:
+            self._flush_writes()
         self._pending.append((spec, value))
         self._version += 1
 
@@ -207,7 +217,7 @@ class Traced:
             new = broadcast_to(new, self.shape)
         self._check_fresh()
         self.name = new.ref
-        self._pending, self._lazy_view, self._fill = [], False, None
+        self._pending, self._lazy_view, self._fill, self._writes = [], False, None, []
         self._version += 1
         if self._base is not None:
             self._base._assign(self._key, self)
@@ -229,6 +239,10 @@ class Traced:
             self._rebind(value._reshape_value(self.shape) if value.size == self.size else broadcast_to(value, self.shape))
             return
         value = _value_for_key(value, key, self.shape, sub_shape)
+        if self._defer_write(spec, value):
+            return
+        if self._writes:
+            self._flush_writes()
         if self._fill is not None and not self._pending and all(sl.step == 1 for sl in spec):
             # into a freshly filled array (a padded copy): one Pad with the fill
             pads = [sl.start for sl in spec] + [n - sl.stop for sl, n in zip(spec, self.shape)]
@@ -239,6 +253,47 @@ class Traced:
         placed, mask = _place(rec, value, spec, self.shape)
         out = Traced(rec, rec.node("Where", [rec.const(mask), placed.ref, self.ref]), self.shape, self.dtype)
         self._rebind(out)
+
+    def _defer_write(self, spec, value) -> bool:
+        """Keep `self[spec] = value` pending if it writes a step-1 range of one axis (every
+        other axis whole) of a filled array, disjoint from the writes pending on that axis."""
+        value = _as_dtype(value, self.dtype)
+        value.ref  # noqa: B018 - emit the value now, while what it reads is current (it may read self)
+        if self._fill is None or self._pending or self._base is not None or self._reshaped is not None:
+            return False
+        partial = [a for a, (sl, n) in enumerate(zip(spec, self.shape)) if sl.indices(n) != (0, n, 1)]
+        if len(partial) != 1 or spec[partial[0]].step != 1:
+            return False
+        axis = partial[0]
+        start, stop = spec[axis].start, spec[axis].stop
+        if self._writes and (axis != self._writes_axis or any(start < b and a < stop for a, b, _ in self._writes)):
+            return False
+        self._check_fresh()
+        self._writes.append((start, stop, value))
+        self._writes_axis = axis
+        self._version += 1
+        return True
+
+    def _flush_writes(self) -> None:
+        """The pending writes and the fill between them, as one Concat along their axis."""
+        writes, self._writes = sorted(self._writes, key=lambda w: w[0]), []
+        axis, n, rec = self._writes_axis, self.shape[self._writes_axis], self.rec
+        fill = np.asarray(self._fill, self.dtype)
+
+        def gap(length):
+            shape = self.shape[:axis] + (length,) + self.shape[axis + 1:]
+            return rec.const(np.broadcast_to(fill, shape))
+
+        parts, pos = [], 0
+        for a, b, v in writes:
+            if a > pos:
+                parts.append(gap(a - pos))
+            parts.append(v.ref)
+            pos = b
+        if pos < n:
+            parts.append(gap(n - pos))
+        self.name = rec.node("Concat", parts, axis=axis) if len(parts) > 1 else rec.node("Identity", parts)
+        self._fill = None
 
     def __setitem__(self, key, value):
         if (isinstance(value, Traced) and value._base is self and value._key == key
@@ -292,6 +347,12 @@ class Traced:
         sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(spec, self.shape))
         final = _index_result_shape(keys, self.shape)
         if final != sub_shape:  # a reshaped selection is a copy as far as writes go (ints and None)
+            ints = [a for a, k in enumerate(_full_key(plain, self.ndim)) if not isinstance(k, slice)]
+            whole = all(sl.indices(n) == (0, n, 1) for a, (sl, n) in enumerate(zip(spec, self.shape)) if a not in ints)
+            if len(ints) == 1 and whole and None not in keys:  # one step of a sequence: one Gather
+                rec = self.rec
+                return Traced(rec, rec.node("Gather", [self.ref, rec.const(np.array(spec[ints[0]].start, np.int64))],
+                                            axis=ints[0]), final, self.dtype)
             return Traced(self.rec, _emit_slice(self, plain), sub_shape, self.dtype).reshape(final)
         out = Traced(self.rec, None, sub_shape, self.dtype)
         out._base, out._key, out._base_version = self, plain, self._version
@@ -561,6 +622,14 @@ def _basic_key(keys, shape) -> list[slice]:
     return out
 
 
+def _full_key(keys, ndim) -> tuple:
+    """A basic index (no None) with its Ellipsis expanded and trailing axes filled: one key per axis."""
+    if any(k is Ellipsis for k in keys):
+        i = keys.index(Ellipsis)
+        keys = keys[:i] + (slice(None),) * (ndim - (len(keys) - 1)) + keys[i + 1:]
+    return keys + (slice(None),) * (ndim - len(keys))
+
+
 def _index_result_shape(keys, shape) -> tuple[int, ...]:
     """NumPy's result shape for a basic index (ints drop axes, None adds them)."""
     return np.empty(shape, dtype=np.bool_)[keys if isinstance(keys, tuple) else (keys,)].shape \
@@ -723,7 +792,7 @@ def _as_dtype(x: Traced, dtype) -> Traced:
         return x
     rec = x.rec
     out = Traced(rec, rec.node("Cast", [x.ref], to=_onnx_type(dtype)), x.shape, dtype)
-    if x._fill is not None and not x._pending:
+    if x._fill is not None and not x._pending and not x._writes:
         out._fill = np.asarray(x._fill).astype(dtype).item()
     return out
 
@@ -739,7 +808,7 @@ def _result_dtype(a, b) -> np.dtype:
 def _operand_names(rec: Recorder, ts: list[Traced], shape) -> list[str]:
     """Names for an elementwise node's operands; an unwritten filled array (ones_like...)
     is read as its scalar where the other operands already give the result's shape."""
-    names = [t.ref if t._fill is None or t._pending else None for t in ts]
+    names = [t.ref if t._fill is None or t._pending or t._writes else None for t in ts]
     kept = [t.shape for t, n in zip(ts, names) if n is not None]
     if kept and np.broadcast_shapes(*kept) == tuple(shape):
         return [n if n is not None else rec.const(np.asarray(t._fill, t.dtype)) for t, n in zip(ts, names)]
@@ -815,8 +884,12 @@ exp = _elementwise(np.exp, _float_unary("Exp"))
 log = _elementwise(np.log, _float_unary("Log"))
 sqrt = _elementwise(np.sqrt, _float_unary("Sqrt"))
 def _tanh(x: Traced) -> Traced:
-    """tanh to ~2 ulps, from expm1 (onnxruntime's Tanh is ~5 ulps off; a DeepLIFT quotient of
-    two saturated tanh values would amplify the difference)."""
+    """tanh to ~2 ulps (onnxruntime's float32 Tanh is ~5 ulps off; a DeepLIFT quotient of
+    two saturated tanh values would amplify the difference): float32 through onnxruntime's
+    float64 Tanh (a few float64 ulps) rounded back, three nodes (a recurrent net's unrolled
+    steps hold hundreds of tanh); float64 from expm1."""
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4:
+        return _as_dtype(_unary("Tanh", _wide(x)), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
     t = _expm1(-2 * abs(x))
     return _unary("Sign", x) * (-t / (t + 2))
@@ -844,47 +917,74 @@ def _no_onnx(name):
     return fn
 
 
+#: arrays up to this many elements take the fewer-node float64 route of expm1
+_SMALL = 1 << 15
+
+
 def _expm1(x: Traced) -> Traced:
-    """e^x - 1 to a few ulps: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    """e^x - 1 to a few ulps. Small float32 arrays (a recurrent step's gates, of which an
+    unrolled net holds hundreds): in float64, e^x - 1 (its cancellation costs float64 digits
+    only, ~1e-12 relative where |x| >= 1e-4) or x (1 + x/2 + x^2/6) below, rounded back (12
+    nodes). Large ones (attention scores: float64 passes there cost 3x the float32 ones) and
+    float64: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size <= _SMALL:
+        w = _wide(x)
+        series = w * (w * (w * (1.0 / 6) + 0.5) + 1)
+        return _as_dtype(where(abs(w) < 1e-4, series, _unary("Exp", w) - 1), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
-    terms = 18 if x.dtype.itemsize >= 8 else 10
+    terms = 18 if x.dtype.itemsize >= 8 else 9  # truncated after z^9/9!: 0.5^9 / 10! ~ 5e-10 relative
+    rec = x.rec
     small = abs(x) < 0.5
-    z = where(small, x, 0.0)
-    acc = z * 0 + 1.0 / math.factorial(terms)
-    for n in range(terms - 1, 0, -1):
+    # z = x where |x| < 1/2 and finite elsewhere (NaN stays NaN), so that the blend below is
+    # exact: each unselected value is finite and meets a 0 (onnxruntime's Where on a full
+    # array costs ~20 Muls; a Clip is one pass)
+    half = rec.const(np.asarray(0.5, x.dtype))
+    z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-0.5, x.dtype)), half]), x.shape, x.dtype)
+    acc = z * (1.0 / math.factorial(terms)) + 1.0 / math.factorial(terms - 1)
+    for n in range(terms - 2, 0, -1):
         acc = acc * z + 1.0 / math.factorial(n)
-    return where(small, acc * z, _unary("Exp", x) - 1)
+    picked = _as_dtype(small, x.dtype)
+    return acc * z * picked + (_unary("Exp", x) - 1) * (1 - picked)
+
+
+def _wide(x: Traced) -> Traced:
+    """x in float64 (an integer or float32 array): where onnxruntime's float32 kernel is
+    coarser than NumPy's, the float64 kernel rounded back is as fine or finer."""
+    return _as_dtype(x, np.float64) if x.dtype != np.float64 else x
+
+
+def _log1p64(u: Traced) -> Traced:
+    """log(1 + u) for float64 u, to a few float64 ulps (Goldberg: log(w) * u / (w - 1) with
+    w = 1 + u rounded; onnxruntime has no Log1p)."""
+    w = u + 1
+    exact = w == 1
+    return where(exact, u, _unary("Log", w) * u / where(exact, 1.0, w - 1))
 
 
 def _log1p(x: Traced) -> Traced:
-    """log(1 + x) to a few ulps (Goldberg: log(u) * x / (u - 1) with u = 1 + x rounded)."""
-    x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
-    u = x + 1
-    exact = u == 1
-    return where(exact, x, _unary("Log", u) * x / where(exact, 1.0, u - 1))
+    """log(1 + x), computed in float64 and rounded to x's dtype: within an ulp of NumPy's
+    float32 log1p (onnxruntime's float32 Log is ~4 ulps off, too coarse for a DeepLIFT
+    quotient of two close values)."""
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    return _as_dtype(_log1p64(_wide(x)), dtype)
 
 
 def _logaddexp(a, b) -> Traced:
-    """log(e^a + e^b) as NumPy computes it: max + log1p(e^-|a - b|)."""
+    """log(e^a + e^b) as NumPy computes it (max + log1p(e^-|a - b|), a + log 2 where a == b,
+    so that equal infinities stay infinite), in float64 rounded to the operands' dtype."""
     rec = _rec_of(a, b)
     dtype = _result_dtype(a, b)
-    ta, tb = _as_dtype(_lift(rec, a, dtype), dtype), _as_dtype(_lift(rec, b, dtype), dtype)
+    dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
+    ta, tb = _wide(_lift(rec, a, dtype)), _wide(_lift(rec, b, dtype))
     top = maximum(ta, tb)
-    return top + _log1p(_unary("Exp", -abs(ta - tb)))
-
-
-def _too_coarse(name):
-    def fn(*args, **kwargs):
-        raise TraceError(f"{name} would use onnxruntime's Log (~4 ulps against NumPy's 1), too coarse "
-                         f"for a DeepLIFT quotient of two close values")
-    return fn
+    out = where(ta == tb, ta + math.log(2.0), top + _log1p64(_unary("Exp", -abs(ta - tb))))
+    return _as_dtype(out, dtype)
 
 
 expm1 = _elementwise(np.expm1, _expm1)
-# _log1p and _logaddexp are as accurate as onnxruntime's Log allows, which moved Softplus
-# multipliers by 1e-5 near the rule's small-dx threshold: refused until a finer log exists
-log1p = _elementwise(np.log1p, _too_coarse("log1p"))
-logaddexp = _elementwise(np.logaddexp, _too_coarse("logaddexp"))
+log1p = _elementwise(np.log1p, _log1p)
+logaddexp = _elementwise(np.logaddexp, _logaddexp)
+
 
 def bincount(x, weights=None, minlength=0):
     """Sums of traced `weights` at constant positions `x`: ScatterElements(reduction="add")."""
@@ -903,8 +1003,59 @@ def bincount(x, weights=None, minlength=0):
     return Traced(rec, name, (size,), w.dtype)
 
 
-for _name in ("einsum", "tensordot", "take", "repeat", "tile", "split"):
-    globals()[_name] = _no_onnx(_name)
+tensordot = _no_onnx("tensordot")
+
+
+def take(x, indices, axis=None):
+    """np.take: one Gather (constant or traced indices)."""
+    rec = _rec_of(x, indices)
+    if rec is None:
+        return np.take(x, indices, axis=axis)
+    tx = _lift(rec, x)
+    if axis is None:
+        tx, axis = tx.reshape(-1), 0
+    axis %= tx.ndim
+    ti = _as_dtype(_lift(rec, np.asarray(indices, np.int64) if not isinstance(indices, Traced) else indices),
+                   np.int64)
+    shape = tx.shape[:axis] + ti.shape + tx.shape[axis + 1:]
+    return Traced(rec, rec.node("Gather", [tx.ref, ti.ref], axis=axis), shape, tx.dtype)
+
+
+def split(x, indices_or_sections, axis=0):
+    """np.split: the parts as slices of x (views, as NumPy's)."""
+    if not isinstance(x, Traced):
+        return np.split(x, indices_or_sections, axis=axis)
+    axis %= x.ndim
+    n = x.shape[axis]
+    if np.ndim(indices_or_sections) == 0:
+        sections = int(indices_or_sections)
+        if n % sections:
+            raise TraceError(f"split of {n} into {sections} unequal sections in a trace")
+        bounds = [n // sections * i for i in range(1, sections)]
+    else:
+        bounds = [int(b) for b in indices_or_sections]
+    edges = [0] + bounds + [n]
+    lead = (slice(None),) * axis
+    return [x[lead + (slice(a, max(a, b)),)] for a, b in zip(edges[:-1], edges[1:])]
+
+
+def einsum(equation, *operands):
+    """np.einsum with explicit output subscripts: one Einsum node."""
+    rec = _rec_of(*operands)
+    if rec is None:
+        return np.einsum(equation, *operands)
+    spec = equation.replace(" ", "")
+    if "->" not in spec or "." in spec:
+        raise TraceError(f"einsum {equation!r} without explicit output subscripts (or with ...) in a trace")
+    ins, out = spec.split("->")
+    terms = ins.split(",")
+    dtype = _dt(np.result_type(*[np.empty(0, o.dtype) if isinstance(o, Traced) else o for o in operands]))
+    ts = [_as_dtype(_lift(rec, o), dtype) for o in operands]
+    dims: dict[str, int] = {}
+    for term, t in zip(terms, ts):
+        for c, size in zip(term, t.shape):
+            dims[c] = max(dims.get(c, 1), size)
+    return Traced(rec, rec.node("Einsum", [t.ref for t in ts], equation=spec), tuple(dims[c] for c in out), dtype)
 
 
 def round(x, decimals=0):  # noqa: A001 - NumPy's name
@@ -1172,7 +1323,7 @@ for _t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "
     globals()[_t] = getattr(np, _t)
 ndarray = Traced
 errstate = np.errstate
-del _t, _name
+del _t
 
 
 class recording:  # noqa: N801 - a context manager named for what it does
