@@ -15,7 +15,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .graph import Graph
-from .threads import cpu_threads
+from .threads import session_options
 
 
 _RECURRENT = ("LSTM", "GRU", "RNN")
@@ -78,9 +78,7 @@ class OrtForward:
             vi.CopyFrom(types[o])
             vi.type.tensor_type.ClearField("shape")
             model.graph.output.append(vi)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options()
         options.log_severity_level = 4  # a failure falls back to the rules, logged by liftir in one line
         self.session = ort.InferenceSession(model.SerializeToString(), options,
                                             providers=["CPUExecutionProvider"])

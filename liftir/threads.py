@@ -29,3 +29,21 @@ def cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity on this platform (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def session_options():
+    """onnxruntime SessionOptions for liftir's sessions: `cpu_threads()` intra-op threads
+    that spin while a run lasts and stop the moment it returns.
+
+    Spinning keeps a pass of hundreds of small nodes from paying a thread wake-up per node
+    (compiled DeepLIFT passes 10-20% faster on 2 cores than with spinning off); stopping at
+    the end of each run leaves the cores to NumPy's pool and to other Dask workers between
+    runs, which onnxruntime's default (spin on after the run) would not.
+    """
+    import onnxruntime as ort  # noqa: PLC0415 - only where a session is made
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options

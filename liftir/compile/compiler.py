@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from .. import scheduler
 from ..methods import METHODS
 from ..ort_forward import runnable
-from ..threads import cpu_threads
+from ..threads import session_options
 from . import tracer
 from .tracer import Recorder, Traced, TraceError
 
@@ -60,9 +60,7 @@ class CompiledPass:
 
     def start(self):
         import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options()
         if _shared_cpu_arena():  # one arena for every compiled pass: memory is the largest
             options.add_session_config_entry("session.use_env_allocators", "1")  # pass's, not their sum
         options.log_severity_level = 3

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..compile.tracer import is_tracer
-from ..threads import cpu_threads
+from ..threads import session_options
 
 USE_ORT = True
 """Send NumPy float32/float16 convs to onnxruntime; set to False to force the array path (tests compare both)."""
@@ -178,9 +178,7 @@ def _ort_session(op, w, b, attrs):
         [node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_channels] + [None] * n)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options()
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
