@@ -114,8 +114,8 @@ def norm_over_batch(seed: int = 0):
     return _model(nodes, {"x": ["N", 3]}, {"y": ["N", 2]}, consts)
 
 
-class HalfRelu(Elementwise):
-    """A deliberately broken DeepLIFT rule: the right forward, half the right multiplier."""
+class UserRelu(Elementwise):
+    """Relu written as a user would write it (a base for the test rules below)."""
 
     piecewise_linear = True
 
@@ -124,6 +124,10 @@ class HalfRelu(Elementwise):
 
     def df(self, xp, x, ctx):
         return (x > 0).astype(x.dtype)
+
+
+class HalfRelu(UserRelu):
+    """A deliberately broken DeepLIFT rule: the right forward, half the right multiplier."""
 
     def backward(self, ctx, g):
         (m,) = super().backward(ctx, g)

@@ -21,7 +21,6 @@ import liftir
 from liftir.check import check_model
 from liftir.methods import (METHODS, Engine, FinalActivation, MaxRule, Mode, Nonlinear, Passes, Precision,
                             Reference, get_method)
-from liftir.rule import Elementwise
 
 N = 3
 TARGET = [4, 0, 2]
@@ -105,17 +104,10 @@ def test_unknown_method_names_the_choices():
         get_method("lrp")
 
 
-class _ModeReadingRelu(Elementwise):
+class _ModeReadingRelu(cm.UserRelu):
     """A user rule that compares ctx.mode with strings, as rules written before the enums do."""
 
     seen: list = []
-    piecewise_linear = True
-
-    def f(self, xp, x, ctx):
-        return xp.maximum(x, 0)
-
-    def df(self, xp, x, ctx):
-        return (x > 0).astype(x.dtype)
 
     def backward(self, ctx, g):
         type(self).seen.append((ctx.mode, ctx.mode == "gradient", isinstance(ctx.mode, Mode)))
