@@ -83,8 +83,8 @@ def _far_ratio(rule, xp, x, x0, ctx, near):
     return xp.where(far, ratio, near).astype(x.dtype, copy=False)
 
 
-def _relu_quotient(xp, x, x0, out):
-    """DeepLIFT's Rescale multiplier of a ReLU into `out`: six elementwise passes, no branch.
+def _relu_quotient(xp, x, x0_high, x0_low, out):
+    """DeepLIFT's Rescale multiplier of a ReLU into `out`: four elementwise passes, no branch.
 
     With hi = max(x, x0) and lo = min(x, x0), (relu(x) - relu(x0)) / (x - x0) is
     relu(hi) / (relu(hi) - min(lo, 0)): exactly 1 where both are positive (hi / hi), 0 where
@@ -93,14 +93,21 @@ def _relu_quotient(xp, x, x0, out):
     min(lo, -s) with s the smallest subnormal keeps x == x0 == 0 at 0 / s = 0 instead of
     0 / 0, and changes no difference of normal numbers. No comparison, no mask, no `where`
     (in the compiled graph `Where` and `Cast` cost more than the arithmetic).
+    The reference's bounds come precomputed (`_relu_reference_bounds`): max and min are
+    exact and associative, so max(max(x, x0), 0) = max(x, max(x0, 0)) bit for bit.
     """
-    tiny = np.finfo(out.dtype).smallest_subnormal
-    num = xp.maximum(x, x0)
-    xp.maximum(num, 0, out=num)
-    xp.minimum(x, x0, out=out)
-    xp.minimum(out, -tiny, out=out)
+    num = xp.maximum(x, x0_high)
+    xp.minimum(x, x0_low, out=out)
     xp.subtract(num, out, out=out)
     xp.divide(num, out, out=out)
+
+
+def _relu_reference_bounds(xp, x0):
+    """max(x0, 0) and min(x0, -s) of `_relu_quotient`: computed once on the reference, which
+    is usually one row broadcast to all samples, instead of once per sample (two full-size
+    passes fewer: -20% for the rule in a compiled pass, measured on 8x64x56x56)."""
+    tiny = np.finfo(x0.dtype).smallest_subnormal
+    return xp.maximum(x0, 0), xp.minimum(x0, -tiny)
 
 
 def sigmoid(xp, x):
@@ -169,8 +176,13 @@ class Relu(Elementwise):
     def divided_difference(self, xp, x, x0, ctx):
         m = xp.empty_like(x)
         rows = x.shape[0]
-        over_rows(xp, lambda s: _relu_quotient(xp, x[s], x0[s] if x0.shape[0] == rows else x0, m[s]),
-                  rows, x.size)
+        high, low = _relu_reference_bounds(xp, x0)
+
+        def part(s):
+            if x0.shape[0] == rows:
+                return _relu_quotient(xp, x[s], high[s], low[s], m[s])
+            return _relu_quotient(xp, x[s], high, low, m[s])
+        over_rows(xp, part, rows, x.size)
         return m
 
     def backward(self, ctx, g):
