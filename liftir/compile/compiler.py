@@ -21,7 +21,7 @@ from .. import scheduler
 from ..methods import METHODS
 from ..ort_forward import runnable
 from ..threads import session_options
-from . import tracer
+from . import device, tracer
 from .tracer import Recorder, Traced, TraceError
 
 logger = logging.getLogger("liftir")
@@ -51,6 +51,8 @@ class CompiledPass:
     n_ref: int
     seed_dtype: np.dtype = np.dtype(np.float32)
     session: object = None
+    xp: object = np  # the array module of the session's device, set by `start`
+    runner: object = None  # IO binding on a GPU (None: session.run on host arrays)
     #: DeepLIFT-SHAP: the (sample, reference) pairs each sample's multipliers come for, the
     #: references shared by all samples (tiled) or each sample's own (0: not a paired pass)
     pairs: int = 0
@@ -58,22 +60,31 @@ class CompiledPass:
     #: RevealCancel: tensors whose split D = d+ - d- the pass returns too
     split: tuple[str, ...] = ()
 
-    def start(self):
+    def start(self, xp=np):
+        """Open the onnxruntime session on the device of array module `xp`: the CPU for
+        NumPy, the CUDA provider with IO binding for CuPy (liftir/compile/device.py)."""
         import onnxruntime as ort
         options = session_options()
-        if _shared_cpu_arena():  # one arena for every compiled pass: memory is the largest
-            options.add_session_config_entry("session.use_env_allocators", "1")  # pass's, not their sum
+        if xp is np and _shared_cpu_arena():  # one arena for every compiled pass: memory is the
+            options.add_session_config_entry("session.use_env_allocators", "1")  # largest pass's
         options.log_severity_level = 3
         self.session = ort.InferenceSession(self.model.SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=device.providers_for(xp))
+        self.xp = xp
+        self.runner = None if xp is np else device.BoundRunner(self.session, self.model, xp, device.device_of(xp))
         return self
 
     def __call__(self, feeds: dict[str, np.ndarray], seed: np.ndarray):
         spreads = [spread_name(w) for w in self.split]
         names = [o for o in self.multipliers.values() if o] + list(self.values) + spreads
-        inputs = {k: np.ascontiguousarray(feeds[k]) for k in self.feeds}
-        inputs[SEED] = np.ascontiguousarray(seed)
-        out = dict(zip(names, self.session.run(names, inputs)))
+        if self.runner is not None:
+            inputs = {k: feeds[k] for k in self.feeds}
+            inputs[SEED] = seed
+            out = dict(zip(names, self.runner(names, inputs)))
+        else:
+            inputs = {k: np.ascontiguousarray(feeds[k]) for k in self.feeds}
+            inputs[SEED] = np.ascontiguousarray(seed)
+            out = dict(zip(names, self.session.run(names, inputs)))
         grads = {w: (out[o] if o else None) for w, o in self.multipliers.items()}
         values = {v: out[v] for v in self.values}
         if self.split:

@@ -8,7 +8,9 @@ import logging
 import numpy as np
 
 from .. import scheduler
+from ..backend import to_host
 from ..methods import Engine
+from . import device
 from .compiler import CompiledPass, compile_pass
 from .tracer import TraceError
 
@@ -29,9 +31,7 @@ class CompiledEngine:
         """Why a call cannot use the compiled engine at all, or None."""
         if call.func is not None:
             return "attribution_func is array code applied after the pass"
-        if self.explainer.xp is not np:
-            return "the array backend is not NumPy"
-        return None
+        return device.why_not_on(self.explainer.xp)
 
     def get(self, feeds: dict, n: int, r: int, call, k: int, pairs: int = 0,
             tile_references: bool = True) -> CompiledPass | None:
@@ -42,9 +42,10 @@ class CompiledEngine:
             split = tuple(ex.attributed) if ex.method.split else None
             compiled = None
             try:
-                compiled = compile_pass(ex.plan, feeds, n, r, call.explained, call.wrt, k, ex.options,
+                host = {name: to_host(v) for name, v in feeds.items()}  # tracing probes on NumPy
+                compiled = compile_pass(ex.plan, host, n, r, call.explained, call.wrt, k, ex.options,
                                         pairs, tile_references, split)
-                self.passes[key] = compiled.start()
+                self.passes[key] = compiled.start(ex.xp)
             except (TraceError, NotImplementedError) as exc:
                 self._fallback(key, str(exc))
             except Exception as exc:  # noqa: BLE001 - a rule's code or onnxruntime refusing: interpreter
@@ -62,7 +63,7 @@ class CompiledEngine:
     def light_run(self, compiled: CompiledPass, feeds: dict, values: dict) -> scheduler.Run:
         """A Run holding only what the attributions read (inputs, explained tensor, layer)."""
         ex = self.explainer
-        run = scheduler.Run(ex.plan, np, compiled.n_actual, compiled.n_ref, ex.method.mode, ex.options)
+        run = scheduler.Run(ex.plan, ex.xp, compiled.n_actual, compiled.n_ref, ex.method.mode, ex.options)
         run.values.update(feeds)
         run.values.update(values)
         run.batch = compiled.batch
