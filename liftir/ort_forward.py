@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .graph import Graph
+from .onnx_models import make_model
 from .threads import session_options
 
 
@@ -64,7 +65,7 @@ class OrtForward:
             None if i.shape is None else ["batch"] + [d if isinstance(d, int) and d > 0 else None
                                                      for d in i.shape[1:]])
             for i in graph.inputs]
-        model = helper.make_model(
+        model = make_model(
             helper.make_graph([p for node in nodes for p in runnable(node.proto)], "liftir_forward", inputs,
                               [onnx.ValueInfoProto(name=o) for o in produced], initializers),
             opset_imports=[helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()])

@@ -121,3 +121,15 @@ def test_compiled_on_the_gpu_equals_the_compiled_cpu_pass(vgg, method):
         delta = liftir.backend.to_host(delta)
         scale = max(1.0, float(np.abs(cpu.predict(x)).max()))
         assert np.abs(delta).max() <= 1e-4 * scale
+
+
+def test_a_gpu_session_that_onnxruntime_opened_on_the_cpu_is_refused():
+    """onnxruntime-gpu lists its CUDA provider even where the CUDA libraries do not load,
+    and then opens the session on the CPU: binding GPU pointers to it must not be tried
+    (the engine catches the refusal and runs the interpreter)."""
+    cupy_like = types.SimpleNamespace(__name__="cupy")
+    on_cpu = types.SimpleNamespace(get_providers=lambda: [device.CPU])
+    with pytest.raises(RuntimeError, match="could not start its CUDA provider"):
+        device.require_providers(on_cpu, cupy_like)
+    device.require_providers(types.SimpleNamespace(get_providers=lambda: [device.CUDA, device.CPU]), cupy_like)
+    device.require_providers(on_cpu, np)

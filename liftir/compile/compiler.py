@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from .. import scheduler
 from ..methods import METHODS
+from ..onnx_models import make_model
 from ..ort_forward import runnable
 from ..threads import session_options
 from . import device, tracer
@@ -71,6 +72,7 @@ class CompiledPass:
         self.session = ort.InferenceSession(self.model.SerializeToString(), options,
                                             providers=device.providers_for(xp))
         self.xp = xp
+        device.require_providers(self.session, xp)
         self.runner = None if xp is np else device.BoundRunner(self.session, self.model, xp, device.device_of(xp))
         return self
 
@@ -246,11 +248,10 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     opsets.pop("ai.onnx", None)
     nodes = live_nodes(forward_nodes + rec.nodes, {o.name for o in outputs})
     read = {i for node in nodes for i in node.input}
-    model = helper.make_model(
+    model = make_model(
         helper.make_graph(nodes, "liftir_explainer", inputs, outputs,
                           [t for t in initializers + rec.initializers if t.name in read]),
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="liftir")
-    model.ir_version = min(model.ir_version, 10)
     return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref,
                         np.dtype(seed.dtype), pairs=pairs, tile_references=tile_references,
                         split=tuple(wrt) if split is not None else ())

@@ -42,6 +42,15 @@ def providers_for(xp) -> list[str]:
     return [CPU] if device_of(xp) == "cpu" else [CUDA, CPU]
 
 
+def require_providers(session, xp) -> None:
+    """Refuse a GPU session that onnxruntime quietly opened on the CPU: onnxruntime-gpu lists
+    the CUDA provider wherever it is installed, and falls back to the CPU when the CUDA or
+    cuDNN libraries do not load (the caller then runs the interpreter, and says why)."""
+    if device_of(xp) == "cuda" and CUDA not in session.get_providers():
+        raise RuntimeError("onnxruntime could not start its CUDA provider (are the CUDA 12 and cuDNN 9 "
+                           "libraries installed? pip install 'onnxruntime-gpu[cuda,cudnn]')")
+
+
 def _pointer(a) -> int:
     """The device address of a contiguous NumPy or CuPy array."""
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr

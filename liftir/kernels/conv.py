@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..compile.tracer import is_tracer
+from ..onnx_models import make_model
 from ..threads import session_options
 
 USE_ORT = True
@@ -177,7 +178,7 @@ def _ort_session(op, w, b, attrs):
     graph = helper.make_graph(
         [node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_channels] + [None] * n)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = session_options()
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
