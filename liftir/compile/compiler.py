@@ -52,7 +52,6 @@ class CompiledPass:
     n_ref: int
     seed_dtype: np.dtype = np.dtype(np.float32)
     session: object = None
-    xp: object = np  # the array module of the session's device, set by `start`
     runner: object = None  # IO binding on a GPU (None: session.run on host arrays)
     #: DeepLIFT-SHAP: the (sample, reference) pairs each sample's multipliers come for, the
     #: references shared by all samples (tiled) or each sample's own (0: not a paired pass)
@@ -71,7 +70,6 @@ class CompiledPass:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(self.model.SerializeToString(), options,
                                             providers=device.providers_for(xp))
-        self.xp = xp
         device.require_providers(self.session, xp)
         self.runner = None if xp is np else device.BoundRunner(self.session, self.model, xp, device.device_of(xp))
         return self
