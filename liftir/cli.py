@@ -569,6 +569,20 @@ def _ops_run_rules(args, method: str) -> int:
     return 0
 
 
+def _parse_shapes(items) -> dict:
+    """--shape NAME=D1,D2 (repeatable) -> {NAME: (D1, D2)}."""
+    shapes = {}
+    for item in items or ():
+        name, sep, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep or not name or not shapes.get(name) or any(d < 1 for d in shapes[name]):
+            raise CLIError(f"--shape takes NAME=D1[,D2...] with positive sizes, got {item!r}")
+    return shapes
+
+
 def cmd_compile(args) -> int:
     from .explainer import Explainer  # noqa: PLC0415
 
@@ -577,7 +591,8 @@ def cmd_compile(args) -> int:
     target, _ = _parse_target(args.target, args.batch_size)
     explainer = Explainer(args.model, method=args.method, max_rule=args.max_rule,
                           final_activation=args.final_activation)
-    model = explainer.compile(args.out, batch_size=args.batch_size, target=target, output=args.output)
+    model = explainer.compile(args.out, batch_size=args.batch_size, target=target, output=args.output,
+                              shapes=_parse_shapes(args.shape))
     names = ", ".join(i.name for i in model.graph.input)
     outs = ", ".join(o.name for o in model.graph.output)
     print(f"wrote {args.out}: {args.method} for target {_describe_target(target) if target is not None else 'None'}, "
@@ -671,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the explainer as a standalone ONNX model (served without liftir)",
                        description="Write the explainer (forward, multiplier pass and attributions) as one "
                                    "ONNX model: inputs the model's inputs (batch --batch-size) and, for "
-                                   "reference methods, NAME_baseline (one row); outputs NAME_attribution "
+                                   "reference methods, NAME_baseline (one row; one per sample for token-id models); outputs NAME_attribution "
                                    "and, for DeepLIFT, delta.")
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
     p.add_argument("--method", "-m", default="deeplift", choices=list(METHODS), metavar="METHOD",
@@ -681,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INT: one class for every sample; i,j,... or 'all': several classes")
     p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
                    help="samples per call of the exported model (default: 1)")
+    p.add_argument("--shape", action="append", metavar="NAME=D1,D2",
+                   help="an input's per-sample shape where the model leaves it open (repeatable), "
+                        "e.g. --shape input_ids=128")
     p.add_argument("--output", metavar="TENSOR", default=None,
                    help="tensor to explain (default: the model's only output)")
     p.add_argument("--max-rule", choices=["cross_max", "paper"], default="cross_max",

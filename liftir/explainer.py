@@ -459,7 +459,8 @@ class Explainer:
             return [i.name for i in self.inputs if i.dtype.kind == "f"]
         return self.attributed
 
-    def compile(self, path=None, *, batch_size: int = 1, target=None, output: str | None = None):
+    def compile(self, path=None, *, batch_size: int = 1, target=None, output: str | None = None,
+                shapes: dict | None = None):
         """The explainer as a standalone ONNX model (onnx.ModelProto), also written to `path`.
 
         It runs in any onnxruntime (or other ONNX runtime) without liftir: inputs are the
@@ -467,11 +468,15 @@ class Explainer:
         baseline row per input (`NAME_baseline`); outputs `NAME_attribution` per input (what
         `attribute(x, baselines, target)` returns) and, for DeepLIFT, `delta`. `target` is
         fixed in the model (any form `attribute` takes, for batches of `batch_size`).
+        `shapes` gives inputs' per-sample shapes the model leaves open ({"input_ids": (128,)}).
+        Integer inputs (token ids, masks) are held as `attribute` holds them: their baselines
+        come one row per sample (pad ids; a mask's own values), and the attributions are
+        those of the embeddings (`NAME_attribution` for each of `self.attributed`).
         README, "The compiled engine".
         """
         from .compile.export import export  # noqa: PLC0415 - onnx graph building, on demand
 
-        model = export(self, batch_size, target, output)
+        model = export(self, batch_size, target, output, shapes)
         if path is not None:
             import onnx  # noqa: PLC0415
 

@@ -4,10 +4,12 @@
 with what `Explainer.attribute` does around it, recorded by the same tracer: stack each
 input with its baseline, seed the chosen target(s), and turn multipliers into attributions
 (m * (x - x0) for DeepLIFT, m * x for gradient x input, m otherwise) and, for DeepLIFT,
-the convergence deltas. The result takes the model's inputs (batch fixed to `batch_size`)
-and, for reference methods, one baseline row per input (`<name>_baseline`, shape (1, ...)),
-and outputs one attribution per input (`<name>_attribution`, shaped like the input, or
-(N, K, ...) for several targets) and `delta` (N,) / (N, K).
+the convergence deltas. The result takes the model's inputs (batch fixed to `batch_size`, other open dimensions
+given by `shapes`) and, for reference methods, one baseline row per input (`<name>_baseline`,
+shape (1, ...); (N, ...) for models with integer inputs, whose reference rows are each
+sample's own: pad ids, the sample's own mask), and outputs one attribution per attributed
+tensor (`<name>_attribution`, shaped like it, or (N, K, ...) for several targets: the float
+inputs, and for integer inputs the embeddings computed from them) and `delta` (N,) / (N, K).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from onnx import helper
 from .. import targets
 from ..errors import InputError
 from ..methods import Attribution
+from ..rule import difference
 from . import tracer
 from .compiler import SEED, compile_pass
 from .tracer import Recorder, Traced, TraceError
@@ -25,35 +28,34 @@ from .tracer import Recorder, Traced, TraceError
 STACKED = "liftir_stacked:"
 
 
-def export(explainer, batch_size: int = 1, target=None, output: str | None = None) -> onnx.ModelProto:
+def export(explainer, batch_size: int = 1, target=None, output: str | None = None,
+           shapes: dict | None = None) -> onnx.ModelProto:
     ex = explainer
     method = ex.method
-    if len(ex.attributed) != len(ex.input_names) or ex.plan.embeddings:
-        raise InputError("models with integer inputs cannot be exported yet")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     n = batch_size
     out = ex._output_for_call(output)
     explained, stripped = ex.explained_tensor(out)
-    zeros = [np.zeros((n,) + tuple(d if isinstance(d, int) and d > 0 else 1 for d in info.shape[1:]), info.dtype)
-             if info.shape is not None else None for info in ex.inputs]
-    if any(z is None for z in zeros) or any(not all(isinstance(d, int) and d > 0 for d in info.shape[1:])
-                                            for info in ex.inputs):
-        raise InputError("export needs every input's non-batch dimensions declared in the model")
-    refs = [z[:1] for z in zeros] if method.uses_reference else None
+    zeros = [np.zeros((n,) + dims, info.dtype) for info, dims in zip(ex.inputs, sample_shapes(ex, shapes))]
+    # integer inputs (token ids, masks) are held at their reference values row by row: a
+    # sample's reference keeps its own mask, so every input takes one baseline row per sample
+    held = len(ex.attributed) != len(ex.input_names) or bool(ex.plan.embeddings)
+    ref_rows = n if held else 1
+    refs = [z[:ref_rows].copy() for z in zeros] if method.uses_reference else None
     cost, rest = ex._row_cost(zeros, explained)
     if isinstance(target, list):
         target = np.asarray(target)
     k = targets.n_targets(rest, target)
     axis = targets.softmax_axis(ex.graph, out) if stripped else -1
-    dtype = ex.inputs[0].dtype
-    seed = targets.seed((n,) + rest, target, stripped, axis, slice(None), dtype).astype(dtype)
     feeds = ex._feeds(zeros, refs)
-    wrt = tuple(ex.input_names)
-    compiled = compile_pass(ex.plan, feeds, n, 0 if refs is None else 1, explained, wrt, k, ex.options)
+    wrt = tuple(ex.attributed)
+    compiled = compile_pass(ex.plan, feeds, n, 0 if refs is None else ref_rows, explained, wrt, k, ex.options)
     for name in wrt:
         if compiled.batch.get(name) is not None and compiled.batch[name].axis != 0:
-            raise TraceError(f"input {name!r} does not hold the samples on axis 0")
+            raise TraceError(f"attributed tensor {name!r} does not hold the samples on axis 0")
+    dtype = compiled.seed_dtype  # the explained output's (the inputs may be token ids)
+    seed = targets.seed((n,) + rest, target, stripped, axis, slice(None), dtype).astype(dtype)
     model = compiled.model
     opset = next(o.version for o in model.opset_import if o.domain == "")
     rec = Recorder(opset, prefix="liftir_export/")
@@ -69,7 +71,7 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
         elem = helper.np_dtype_to_tensor_dtype(z.dtype)
         new_inputs.append(helper.make_tensor_value_info(name, elem, list(z.shape)))
         if refs is not None:
-            new_inputs.append(helper.make_tensor_value_info(f"{name}_baseline", elem, [1] + list(z.shape[1:])))
+            new_inputs.append(helper.make_tensor_value_info(f"{name}_baseline", elem, [ref_rows] + list(z.shape[1:])))
             rec.nodes.append(helper.make_node("Concat", [name, f"{name}_baseline"], [STACKED + name], axis=0,
                                               name=rec.fresh("n")))
         else:
@@ -78,16 +80,15 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
         seed_t = tracer._lift(rec, seed)
         rec.nodes.append(helper.make_node("Identity", [seed_t.ref], [SEED], name=rec.fresh("n")))
         sums = None
-        for info, z in zip(ex.inputs, zeros):
-            name = info.name
+        for name in wrt:
+            x, x0 = _actual_and_reference(rec, compiled, ex, name, n, ref_rows if refs is not None else 0)
             m_name = compiled.multipliers.get(name)
-            x = Traced(rec, name, z.shape, z.dtype)
             if m_name is None:
-                a = tracer.zeros((k,) + z.shape, z.dtype)
+                a = tracer.zeros((k,) + x.shape, x.dtype)
             else:
-                m = Traced(rec, m_name, (k,) + z.shape, z.dtype)
+                m = Traced(rec, m_name, (k,) + x.shape, x.dtype)
                 if method.attribution is Attribution.DELTA:
-                    a = m * (x - Traced(rec, f"{name}_baseline", (1,) + z.shape[1:], z.dtype))
+                    a = m * difference(tracer, x, x0)  # equal infinities (a -inf mask) did not move
                 elif method.attribution is Attribution.INPUT:
                     a = m * x
                 else:
@@ -97,7 +98,7 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
                 sums = s if sums is None else sums + s
             outputs.append((f"{name}_attribution", _per_sample(a, k, target)))
         if method.attribution is Attribution.DELTA:
-            y = Traced(rec, explained, (n + 1,) + rest, dtype)
+            y = Traced(rec, explained, (n + ref_rows,) + rest, dtype)
             diff = y[:n] - y[n:]
             explained_diff = (seed_t * diff).reshape(k, n, -1).sum(axis=2)
             outputs.append(("delta", _per_sample(sums - explained_diff, k, target)))
@@ -118,6 +119,50 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
                         f"{', '.join(ex.input_names)}" + (" and one baseline row each" if refs is not None else ""))
     onnx.checker.check_model(model)
     return model
+
+
+def sample_shapes(ex, shapes: dict | None) -> list[tuple[int, ...]]:
+    """Each input's per-sample shape: the model's where it declares every dimension, else
+    what `shapes` gives (a text model's sequence length is usually left open)."""
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - set(ex.input_names))
+    if unknown:
+        raise InputError(f"shapes names no input of the model: {unknown}; its inputs are {ex.input_names}")
+    result, missing = [], []
+    for info in ex.inputs:
+        declared = None if info.shape is None else tuple(info.shape[1:])
+        given = shapes.get(info.name)
+        if given is not None:
+            given = tuple(int(d) for d in given)
+            if any(d < 1 for d in given) or (declared is not None and (len(given) != len(declared) or any(
+                    isinstance(d, int) and d > 0 and d != g for d, g in zip(declared, given)))):
+                raise InputError(f"shapes[{info.name!r}] = {given} does not fit the model's input shape "
+                                 f"(N, {', '.join(str(d) if isinstance(d, int) and d > 0 else '?' for d in declared or ())})")
+            result.append(given)
+        elif declared is not None and all(isinstance(d, int) and d > 0 for d in declared):
+            result.append(declared)
+        else:
+            missing.append(f"{info.name} (N, {', '.join(str(d) if isinstance(d, int) and d > 0 else '?' for d in declared or ('...',))})")
+            result.append(())
+    if missing:
+        raise InputError("export needs every input's shape past the batch: give shapes={name: (...)} "
+                         f"(CLI: --shape NAME=D1,D2) for {'; '.join(missing)}")
+    return result
+
+
+def _actual_and_reference(rec, compiled, ex, name: str, n: int, ref_rows: int):
+    """The actual rows of attributed tensor `name` and its reference rows (None without):
+    a float input is the graph input and its baseline; an embedding (a float tensor computed
+    from integer inputs) is the pass's forward tensor, its first n rows and the rest."""
+    if name in ex.input_names:
+        info = ex.inputs[ex.input_names.index(name)]
+        shape = (n,) + tuple(info.shape[1:])
+        x = Traced(rec, name, shape, np.dtype(info.dtype))
+        return x, (Traced(rec, f"{name}_baseline", (ref_rows,) + shape[1:], x.dtype) if ref_rows else None)
+    out = next(o for o in compiled.model.graph.output if o.name == name)
+    shape = tuple(d.dim_value for d in out.type.tensor_type.shape.dim)
+    full = Traced(rec, name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type)))
+    return full[:n], (full[n:] if ref_rows else None)
 
 
 def _topological(nodes, available: set[str]) -> list:
