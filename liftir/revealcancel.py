@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .rule import Elementwise, Linear, NodeContext, difference
 from .scheduler import Run
 
@@ -85,9 +87,18 @@ def _elementwise_parts(rule: Elementwise, ctx: NodeContext, spread):
     pos, neg = _parts(ctx, spread)
     x0 = ctx.x0(0)
     f = lambda z: rule.f(xp, z, ctx)  # noqa: E731
-    f0, f_pos, f_neg, f_all = f(xp.broadcast_to(x0, pos.shape)), f(x0 + pos), f(x0 + neg), f(ctx.x(0))
+    with np.errstate(invalid="ignore", divide="ignore"):  # outside f's domain: handled below
+        f0, f_pos, f_neg, f_all = f(xp.broadcast_to(x0, pos.shape)), f(x0 + pos), f(x0 + neg), f(ctx.x(0))
     pos_y = 0.5 * (f_pos - f0) + 0.5 * (f_all - f_neg)
     neg_y = 0.5 * (f_neg - f0) + 0.5 * (f_all - f_pos)
+    # x0 + d+ and x0 + d- may leave f's domain though x0 and x do not (an RMSNorm's Sqrt of a
+    # mean square whose negative part outweighs x0): there the parts share f's Rescale
+    # multiplier, which still adds up to f(x) - f(x0). `abs(v) < inf` is False for NaN and inf.
+    outside = ~(abs(f_pos) < np.inf) | ~(abs(f_neg) < np.inf)
+    if bool(outside.any()):
+        m = rule.divided_difference(xp, ctx.x(0), x0, ctx)
+        pos_y = xp.where(outside, m * pos, pos_y)
+        neg_y = xp.where(outside, m * neg, neg_y)
     return pos_y, neg_y
 
 

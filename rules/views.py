@@ -305,8 +305,11 @@ class Expand(Linear):
         and every stacked row (actual and reference) keeps its own sample.
         """
         want = [int(s) for s in ctx.const(1)]
+        # the batch is also the stacked rows' count, n + r, when the shape was read off the
+        # stacked forward (a Shape folded per call) and this Expand runs on actual rows alone
+        # (RevealCancel's split forward)
         if len(want) == len(have) and want[0] not in (1, have[0]):
-            if want[0] != ctx.n_actual:
+            if want[0] not in (ctx.n_actual, ctx.n_actual + ctx.n_reference):
                 raise InputError(f"Expand node {ctx.node.name!r} expands axis 0 to {want[0]}, a batch "
                                  f"size baked into the model at export, but this call has "
                                  f"{ctx.n_actual} samples: export with a dynamic batch axis, or pass "

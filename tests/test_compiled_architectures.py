@@ -108,8 +108,9 @@ def test_compiled_deeplift_equals_the_interpreter_on_the_zoo(name, how, caplog):
     assert float(np.abs(delta).max()) <= tol and float(np.abs(delta - want_delta).max()) <= tol
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "gru_bi", "enformer_small"])
-@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "deeplift_revealcancel"])
+@pytest.mark.parametrize("name,method", [(name, method) for name in ["vit", "bert", "gru_bi", "enformer_small"]
+                                         for method in ["saliency", "integrated_gradients", "deeplift_revealcancel"]]
+                         + [("llama", "deeplift_revealcancel")])
 def test_other_compiled_methods_equal_the_interpreter(name, method, caplog):
     proto = ta.exported(name, "ts17")
     _, _, args, baselines = _inputs(name)

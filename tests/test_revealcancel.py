@@ -149,3 +149,38 @@ def test_pooled_residual_graph_conserves(seed):
     attr, delta = liftir.Explainer(model, "deeplift_revealcancel").attribute(
         x, baselines=x0, target=1, return_convergence_delta=True)
     assert np.abs(delta).max() <= 1e-5 * max(np.abs(attr).sum(axis=1).max(), 1.0)
+
+
+def _sqrt_network():
+    """sqrt(x1 - x2 + 1): the negative part of the difference can take x0 + d- below 0."""
+    w = numpy_helper.from_array(np.array([[1.0], [-1.0]], np.float32), "w")
+    b = numpy_helper.from_array(np.array([1.0], np.float32), "b")
+    return _model([helper.make_node("Gemm", ["x", "w", "b"], ["u"]), helper.make_node("Sqrt", ["u"], ["o"])],
+                  [w, b], 2, 1)
+
+
+@pytest.mark.parametrize("engine", ["interpreter", "compiled"])
+def test_split_points_outside_the_domain_take_the_rescale_multiplier(engine):
+    """x0 = 0 (u0 = 1). Sample 0: x = (3, 2.5), u = 1.5, but x0 + d- = 1 - 2.5 < 0, where
+    sqrt is not defined: both parts take the Rescale multiplier m = (sqrt(1.5) - 1) / 0.5,
+    so x1 gets 3 m and x2 gets -2.5 m. Sample 1: x = (3, 0.5), every split point inside the
+    domain: the RevealCancel rule's own parts. Checked in float64 against these formulas."""
+    x = np.array([[3.0, 2.5], [3.0, 0.5]])
+    m = (np.sqrt(1.5) - 1) / 0.5
+    pos = 0.5 * (np.sqrt(4.0) - 1) + 0.5 * (np.sqrt(3.5) - np.sqrt(0.5))
+    neg = 0.5 * (np.sqrt(0.5) - 1) + 0.5 * (np.sqrt(3.5) - np.sqrt(4.0))
+    want = np.array([[3 * m, -2.5 * m], [pos, neg]])
+    if engine == "interpreter":
+        attr, delta = liftir.Explainer(_sqrt_network(), "deeplift_revealcancel", precision="float64").attribute(
+            x, baselines=np.zeros((1, 2)), target=0, return_convergence_delta=True)
+        np.testing.assert_allclose(attr, want, rtol=0, atol=1e-14)
+        assert np.abs(delta).max() <= 1e-15
+    else:  # float32: the compiled pass equals the interpreter and conserves
+        x32 = x.astype(np.float32)
+        got, delta = liftir.Explainer(_sqrt_network(), "deeplift_revealcancel", engine="compiled").attribute(
+            x32, baselines=np.zeros((1, 2), np.float32), target=0, return_convergence_delta=True)
+        ref = liftir.Explainer(_sqrt_network(), "deeplift_revealcancel").attribute(
+            x32, baselines=np.zeros((1, 2), np.float32), target=0)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        assert np.abs(delta).max() <= 1e-6
