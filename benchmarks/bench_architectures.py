@@ -158,7 +158,10 @@ def run_one(name, repeats, warmup, target=1):
     feeds = {k: v.numpy() for k, v in zip(names, inputs)}
     row = {"model": name, "what": what, "exporter": how, "batch": batch, "rss_reset": _clear_peak()}
 
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:  # the yardstick forward gets the threads liftir and Captum get
+        options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     _clear_peak()
     row["ort_ms"], _ = timed(lambda: sess.run(None, feeds), repeats, warmup)
     row["ort_rss"] = _peak_mib()
@@ -292,7 +295,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--write", action="store_true", help="write benchmarks/results_architectures.md")
     p.add_argument("--threads", type=int, default=0,
-                   help="BLAS / OpenMP / torch threads in each child (0: the libraries' defaults, all cores)")
+                   help="BLAS / OpenMP / torch / onnxruntime / liftir threads in each child (0: the "
+                        "libraries' defaults, all cores)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one model, JSON on stdout
     p.add_argument("--profile", help="cProfile liftir's attribute on this model")
     args = p.parse_args(argv)
@@ -308,8 +312,9 @@ def main(argv=None):
         print(f"... {name}", file=sys.stderr, flush=True)
         env = dict(os.environ)
         if args.threads:
+            # LIFTIR_NUM_THREADS: liftir's onnxruntime sessions and thread pool (else all cores)
             env.update({k: str(args.threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                       "BENCH_THREADS")})
+                                                       "LIFTIR_NUM_THREADS", "BENCH_THREADS")})
         done = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats),
                                "--warmup", str(args.warmup)], capture_output=True, text=True, cwd=ROOT, env=env)
         line = next((x for x in done.stdout.splitlines() if x.startswith("ROW ")), None)
@@ -317,7 +322,8 @@ def main(argv=None):
             rows.append({"model": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:150]})
         else:
             rows.append(json.loads(line[4:]))
-    threads = f"{args.threads} thread(s) for BLAS, OpenMP and torch" if args.threads else "default threads (all cores)"
+    threads = (f"{args.threads} thread(s) for BLAS, OpenMP, torch, onnxruntime and liftir" if args.threads
+               else "default threads (all cores)")
     text = f"{header(args.repeats, args.warmup, load)}; {threads}\n\n{table(rows)}\n"
     print(text)
     if args.write:
