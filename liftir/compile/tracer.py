@@ -925,15 +925,29 @@ def _expm1(x: Traced) -> Traced:
     """e^x - 1 to a few ulps. Small float32 arrays (a recurrent step's gates, of which an
     unrolled net holds hundreds): in float64, e^x - 1 (its cancellation costs float64 digits
     only, ~1e-12 relative where |x| >= 1e-4) or x (1 + x/2 + x^2/6) below, rounded back (12
-    nodes). Large ones (attention scores: float64 passes there cost 3x the float32 ones) and
-    float64: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    nodes). Large float32 ones (attention scores: float64 passes there cost 3x the float32
+    ones): Kahan's (u - 1) x / log(u) with u = e^x, x where u == 1 (the rounding of u cancels
+    in the quotient; ~5 ulps with onnxruntime's Log, 11 nodes where a Taylor polynomial took
+    28, which made it most of a compiled softmax). x is clipped below at -20 first (expm1 is
+    -1 there in float32; log of an underflowed u would be -inf). float64: a Taylor
+    polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
     if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size <= _SMALL:
         w = _wide(x)
         series = w * (w * (w * (1.0 / 6) + 0.5) + 1)
         return _as_dtype(where(abs(w) < 1e-4, series, _unary("Exp", w) - 1), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
-    terms = 18 if x.dtype.itemsize >= 8 else 9  # truncated after z^9/9!: 0.5^9 / 10! ~ 5e-10 relative
     rec = x.rec
+    if x.dtype.itemsize <= 4:
+        low = rec.const(np.asarray(-20.0, x.dtype))
+        z = Traced(rec, rec.node("Clip", [x.ref, low]), x.shape, x.dtype)
+        u = _unary("Exp", z)
+        # where u == 1 (log u = 0): z, as 0/1 arithmetic (a full-size Where costs ~3 Muls):
+        # (u - 1 + one) z / (log u + one); log u capped at 89 (log of the largest float32 is
+        # 88.7) so that an overflowed u = inf gives inf, not inf * 0
+        one = _as_dtype(u == 1, x.dtype)
+        log_u = minimum(_unary("Log", u), np.asarray(89.0, x.dtype)) + one
+        return (u - 1 + one) * (z / log_u)
+    terms = 18  # truncated after z^18/18!: 0.5^18 / 19! ~ 3e-23 relative
     small = abs(x) < 0.5
     # z = x where |x| < 1/2 and finite elsewhere (NaN stays NaN), so that the blend below is
     # exact: each unselected value is finite and meets a 0 (onnxruntime's Where on a full
