@@ -186,15 +186,16 @@ class Softmax(Rule):
             # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
             norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
             weights += xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
-            if live is not None:
-                weights = xp.where(live, weights, 0)
+            # Masked positions need no Where of their own (each is a full-size pass, ~3 Muls
+            # in onnxruntime): the return's Where zeroes them, and until then they touch only
+            # their own element, except through the rows' sums of g r, where r is 0 already
+            # (max(p, p0) = 0 times a finite (1 - e^-|dz|) / |dz|, or the dz == 0 fill 0); a
+            # row where it is not (dLSE NaN) is NaN at its live positions as well.
             if log:
                 r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
             else:
                 dx -= d_lse  # dz
                 r = _exp_rescale(xp, dx, p, p0, work)
-                if live is not None:
-                    r = xp.where(live, r, 0)
         gr = scale_rows(xp, g, r, reuse=ctx.mode == Mode.DEEPLIFT and not log)  # r is this rule's own temporary
         total = gr.sum(axis=axis + 1, keepdims=True)
         if ctx.mode == Mode.DEEPLIFT and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
