@@ -182,15 +182,31 @@ def accurate_sum(x, axis: tuple[int, ...], keepdims: bool = False, mean: bool = 
     return fn(axis=axis, keepdims=keepdims, dtype=np.float64).astype(x.dtype)
 
 
+def branch(xp, fast, fn_fast, fn_general, *args):
+    """fn_fast(*args) where the boolean `fast` holds, fn_general(*args) otherwise: a shortcut
+    that fn_general would compute too. NumPy (CuPy): a Python branch. In a trace, one ONNX If
+    on the traced `fast` (liftir/compile/tracer.py `cond`), so that the compiled pass takes
+    the shortcut too when the data allow it (a `bool(t.any())` branch always takes the
+    general path there). The functions read only their arguments (and `xp`)."""
+    if is_tracer(xp):
+        return xp.cond(fast, fn_fast, fn_general, *args)
+    return fn_fast(*args) if bool(fast) else fn_general(*args)
+
+
 def difference(xp, x, x0):
     """x - x0, and 0 where x == x0: a value equal in both passes did not change, even when it
     is infinite (an attention mask's -inf, where x - x0 would be NaN). Always a new array."""
-    with np.errstate(invalid="ignore"):
+    # only inf - inf (or a NaN input) gives NaN, and a sum propagates it (so does NumPy's max,
+    # onnxruntime's ReduceMax skips it): one pass, no temporary. (A sum is NaN also for both
+    # +inf and -inf in d: then the general path, which gives the same d there.)
+    with np.errstate(invalid="ignore", over="ignore"):
         d = x - x0
-    # only inf - inf (or a NaN input) gives NaN, and max propagates it: one pass, no temporary
-    top = d.max() if d.size else xp.zeros((), dtype=d.dtype)
-    if not bool((top != top).any()):
-        return d
+        total = d.sum() if d.size else xp.zeros((), dtype=d.dtype)
+    return branch(xp, total == total, lambda d, x, x0: d, lambda d, x, x0: _zero_equal_nans(xp, d, x, x0),
+                  d, x, x0)
+
+
+def _zero_equal_nans(xp, d, x, x0):
     nan = d != d
     return xp.where(nan & (x == x0), xp.zeros((), dtype=d.dtype), d)
 

@@ -113,7 +113,7 @@ def live_nodes(nodes: list, wanted: set[str]) -> list:
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(i for i in node.input if i)
+            needed.update(tracer.node_reads(node))
     return keep[::-1]
 
 
@@ -234,7 +234,7 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
     nodes = live_nodes(forward_nodes + rec.nodes, {o.name for o in outputs})
-    read = {i for node in nodes for i in node.input}
+    read = {i for node in nodes for i in tracer.node_reads(node)}
     model = helper.make_model(
         helper.make_graph(nodes, "liftir_explainer", inputs, outputs,
                           [t for t in initializers + rec.initializers if t.name in read]),

@@ -1354,6 +1354,66 @@ class recording:  # noqa: N801 - a context manager named for what it does
         _CURRENT.pop()
 
 
+def cond(pred, fast, general, *args):
+    """`fast(*args) if pred else general(*args)` for a traced boolean `pred` (one element):
+    an ONNX If, each function recorded into its own branch, so the compiled pass takes a
+    rule's shortcut when the data allow it instead of always the general path. The functions
+    must read only their arguments (traced ones reach them as copies: an in-place write in a
+    branch stays in it) and return arrays (or a tuple of them) of the same shapes and dtypes
+    in both. A `pred` known at trace time picks its branch in Python."""
+    if not isinstance(pred, Traced):
+        return fast(*args) if bool(pred) else general(*args)
+    rec = pred.rec
+    if pred.size != 1:
+        raise TraceError(f"cond on a traced array of shape {pred.shape} (one element needed)")
+    flag = _as_dtype(pred, np.bool_)._reshape_value(())
+    refs = [a.ref if isinstance(a, Traced) else None for a in args]  # emitted here, not in a branch
+    flag_ref = flag.ref
+    branches, shapes = [], None
+    for fn in (fast, general):
+        graph, outs = _record_branch(rec, fn, [Traced(rec, r, a.shape, a.dtype) if r is not None else a
+                                               for r, a in zip(refs, args)])
+        sig = [(o.shape, o.dtype) for o in outs]
+        if shapes is not None and sig != shapes:
+            raise TraceError(f"cond branches return {shapes} and {sig}")
+        shapes = sig
+        branches.append(graph)
+    names = rec.node("If", [flag_ref], n_out=len(shapes), then_branch=branches[0], else_branch=branches[1])
+    names = [names] if len(shapes) == 1 else names
+    outs = [Traced(rec, n, shape, dtype) for n, (shape, dtype) in zip(names, shapes)]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _record_branch(rec: Recorder, fn, args):
+    """fn(*args) recorded as a subgraph of its own (outer values read by name; constants made
+    in it stay initializers of the main graph, nodes made for them stay in the branch)."""
+    saved_nodes, saved_consts = rec.nodes, dict(rec._consts)
+    rec.nodes = []
+    try:
+        out = fn(*args)
+        single = not isinstance(out, tuple)
+        outs = [_lift(rec, o) for o in ((out,) if single else out)]
+        infos = []
+        for o in outs:
+            name = rec.fresh("b")
+            rec.nodes.append(helper.make_node("Identity", [o.ref], [name], name=rec.fresh("n")))
+            infos.append(helper.make_tensor_value_info(name, _onnx_type(o.dtype), list(o.shape)))
+        graph = helper.make_graph(rec.nodes, rec.fresh("branch"), [], infos)
+    finally:
+        rec.nodes, rec._consts = saved_nodes, saved_consts
+    return graph, outs
+
+
+def node_reads(node) -> list[str]:
+    """The values a node reads: its inputs and the outer values its subgraphs (If) name."""
+    reads = [i for i in node.input if i]
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == attr.GRAPH else list(attr.graphs) if attr.type == attr.GRAPHS else []):
+            made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            reads += [i for n in g.node for i in node_reads(n) if i not in made]
+    return reads
+
+
 def is_tracer(xp: Any) -> bool:
     """True for this module (kernels emit their op as one ONNX node instead of computing)."""
     return getattr(xp, "__name__", "") == __name__
