@@ -381,15 +381,13 @@ def fill_where(xp, out, mask, fn, *args):
 
     For the few elements a rule treats specially (dx ~ 0, where the derivative replaces the
     quotient), evaluating fn on the whole array would cost as much as the rule itself. `fn`
-    must be elementwise; `args` broadcast against `mask`. A trace cannot select elements (no
-    ONNX form of a boolean gather): it records fn on every element and one Where instead,
-    which gives the same values.
+    must be elementwise; `args` broadcast against `mask`. A trace selects them too (NonZero,
+    GatherND, ScatterND: tracer.fill_masked), so fn must not depend on its arguments' shapes.
     """
+    if is_tracer(xp):  # NonZero, GatherND, fn, ScatterND: fn on the masked elements only
+        return xp.fill_masked(out, mask, fn, *args)
     if tuple(mask.shape) != tuple(out.shape):
         mask = xp.broadcast_to(mask, out.shape)
-    if is_tracer(xp):
-        out[mask] = fn(*args)
-        return out
     picked = [xp.broadcast_to(a, mask.shape)[mask] if getattr(a, "ndim", 0) else a for a in args]
     out[mask] = fn(*picked)
     return out

@@ -1404,6 +1404,37 @@ def _record_branch(rec: Recorder, fn, args):
     return graph, outs
 
 
+def fill_masked(out: Traced, mask, fn, *args) -> Traced:
+    """out[mask] = fn(*args at mask), fn evaluated on the masked elements only, as NumPy's
+    fill_where does: NonZero, a GatherND per array argument, fn, one ScatterND (a rule's
+    special case, e.g. the derivative where dx ~ 0, costs what its few elements cost instead
+    of fn on every element and a full-size Where). fn must be elementwise: its array
+    arguments reach it as 1-D arrays whose length is known only when the pass runs (they are
+    declared of length 1)."""
+    rec = out.rec
+    mask = _as_dtype(_lift(rec, mask), np.bool_)
+    if mask.shape != out.shape:
+        mask = broadcast_to(mask, out.shape)
+    nd = out.ndim
+    idx = rec.node("Transpose", [rec.node("NonZero", [mask.ref])], perm=[1, 0])  # (n, ndim)
+    picked = []
+    for a in args:
+        if not (isinstance(a, Traced) or getattr(a, "ndim", 0)):
+            picked.append(a)
+            continue
+        t = _lift(rec, a)
+        shape = (1,) * (nd - t.ndim) + t.shape
+        t = t._reshape_value(shape)
+        keep = np.array([int(n != 1) for n in shape], np.int64)  # a broadcast axis reads its one index
+        at = idx if keep.all() else rec.node("Mul", [idx, rec.const(keep)])
+        picked.append(Traced(rec, rec.node("GatherND", [t.ref, at]), (1,), t.dtype))
+    vals = _as_dtype(_lift(rec, fn(*picked), out.dtype), out.dtype)
+    if vals.shape != (1,):
+        raise TraceError(f"fill_where's function returned shape {vals.shape} for its selected elements")
+    out._rebind(Traced(rec, rec.node("ScatterND", [out.ref, idx, vals.ref]), out.shape, out.dtype))
+    return out
+
+
 def node_reads(node) -> list[str]:
     """The values a node reads: its inputs and the outer values its subgraphs (If) name."""
     reads = [i for i in node.input if i]
