@@ -393,6 +393,20 @@ def fill_where(xp, out, mask, fn, *args):
     return out
 
 
+def exprel(xp, x, out=None):
+    """(e^x - 1) / x, and 1 at x = 0 (its limit), without cancellation; into `out` if given.
+    A trace writes it as one expression with no fill at 0 (tracer.exprel)."""
+    if is_tracer(xp):
+        return xp.exprel(x, out=out)
+    r = xp.expm1(x, out=out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r /= x
+    zero = x == 0
+    if bool(zero.any()):
+        r[zero] = 1
+    return r
+
+
 def blend(xp, mask, a, b):
     """where(mask, a, b) for finite a and b. In a trace, arithmetic on the 0/1 mask:
     onnxruntime's CPU Where costs 3-20x a Mul (more the less predictable the mask), and

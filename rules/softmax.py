@@ -27,7 +27,7 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, branch, fill_where, is_traced, scale_rows
+from liftir.rule import MODES, Rule, RuleError, branch, exprel, is_traced, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -82,14 +82,8 @@ def _exp_rescale(xp, dz, p, p0, out):
     max(p, p0). Overwrites dz and p; the result is in `out`."""
     neg = xp.abs(dz, out=dz)
     neg *= -1
-    r = xp.expm1(neg, out=out)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r /= neg
-    top = xp.maximum(p, p0, out=p)
-    r *= top
-    still = neg == 0
-    if bool(still.any()):
-        fill_where(xp, r, still, lambda t: t, top)
+    r = exprel(xp, neg, out=out)  # 1 where dz == 0: the limit, max(p, p0)
+    r *= xp.maximum(p, p0, out=p)
     return r
 
 

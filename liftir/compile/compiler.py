@@ -106,15 +106,7 @@ def _standard(node) -> None:
         raise TraceError(f"node {node.name!r} ({node.op_type}) holds subgraphs")
 
 
-def live_nodes(nodes: list, wanted: set[str]) -> list:
-    """The nodes some wanted output depends on, in their order: a trace also records what
-    the rules computed and did not use (the `.any()` of a shortcut, overwritten buffers)."""
-    needed, keep = set(wanted), []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(tracer.node_reads(node))
-    return keep[::-1]
+live_nodes = tracer.live_nodes
 
 
 def _listing(failures: list[str]) -> str:

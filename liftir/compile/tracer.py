@@ -995,6 +995,29 @@ def _logaddexp(a, b) -> Traced:
     return _as_dtype(out, dtype)
 
 
+def exprel(x, out=None):
+    """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays:
+    Kahan's quotient without the product by x and the division by it, and no fill at 0
+    (u == 1 gives (0 + 1) / (0 + 1)): (u - 1 + one) / (log u + (x - z) + one) with z = x
+    clipped at -20 and u = e^z (below -20 it is -1 / x, and x - z there puts x in place of
+    log u = z). Otherwise expm1(x) / x, 1 where x == 0."""
+    if not isinstance(x, Traced):
+        raise TraceError("exprel of a NumPy value in a trace")
+    rec = x.rec
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL:
+        z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-20.0, x.dtype))]), x.shape, x.dtype)
+        u = _unary("Exp", z)
+        one = _as_dtype(u == 1, x.dtype)
+        log_u = minimum(_unary("Log", u), np.asarray(89.0, x.dtype)) + (x - z) + one
+        result = (u - 1 + one) / log_u
+    else:
+        result = where(x == 0, 1.0, _expm1(x) / x)
+    if out is not None:
+        out._rebind(result)
+        return out
+    return result
+
+
 expm1 = _elementwise(np.expm1, _expm1)
 log1p = _elementwise(np.log1p, _log1p)
 logaddexp = _elementwise(np.logaddexp, _logaddexp)
@@ -1398,7 +1421,7 @@ def _record_branch(rec: Recorder, fn, args):
             name = rec.fresh("b")
             rec.nodes.append(helper.make_node("Identity", [o.ref], [name], name=rec.fresh("n")))
             infos.append(helper.make_tensor_value_info(name, _onnx_type(o.dtype), list(o.shape)))
-        graph = helper.make_graph(rec.nodes, rec.fresh("branch"), [], infos)
+        graph = helper.make_graph(live_nodes(rec.nodes, {i.name for i in infos}), rec.fresh("branch"), [], infos)
     finally:
         rec.nodes, rec._consts = saved_nodes, saved_consts
     return graph, outs
@@ -1433,6 +1456,17 @@ def fill_masked(out: Traced, mask, fn, *args) -> Traced:
         raise TraceError(f"fill_where's function returned shape {vals.shape} for its selected elements")
     out._rebind(Traced(rec, rec.node("ScatterND", [out.ref, idx, vals.ref]), out.shape, out.dtype))
     return out
+
+
+def live_nodes(nodes: list, wanted: set[str]) -> list:
+    """The nodes some wanted output depends on, in their order: a trace also records what
+    the rules computed and did not use (the `.any()` of a shortcut, overwritten buffers)."""
+    needed, keep = set(wanted), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node_reads(node))
+    return keep[::-1]
 
 
 def node_reads(node) -> list[str]:
