@@ -182,15 +182,31 @@ def accurate_sum(x, axis: tuple[int, ...], keepdims: bool = False, mean: bool = 
     return fn(axis=axis, keepdims=keepdims, dtype=np.float64).astype(x.dtype)
 
 
+def branch(xp, fast, fn_fast, fn_general, *args):
+    """fn_fast(*args) where the boolean `fast` holds, fn_general(*args) otherwise: a shortcut
+    that fn_general would compute too. NumPy (CuPy): a Python branch. In a trace, one ONNX If
+    on the traced `fast` (liftir/compile/tracer.py `cond`), so that the compiled pass takes
+    the shortcut too when the data allow it (a `bool(t.any())` branch always takes the
+    general path there). The functions read only their arguments (and `xp`)."""
+    if is_tracer(xp):
+        return xp.cond(fast, fn_fast, fn_general, *args)
+    return fn_fast(*args) if bool(fast) else fn_general(*args)
+
+
 def difference(xp, x, x0):
     """x - x0, and 0 where x == x0: a value equal in both passes did not change, even when it
     is infinite (an attention mask's -inf, where x - x0 would be NaN). Always a new array."""
-    with np.errstate(invalid="ignore"):
+    # only inf - inf (or a NaN input) gives NaN, and a sum propagates it (so does NumPy's max,
+    # onnxruntime's ReduceMax skips it): one pass, no temporary. (A sum is NaN also for both
+    # +inf and -inf in d: then the general path, which gives the same d there.)
+    with np.errstate(invalid="ignore", over="ignore"):
         d = x - x0
-    # only inf - inf (or a NaN input) gives NaN, and max propagates it: one pass, no temporary
-    top = d.max() if d.size else xp.zeros((), dtype=d.dtype)
-    if not bool((top != top).any()):
-        return d
+        total = d.sum() if d.size else xp.zeros((), dtype=d.dtype)
+    return branch(xp, total == total, lambda d, x, x0: d, lambda d, x, x0: _zero_equal_nans(xp, d, x, x0),
+                  d, x, x0)
+
+
+def _zero_equal_nans(xp, d, x, x0):
     nan = d != d
     return xp.where(nan & (x == x0), xp.zeros((), dtype=d.dtype), d)
 
@@ -365,18 +381,30 @@ def fill_where(xp, out, mask, fn, *args):
 
     For the few elements a rule treats specially (dx ~ 0, where the derivative replaces the
     quotient), evaluating fn on the whole array would cost as much as the rule itself. `fn`
-    must be elementwise; `args` broadcast against `mask`. A trace cannot select elements (no
-    ONNX form of a boolean gather): it records fn on every element and one Where instead,
-    which gives the same values.
+    must be elementwise; `args` broadcast against `mask`. A trace selects them too (NonZero,
+    GatherND, ScatterND: tracer.fill_masked), so fn must not depend on its arguments' shapes.
     """
+    if is_tracer(xp):  # NonZero, GatherND, fn, ScatterND: fn on the masked elements only
+        return xp.fill_masked(out, mask, fn, *args)
     if tuple(mask.shape) != tuple(out.shape):
         mask = xp.broadcast_to(mask, out.shape)
-    if is_tracer(xp):
-        out[mask] = fn(*args)
-        return out
     picked = [xp.broadcast_to(a, mask.shape)[mask] if getattr(a, "ndim", 0) else a for a in args]
     out[mask] = fn(*picked)
     return out
+
+
+def exprel(xp, x, out=None):
+    """(e^x - 1) / x, and 1 at x = 0 (its limit), without cancellation; into `out` if given.
+    A trace writes it as one expression with no fill at 0 (tracer.exprel)."""
+    if is_tracer(xp):
+        return xp.exprel(x, out=out)
+    r = xp.expm1(x, out=out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r /= x
+    zero = x == 0
+    if bool(zero.any()):
+        r[zero] = 1
+    return r
 
 
 def blend(xp, mask, a, b):

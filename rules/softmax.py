@@ -27,7 +27,7 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, fill_where, is_traced, scale_rows
+from liftir.rule import MODES, Rule, RuleError, branch, exprel, is_traced, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -82,14 +82,8 @@ def _exp_rescale(xp, dz, p, p0, out):
     max(p, p0). Overwrites dz and p; the result is in `out`."""
     neg = xp.abs(dz, out=dz)
     neg *= -1
-    r = xp.expm1(neg, out=out)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r /= neg
-    top = xp.maximum(p, p0, out=p)
-    r *= top
-    still = neg == 0
-    if bool(still.any()):
-        fill_where(xp, r, still, lambda t: t, top)
+    r = exprel(xp, neg, out=out)  # 1 where dz == 0: the limit, max(p, p0)
+    r *= xp.maximum(p, p0, out=p)
     return r
 
 
@@ -157,51 +151,68 @@ class Softmax(Rule):
         axis = _axis(ctx, x.ndim)
         p, lse = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
-        live = refused = None
         if ctx.mode != Mode.DEEPLIFT:
-            r = xp.ones_like(p) if log else p
-            weights = p
-        else:
-            x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
-            p0, lse0 = _log_softmax_lse(xp, x0, axis, with_p=True)
-            # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
-            # Without masks (every p, p0 > 0) `live` is everywhere and x, x0 are finite.
-            unmasked = bool((p.min() > 0).all()) and bool((p0.min() > 0).all())
-            if unmasked:
-                dx = x - x0
-            else:
-                live = (p > 0) | (p0 > 0)
-                # x - x0 is difference(x, x0) wherever live (p > 0 only where x is finite), and
-                # its NaN (-inf - -inf) lies where the mask puts 0: one full-size Where fewer
-                dx = xp.where(live, x - x0, 0)
-            weights = p + p0  # p_mid first, the weights below
-            weights *= 0.5
-            work = xp.empty_like(dx)
-            d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
-            p_dx = xp.multiply(weights, dx, out=work)
-            approx = p_dx.sum(axis=axis, keepdims=True)
-            refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx if unmasked else None)
-            # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
-            # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
-            # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
-            norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
-            weights += xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
-            if live is not None:
-                weights = xp.where(live, weights, 0)
-            if log:
-                r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
-            else:
-                dx -= d_lse  # dz
-                r = _exp_rescale(xp, dx, p, p0, work)
-                if live is not None:
-                    r = xp.where(live, r, 0)
-        gr = scale_rows(xp, g, r, reuse=ctx.mode == Mode.DEEPLIFT and not log)  # r is this rule's own temporary
-        total = gr.sum(axis=axis + 1, keepdims=True)
-        if ctx.mode == Mode.DEEPLIFT and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
-            weights *= total[0]  # weights is a temporary here
-            gr -= weights
-        else:
-            gr -= weights * total
-        if refused is not None:  # compiled: rows the interpreter refuses carry nothing (not NaN)
-            live = ~refused if live is None else live & ~refused
-        return (xp.where(live, gr, 0) if live is not None else gr,)
+            return (_combine(ctx, xp, g, xp.ones_like(p) if log else p, p, axis, log, None),)
+        x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
+        p0, lse0 = _log_softmax_lse(xp, x0, axis, with_p=True)
+        # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
+        # Without masks (every p, p0 > 0) `live` is everywhere and x, x0 are finite: the
+        # shortcut (in a compiled pass too, as an ONNX If). A NaN in p makes its row's LSE
+        # NaN, and the rows' sum shows it (onnxruntime's ReduceMin skips NaN, NumPy's min not)
+        lse_sum = lse.sum() + lse0.sum()
+        unmasked = (p.min() > 0) & (p0.min() > 0) & (lse_sum == lse_sum)
+        return (branch(xp, unmasked, lambda *a: _deeplift(ctx, xp, axis, log, False, *a),
+                       lambda *a: _deeplift(ctx, xp, axis, log, True, *a), g, x, x0, p, p0, lse, lse0),)
+
+
+def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
+    """The DeepLIFT multipliers of x times g, with or without masked positions."""
+    live = None
+    if not masked:
+        dx = x - x0
+    else:
+        live = (p > 0) | (p0 > 0)
+        # x - x0 is difference(x, x0) wherever live (p > 0 only where x is finite), and
+        # its NaN (-inf - -inf) lies where the mask puts 0: one full-size Where fewer
+        dx = xp.where(live, x - x0, 0)
+    weights = p + p0  # p_mid first, the weights below
+    weights *= 0.5
+    work = xp.empty_like(dx)
+    d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
+    p_dx = xp.multiply(weights, dx, out=work)
+    approx = p_dx.sum(axis=axis, keepdims=True)
+    refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, None if masked else approx)
+    # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
+    # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
+    # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
+    norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
+    weights += xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
+    # Masked positions need no Where of their own (each is a full-size pass, ~3 Muls
+    # in onnxruntime): the return's Where zeroes them, and until then they touch only
+    # their own element, except through the rows' sums of g r, where r is 0 already
+    # (max(p, p0) = 0 times a finite (1 - e^-|dz|) / |dz|, or the dz == 0 fill 0); a
+    # row where it is not (dLSE NaN) is NaN at its live positions as well.
+    if log:
+        r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
+    else:
+        dx -= d_lse  # dz
+        r = _exp_rescale(xp, dx, p, p0, work)
+    if refused is not None:  # compiled: rows the interpreter refuses carry nothing (not NaN)
+        live = ~refused if live is None else live & ~refused
+    return _combine(ctx, xp, g, r, weights, axis, not log, live)
+
+
+def _combine(ctx, xp, g, r, weights, axis, reuse, live):
+    """g r - weights sum(g r) over the softmax axis (the LSE split), 0 where not `live`.
+    `reuse`: r is a temporary of the rule's (DeepLIFT's), which may hold the product."""
+    deeplift = ctx.mode == Mode.DEEPLIFT
+    gr = scale_rows(xp, g, r, reuse=deeplift and reuse)
+    total = gr.sum(axis=axis + 1, keepdims=True)
+    if deeplift and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
+        weights *= total[0]  # weights is a temporary here
+        gr -= weights
+    else:
+        gr -= weights * total
+    if live is None:
+        return gr
+    return branch(xp, live.all(), lambda gr, live: gr, lambda gr, live: xp.where(live, gr, 0), gr, live)

@@ -319,7 +319,7 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
     x = np.concatenate([rng.uniform(-3, 3, 4000), rng.uniform(-1e-3, 1e-3, 2000),
                         rng.uniform(-0.6, 0.6, 2000)]).astype(dtype)
     special = None
-    if name == "expm1_large":  # beyond tracer._SMALL elements: the polynomial, blended
+    if name == "expm1_large":  # beyond tracer._SMALL elements: Kahan's quotient
         name, x = "expm1", np.concatenate([x * s for s in (1, 0.9, 0.8, 1.1, 1.2)]).astype(dtype)
         assert x.size > tracer._SMALL
         special = np.array([np.inf, -np.inf, np.nan, 1e3, -1e3, 0.0], dtype)

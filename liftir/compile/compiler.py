@@ -117,15 +117,7 @@ def _standard(node) -> None:
         raise TraceError(f"node {node.name!r} ({node.op_type}) holds subgraphs")
 
 
-def live_nodes(nodes: list, wanted: set[str]) -> list:
-    """The nodes some wanted output depends on, in their order: a trace also records what
-    the rules computed and did not use (the `.any()` of a shortcut, overwritten buffers)."""
-    needed, keep = set(wanted), []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    return keep[::-1]
+live_nodes = tracer.live_nodes
 
 
 def _listing(failures: list[str]) -> str:
@@ -245,7 +237,7 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
     nodes = live_nodes(forward_nodes + rec.nodes, {o.name for o in outputs})
-    read = {i for node in nodes for i in node.input}
+    read = {i for node in nodes for i in tracer.node_reads(node)}
     model = make_model(
         helper.make_graph(nodes, "liftir_explainer", inputs, outputs,
                           [t for t in initializers + rec.initializers if t.name in read]),

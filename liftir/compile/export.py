@@ -171,14 +171,14 @@ def _topological(nodes, available: set[str]) -> list:
     while pending:
         left = []
         for nd in pending:
-            if all(i in ready for i in nd.input):
+            if all(i in ready for i in tracer.node_reads(nd)):
                 order.append(nd)
                 ready.update(nd.output)
             else:
                 left.append(nd)
         if len(left) == len(pending):
             raise TraceError(f"the exported graph is not connected: {left[0].op_type} node {left[0].name!r} "
-                             f"reads {[i for i in left[0].input if i not in ready]}")
+                             f"reads {[i for i in tracer.node_reads(left[0]) if i not in ready]}")
         pending = left
     return order
 

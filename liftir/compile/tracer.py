@@ -925,15 +925,29 @@ def _expm1(x: Traced) -> Traced:
     """e^x - 1 to a few ulps. Small float32 arrays (a recurrent step's gates, of which an
     unrolled net holds hundreds): in float64, e^x - 1 (its cancellation costs float64 digits
     only, ~1e-12 relative where |x| >= 1e-4) or x (1 + x/2 + x^2/6) below, rounded back (12
-    nodes). Large ones (attention scores: float64 passes there cost 3x the float32 ones) and
-    float64: a Taylor polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
+    nodes). Large float32 ones (attention scores: float64 passes there cost 3x the float32
+    ones): Kahan's (u - 1) x / log(u) with u = e^x, x where u == 1 (the rounding of u cancels
+    in the quotient; ~5 ulps with onnxruntime's Log, 11 nodes where a Taylor polynomial took
+    28, which made it most of a compiled softmax). x is clipped below at -20 first (expm1 is
+    -1 there in float32; log of an underflowed u would be -inf). float64: a Taylor
+    polynomial where |x| < 1/2 (e^x - 1 cancels there)."""
     if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size <= _SMALL:
         w = _wide(x)
         series = w * (w * (w * (1.0 / 6) + 0.5) + 1)
         return _as_dtype(where(abs(w) < 1e-4, series, _unary("Exp", w) - 1), x.dtype)
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
-    terms = 18 if x.dtype.itemsize >= 8 else 9  # truncated after z^9/9!: 0.5^9 / 10! ~ 5e-10 relative
     rec = x.rec
+    if x.dtype.itemsize <= 4:
+        low = rec.const(np.asarray(-20.0, x.dtype))
+        z = Traced(rec, rec.node("Clip", [x.ref, low]), x.shape, x.dtype)
+        u = _unary("Exp", z)
+        # where u == 1 (log u = 0): z, as 0/1 arithmetic (a full-size Where costs ~3 Muls):
+        # (u - 1 + one) z / (log u + one); log u capped at 89 (log of the largest float32 is
+        # 88.7) so that an overflowed u = inf gives inf, not inf * 0
+        one = _as_dtype(u == 1, x.dtype)
+        log_u = minimum(_unary("Log", u), np.asarray(89.0, x.dtype)) + one
+        return (u - 1 + one) * (z / log_u)
+    terms = 18  # truncated after z^18/18!: 0.5^18 / 19! ~ 3e-23 relative
     small = abs(x) < 0.5
     # z = x where |x| < 1/2 and finite elsewhere (NaN stays NaN), so that the blend below is
     # exact: each unselected value is finite and meets a 0 (onnxruntime's Where on a full
@@ -979,6 +993,29 @@ def _logaddexp(a, b) -> Traced:
     top = maximum(ta, tb)
     out = where(ta == tb, ta + math.log(2.0), top + _log1p64(_unary("Exp", -abs(ta - tb))))
     return _as_dtype(out, dtype)
+
+
+def exprel(x, out=None):
+    """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays:
+    Kahan's quotient without the product by x and the division by it, and no fill at 0
+    (u == 1 gives (0 + 1) / (0 + 1)): (u - 1 + one) / (log u + (x - z) + one) with z = x
+    clipped at -20 and u = e^z (below -20 it is -1 / x, and x - z there puts x in place of
+    log u = z). Otherwise expm1(x) / x, 1 where x == 0."""
+    if not isinstance(x, Traced):
+        raise TraceError("exprel of a NumPy value in a trace")
+    rec = x.rec
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL:
+        z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-20.0, x.dtype))]), x.shape, x.dtype)
+        u = _unary("Exp", z)
+        one = _as_dtype(u == 1, x.dtype)
+        log_u = minimum(_unary("Log", u), np.asarray(89.0, x.dtype)) + (x - z) + one
+        result = (u - 1 + one) / log_u
+    else:
+        result = where(x == 0, 1.0, _expm1(x) / x)
+    if out is not None:
+        out._rebind(result)
+        return out
+    return result
 
 
 expm1 = _elementwise(np.expm1, _expm1)
@@ -1338,6 +1375,108 @@ class recording:  # noqa: N801 - a context manager named for what it does
 
     def __exit__(self, *exc):
         _CURRENT.pop()
+
+
+def cond(pred, fast, general, *args):
+    """`fast(*args) if pred else general(*args)` for a traced boolean `pred` (one element):
+    an ONNX If, each function recorded into its own branch, so the compiled pass takes a
+    rule's shortcut when the data allow it instead of always the general path. The functions
+    must read only their arguments (traced ones reach them as copies: an in-place write in a
+    branch stays in it) and return arrays (or a tuple of them) of the same shapes and dtypes
+    in both. A `pred` known at trace time picks its branch in Python."""
+    if not isinstance(pred, Traced):
+        return fast(*args) if bool(pred) else general(*args)
+    rec = pred.rec
+    if pred.size != 1:
+        raise TraceError(f"cond on a traced array of shape {pred.shape} (one element needed)")
+    flag = _as_dtype(pred, np.bool_)._reshape_value(())
+    refs = [a.ref if isinstance(a, Traced) else None for a in args]  # emitted here, not in a branch
+    flag_ref = flag.ref
+    branches, shapes = [], None
+    for fn in (fast, general):
+        graph, outs = _record_branch(rec, fn, [Traced(rec, r, a.shape, a.dtype) if r is not None else a
+                                               for r, a in zip(refs, args)])
+        sig = [(o.shape, o.dtype) for o in outs]
+        if shapes is not None and sig != shapes:
+            raise TraceError(f"cond branches return {shapes} and {sig}")
+        shapes = sig
+        branches.append(graph)
+    names = rec.node("If", [flag_ref], n_out=len(shapes), then_branch=branches[0], else_branch=branches[1])
+    names = [names] if len(shapes) == 1 else names
+    outs = [Traced(rec, n, shape, dtype) for n, (shape, dtype) in zip(names, shapes)]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _record_branch(rec: Recorder, fn, args):
+    """fn(*args) recorded as a subgraph of its own (outer values read by name; constants made
+    in it stay initializers of the main graph, nodes made for them stay in the branch)."""
+    saved_nodes, saved_consts = rec.nodes, dict(rec._consts)
+    rec.nodes = []
+    try:
+        out = fn(*args)
+        single = not isinstance(out, tuple)
+        outs = [_lift(rec, o) for o in ((out,) if single else out)]
+        infos = []
+        for o in outs:
+            name = rec.fresh("b")
+            rec.nodes.append(helper.make_node("Identity", [o.ref], [name], name=rec.fresh("n")))
+            infos.append(helper.make_tensor_value_info(name, _onnx_type(o.dtype), list(o.shape)))
+        graph = helper.make_graph(live_nodes(rec.nodes, {i.name for i in infos}), rec.fresh("branch"), [], infos)
+    finally:
+        rec.nodes, rec._consts = saved_nodes, saved_consts
+    return graph, outs
+
+
+def fill_masked(out: Traced, mask, fn, *args) -> Traced:
+    """out[mask] = fn(*args at mask), fn evaluated on the masked elements only, as NumPy's
+    fill_where does: NonZero, a GatherND per array argument, fn, one ScatterND (a rule's
+    special case, e.g. the derivative where dx ~ 0, costs what its few elements cost instead
+    of fn on every element and a full-size Where). fn must be elementwise: its array
+    arguments reach it as 1-D arrays whose length is known only when the pass runs (they are
+    declared of length 1)."""
+    rec = out.rec
+    mask = _as_dtype(_lift(rec, mask), np.bool_)
+    if mask.shape != out.shape:
+        mask = broadcast_to(mask, out.shape)
+    nd = out.ndim
+    idx = rec.node("Transpose", [rec.node("NonZero", [mask.ref])], perm=[1, 0])  # (n, ndim)
+    picked = []
+    for a in args:
+        if not (isinstance(a, Traced) or getattr(a, "ndim", 0)):
+            picked.append(a)
+            continue
+        t = _lift(rec, a)
+        shape = (1,) * (nd - t.ndim) + t.shape
+        t = t._reshape_value(shape)
+        keep = np.array([int(n != 1) for n in shape], np.int64)  # a broadcast axis reads its one index
+        at = idx if keep.all() else rec.node("Mul", [idx, rec.const(keep)])
+        picked.append(Traced(rec, rec.node("GatherND", [t.ref, at]), (1,), t.dtype))
+    vals = _as_dtype(_lift(rec, fn(*picked), out.dtype), out.dtype)
+    if vals.shape != (1,):
+        raise TraceError(f"fill_where's function returned shape {vals.shape} for its selected elements")
+    out._rebind(Traced(rec, rec.node("ScatterND", [out.ref, idx, vals.ref]), out.shape, out.dtype))
+    return out
+
+
+def live_nodes(nodes: list, wanted: set[str]) -> list:
+    """The nodes some wanted output depends on, in their order: a trace also records what
+    the rules computed and did not use (the `.any()` of a shortcut, overwritten buffers)."""
+    needed, keep = set(wanted), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node_reads(node))
+    return keep[::-1]
+
+
+def node_reads(node) -> list[str]:
+    """The values a node reads: its inputs and the outer values its subgraphs (If) name."""
+    reads = [i for i in node.input if i]
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == attr.GRAPH else list(attr.graphs) if attr.type == attr.GRAPHS else []):
+            made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            reads += [i for n in g.node for i in node_reads(n) if i not in made]
+    return reads
 
 
 def is_tracer(xp: Any) -> bool:
