@@ -140,6 +140,21 @@ def _one_blas_thread(xp):
     return threadpool_limits(1, user_api="blas")
 
 
+def _stack_time(xp, xs):
+    """xs (each [..., n]) stacked as [..., T, n]: one Concat on the last axis and a reshape,
+    where `stack` would add one node per step in a trace."""
+    return xp.concatenate(xs, axis=-1).reshape(tuple(xs[0].shape[:-1]) + (len(xs), xs[0].shape[-1]))
+
+
+def _shift(xp, seq, first, reverse):
+    """Each step's previous state, [rows, T, H]: `first` (the initial state) and then `seq`
+    one step behind, in the direction's own order of time."""
+    first = xp.expand_dims(first, 1)
+    if reverse:
+        return xp.concatenate([seq[:, 1:], first], axis=1)
+    return xp.concatenate([first, seq[:, :-1]], axis=1)
+
+
 def _mean(a, a0, deeplift):
     return (a + a0) * 0.5 if deeplift else a
 
@@ -307,7 +322,7 @@ class _Recurrent(Rule):
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, s, rows, d, hidden, x.dtype) for i, s in zip(self.state_inputs, states0)]
             record = self._unroll(xp, x[:, :length], init, params[d], acts[d], reverse, valid)
-            ys.append(xp.stack([rec["y"] for rec in record], axis=1))  # time order of the input
+            ys.append(_stack_time(xp, [rec["y"] for rec in record]))  # time order of the input
             finals.append(self._finals(record, reverse))
         y = xp.stack(ys, axis=2)
         if length < x.shape[1]:  # steps past every row's length are zeros
@@ -331,6 +346,79 @@ class _Recurrent(Rule):
     def _finals(self, record, reverse):
         return list((record[0] if reverse else record[-1])["state"])
 
+    def _walk_unrolled(self, xp, x, x0, init, init0, carry, g_y, d, p_, acts, reverse, deeplift, valid, k, p,
+                       dtype):
+        """The backward step by step on the forward unrolled again (per-row lengths, or no Y)."""
+        zero = xp.zeros((), dtype=dtype)
+        rec = self._unroll(xp, x, init, p_, acts, reverse, valid)
+        rec0 = self._unroll(xp, x0, init0, p_, acts, reverse, valid) if deeplift else None
+        self._gate_slopes(xp, rec, rec0, acts, deeplift)
+        steps = x.shape[1]
+        order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
+        g_gates = None
+        for t in order:
+            m = None if valid is None else valid[:, t:t + 1]
+            if g_y is not None:  # Y is 0 where a row's sequence is over: no multiplier there
+                carry[0] = carry[0] + (g_y[:, :, t, d] if m is None else xp.where(m, g_y[:, :, t, d], zero))
+            prev = t + 1 if reverse else t - 1
+            has_prev = 0 <= prev < steps
+            prev_state = rec[prev]["state"] if has_prev else init
+            prev_state0 = (rec0[prev]["state"] if has_prev else init0) if deeplift else None
+            # a row past its length kept its state: the step sees none of its multipliers,
+            # which pass to the previous state unchanged
+            held = carry
+            if m is not None:
+                carry = [xp.where(m, c, zero) for c in carry]
+            g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
+                                          prev_state, prev_state0, p_, acts, deeplift)
+            if m is not None:
+                carry = [xp.where(m, c, h) for c, h in zip(carry, held)]
+                g_in = xp.where(m, g_in, zero)
+            if g_gates is None:
+                g_gates = xp.zeros((k, p, steps, g_in.shape[-1]), dtype=dtype)
+            g_gates[:, :, t] = g_in
+        return g_gates, carry
+
+    # ---- the batched backward: every forward value at once, one short walk ------------------
+    def _batched(self, p) -> bool:
+        """Whether the node's steps have the batched backward (`_history`, `_factors`,
+        `_step_back_batched`); the others unroll the forward again and walk step by step."""
+        return False
+
+    @staticmethod
+    def _forward_y(ctx, reference, rows, length, d):
+        """The forward's Y of direction d (each step's h), [rows, T, H], or None when the node
+        does not output it."""
+        if not ctx.node.outputs or not ctx.node.outputs[0]:
+            return None
+        y = ctx.y0(0) if reference else ctx.y(0)
+        return None if y is None else y[:rows, :length, d]
+
+    @staticmethod
+    def _projection(xp, x, p):
+        """The input projection of all steps at once: (rows, T, gates*H)."""
+        rows, steps, features = x.shape
+        return (xp.matmul(x.reshape(rows * steps, features), p["Wt"]) + p["Wb"]).reshape(rows, steps, -1)
+
+    def _walk_batched(self, xp, x, x0, ys, ys0, init, init0, carry, g_y, d, p, acts, reverse, deeplift):
+        """The backward from the forward's Y: with every h_{t-1} known, each step's record (gate
+        inputs, activations), Rescale multiplier and product-rule factor is computed for all
+        steps at once over [rows, T, ...]; only the multipliers' own recurrence walks the steps,
+        a few products each. Same rules as `_step_back`, so the same values (up to rounding)."""
+        rec = self._history(xp, x, ys, init, p, acts, reverse)
+        rec0 = self._history(xp, x0, ys0, init0, p, acts, reverse) if deeplift else None
+        for j, key in self.slope_keys:
+            rec["s_" + key] = acts[j].slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
+        factors = self._factors(xp, rec, rec0, deeplift)
+        steps = x.shape[1]
+        order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
+        g_in = [None] * steps
+        for t in order:
+            if g_y is not None:
+                carry = [carry[0] + g_y[:, :, t, d]] + carry[1:]
+            g_in[t], carry = self._step_back_batched(xp, carry, {key: f[:, t] for key, f in factors.items()}, p)
+        return _stack_time(xp, g_in), carry
+
     def _unroll(self, xp, x, init, p, acts, reverse, valid=None):
         """Every step's values, stored at its time index (the reverse direction runs t = T-1..0).
 
@@ -339,9 +427,7 @@ class _Recurrent(Rule):
         state and its Y is 0, as the spec's sequence_lens asks."""
         steps = x.shape[1]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        # the input projection of all steps at once: (rows, T, gates*H)
-        rows, _, features = x.shape
-        proj = (xp.matmul(x.reshape(rows * steps, features), p["Wt"]) + p["Wb"]).reshape(rows, steps, -1)
+        proj = self._projection(xp, x, p)
         record = [None] * steps
         state = init
         for t in order:
@@ -408,44 +494,25 @@ class _Recurrent(Rule):
         g_y = grads[0] if grads else None
         gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
         g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
-        zero = xp.zeros((), dtype=dtype)
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
-            rec = self._unroll(xp, x, init, params[d], acts[d], reverse, valid)
-            rec0 = init0 = None
+            init0 = None
             if deeplift:
                 init0 = [self._state(ctx, i, states0[i], rows0, d, hidden, x.dtype) for i in self.state_inputs]
-                rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse, valid)
-            self._gate_slopes(xp, rec, rec0, acts[d], deeplift)
             # multipliers of the final states (Y_h, Y_c), then of each step's state
             carry = []
             for j, key in enumerate(self.final_keys):
                 g = grads[1 + j] if len(grads) > 1 + j and grads[1 + j] is not None else None
                 carry.append(xp.zeros((k, p, hidden), dtype=dtype) if g is None else g[:, :, d])
+            ys = self._forward_y(ctx, False, p, length, d) if valid is None and self._batched(params[d]) else None
+            ys0 = self._forward_y(ctx, True, rows0, length, d) if deeplift and ys is not None else None
+            if ys is not None and (ys0 is not None or not deeplift):
+                g_gates, carry = self._walk_batched(xp, x, x0, ys, ys0, init, init0, carry, g_y, d, params[d],
+                                                    acts[d], reverse, deeplift)
+            else:
+                g_gates, carry = self._walk_unrolled(xp, x, x0, init, init0, carry, g_y, d, params[d], acts[d],
+                                                     reverse, deeplift, valid, k, p, dtype)
             steps = x.shape[1]
-            order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
-            g_gates = None
-            for t in order:
-                m = None if valid is None else valid[:, t:t + 1]
-                if g_y is not None:  # Y is 0 where a row's sequence is over: no multiplier there
-                    carry[0] = carry[0] + (g_y[:, :, t, d] if m is None else xp.where(m, g_y[:, :, t, d], zero))
-                prev = t + 1 if reverse else t - 1
-                has_prev = 0 <= prev < steps
-                prev_state = rec[prev]["state"] if has_prev else init
-                prev_state0 = (rec0[prev]["state"] if has_prev else init0) if deeplift else None
-                # a row past its length kept its state: the step sees none of its multipliers,
-                # which pass to the previous state unchanged
-                held = carry
-                if m is not None:
-                    carry = [xp.where(m, c, zero) for c in carry]
-                g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
-                                              prev_state, prev_state0, params[d], acts[d], deeplift)
-                if m is not None:
-                    carry = [xp.where(m, c, h) for c, h in zip(carry, held)]
-                    g_in = xp.where(m, g_in, zero)
-                if g_gates is None:
-                    g_gates = xp.zeros((k, p, steps, g_in.shape[-1]), dtype=dtype)
-                g_gates[:, :, t] = g_in
             # the input projection's multipliers, every step in one matmul
             gx[:, :, :length] += xp.matmul(g_gates.reshape(k * p * steps, -1), params[d]["W"]).reshape(
                 k, p, steps, -1)
@@ -479,6 +546,19 @@ class RNN(_Recurrent):
         g_z = g_h * rec["s_z"]
         return g_z, [xp.matmul(g_z, p["R"])]
 
+    def _batched(self, p):
+        return True
+
+    def _history(self, xp, x, ys, init, p, acts, reverse):
+        return self._step(xp, self._projection(xp, x, p), [_shift(xp, ys, init[0], reverse)], p, acts)
+
+    def _factors(self, xp, rec, rec0, deeplift):
+        return {"s": rec["s_z"]}
+
+    def _step_back_batched(self, xp, carry, f, p):
+        g_z = carry[0] * f["s"]
+        return g_z, [xp.matmul(g_z, p["R"])]
+
 
 @builtin_rule("GRU")
 class GRU(_Recurrent):
@@ -496,17 +576,17 @@ class GRU(_Recurrent):
         hidden = h_prev.shape[-1]
         rb = p["Rb"]
         hr = xp.matmul(h_prev, p["Rzr_t"]) + rb[:2 * hidden]
-        zzr = xw[:, :2 * hidden] + hr  # both gates in one elementwise call (same activation)
-        zz, zr = zzr[:, :hidden], zzr[:, hidden:]
+        zzr = xw[..., :2 * hidden] + hr  # both gates in one elementwise call (same activation)
+        zz, zr = zzr[..., :hidden], zzr[..., hidden:]
         gates = acts[0](xp, zzr)
-        z, r = gates[:, :hidden], gates[:, hidden:]
+        z, r = gates[..., :hidden], gates[..., hidden:]
         rht, rbh = p["Rht"], rb[2 * hidden:]
         if p["lbr"]:
             v = xp.matmul(h_prev, rht) + rbh
-            zh = xw[:, 2 * hidden:] + r * v
+            zh = xw[..., 2 * hidden:] + r * v
         else:
             v = r * h_prev
-            zh = xw[:, 2 * hidden:] + xp.matmul(v, rht) + rbh
+            zh = xw[..., 2 * hidden:] + xp.matmul(v, rht) + rbh
         ht = acts[1](xp, zh)
         return {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht,
                 "h": (1 - z) * ht + z * h_prev}
@@ -543,6 +623,31 @@ class GRU(_Recurrent):
         g_zr = g_r * rec["s_zr"]
         g_hprev = g_hprev + xp.matmul(xp.concatenate([g_zz, g_zr], axis=-1), p["R"][:2 * hidden])
         return xp.concatenate([g_zz, g_zr, g_zh], axis=-1), [g_hprev]
+
+    def _batched(self, p):
+        return p["lbr"]  # without it the reset gate multiplies h_{t-1} before R: one more product a step
+
+    def _history(self, xp, x, ys, init, p, acts, reverse):
+        h_prev = _shift(xp, ys, init[0], reverse)
+        rec = self._step(xp, self._projection(xp, x, p), [h_prev], p, acts)
+        rec["h_prev"] = h_prev
+        return rec
+
+    def _factors(self, xp, rec, rec0, deeplift):
+        """`_step_back`'s products folded (linear_before_reset): with g the multiplier of H,
+        [g_zz, g_zr, g_zh] = g * q and g_{H_prev} = g * z + (g * q') R, where q' is q with
+        the reset gate's mean on g_zh (the product rule's factor of R h + Rb_h)."""
+        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
+        k_z = (m("h_prev") - m("ht")) * rec["s_zz"]
+        k_h = (1 - m("z")) * rec["s_zh"]
+        k_r = k_h * m("v") * rec["s_zr"]
+        return {"q": xp.concatenate([k_z, k_r, k_h], axis=-1),
+                "q_prev": xp.concatenate([k_z, k_r, k_h * m("r")], axis=-1), "z": m("z")}
+
+    def _step_back_batched(self, xp, carry, f, p):
+        (g_h,) = carry
+        g3 = xp.concatenate([g_h, g_h, g_h], axis=-1)
+        return g3 * f["q"], [g_h * f["z"] + xp.matmul(g3 * f["q_prev"], p["R"])]
 
 
 @builtin_rule("LSTM")
@@ -609,3 +714,42 @@ class LSTM(_Recurrent):
             g_cprev = g_cprev + g_zi * peep[:hidden] + g_zf * peep[2 * hidden:]
         g_z = xp.concatenate([g_zi, g_zo, g_zf, g_zc], axis=-1)
         return g_z, [xp.matmul(g_z, p["R"]), g_cprev]
+
+    def _batched(self, p):
+        return p["P"] is None  # peepholes put the cell state inside the gates' inputs
+
+    def _history(self, xp, x, ys, init, p, acts, reverse):
+        """Gates of all steps from the forward's h; the cell state C = f C_prev + i c~ is the
+        one recurrence left, two products a step."""
+        h_init, c_init = init
+        hidden = h_init.shape[-1]
+        h_prev = _shift(xp, ys, h_init, reverse)
+        zall = self._projection(xp, x, p) + xp.matmul(h_prev, p["Rt"]) + p["Rb"]
+        gates = acts[0](xp, zall[..., :3 * hidden])
+        i, o, f = gates[..., :hidden], gates[..., hidden:2 * hidden], gates[..., 2 * hidden:]
+        zc = zall[..., 3 * hidden:]
+        cc = acts[1](xp, zc)
+        ic = i * cc
+        steps = x.shape[1]
+        cs, c = [None] * steps, c_init
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            c = f[:, t] * c + ic[:, t]
+            cs[t] = c
+        c = _stack_time(xp, cs)
+        return {"zi": zall[..., :hidden], "zo": zall[..., hidden:2 * hidden], "zf": zall[..., 2 * hidden:3 * hidden],
+                "zc": zc, "i": i, "o": o, "f": f, "cc": cc, "c": c, "c_prev": _shift(xp, c, c_init, reverse),
+                "hc": acts[2](xp, c)}
+
+    def _factors(self, xp, rec, rec0, deeplift):
+        """`_step_back`'s products folded: g_C += g_H * a, then [g_zi, g_zo, g_zf, g_zc] =
+        [g_C, g_H, g_C, g_C] * q and g_{C_prev} = g_C * f."""
+        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
+        q = xp.concatenate([m("cc") * rec["s_zi"], m("hc") * rec["s_zo"], m("c_prev") * rec["s_zf"],
+                            m("i") * rec["s_zc"]], axis=-1)
+        return {"a": m("o") * rec["s_c"], "q": q, "f": m("f")}
+
+    def _step_back_batched(self, xp, carry, f, p):
+        g_h, g_c = carry
+        g_c = g_c + g_h * f["a"]
+        g_z = xp.concatenate([g_c, g_h, g_c, g_c], axis=-1) * f["q"]
+        return g_z, [xp.matmul(g_z, p["R"]), g_c * f["f"]]

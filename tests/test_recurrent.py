@@ -344,3 +344,43 @@ def test_fused_lstm_equals_its_elementary_unrolling():
             kw = {"baselines": refs} if method == "deeplift" else {}
             for g, e in zip(ours.attribute(xs, target=target, **kw), theirs.attribute(xs, target=target, **kw)):
                 np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
+
+
+BATCHED_CASES = {  # nodes whose backward runs batched over time (no peepholes, no per-row lengths)
+    "lstm-reverse-activations": SPEC_CASES["lstm-reverse-activations"],
+    "lstm-bi-clip": dict(op="LSTM", direction="bidirectional", attrs={"clip": 1.2}),
+    "lstm-no-states": SPEC_CASES["lstm-no-states"],
+    "lstm-bi-shared-length": SPEC_CASES["lstm-bi-sequence-lens"],
+    "gru-bi-linear-before-reset": SPEC_CASES["gru-bi-linear-before-reset"],
+    "rnn-bi-elu-affine": SPEC_CASES["rnn-bi-elu-affine"],
+}
+
+
+@pytest.mark.parametrize("case", list(BATCHED_CASES))
+def test_batched_backward_equals_the_step_by_step_walk(case, monkeypatch):
+    """The backward computed for all steps at once from the forward's Y (`_walk_batched`)
+    gives the step-by-step walk's multipliers (`_walk_unrolled`, which it replaces there),
+    up to the rounding of reassociated products."""
+    from liftir.rules.recurrent import _Recurrent
+    m, names = time_major_model(**BATCHED_CASES[case], steps=6)
+    feeds = _feeds(names, m, 4, np.random.default_rng(3))
+    refs = _feeds(names, m, 1, np.random.default_rng(4))
+    xs, bs = tuple(feeds[k] for k in names), tuple(refs[k] for k in names)
+    results = {}
+    for batched in (True, False):
+        with monkeypatch.context() as patch:
+            if batched:  # and it must be the one that runs
+                patch.setattr(_Recurrent, "_walk_unrolled", lambda *a, **k: pytest.fail("_walk_unrolled ran"))
+            else:
+                patch.setattr(_Recurrent, "_walk_batched", lambda *a, **k: pytest.fail("_walk_batched ran"))
+                for cls in _Recurrent.__subclasses__():
+                    patch.setattr(cls, "_batched", lambda self, p: False)
+            for method in ("deeplift", "saliency"):
+                for output, target in (("y", (5, 1)), ("hn", (0, 2))):
+                    ex = liftir.Explainer(m, method, output=output, precision="float64")
+                    kw = {"baselines": bs} if method == "deeplift" else {}
+                    results[batched, method, output] = ex.attribute(xs, target=target, **kw)
+    for (batched, method, output), got in results.items():
+        if batched:
+            for g, e in zip(got, results[False, method, output]):
+                np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14 * np.abs(e).max())
