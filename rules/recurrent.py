@@ -571,7 +571,7 @@ class GRU(_Recurrent):
     final_keys = ("h",)
     slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
 
-    def _step(self, xp, xw, state, p, acts):
+    def _step(self, xp, xw, state, p, acts, with_h=True):
         (h_prev,) = state
         hidden = h_prev.shape[-1]
         rb = p["Rb"]
@@ -588,8 +588,10 @@ class GRU(_Recurrent):
             v = r * h_prev
             zh = xw[..., 2 * hidden:] + xp.matmul(v, rht) + rbh
         ht = acts[1](xp, zh)
-        return {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht,
-                "h": (1 - z) * ht + z * h_prev}
+        rec = {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht}
+        if with_h:  # the batched backward reads H from the forward's Y
+            rec["h"] = (1 - z) * ht + z * h_prev
+        return rec
 
     def _setup(self, ctx, x):
         dirs, params, hidden, acts = super()._setup(ctx, x)
@@ -629,7 +631,7 @@ class GRU(_Recurrent):
 
     def _history(self, xp, x, ys, init, p, acts, reverse):
         h_prev = _shift(xp, ys, init[0], reverse)
-        rec = self._step(xp, self._projection(xp, x, p), [h_prev], p, acts)
+        rec = self._step(xp, self._projection(xp, x, p), [h_prev], p, acts, with_h=False)
         rec["h_prev"] = h_prev
         return rec
 
