@@ -24,7 +24,12 @@ out) or a constant (one length for all, or one per sample of a fixed-batch expor
 DeepLIFT needs each sample's reference to have the sample's own lengths: the steps one pass
 takes and the other skips change the output by an amount no float input's difference
 accounts for, so that case is refused by node name.
-The time loop is inherent; batch rows and hidden units are vectorised.
+The time loop is inherent; batch rows and hidden units are vectorised. The backward reads
+every step's h_{t-1} from the node's Y, so all that depends on forward values only (gate
+inputs, activations, Rescale multipliers, product-rule factors) is computed for all steps
+at once over [rows, T, ...] and only the multipliers' recurrence walks the steps
+(`_walk_batched`); peepholes, per-row lengths, GRU without linear_before_reset and a node
+without Y unroll the forward again and walk step by step (`_walk_unrolled`).
 """
 from __future__ import annotations
 
