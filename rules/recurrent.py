@@ -172,6 +172,8 @@ class _Recurrent(Rule):
     default_acts: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)  # initial_h (and initial_c)
     slope_keys: tuple[tuple[int, str], ...] = ()  # (activation index, recorded gate input)
+    #: the same for the batched backward, where gates of one activation share one call
+    batched_slope_keys: tuple[tuple[int, str], ...] = ()
     #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
     unclipped: tuple[int, ...] = ()
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
@@ -412,7 +414,7 @@ class _Recurrent(Rule):
         a few products each. Same rules as `_step_back`, so the same values (up to rounding)."""
         rec = self._history(xp, x, ys, init, p, acts, reverse)
         rec0 = self._history(xp, x0, ys0, init0, p, acts, reverse) if deeplift else None
-        for j, key in self.slope_keys:
+        for j, key in self.batched_slope_keys or self.slope_keys:
             rec["s_" + key] = acts[j].slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
         factors = self._factors(xp, rec, rec0, deeplift)
         steps = x.shape[1]
@@ -575,6 +577,7 @@ class GRU(_Recurrent):
     state_keys = ("h",)
     final_keys = ("h",)
     slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
+    batched_slope_keys = ((1, "zh"), (0, "zzr"))
 
     def _step(self, xp, xw, state, p, acts, with_h=True):
         (h_prev,) = state
@@ -593,7 +596,7 @@ class GRU(_Recurrent):
             v = r * h_prev
             zh = xw[..., 2 * hidden:] + xp.matmul(v, rht) + rbh
         ht = acts[1](xp, zh)
-        rec = {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht}
+        rec = {"zz": zz, "zr": zr, "zzr": zzr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht}
         if with_h:  # the batched backward reads H from the forward's Y
             rec["h"] = (1 - z) * ht + z * h_prev
         return rec
@@ -645,11 +648,10 @@ class GRU(_Recurrent):
         [g_zz, g_zr, g_zh] = g * q and g_{H_prev} = g * z + (g * q') R, where q' is q with
         the reset gate's mean on g_zh (the product rule's factor of R h + Rb_h)."""
         m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
-        k_z = (m("h_prev") - m("ht")) * rec["s_zz"]
         k_h = (1 - m("z")) * rec["s_zh"]
-        k_r = k_h * m("v") * rec["s_zr"]
-        return {"q": xp.concatenate([k_z, k_r, k_h], axis=-1),
-                "q_prev": xp.concatenate([k_z, k_r, k_h * m("r")], axis=-1), "z": m("z")}
+        k_zr = xp.concatenate([m("h_prev") - m("ht"), k_h * m("v")], axis=-1) * rec["s_zzr"]  # [k_z, k_r]
+        return {"q": xp.concatenate([k_zr, k_h], axis=-1),
+                "q_prev": xp.concatenate([k_zr, k_h * m("r")], axis=-1), "z": m("z")}
 
     def _step_back_batched(self, xp, carry, f, p):
         (g_h,) = carry
@@ -668,6 +670,7 @@ class LSTM(_Recurrent):
     state_keys = ("h", "c")
     final_keys = ("h", "c")
     slope_keys = ((2, "c"), (0, "zo"), (0, "zf"), (0, "zi"), (1, "zc"))
+    batched_slope_keys = ((2, "c"), (0, "ziof"), (1, "zc"))
 
     def _peepholes(self, ctx, d, hidden, dtype):
         p = self._const(ctx, 7, "P", required=False)
@@ -732,7 +735,8 @@ class LSTM(_Recurrent):
         hidden = h_init.shape[-1]
         h_prev = _shift(xp, ys, h_init, reverse)
         zall = self._projection(xp, x, p) + xp.matmul(h_prev, p["Rt"]) + p["Rb"]
-        gates = acts[0](xp, zall[..., :3 * hidden])
+        ziof = zall[..., :3 * hidden]
+        gates = acts[0](xp, ziof)
         i, o, f = gates[..., :hidden], gates[..., hidden:2 * hidden], gates[..., 2 * hidden:]
         zc = zall[..., 3 * hidden:]
         cc = acts[1](xp, zc)
@@ -743,15 +747,14 @@ class LSTM(_Recurrent):
             c = f[:, t] * c + ic[:, t]
             cs[t] = c
         c = _stack_time(xp, cs)
-        return {"zi": zall[..., :hidden], "zo": zall[..., hidden:2 * hidden], "zf": zall[..., 2 * hidden:3 * hidden],
-                "zc": zc, "i": i, "o": o, "f": f, "cc": cc, "c": c, "c_prev": _shift(xp, c, c_init, reverse),
+        return {"ziof": ziof, "zc": zc, "i": i, "o": o, "f": f, "cc": cc, "c": c, "c_prev": _shift(xp, c, c_init, reverse),
                 "hc": acts[2](xp, c)}
 
     def _factors(self, xp, rec, rec0, deeplift):
         """`_step_back`'s products folded: g_C += g_H * a, then [g_zi, g_zo, g_zf, g_zc] =
         [g_C, g_H, g_C, g_C] * q and g_{C_prev} = g_C * f."""
         m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
-        q = xp.concatenate([m("cc") * rec["s_zi"], m("hc") * rec["s_zo"], m("c_prev") * rec["s_zf"],
+        q = xp.concatenate([xp.concatenate([m("cc"), m("hc"), m("c_prev")], axis=-1) * rec["s_ziof"],
                             m("i") * rec["s_zc"]], axis=-1)
         return {"a": m("o") * rec["s_c"], "q": q, "f": m("f")}
 
