@@ -24,7 +24,12 @@ out) or a constant (one length for all, or one per sample of a fixed-batch expor
 DeepLIFT needs each sample's reference to have the sample's own lengths: the steps one pass
 takes and the other skips change the output by an amount no float input's difference
 accounts for, so that case is refused by node name.
-The time loop is inherent; batch rows and hidden units are vectorised.
+The time loop is inherent; batch rows and hidden units are vectorised. The backward reads
+every step's h_{t-1} from the node's Y, so all that depends on forward values only (gate
+inputs, activations, Rescale multipliers, product-rule factors) is computed for all steps
+at once over [rows, T, ...] and only the multipliers' recurrence walks the steps
+(`_walk_batched`); peepholes, per-row lengths, GRU without linear_before_reset and a node
+without Y unroll the forward again and walk step by step (`_walk_unrolled`).
 """
 from __future__ import annotations
 
@@ -140,6 +145,21 @@ def _one_blas_thread(xp):
     return threadpool_limits(1, user_api="blas")
 
 
+def _stack_time(xp, xs):
+    """xs (each [..., n]) stacked as [..., T, n]: one Concat on the last axis and a reshape,
+    where `stack` would add one node per step in a trace."""
+    return xp.concatenate(xs, axis=-1).reshape(tuple(xs[0].shape[:-1]) + (len(xs), xs[0].shape[-1]))
+
+
+def _shift(xp, seq, first, reverse):
+    """Each step's previous state, [rows, T, H]: `first` (the initial state) and then `seq`
+    one step behind, in the direction's own order of time."""
+    first = xp.expand_dims(first, 1)
+    if reverse:
+        return xp.concatenate([seq[:, 1:], first], axis=1)
+    return xp.concatenate([first, seq[:, :-1]], axis=1)
+
+
 def _mean(a, a0, deeplift):
     return (a + a0) * 0.5 if deeplift else a
 
@@ -152,6 +172,8 @@ class _Recurrent(Rule):
     default_acts: tuple[str, ...] = ()
     state_inputs: tuple[int, ...] = (5,)  # initial_h (and initial_c)
     slope_keys: tuple[tuple[int, str], ...] = ()  # (activation index, recorded gate input)
+    #: the same for the batched backward, where gates of one activation share one call
+    batched_slope_keys: tuple[tuple[int, str], ...] = ()
     #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
     unclipped: tuple[int, ...] = ()
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
@@ -307,7 +329,7 @@ class _Recurrent(Rule):
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, s, rows, d, hidden, x.dtype) for i, s in zip(self.state_inputs, states0)]
             record = self._unroll(xp, x[:, :length], init, params[d], acts[d], reverse, valid)
-            ys.append(xp.stack([rec["y"] for rec in record], axis=1))  # time order of the input
+            ys.append(_stack_time(xp, [rec["y"] for rec in record]))  # time order of the input
             finals.append(self._finals(record, reverse))
         y = xp.stack(ys, axis=2)
         if length < x.shape[1]:  # steps past every row's length are zeros
@@ -331,6 +353,79 @@ class _Recurrent(Rule):
     def _finals(self, record, reverse):
         return list((record[0] if reverse else record[-1])["state"])
 
+    def _walk_unrolled(self, xp, x, x0, init, init0, carry, g_y, d, p_, acts, reverse, deeplift, valid, k, p,
+                       dtype):
+        """The backward step by step on the forward unrolled again (per-row lengths, or no Y)."""
+        zero = xp.zeros((), dtype=dtype)
+        rec = self._unroll(xp, x, init, p_, acts, reverse, valid)
+        rec0 = self._unroll(xp, x0, init0, p_, acts, reverse, valid) if deeplift else None
+        self._gate_slopes(xp, rec, rec0, acts, deeplift)
+        steps = x.shape[1]
+        order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
+        g_gates = None
+        for t in order:
+            m = None if valid is None else valid[:, t:t + 1]
+            if g_y is not None:  # Y is 0 where a row's sequence is over: no multiplier there
+                carry[0] = carry[0] + (g_y[:, :, t, d] if m is None else xp.where(m, g_y[:, :, t, d], zero))
+            prev = t + 1 if reverse else t - 1
+            has_prev = 0 <= prev < steps
+            prev_state = rec[prev]["state"] if has_prev else init
+            prev_state0 = (rec0[prev]["state"] if has_prev else init0) if deeplift else None
+            # a row past its length kept its state: the step sees none of its multipliers,
+            # which pass to the previous state unchanged
+            held = carry
+            if m is not None:
+                carry = [xp.where(m, c, zero) for c in carry]
+            g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
+                                          prev_state, prev_state0, p_, acts, deeplift)
+            if m is not None:
+                carry = [xp.where(m, c, h) for c, h in zip(carry, held)]
+                g_in = xp.where(m, g_in, zero)
+            if g_gates is None:
+                g_gates = xp.zeros((k, p, steps, g_in.shape[-1]), dtype=dtype)
+            g_gates[:, :, t] = g_in
+        return g_gates, carry
+
+    # ---- the batched backward: every forward value at once, one short walk ------------------
+    def _batched(self, p) -> bool:
+        """Whether the node's steps have the batched backward (`_history`, `_factors`,
+        `_step_back_batched`); the others unroll the forward again and walk step by step."""
+        return False
+
+    @staticmethod
+    def _forward_y(ctx, reference, rows, length, d):
+        """The forward's Y of direction d (each step's h), [rows, T, H], or None when the node
+        does not output it."""
+        if not ctx.node.outputs or not ctx.node.outputs[0]:
+            return None
+        y = ctx.y0(0) if reference else ctx.y(0)
+        return None if y is None else y[:rows, :length, d]
+
+    @staticmethod
+    def _projection(xp, x, p):
+        """The input projection of all steps at once: (rows, T, gates*H)."""
+        rows, steps, features = x.shape
+        return (xp.matmul(x.reshape(rows * steps, features), p["Wt"]) + p["Wb"]).reshape(rows, steps, -1)
+
+    def _walk_batched(self, xp, x, x0, ys, ys0, init, init0, carry, g_y, d, p, acts, reverse, deeplift):
+        """The backward from the forward's Y: with every h_{t-1} known, each step's record (gate
+        inputs, activations), Rescale multiplier and product-rule factor is computed for all
+        steps at once over [rows, T, ...]; only the multipliers' own recurrence walks the steps,
+        a few products each. Same rules as `_step_back`, so the same values (up to rounding)."""
+        rec = self._history(xp, x, ys, init, p, acts, reverse)
+        rec0 = self._history(xp, x0, ys0, init0, p, acts, reverse) if deeplift else None
+        for j, key in self.batched_slope_keys or self.slope_keys:
+            rec["s_" + key] = acts[j].slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
+        factors = self._factors(xp, rec, rec0, deeplift)
+        steps = x.shape[1]
+        order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
+        g_in = [None] * steps
+        for t in order:
+            if g_y is not None:
+                carry = [carry[0] + g_y[:, :, t, d]] + carry[1:]
+            g_in[t], carry = self._step_back_batched(xp, carry, {key: f[:, t] for key, f in factors.items()}, p)
+        return _stack_time(xp, g_in), carry
+
     def _unroll(self, xp, x, init, p, acts, reverse, valid=None):
         """Every step's values, stored at its time index (the reverse direction runs t = T-1..0).
 
@@ -339,9 +434,7 @@ class _Recurrent(Rule):
         state and its Y is 0, as the spec's sequence_lens asks."""
         steps = x.shape[1]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        # the input projection of all steps at once: (rows, T, gates*H)
-        rows, _, features = x.shape
-        proj = (xp.matmul(x.reshape(rows * steps, features), p["Wt"]) + p["Wb"]).reshape(rows, steps, -1)
+        proj = self._projection(xp, x, p)
         record = [None] * steps
         state = init
         for t in order:
@@ -408,44 +501,25 @@ class _Recurrent(Rule):
         g_y = grads[0] if grads else None
         gx = xp.zeros((k,) + tuple(x_full.shape), dtype=dtype)
         g_states = {i: xp.zeros((k, p, len(dirs), hidden), dtype=dtype) for i in self.state_inputs}
-        zero = xp.zeros((), dtype=dtype)
         for d, reverse in enumerate(dirs):
             init = [self._state(ctx, i, states[i], p, d, hidden, x.dtype) for i in self.state_inputs]
-            rec = self._unroll(xp, x, init, params[d], acts[d], reverse, valid)
-            rec0 = init0 = None
+            init0 = None
             if deeplift:
                 init0 = [self._state(ctx, i, states0[i], rows0, d, hidden, x.dtype) for i in self.state_inputs]
-                rec0 = self._unroll(xp, x0, init0, params[d], acts[d], reverse, valid)
-            self._gate_slopes(xp, rec, rec0, acts[d], deeplift)
             # multipliers of the final states (Y_h, Y_c), then of each step's state
             carry = []
             for j, key in enumerate(self.final_keys):
                 g = grads[1 + j] if len(grads) > 1 + j and grads[1 + j] is not None else None
                 carry.append(xp.zeros((k, p, hidden), dtype=dtype) if g is None else g[:, :, d])
+            ys = self._forward_y(ctx, False, p, length, d) if valid is None and self._batched(params[d]) else None
+            ys0 = self._forward_y(ctx, True, rows0, length, d) if deeplift and ys is not None else None
+            if ys is not None and (ys0 is not None or not deeplift):
+                g_gates, carry = self._walk_batched(xp, x, x0, ys, ys0, init, init0, carry, g_y, d, params[d],
+                                                    acts[d], reverse, deeplift)
+            else:
+                g_gates, carry = self._walk_unrolled(xp, x, x0, init, init0, carry, g_y, d, params[d], acts[d],
+                                                     reverse, deeplift, valid, k, p, dtype)
             steps = x.shape[1]
-            order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
-            g_gates = None
-            for t in order:
-                m = None if valid is None else valid[:, t:t + 1]
-                if g_y is not None:  # Y is 0 where a row's sequence is over: no multiplier there
-                    carry[0] = carry[0] + (g_y[:, :, t, d] if m is None else xp.where(m, g_y[:, :, t, d], zero))
-                prev = t + 1 if reverse else t - 1
-                has_prev = 0 <= prev < steps
-                prev_state = rec[prev]["state"] if has_prev else init
-                prev_state0 = (rec0[prev]["state"] if has_prev else init0) if deeplift else None
-                # a row past its length kept its state: the step sees none of its multipliers,
-                # which pass to the previous state unchanged
-                held = carry
-                if m is not None:
-                    carry = [xp.where(m, c, zero) for c in carry]
-                g_in, carry = self._step_back(xp, carry, rec[t], rec0[t] if deeplift else None,
-                                              prev_state, prev_state0, params[d], acts[d], deeplift)
-                if m is not None:
-                    carry = [xp.where(m, c, h) for c, h in zip(carry, held)]
-                    g_in = xp.where(m, g_in, zero)
-                if g_gates is None:
-                    g_gates = xp.zeros((k, p, steps, g_in.shape[-1]), dtype=dtype)
-                g_gates[:, :, t] = g_in
             # the input projection's multipliers, every step in one matmul
             gx[:, :, :length] += xp.matmul(g_gates.reshape(k * p * steps, -1), params[d]["W"]).reshape(
                 k, p, steps, -1)
@@ -479,6 +553,19 @@ class RNN(_Recurrent):
         g_z = g_h * rec["s_z"]
         return g_z, [xp.matmul(g_z, p["R"])]
 
+    def _batched(self, p):
+        return True
+
+    def _history(self, xp, x, ys, init, p, acts, reverse):
+        return self._step(xp, self._projection(xp, x, p), [_shift(xp, ys, init[0], reverse)], p, acts)
+
+    def _factors(self, xp, rec, rec0, deeplift):
+        return {"s": rec["s_z"]}
+
+    def _step_back_batched(self, xp, carry, f, p):
+        g_z = carry[0] * f["s"]
+        return g_z, [xp.matmul(g_z, p["R"])]
+
 
 @builtin_rule("GRU")
 class GRU(_Recurrent):
@@ -490,26 +577,29 @@ class GRU(_Recurrent):
     state_keys = ("h",)
     final_keys = ("h",)
     slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
+    batched_slope_keys = ((1, "zh"), (0, "zzr"))
 
-    def _step(self, xp, xw, state, p, acts):
+    def _step(self, xp, xw, state, p, acts, with_h=True):
         (h_prev,) = state
         hidden = h_prev.shape[-1]
         rb = p["Rb"]
         hr = xp.matmul(h_prev, p["Rzr_t"]) + rb[:2 * hidden]
-        zzr = xw[:, :2 * hidden] + hr  # both gates in one elementwise call (same activation)
-        zz, zr = zzr[:, :hidden], zzr[:, hidden:]
+        zzr = xw[..., :2 * hidden] + hr  # both gates in one elementwise call (same activation)
+        zz, zr = zzr[..., :hidden], zzr[..., hidden:]
         gates = acts[0](xp, zzr)
-        z, r = gates[:, :hidden], gates[:, hidden:]
+        z, r = gates[..., :hidden], gates[..., hidden:]
         rht, rbh = p["Rht"], rb[2 * hidden:]
         if p["lbr"]:
             v = xp.matmul(h_prev, rht) + rbh
-            zh = xw[:, 2 * hidden:] + r * v
+            zh = xw[..., 2 * hidden:] + r * v
         else:
             v = r * h_prev
-            zh = xw[:, 2 * hidden:] + xp.matmul(v, rht) + rbh
+            zh = xw[..., 2 * hidden:] + xp.matmul(v, rht) + rbh
         ht = acts[1](xp, zh)
-        return {"zz": zz, "zr": zr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht,
-                "h": (1 - z) * ht + z * h_prev}
+        rec = {"zz": zz, "zr": zr, "zzr": zzr, "z": z, "r": r, "v": v, "zh": zh, "ht": ht}
+        if with_h:  # the batched backward reads H from the forward's Y
+            rec["h"] = (1 - z) * ht + z * h_prev
+        return rec
 
     def _setup(self, ctx, x):
         dirs, params, hidden, acts = super()._setup(ctx, x)
@@ -544,6 +634,30 @@ class GRU(_Recurrent):
         g_hprev = g_hprev + xp.matmul(xp.concatenate([g_zz, g_zr], axis=-1), p["R"][:2 * hidden])
         return xp.concatenate([g_zz, g_zr, g_zh], axis=-1), [g_hprev]
 
+    def _batched(self, p):
+        return p["lbr"]  # without it the reset gate multiplies h_{t-1} before R: one more product a step
+
+    def _history(self, xp, x, ys, init, p, acts, reverse):
+        h_prev = _shift(xp, ys, init[0], reverse)
+        rec = self._step(xp, self._projection(xp, x, p), [h_prev], p, acts, with_h=False)
+        rec["h_prev"] = h_prev
+        return rec
+
+    def _factors(self, xp, rec, rec0, deeplift):
+        """`_step_back`'s products folded (linear_before_reset): with g the multiplier of H,
+        [g_zz, g_zr, g_zh] = g * q and g_{H_prev} = g * z + (g * q') R, where q' is q with
+        the reset gate's mean on g_zh (the product rule's factor of R h + Rb_h)."""
+        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
+        k_h = (1 - m("z")) * rec["s_zh"]
+        k_zr = xp.concatenate([m("h_prev") - m("ht"), k_h * m("v")], axis=-1) * rec["s_zzr"]  # [k_z, k_r]
+        return {"q": xp.concatenate([k_zr, k_h], axis=-1),
+                "q_prev": xp.concatenate([k_zr, k_h * m("r")], axis=-1), "z": m("z")}
+
+    def _step_back_batched(self, xp, carry, f, p):
+        (g_h,) = carry
+        g3 = xp.concatenate([g_h, g_h, g_h], axis=-1)
+        return g3 * f["q"], [g_h * f["z"] + xp.matmul(g3 * f["q_prev"], p["R"])]
+
 
 @builtin_rule("LSTM")
 class LSTM(_Recurrent):
@@ -556,6 +670,7 @@ class LSTM(_Recurrent):
     state_keys = ("h", "c")
     final_keys = ("h", "c")
     slope_keys = ((2, "c"), (0, "zo"), (0, "zf"), (0, "zi"), (1, "zc"))
+    batched_slope_keys = ((2, "c"), (0, "ziof"), (1, "zc"))
 
     def _peepholes(self, ctx, d, hidden, dtype):
         p = self._const(ctx, 7, "P", required=False)
@@ -609,3 +724,42 @@ class LSTM(_Recurrent):
             g_cprev = g_cprev + g_zi * peep[:hidden] + g_zf * peep[2 * hidden:]
         g_z = xp.concatenate([g_zi, g_zo, g_zf, g_zc], axis=-1)
         return g_z, [xp.matmul(g_z, p["R"]), g_cprev]
+
+    def _batched(self, p):
+        return p["P"] is None  # peepholes put the cell state inside the gates' inputs
+
+    def _history(self, xp, x, ys, init, p, acts, reverse):
+        """Gates of all steps from the forward's h; the cell state C = f C_prev + i c~ is the
+        one recurrence left, two products a step."""
+        h_init, c_init = init
+        hidden = h_init.shape[-1]
+        h_prev = _shift(xp, ys, h_init, reverse)
+        zall = self._projection(xp, x, p) + xp.matmul(h_prev, p["Rt"]) + p["Rb"]
+        ziof = zall[..., :3 * hidden]
+        gates = acts[0](xp, ziof)
+        i, o, f = gates[..., :hidden], gates[..., hidden:2 * hidden], gates[..., 2 * hidden:]
+        zc = zall[..., 3 * hidden:]
+        cc = acts[1](xp, zc)
+        ic = i * cc
+        steps = x.shape[1]
+        cs, c = [None] * steps, c_init
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            c = f[:, t] * c + ic[:, t]
+            cs[t] = c
+        c = _stack_time(xp, cs)
+        return {"ziof": ziof, "zc": zc, "i": i, "o": o, "f": f, "cc": cc, "c": c, "c_prev": _shift(xp, c, c_init, reverse),
+                "hc": acts[2](xp, c)}
+
+    def _factors(self, xp, rec, rec0, deeplift):
+        """`_step_back`'s products folded: g_C += g_H * a, then [g_zi, g_zo, g_zf, g_zc] =
+        [g_C, g_H, g_C, g_C] * q and g_{C_prev} = g_C * f."""
+        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
+        q = xp.concatenate([xp.concatenate([m("cc"), m("hc"), m("c_prev")], axis=-1) * rec["s_ziof"],
+                            m("i") * rec["s_zc"]], axis=-1)
+        return {"a": m("o") * rec["s_c"], "q": q, "f": m("f")}
+
+    def _step_back_batched(self, xp, carry, f, p):
+        g_h, g_c = carry
+        g_c = g_c + g_h * f["a"]
+        g_z = xp.concatenate([g_c, g_h, g_c, g_c], axis=-1) * f["q"]
+        return g_z, [xp.matmul(g_z, p["R"]), g_c * f["f"]]

@@ -344,3 +344,69 @@ def test_fused_lstm_equals_its_elementary_unrolling():
             kw = {"baselines": refs} if method == "deeplift" else {}
             for g, e in zip(ours.attribute(xs, target=target, **kw), theirs.attribute(xs, target=target, **kw)):
                 np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
+
+
+BATCHED_CASES = {  # nodes whose backward runs batched over time (no peepholes, no per-row lengths)
+    "lstm-reverse-activations": SPEC_CASES["lstm-reverse-activations"],
+    "lstm-bi-clip": dict(op="LSTM", direction="bidirectional", attrs={"clip": 1.2}),
+    "lstm-no-states": SPEC_CASES["lstm-no-states"],
+    "lstm-bi-shared-length": SPEC_CASES["lstm-bi-sequence-lens"],
+    "gru-bi-linear-before-reset": SPEC_CASES["gru-bi-linear-before-reset"],
+    "rnn-bi-elu-affine": SPEC_CASES["rnn-bi-elu-affine"],
+}
+
+
+@pytest.mark.parametrize("case", list(BATCHED_CASES))
+def test_batched_backward_equals_the_step_by_step_walk(case, monkeypatch):
+    """The backward computed for all steps at once from the forward's Y (`_walk_batched`)
+    gives the step-by-step walk's multipliers (`_walk_unrolled`, which it replaces there),
+    up to the rounding of reassociated products."""
+    from liftir.rules.recurrent import _Recurrent
+    m, names = time_major_model(**BATCHED_CASES[case], steps=6)
+    feeds = _feeds(names, m, 4, np.random.default_rng(3))
+    refs = _feeds(names, m, 1, np.random.default_rng(4))
+    xs, bs = tuple(feeds[k] for k in names), tuple(refs[k] for k in names)
+    results = {}
+    for batched in (True, False):
+        with monkeypatch.context() as patch:
+            if batched:  # and it must be the one that runs
+                patch.setattr(_Recurrent, "_walk_unrolled", lambda *a, **k: pytest.fail("_walk_unrolled ran"))
+            else:
+                patch.setattr(_Recurrent, "_walk_batched", lambda *a, **k: pytest.fail("_walk_batched ran"))
+                for cls in _Recurrent.__subclasses__():
+                    patch.setattr(cls, "_batched", lambda self, p: False)
+            for method in ("deeplift", "saliency"):
+                for output, target in (("y", (5, 1)), ("hn", (0, 2))):
+                    ex = liftir.Explainer(m, method, output=output, precision="float64")
+                    kw = {"baselines": bs} if method == "deeplift" else {}
+                    results[batched, method, output] = ex.attribute(xs, target=target, **kw)
+    for (batched, method, output), got in results.items():
+        if batched:
+            for g, e in zip(got, results[False, method, output]):
+                np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14 * np.abs(e).max())
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_node_without_y_walks_step_by_step(op):
+    """A node that outputs only Y_h has no Y to read h_{t-1} from: the backward unrolls the
+    forward again; it conserves (float64) and compiles to the interpreter's values."""
+    m, names = time_major_model(op=op, direction="bidirectional", layout=1, steps=5,
+                                attrs={"linear_before_reset": 1} if op == "GRU" else None)
+    graph = m.graph
+    next(n for n in graph.node if n.op_type == op).output[0] = ""
+    nodes, outputs = [n for n in graph.node if "Y" not in n.input], [o for o in graph.output if o.name == "hn"]
+    del graph.node[:], graph.output[:]
+    graph.node.extend(nodes)
+    graph.output.extend(outputs)
+    feeds = _feeds(names, m, 3, np.random.default_rng(1))
+    refs = _feeds(names, m, 1, np.random.default_rng(2))
+    xs, bs = tuple(feeds[k] for k in names), tuple(refs[k] for k in names)
+    ex64 = liftir.Explainer(m, "deeplift", output="hn", precision="float64")
+    attr, delta = ex64.attribute(xs, baselines=bs, target=(0, 2), return_convergence_delta=True)
+    assert np.abs(delta).max() <= 1e-9 * max(1.0, max(np.abs(a).max() for a in attr))
+    xs32, bs32 = tuple(a.astype(np.float32) for a in xs), tuple(a.astype(np.float32) for a in bs)
+    interp = liftir.Explainer(m, "deeplift", output="hn").attribute(xs32, baselines=bs32, target=(0, 2))
+    compiled = liftir.Explainer(m, "deeplift", output="hn", engine="compiled").attribute(xs32, baselines=bs32,
+                                                                                       target=(0, 2))
+    for c, i in zip(compiled, interp):
+        np.testing.assert_allclose(c, i, rtol=0, atol=1e-6 * np.abs(i).max())
