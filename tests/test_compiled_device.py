@@ -86,11 +86,16 @@ def test_a_non_numpy_array_module_runs_the_compiled_pass_through_io_binding(meth
     x = rng.standard_normal((3, 2, 10, 10)).astype(np.float32)
     x0 = rng.standard_normal((4 if method == "deeplift_shap" else 1, 2, 10, 10)).astype(np.float32) * 0.1
     kw = {"n_steps": 6} if method == "integrated_gradients" else {}
+    if method.startswith("deeplift"):
+        kw["return_convergence_delta"] = True
     want = liftir.Explainer(_net(), method, engine="compiled").attribute(x, baselines=x0, target=2, **kw)
     ex = liftir.Explainer(_net(), method, engine="compiled")
     ex.xp = subset_module()
     got = ex.attribute(x, baselines=x0, target=2, **kw)
     assert ex._compiled.passes and all(p is not None and p.runner is not None for p in ex._compiled.passes.values())
+    if method.startswith("deeplift"):
+        (got, delta), (want, _) = got, want
+        assert np.abs(delta).max() <= 1e-5 * max(1.0, float(np.abs(got).sum(axis=(1, 2, 3)).max()))
     np.testing.assert_array_equal(got, want)
 
 
