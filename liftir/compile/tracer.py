@@ -938,15 +938,9 @@ def _expm1(x: Traced) -> Traced:
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
     rec = x.rec
     if x.dtype.itemsize <= 4:
-        low = rec.const(np.asarray(-20.0, x.dtype))
-        z = Traced(rec, rec.node("Clip", [x.ref, low]), x.shape, x.dtype)
-        u = _unary("Exp", z)
-        # where u == 1 (log u = 0): z, as 0/1 arithmetic (a full-size Where costs ~3 Muls):
-        # (u - 1 + one) z / (log u + one); log u capped at 89 (log of the largest float32 is
-        # 88.7) so that an overflowed u = inf gives inf, not inf * 0
-        one = _as_dtype(u == 1, x.dtype)
-        log_u = minimum(_unary("Log", u), np.asarray(89.0, x.dtype)) + one
-        return (u - 1 + one) * (z / log_u)
+        z, u, one, log_u = _kahan_parts(x)
+        # where u == 1 (log u = 0): z, as 0/1 arithmetic (a full-size Where costs ~3 Muls)
+        return (u - 1 + one) * (z / (log_u + one))
     terms = 18  # truncated after z^18/18!: 0.5^18 / 19! ~ 3e-23 relative
     small = abs(x) < 0.5
     # z = x where |x| < 1/2 and finite elsewhere (NaN stays NaN), so that the blend below is
@@ -995,6 +989,18 @@ def _logaddexp(a, b) -> Traced:
     return _as_dtype(out, dtype)
 
 
+def _kahan_parts(x: Traced):
+    """The pieces of Kahan's expm1 / exprel for a large float32 array: z = x clipped below at
+    -20 (expm1 is -1 there in float32; the log of an underflowed e^z would be -inf), u = e^z,
+    one = 1{u == 1} (where log u = 0) and log u capped at 89 (the log of the largest float32 is
+    88.7), so that an overflowed u = inf gives inf, not inf * 0."""
+    rec = x.rec
+    z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-20.0, x.dtype))]), x.shape, x.dtype)
+    u = _unary("Exp", z)
+    one = _as_dtype(u == 1, x.dtype)
+    return z, u, one, minimum(_unary("Log", u), np.asarray(89.0, x.dtype))
+
+
 def exprel(x, out=None):
     """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays:
     Kahan's quotient without the product by x and the division by it, and no fill at 0
@@ -1003,13 +1009,9 @@ def exprel(x, out=None):
     log u = z). Otherwise expm1(x) / x, 1 where x == 0."""
     if not isinstance(x, Traced):
         raise TraceError("exprel of a NumPy value in a trace")
-    rec = x.rec
     if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL:
-        z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-20.0, x.dtype))]), x.shape, x.dtype)
-        u = _unary("Exp", z)
-        one = _as_dtype(u == 1, x.dtype)
-        log_u = minimum(_unary("Log", u), np.asarray(89.0, x.dtype)) + (x - z) + one
-        result = (u - 1 + one) / log_u
+        z, u, one, log_u = _kahan_parts(x)
+        result = (u - 1 + one) / (log_u + (x - z) + one)
     else:
         result = where(x == 0, 1.0, _expm1(x) / x)
     if out is not None:
