@@ -124,7 +124,6 @@ class Row:
 
 
 _models: dict = {}
-_exports: dict = {}
 _rows: dict = {}
 
 
@@ -139,49 +138,15 @@ def _model(name):
 
 
 def exported(name, how):
-    """One export per (architecture, exporter) per session."""
+    """One export per (architecture, exporter) per session (tests/export_cache.py)."""
     import zoo_transformers as zt
+    from export_cache import export_once
     arch = ARCHS[name]
     if arch.zoo is zt:
         return zt.exported(name, how)[1]
-    if (name, how) not in _exports:
-        path = _cache_path(name, how)
-        if path is not None and path.exists():
-            _exports[name, how] = onnx.load(str(path))
-        else:
-            _exports[name, how] = zt.export(_model(name), arch.zoo.MODELS[name], how)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                onnx.save(_exports[name, how], str(path))
-    return _exports[name, how]
-
-
-CACHE_DIR: list = []  # pytest's cache directory for exports, set by the fixture below
-
-
-def _cache_path(name, how):
-    """Where an export of the zoo's own models is kept between runs (pytest's cache), keyed
-    by everything that determines it: the model code, its size arguments, the exporter
-    and the torch / onnx versions. None without a cache (``-p no:cacheprovider``)."""
-    if not CACHE_DIR:
-        return None
-    import hashlib
-    import torch
-    zoo_file = ROOT / "tests" / f"{ARCHS[name].zoo.__name__}.py"
-    if ARCHS[name].source == "liftir zoo":
-        zoo_file = ROOT / "tests" / "zoo.py"
-    key = hashlib.sha256("|".join([zoo_file.read_text(), name, how, repr(SMALL.get(name)), torch.__version__,
-                                   onnx.__version__]).encode()).hexdigest()[:20]
-    return CACHE_DIR[0] / f"{name}-{how}-{key}.onnx"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _export_cache(request):
-    cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        CACHE_DIR.append(Path(cache.mkdir("liftir-zoo-exports")))
-    yield
-    CACHE_DIR.clear()
+    module = "zoo" if arch.source == "liftir zoo" else arch.zoo.__name__
+    return export_once(module, name, how, lambda: zt.export(_model(name), arch.zoo.MODELS[name], how),
+                       sizes=SMALL.get(name))
 
 
 def _rel(a, b):

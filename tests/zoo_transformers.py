@@ -325,9 +325,11 @@ _EXPORTED: dict = {}
 
 
 def exported(name: str, how: str):
-    """(model, export) of a zoo model, built and exported once per test session: the
-    exports (dynamo's above all, seconds each) are shared by every test module."""
+    """(model, export) of a zoo model, built once per process and exported once per test
+    session: the exports (dynamo's above all, seconds each) are shared by every test module
+    and worker (tests/export_cache.py)."""
     if (name, how) not in _EXPORTED:
+        from export_cache import export_once
         model = build(name)
-        _EXPORTED[name, how] = (model, export(model, MODELS[name], how))
+        _EXPORTED[name, how] = (model, export_once(__name__, name, how, lambda: export(model, MODELS[name], how)))
     return _EXPORTED[name, how]
