@@ -66,11 +66,21 @@ def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
     where every |dx_j| < 1, the difference of the two LSEs beyond. `scratch`: a temporary
     of dx's shape and dtype it may overwrite."""
     near = xp.abs(dx, out=scratch).max(axis=axis, keepdims=True) < 1
+    # no near row (common: a blank or shuffled reference moves attention scores by more than
+    # 1): the full-size expm1 would only be discarded (in a compiled pass 11 of a softmax's
+    # ~55 full-size passes: onnxruntime has no Expm1)
+    return branch(xp, ~near.any(), lambda far, *_: far,
+                  lambda far, near, dx, p0, scratch: _near_rows_lse_difference(xp, far, near, dx, p0, scratch, axis),
+                  lse - lse0, near, dx, p0, scratch)
+
+
+def _near_rows_lse_difference(xp, far, near, dx, p0, scratch, axis):
+    """`_lse_difference` where some row is near: log1p(sum_j p0_j expm1(dx_j)) there."""
     with np.errstate(over="ignore", invalid="ignore"):  # a far row's expm1 may overflow: not used
         terms = xp.expm1(dx, out=scratch)
         terms *= p0
         small = xp.log1p(terms.sum(axis=axis, keepdims=True))
-    return xp.where(near, small, lse - lse0)
+    return xp.where(near, small, far)
 
 
 def _exp_rescale(xp, dz, p, p0, out):
