@@ -10,12 +10,16 @@
   each); the suite makes dozens of exports. Each export still gets its own copy of the
   table, so nothing an export registers leaks into the next, and the exports are exactly
   what a user's ``torch.onnx.export`` writes.
+- **The zoo exports, made once for all workers** (tests/export_cache.py), in pytest's cache
+  directory.
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -27,6 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_variable, "1")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the suite also runs without it
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: the cores this process may use (the Slurm / taskset share), capped."""
     from liftir.threads import cpu_threads
