@@ -3,9 +3,10 @@
 A dynamo export takes seconds and several test modules explain the same (model, exporter)
 pair; on pytest-xdist they may run in different worker processes. Each export is kept in
 pytest's cache directory (``.pytest_cache/d/liftir-exports``), keyed by everything that
-determines it: the source of the zoo module and of the exporters' options, the model's name and size arguments, the exporter,
-and the versions of torch, onnx, onnxscript, timm and transformers. A clean clone (CI)
-exports each pair once per run; a rerun on the same machine reuses them. Without pytest's
+determines it: the source of the zoo module, of the exporters' options and of the
+torchvision stand-in, the model's name and size arguments, the exporter, and the versions
+of torch, onnx, onnxscript, timm and transformers. A clean clone (CI) exports each pair
+once per run; a rerun on the same machine reuses them. Without pytest's
 cache (``-p no:cacheprovider``) each process keeps its exports in memory only.
 
 Files are written atomically (a temporary name, then a rename), so two workers exporting
@@ -27,8 +28,8 @@ TESTS = Path(__file__).resolve().parent
 #: set by tests/conftest.py from pytest's cache; None keeps exports in memory only
 DIRECTORY: Path | None = None
 
-#: the module whose export() sets the exporters' options, part of every key
-EXPORTER = "zoo_transformers"
+#: modules part of every key: export() and its options, and the torchvision stand-in timm builds on
+SHARED = ("zoo_transformers", "vision_shim")
 
 _MEMORY: dict = {}
 _VERSIONED = ("torch", "onnx", "onnxscript", "timm", "transformers")
@@ -47,7 +48,7 @@ def _versions() -> str:
 def _path(zoo_module: str, name: str, how: str, sizes) -> Path | None:
     if DIRECTORY is None:
         return None
-    source = "".join((TESTS / f"{module}.py").read_text() for module in sorted({zoo_module, EXPORTER}))
+    source = "".join((TESTS / f"{module}.py").read_text() for module in sorted({zoo_module, *SHARED}))
     key = hashlib.sha256("|".join([source, name, how, repr(sizes), _versions()]).encode()).hexdigest()[:20]
     return DIRECTORY / f"{name}-{how}-{key}.onnx"
 
