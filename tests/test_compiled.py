@@ -232,6 +232,28 @@ def test_one_compiled_pass_serves_every_target_of_a_batch_shape():
     _assert_same((ref.attribute(x, target="all"), None), (ex.attribute(x, target="all"), None))
 
 
+def test_compiled_nodes_are_named_after_the_model_node_whose_rule_emitted_them():
+    """So that onnxruntime's profile of a compiled pass reads per rule
+    (benchmarks/profile_compiled.py): every backward node, branches included, carries
+    "<model node> (<op>) backward/", and every model node's backward is among them."""
+    rng = np.random.default_rng(3)
+    m, shape = _random_net(rng)
+    ex = liftir.Explainer(m, "deeplift", engine="compiled")
+    ex.attribute(rng.standard_normal((2,) + shape).astype(np.float32), target=1)
+    (compiled,) = ex._compiled.passes.values()
+
+    def names(graph):
+        for node in graph.node:
+            yield node.name
+            for attr in node.attribute:
+                if attr.type == attr.GRAPH:
+                    yield from names(attr.g)
+    scopes = {name.rsplit("/", 1)[0] for name in names(compiled.model.graph) if " backward/" in name}
+    wanted = {f"liftir/{node.name} ({node.op_type}) backward" for node in ex.graph.nodes.values()}
+    assert scopes <= wanted
+    assert len(scopes) >= len(wanted) - 1  # the model's first node may have no input to propagate to
+
+
 # ---- what does not compile runs on the interpreter, and says so ----------------------------
 def test_an_untraceable_rule_falls_back_to_the_interpreter_with_the_node_named(caplog):
     """A recurrent node whose sequence_lens is a model input: the rule reads the lengths as

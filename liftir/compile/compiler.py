@@ -127,8 +127,9 @@ def _listing(failures: list[str]) -> str:
 def _recording_failures(rec: Recorder, failures: list[str], inner=None):
     """A node_backward (around `inner`, default the rule's own backward) that notes a rule's
     TraceError by node and goes on with zero multipliers, so that one compile attempt lists
-    every node that does not compile."""
+    every node that does not compile. The nodes a rule emits are named after its model node."""
     def node_backward(rule, ctx, grad_outs):
+        rec.scope = f"{ctx.node.name} ({ctx.node.op_type}) backward/"
         try:
             return rule.backward(ctx, *grad_outs) if inner is None else inner(rule, ctx, grad_outs)
         except TraceError as exc:
@@ -138,6 +139,8 @@ def _recording_failures(rec: Recorder, failures: list[str], inner=None):
             return tuple(None if not name or ctx.is_const(i) else
                          tracer.zeros((k,) + ctx.input_shape(i), np.float32)
                          for i, name in enumerate(node.inputs))
+        finally:
+            rec.scope = ""
     return node_backward
 
 

@@ -63,6 +63,9 @@ class Recorder:
         self.nodes: list = []
         self.initializers: list = []
         self.prefix = prefix
+        #: prefixed to the names of the nodes being recorded: the model node whose rule emits
+        #: them (`compiler`), so that onnxruntime's profile of a compiled pass reads per rule
+        self.scope = ""
         self._count = itertools.count()
         self._consts: dict[tuple, str] = {}
         self._keep: list = []  # arrays whose id() keys _consts stay alive
@@ -91,7 +94,8 @@ class Recorder:
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs):
         outs = [self.fresh() for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh("n"), domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(self.scope + "n"), domain=domain,
+                                           **attrs))
         self.ops.append(op)
         return outs[0] if n_out == 1 else outs
 
