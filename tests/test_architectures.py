@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
