@@ -239,7 +239,10 @@ def test_compiled_nodes_are_named_after_the_model_node_whose_rule_emitted_them()
     rng = np.random.default_rng(3)
     m, shape = _random_net(rng)
     ex = liftir.Explainer(m, "deeplift", engine="compiled")
-    ex.attribute(rng.standard_normal((2,) + shape).astype(np.float32), target=1)
+    x = rng.standard_normal((2,) + shape).astype(np.float32)
+    x0 = 0.5 * rng.standard_normal((1,) + shape).astype(np.float32)
+    _, delta = ex.attribute(x, baselines=x0, target=1, return_convergence_delta=True)
+    _assert_conserves(ex, x, x0, delta)  # renaming changed nothing the pass computes
     (compiled,) = ex._compiled.passes.values()
 
     def names(graph):
