@@ -50,13 +50,14 @@ def model_and_inputs(name: str):
     return proto, feeds, {n: b.numpy() for n, b in zip(names, baselines)}
 
 
-def profile(name: str, repeats: int, target: int = 1) -> collections.Counter:
+def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift",
+            **options) -> collections.Counter:
     """Kernel ms per run of the compiled pass, by (rule, op type)."""
     import liftir
     import onnxruntime as ort
     proto, x, x0 = model_and_inputs(name)
-    ex = liftir.Explainer(proto, "deeplift", engine="compiled")
-    ex.attribute(x, baselines=x0, target=target)
+    ex = liftir.Explainer(proto, method, engine="compiled")
+    ex.attribute(x, baselines=x0, target=target, **options)
     passes = [p for p in ex._compiled.passes.values() if p is not None]
     if len(passes) != 1:
         raise SystemExit(f"{name}: expected one compiled pass, got {len(passes)} (see the log for why)")
@@ -69,7 +70,7 @@ def profile(name: str, repeats: int, target: int = 1) -> collections.Counter:
         return run(outputs, feeds, *args, **kwargs)
 
     compiled.session.run = spy
-    ex.attribute(x, baselines=x0, target=target)
+    ex.attribute(x, baselines=x0, target=target, **options)
     compiled.session.run = run
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(os.environ.get("LIFTIR_NUM_THREADS", "1"))
@@ -106,10 +107,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--ops-of", type=int, default=0, metavar="K", help="also the ops inside the K costliest rules")
+    p.add_argument("--method", default="deeplift", help="any liftir method (default deeplift)")
+    p.add_argument("--steps", type=int, default=None, help="n_steps, for integrated_gradients")
     args = p.parse_args(argv)
     os.environ.setdefault("LIFTIR_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
-    by_rule_op = profile(args.model, args.repeats)
+    options = {} if args.steps is None else {"n_steps": args.steps}
+    by_rule_op = profile(args.model, args.repeats, method=args.method, **options)
     by_rule, by_op, families = collections.Counter(), collections.Counter(), collections.Counter()
     for (rule, op), ms in by_rule_op.items():
         by_rule[rule] += ms
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
         found = re.search(r"\((\w+)\) backward$", rule)
         families[f"{found.group(1)} backward" if found else rule.split(":")[0]] += ms
     total = sum(by_op.values())
-    print(f"{args.model}: compiled DeepLIFT pass, {total:.1f} ms per run in onnxruntime kernels "
+    print(f"{args.model}: compiled {args.method} pass, {total:.1f} ms per run in onnxruntime kernels "
           f"({os.environ['LIFTIR_NUM_THREADS']} thread(s), mean of {args.repeats + 1} runs; the profiler "
           f"adds a per-node cost, so read the shares rather than the times)\n")
     for title, counter in (("by rule family", families), ("by model node", by_rule), ("by ONNX op", by_op)):

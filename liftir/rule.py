@@ -393,11 +393,12 @@ def fill_where(xp, out, mask, fn, *args):
     return out
 
 
-def exprel(xp, x, out=None):
+def exprel(xp, x, out=None, bounded=False):
     """(e^x - 1) / x, and 1 at x = 0 (its limit), without cancellation; into `out` if given.
-    A trace writes it as one expression with no fill at 0 (tracer.exprel)."""
+    A trace writes it as one expression with no fill at 0 (tracer.exprel); `bounded` promises
+    |x| <= 20 (e^x neither overflows nor underflows), which spares the trace its guards."""
     if is_tracer(xp):
-        return xp.exprel(x, out=out)
+        return xp.exprel(x, out=out, bounded=bounded)
     r = xp.expm1(x, out=out)
     with np.errstate(divide="ignore", invalid="ignore"):
         r /= x

@@ -14,7 +14,7 @@ import numpy as np
 from liftir.kernels.parallel import over_rows
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import (Elementwise, RuleError, blend, difference, fill_where, is_traced, is_tracer,
+from liftir.rule import (Elementwise, RuleError, blend, difference, exprel, fill_where, is_tracer,
                          rescale_multiplier, scale_rows, select, sinhc)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -147,29 +147,37 @@ def _logistic_rescale(xp, x, x0, scale, f):
     dx = difference(xp, x, x0)
     s, _ = _sigmoid_pair(xp, x * scale if scale != 1 else x)
     s0, t0 = _sigmoid_pair(xp, x0 * scale if scale != 1 else x0, both=True)
-    still = dx == 0
     if is_tracer(xp):
-        # onnxruntime's Where costs 10-20x a Mul: both branches made finite everywhere and
-        # blended (rule.blend). near's dx is clipped to [-1, 1], where its own elements lie,
-        # and both quotients are over 1 where dx == 0 (filled below): the same values
-        unit = still.astype(dx.dtype)
-        inner = xp.minimum(xp.maximum(dx, -1), 1)
-        near = xp.expm1(inner * -scale) / (inner + unit) * (t0 * -scale) * s
-        far = (s - s0 if f is None else f(x) - f(x0)) / (dx + unit)
-        m = blend(xp, abs(dx) >= 1, far, near)
-    else:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # far elements: not used
-            near = dx * -scale
-            near = xp.expm1(near, out=near)
-            near /= dx
-            near *= t0 * -scale
-            near *= s
-            far = s - s0 if f is None else f(x) - f(x0)  # sigmoid: the same values f gives
-            far /= dx
-        m = xp.where(abs(dx) >= 1, far, near)
+        difference_of_values = (lambda: s - s0) if f is None else (lambda: f(x) - f(x0))
+        return _logistic_rescale_traced(xp, dx, s, s0, t0, scale, difference_of_values)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # far elements: not used
+        near = dx * -scale
+        near = xp.expm1(near, out=near)
+        near /= dx
+        near *= t0 * -scale
+        near *= s
+        far = s - s0 if f is None else f(x) - f(x0)  # sigmoid: the same values f gives
+        far /= dx
+    m = xp.where(abs(dx) >= 1, far, near)
+    still = dx == 0
     if bool(still.any()):
         fill_where(xp, m, still, lambda a, b: a * b * (scale * scale), s, t0)
     return m.astype(x.dtype, copy=False)
+
+
+def _logistic_rescale_traced(xp, dx, s, s0, t0, scale, value_difference):
+    """`_logistic_rescale`'s multiplier in a trace. onnxruntime's Where costs 10-20x a Mul, so
+    both branches are made finite everywhere and blended (as rule.blend does). near's dx is
+    clipped to [-1, 1], where its own elements lie, and its expm1(-scale dx) / dx is written
+    -scale exprel(-scale dx), which is 1 at dx == 0: the derivative there with no fill and no
+    division. far's denominator is dx + 1 where near is taken (so finite), dx where far is.
+    33 full-size passes, where expm1 / dx and the fill took 42."""
+    inner = xp.minimum(xp.maximum(dx, -1), 1)
+    taken = (abs(dx) >= 1).astype(dx.dtype)
+    kept = 1 - taken
+    near = exprel(xp, inner * -scale, bounded=True) * (t0 * (scale * scale)) * s
+    far = value_difference() / (dx + kept)
+    return (far * taken + near * kept).astype(dx.dtype, copy=False)
 
 
 @builtin_rule("Relu")

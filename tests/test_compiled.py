@@ -333,7 +333,7 @@ def test_deeplift_shap_compiled_equals_the_interpreter(zoo_models, name):
     assert np.abs(residual).max() <= 1e-5 * max(1.0, float(np.abs(d_b).max()))
 
 
-@pytest.mark.parametrize("name", ["expm1", "expm1_large", "tanh", "log1p", "logaddexp"])
+@pytest.mark.parametrize("name", ["expm1", "expm1_large", "exprel_bounded", "tanh", "log1p", "logaddexp"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
     """Within a few ulps of the float64 truth (log1p and logaddexp(x, 0) are computed in
@@ -349,10 +349,13 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
         assert x.size > tracer._SMALL
         special = np.array([np.inf, -np.inf, np.nan, 1e3, -1e3, 0.0], dtype)
         x = np.concatenate([x, special])
+    if name == "exprel_bounded":  # Kahan's route without its guards, for |x| <= 20 (and 0)
+        x = np.concatenate([x, [0.0, 20.0, -20.0], np.linspace(-20, 20, 4 * tracer._SMALL)]).astype(dtype)
     if name == "log1p":  # its domain, x > -1, down to tiny and up to large x
         x = np.concatenate([x[x > -0.999], rng.uniform(-0.999, 0, 1000), np.exp(rng.uniform(-30, 30, 1000))]).astype(dtype)
     rec = tracer.Recorder(17)
-    fn = (lambda v: tracer.logaddexp(v, 0)) if name == "logaddexp" else getattr(tracer, name)
+    fn = {"logaddexp": lambda v: tracer.logaddexp(v, 0), "exprel_bounded": lambda v: tracer.exprel(v, bounded=True)
+          }.get(name) or getattr(tracer, name)
     with tracer.recording(rec):
         y = fn(tracer.Traced(rec, "x", x.shape, dtype))
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -366,7 +369,13 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
         with np.errstate(over="ignore"):
             np.testing.assert_array_equal(got[-len(special):], np.expm1(special))
         got, x = got[:-len(special)], x[:-len(special)]
-    want = np.logaddexp(x.astype(np.float64), 0) if name == "logaddexp" else getattr(np, name)(x.astype(np.float64))
+    wide = x.astype(np.float64)
+    if name == "logaddexp":
+        want = np.logaddexp(wide, 0)
+    elif name == "exprel_bounded":
+        want = np.expm1(wide) / np.where(wide == 0, 1, wide) + (wide == 0)
+    else:
+        want = getattr(np, name)(wide)
     assert (np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max() <= 8 * np.finfo(dtype).eps
 
 
@@ -542,3 +551,45 @@ def test_gather_without_repeats_compiles(index):
     for method in ("deeplift", "saliency"):
         interp, comp, a, b = _both(m, method, "cross_max", x, np.zeros((1, 3, 4), np.float32), 1)
         _assert_same(a, b)
+
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh"])
+def test_traced_logistic_rescale_keeps_float64_accuracy(op):
+    """The compiled Rescale multiplier of sigma and tanh (exprel where |dx| < 1, the quotient
+    of float32 values beyond, no fill at dx == 0) against the float64 divided difference of the
+    same float32 inputs, on an array beyond tracer._SMALL (Kahan's route), with dx == 0, tiny,
+    just either side of |dx| = 1, moderate and large: within a few ulps where |dx| < 1, and
+    beyond within the rounding of the two values the quotient is made of (it conserves f as
+    the forward computes it). The interpreter is held to the same bounds."""
+    from liftir.registry import lookup
+
+    rng = np.random.default_rng(5)
+    n = 6000
+    x0 = rng.uniform(-8, 8, 8 * n).astype(np.float32)
+    dx = np.concatenate([np.zeros(n), rng.uniform(-1e-5, 1e-5, n), 1 + rng.uniform(-1e-6, 1e-6, n),
+                         -1 + rng.uniform(-1e-6, 1e-6, n), rng.uniform(-1, 1, 2 * n), rng.uniform(-30, 30, 2 * n)])
+    x = (x0 + dx).astype(np.float32)
+    assert x.size > tracer._SMALL
+    rule = lookup(op)
+
+    def rescale(xp, a, b):
+        return rule.divided_difference(xp, a, b, None)
+
+    a, b = x.astype(np.float64), x0.astype(np.float64)
+    step = a - b  # exact
+    # tanh(a) - tanh(b) = sinh(a - b) / (cosh a cosh b), sigma(v) = (1 + tanh(v / 2)) / 2: no
+    # cancellation (a float64 difference of the values loses 1e-4 of it at |x| ~ 8, dx ~ 1e-6)
+    c = 1.0 if op == "Tanh" else 0.5
+    with np.errstate(invalid="ignore"):
+        sinhc = np.where(step == 0, 1.0, np.sinh(c * step) / (c * step))
+    want = c * c * sinhc / (np.cosh(c * a) * np.cosh(c * b))
+    f = np.tanh if op == "Tanh" else (lambda v: 0.5 + 0.5 * np.tanh(v / 2))
+    near = np.abs(step) < 1
+    eps = np.finfo(np.float32).eps
+    values_rounding = 2 * eps * (np.abs(f(a)) + np.abs(f(b))) / np.maximum(np.abs(step), 1)
+    for name, got in (("compiled", _run_traced(rescale, x, x0)), ("interpreter", rescale(np, x, x0))):
+        assert got.dtype == np.float32, name
+        error = np.abs(got.astype(np.float64) - want)
+        assert (error[near] <= 8 * eps * np.abs(want[near])).all(), (name, (error / np.abs(want))[near].max())
+        assert (error[~near] <= values_rounding[~near] + 4 * eps * np.abs(want[~near])).all(), name

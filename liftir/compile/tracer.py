@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import LiftirError
 
@@ -1005,15 +1005,20 @@ def _kahan_parts(x: Traced):
     return z, u, one, minimum(_unary("Log", u), np.asarray(89.0, x.dtype))
 
 
-def exprel(x, out=None):
+def exprel(x, out=None, bounded=False):
     """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays:
     Kahan's quotient without the product by x and the division by it, and no fill at 0
     (u == 1 gives (0 + 1) / (0 + 1)): (u - 1 + one) / (log u + (x - z) + one) with z = x
     clipped at -20 and u = e^z (below -20 it is -1 / x, and x - z there puts x in place of
-    log u = z). Otherwise expm1(x) / x, 1 where x == 0."""
+    log u = z). `bounded` (|x| <= 20 promised): z = x and no cap on log u, so four passes
+    fewer, (u - 1 + one) / (log u + one). Otherwise expm1(x) / x, 1 where x == 0."""
     if not isinstance(x, Traced):
         raise TraceError("exprel of a NumPy value in a trace")
-    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL:
+    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL and bounded:
+        u = _unary("Exp", x)
+        one = _as_dtype(u == 1, x.dtype)
+        result = (u - 1 + one) / (_unary("Log", u) + one)
+    elif x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL:
         z, u, one, log_u = _kahan_parts(x)
         result = (u - 1 + one) / (log_u + (x - z) + one)
     else:
