@@ -174,8 +174,11 @@ def prepare(infos, inputs, baselines, need_reference: bool, distribution: bool =
                     for r, x, lo in zip(refs, xs, left_out)]
         return Batch(xs, refs, kind)
     own = own_references
-    if n > 1 and not own and all(r.shape[0] == n and (r == r[:1]).all() for r in refs):
-        refs = [r[:1] for r in refs]  # zeros_like(x) & co.: one reference row, forwarded once
+    if n > 1 and not own and any(r.shape[0] == n for r in refs) and all(
+            r.shape[0] == 1 or (r == r[:1]).all() for r in refs):
+        # zeros_like(x) & co., or a held input equal in every sample (a text model's all-ones
+        # attention mask beside one row of [PAD] ids): one reference row, forwarded once
+        refs = [r[:1] for r in refs]
     if n > 1 and (own or any(r.shape[0] == n for r in refs)):  # per-sample references: all to N rows
         refs = [np.broadcast_to(r, (n,) + r.shape[1:]) for r in refs]
     return Batch(xs, refs, kind)

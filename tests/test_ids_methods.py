@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import helper
 
 import liftir
 
@@ -103,3 +104,35 @@ def test_integrated_gradients_at_a_layer_equal_captum_layer_integrated_gradients
     np.testing.assert_allclose(delta, their_delta.numpy(), atol=1e-6)
     with pytest.raises(liftir.errors.InputError, match="is an input"):
         ex.attribute(x, baselines=x0, target=2, layer=ex.input_names[0])
+
+
+@pytest.mark.parametrize("masks_differ", [False, True])
+def test_a_held_input_equal_in_every_sample_shares_one_reference_row(masks_differ):
+    """A text model's batch: a float input with one reference row and an integer mask held at
+    each sample's value. Where the masks are the same in every sample the reference is one
+    row, forwarded once (as for zeros_like(x)); where they differ each sample keeps its own.
+    Either way every sample's attributions are those it gets explained alone, and they sum to
+    f(x) - f(x0)."""
+    from onnx_builders import model
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Cast", ["mask"], ["maskf"], to=1), helper.make_node("Mul", ["x", "maskf"], ["xm"]),
+             helper.make_node("Tanh", ["xm"], ["t"]), helper.make_node("MatMul", ["t", "w"], ["y"])]
+    proto = model(nodes, {"x": (2, 6), "mask": (2, 6)}, ["y"], {"w": rng.standard_normal((6, 3)).astype(np.float32)},
+                  input_dtypes={"mask": np.int64})
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    mask = np.ones((5, 6), np.int64)
+    mask[:, 4:] = 0
+    if masks_differ:
+        mask[2, 1] = 0
+    base = {"x": rng.standard_normal((1, 6)).astype(np.float32)}
+    ex = liftir.Explainer(proto, "deeplift")
+    batch = ex.batch({"x": x, "mask": mask}, base)
+    assert [r.shape[0] for r in batch.baselines] == ([5, 5] if masks_differ else [1, 1])
+    got, delta = ex.attribute({"x": x, "mask": mask}, base, target=1, return_convergence_delta=True)
+    alone = [ex.attribute({"x": x[i:i + 1], "mask": mask[i:i + 1]}, base, target=1)["x"] for i in range(5)]
+    np.testing.assert_allclose(got["x"], np.concatenate(alone), rtol=1e-6, atol=1e-7)
+    f = ex.predict
+    expected = f({"x": x, "mask": mask})[:, 1] - f({"x": np.repeat(base["x"], 5, 0), "mask": mask})[:, 1]
+    np.testing.assert_allclose(got["x"].sum(1), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(delta).max() <= 1e-5 * max(1.0, np.abs(expected).max())
