@@ -1014,11 +1014,12 @@ def exprel(x, out=None, bounded=False):
     fewer, (u - 1 + one) / (log u + one). Otherwise expm1(x) / x, 1 where x == 0."""
     if not isinstance(x, Traced):
         raise TraceError("exprel of a NumPy value in a trace")
-    if x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL and bounded:
+    large_float32 = x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL
+    if large_float32 and bounded:
         u = _unary("Exp", x)
         one = _as_dtype(u == 1, x.dtype)
         result = (u - 1 + one) / (_unary("Log", u) + one)
-    elif x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL:
+    elif large_float32:
         z, u, one, log_u = _kahan_parts(x)
         result = (u - 1 + one) / (log_u + (x - z) + one)
     else:
