@@ -52,6 +52,9 @@ CONV_CASES = {
     "1d": Case(3, 4, 1, (3,), (1,), (1, 1), (1,), (9,)),
     "1d-grouped-s3-dil2": Case(4, 6, 2, (2,), (3,), (0, 2), (2,), (11,)),
     "2d": Case(3, 5, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (7, 8)),
+    # from FEW_INPUT_CHANNELS up, a stride-1 adjoint is the flipped-kernel Conv (below, ConvTranspose)
+    "1d-16ch-dil2": Case(16, 3, 1, (3,), (1,), (2, 1), (2,), (9,)),
+    "2d-16ch": Case(16, 4, 1, (3, 3), (1, 1), (1, 0, 1, 2), (1, 1), (6, 5)),
     "2d-depthwise-s2-asym": Case(4, 4, 4, (3, 3), (2, 2), (0, 1, 2, 0), (1, 1), (9, 7)),
     "2d-grouped-s23-dil": Case(6, 4, 2, (3, 2), (2, 3), (1, 0, 0, 1), (2, 1), (10, 9)),
     "2d-depthwise-x2-dil2": Case(8, 16, 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), (6, 7)),

@@ -28,6 +28,14 @@ USE_ORT = True
 
 _SAME = ("SAME_UPPER", "SAME_LOWER")
 
+FEW_INPUT_CHANNELS = 16
+"""Below this many input channels (an ungrouped conv: a model's RGB or one-hot DNA stem), the
+adjoint runs as ConvTranspose even at stride 1. The flipped-kernel Conv would have that few
+output channels, which onnxruntime's blocked CPU kernels fill poorly: ConvTranspose took
+0.12-0.45x its time on 4-channel DNA stems (k 15-21) and 0.28-0.69x on 3-channel image stems,
+at 1 and 2 threads; from 16 channels up the flipped Conv is as fast or faster (0.7-1.8x), and
+grouped convs keep it (a depthwise ConvTranspose took 1.3-6.8x)."""
+
 
 class _Attrs(NamedTuple):
     """Hashable conv attributes: part of the cache key and of the ONNX node."""
@@ -54,7 +62,8 @@ def conv_adjoint(xp, g, w, *, input_shape, strides, pads, dilations, group, cach
     n = w.ndim - 2
     spans = [dilations[i] * (w.shape[2 + i] - 1) for i in range(n)]
     if (USE_ORT and (xp is np or is_tracer(xp)) and g.dtype == np.float32 and all(s == 1 for s in strides)
-            and all(0 <= pads[i] <= spans[i] and 0 <= pads[n + i] <= spans[i] for i in range(n))):
+            and all(0 <= pads[i] <= spans[i] and 0 <= pads[n + i] <= spans[i] for i in range(n))
+            and not (group == 1 and w.shape[1] < FEW_INPUT_CHANNELS)):
         # stride 1: the adjoint is a plain Conv with the flipped, channel-swapped kernel, and
         # onnxruntime's Conv is 1.1-1.9x faster than its ConvTranspose (measured here)
         cache = {} if cache is None else cache
