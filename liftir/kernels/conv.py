@@ -65,7 +65,8 @@ def conv_adjoint(xp, g, w, *, input_shape, strides, pads, dilations, group, cach
             and all(0 <= pads[i] <= spans[i] and 0 <= pads[n + i] <= spans[i] for i in range(n))
             and not (group == 1 and w.shape[1] < FEW_INPUT_CHANNELS)):
         # stride 1: the adjoint is a plain Conv with the flipped, channel-swapped kernel, and
-        # onnxruntime's Conv is 1.1-1.9x faster than its ConvTranspose (measured here)
+        # onnxruntime's Conv is 1.1-1.9x faster than its ConvTranspose (measured here) when it
+        # has FEW_INPUT_CHANNELS outputs or more
         cache = {} if cache is None else cache
         flipped = _cached(cache, ("flipped", id(w), group), (w,), lambda: _flip_for_adjoint(w, group))
         full = [spans[i] - pads[i] for i in range(n)] + [spans[i] - pads[n + i] for i in range(n)]
