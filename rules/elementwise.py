@@ -15,7 +15,7 @@ from liftir.kernels.parallel import over_rows
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
 from liftir.rule import (Elementwise, RuleError, blend, difference, exprel, fill_where, is_tracer,
-                         rescale_multiplier, scale_rows, select, sinhc)
+                         refuse_infinite_steps, rescale_multiplier, scale_rows, select, sinhc)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -546,6 +546,23 @@ class Gelu(Elementwise):
             return (s + 2 * x * s * s_neg * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)).astype(x.dtype, copy=False)
         pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return (0.5 * erfc(xp, x * (-1 / math.sqrt(2))) + x * pdf).astype(x.dtype, copy=False)
+
+    def backward(self, ctx, g):
+        """The exact (erf) form: Rescale on the quotient of the forward's own values, as Erf's
+        rule does, not of recomputed ones. onnxruntime's float32 Gelu is within
+        0.69 eps (1 + |x|) of x Phi(x) (measured on [-12, 12] against float64 erfc), the
+        order of y's own rounding, which is what the quotient's error comes from either way;
+        recomputing y and y0 (two rational fits per element) cost a BERT's compiled pass 22%
+        and changed its attributions' error against float64 by 3% of itself (2.43e-6 against
+        2.36e-6 of their max). The tanh form keeps the recomputation: onnxruntime's Tanh is
+        less exact (2.5 ulps of the form measured, 5 of Tanh)."""
+        if ctx.mode != Mode.DEEPLIFT or ctx.attr("approximate", "none") == "tanh":
+            return super().backward(ctx, g)
+        xp = ctx.xp
+        x, x0, y, y0 = ctx.x(0), ctx.x0(0), ctx.y(0), ctx.y0(0)
+        refuse_infinite_steps(ctx, xp, x, x0, y, y0)
+        m = rescale_multiplier(xp, x, x0, y, y0, lambda z: self.df(xp, z, ctx), False)
+        return (scale_rows(xp, g, m, reuse=True),)
 
 
 @builtin_rule("Mish")
