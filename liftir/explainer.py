@@ -20,6 +20,7 @@ from .batch_axis import samples_first
 from .cut import cut_at
 from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
+from .fusion import fuse_gelu
 from .layout import batch_first
 from .graph import Graph, build_graph, promote_to_float64, read_model
 from .inputs import Batch, model_inputs, pack, prepare, stack
@@ -96,6 +97,8 @@ class Explainer:
         batch_first(self.graph)
         if self.precision is Precision.FLOAT64:
             promote_to_float64(self.graph)
+        else:
+            fuse_gelu(self.graph)
         #: what rules read of the options (`ctx.options`)
         self.options = {"max_rule": self.max_rule, "final_activation": self.final_activation}
         self.rule_overrides = rules
@@ -174,6 +177,10 @@ class Explainer:
         return out
 
     def _check_output(self, name: str) -> str:
+        if name in self.graph.fused_tensors:
+            raise InputError(f"tensor {name!r} lies inside {self.graph.fused_tensors[name]!r}, an exported GELU that "
+                             f"liftir explains as one op (liftir/fusion.py): name its input or its output, or use "
+                             f"precision='float64', which keeps the model's nodes as written")
         if name not in self.graph.tensor_names():
             known = sorted(self.graph.producer)[:20]
             raise InputError(f"no tensor named {name!r} in the model; tensors include: {', '.join(known)}")

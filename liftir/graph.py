@@ -41,10 +41,20 @@ class Node:
     #: names a subgraph (Loop/If/Scan body) reads from the enclosing graph: inputs of this
     #: node too (topological order, folding), though the node proto does not list them
     captures: tuple[str, ...] = ()
+    #: the nodes onnxruntime runs for this one, when it stands for several of the model's
+    #: (liftir/fusion.py: an exported GELU read as one Gelu); empty: `proto` itself
+    expansion: tuple[onnx.NodeProto, ...] = ()
 
     @property
     def qualified_op(self) -> str:
         return f"{self.domain}::{self.op_type}" if self.domain else self.op_type
+
+    @property
+    def forward_reads(self) -> tuple[str, ...]:
+        """What onnxruntime's run of this node reads: its inputs, or its expansion's."""
+        if not self.expansion:
+            return self.inputs
+        return tuple(dict.fromkeys(i for p in self.expansion for i in p.input if i))
 
     @property
     def all_inputs(self) -> tuple[str, ...]:
@@ -100,6 +110,8 @@ class Graph:
     opsets: dict[str, int]
     producer: dict[str, str]
     consumers: dict[str, list[str]]
+    #: tensors of the model a fused node replaced (liftir/fusion.py) -> that node's name
+    fused_tensors: dict[str, str] = field(default_factory=dict)
 
     def tensor_info(self, name: str) -> TensorInfo | None:
         for info in self.inputs + self.outputs:

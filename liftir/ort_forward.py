@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .graph import Graph
+from .graph import Graph, Node
 from .onnx_models import make_model
 from .threads import session_options
 
@@ -22,10 +22,14 @@ from .threads import session_options
 _RECURRENT = ("LSTM", "GRU", "RNN")
 
 
-def runnable(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """The node as onnxruntime can run it. liftir rewrites recurrent ops batch first
+def runnable(ir_node: Node) -> list[onnx.NodeProto]:
+    """The node as onnxruntime can run it. A fused node runs the model's own nodes it stands
+    for (liftir/fusion.py). liftir rewrites recurrent ops batch first
     (layout 1, liftir/layout.py), which onnxruntime has no kernel for: there the op runs
     time major (layout 0) between transposes, the same values under the same names."""
+    if ir_node.expansion:
+        return list(ir_node.expansion)
+    node = ir_node.proto
     layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
     if node.op_type not in _RECURRENT or layout != 1:
         return [node]
@@ -57,7 +61,7 @@ class OrtForward:
     def __init__(self, graph: Graph, order: list[str], outputs: tuple[str, ...]):
         nodes = [graph.nodes[name] for name in order]
         produced = [o for node in nodes for o in node.outputs if o]
-        used = {i for node in nodes for i in node.inputs if i}
+        used = {i for node in nodes for i in node.forward_reads if i}
         initializers = [numpy_helper.from_array(np.asarray(v), name)
                         for name, v in graph.constants.items() if name in used]
         inputs = [helper.make_tensor_value_info(
@@ -66,7 +70,7 @@ class OrtForward:
                                                      for d in i.shape[1:]])
             for i in graph.inputs]
         model = make_model(
-            helper.make_graph([p for node in nodes for p in runnable(node.proto)], "liftir_forward", inputs,
+            helper.make_graph([p for node in nodes for p in runnable(node)], "liftir_forward", inputs,
                               [onnx.ValueInfoProto(name=o) for o in produced], initializers),
             opset_imports=[helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()])
         inferred = onnx.shape_inference.infer_shapes(model)

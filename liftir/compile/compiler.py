@@ -227,7 +227,7 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     for v in dict.fromkeys(values + tuple(produced)):
         outputs.append(helper.make_tensor_value_info(v, tracer._onnx_type(probe.values[v].dtype),
                                                      list(probe.values[v].shape)))
-    used = {i for name in order for i in graph.nodes[name].inputs if i}
+    used = {i for name in order for i in graph.nodes[name].forward_reads if i}
     initializers = [numpy_helper.from_array(np.asarray(graph.constants[c]), c) for c in sorted(used)
                     if c in graph.constants]
     initializers += [numpy_helper.from_array(np.asarray(probe.static[s]), s) for s in sorted(used)
@@ -235,7 +235,7 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
               for name, v in feeds.items()]
     inputs.append(helper.make_tensor_value_info(SEED, tracer._onnx_type(seed.dtype), list(seed_shape)))
-    forward_nodes = [p for name in order for p in runnable(graph.nodes[name].proto)]
+    forward_nodes = [p for name in order for p in runnable(graph.nodes[name])]
     opsets = dict(graph.opsets)
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
