@@ -132,13 +132,15 @@ def test_compiled_export_runs_the_models_own_nodes():
     assert "Erf" in ops and "Gelu" not in ops
 
 
-def _chain(sqrt2=math.sqrt(2), one=1.0, half=0.5, extra_reader=False, inner_output=False):
-    """x -> MatMul -> [Div sqrt2, Erf, Add one, Mul z, Mul half] -> MatMul -> y, by hand."""
+def _chain(sqrt2=math.sqrt(2), one=1.0, half=0.5, extra_reader=False, inner_output=False, inverse_first=False):
+    """x -> MatMul -> [Div sqrt2, Erf, Add one, Mul z, Mul half] -> MatMul -> y, by hand
+    (`inverse_first`: Mul(1/sqrt2, z), the constant the first operand)."""
     rng = np.random.default_rng(2)
     w1 = rng.normal(size=(4, 5)).astype(np.float32)
     w2 = rng.normal(size=(5, 2)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["z"]),
-             helper.make_node("Div", ["z", "sqrt2"], ["u"]),
+             (helper.make_node("Mul", ["inverse", "z"], ["u"]) if inverse_first
+              else helper.make_node("Div", ["z", "sqrt2"], ["u"])),
              helper.make_node("Erf", ["u"], ["e"]),
              helper.make_node("Add", ["e", "one"], ["a"]),
              helper.make_node("Mul", ["z", "a"], ["p"]),
@@ -154,12 +156,14 @@ def _chain(sqrt2=math.sqrt(2), one=1.0, half=0.5, extra_reader=False, inner_outp
     if inner_output:
         outputs = ["y", "e"]
     inits = {"w1": w1, "w2": w2, "sqrt2": np.float32(sqrt2), "one": np.float32(one),
-             "half": np.float32(half)}
+             "half": np.float32(half), "inverse": np.float32(1 / sqrt2)}
     return model(nodes, {"x": (1, 4)}, outputs, inits, opset=12)
 
 
 @pytest.mark.parametrize("case, kwargs, fuses", [
     ("as exported", {}, True),
+    ("times 1/sqrt2, constant first", {"inverse_first": True}, True),
+    ("times 1/1.5", {"inverse_first": True, "sqrt2": 1.5}, False),
     ("divisor 1.5", {"sqrt2": 1.5}, False),
     ("adds 2", {"one": 2.0}, False),
     ("times 0.4", {"half": 0.4}, False),
