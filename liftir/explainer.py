@@ -98,7 +98,7 @@ class Explainer:
         if self.precision is Precision.FLOAT64:
             promote_to_float64(self.graph)
         else:
-            fuse_gelu(self.graph)
+            fuse_gelu(self.graph, rules)
         #: what rules read of the options (`ctx.options`)
         self.options = {"max_rule": self.max_rule, "final_activation": self.final_activation}
         self.rule_overrides = rules

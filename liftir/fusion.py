@@ -26,6 +26,7 @@ import numpy as np
 from onnx import helper
 
 from .graph import Graph, Node
+from .registry import is_builtin, lookup
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -127,8 +128,24 @@ def _fused_name(nodes: list[Node], core: Node) -> str:
     return f"{core.name} (fused GELU)"
 
 
-def fuse_gelu(graph: Graph) -> int:
-    """Replace every exported erf-GELU chain by one Gelu node; returns how many."""
+#: the ops a fused chain stands for, and the one it becomes
+_CHAIN_OPS = ("Div", "Mul", "Erf", "Add", "Gelu")
+
+
+def _built_in_rules_only(graph: Graph, overrides) -> bool:
+    """No user rule (`rules=` or a registered plugin) serves an op of the chain: fusing
+    would bypass it (or route the chain to a user's Gelu it was not written for)."""
+    opset = graph.opsets.get("", 1)
+    return all(rule is not None and is_builtin(rule)
+               for rule in (lookup(op, "", opset, overrides) for op in _CHAIN_OPS))
+
+
+def fuse_gelu(graph: Graph, overrides=None) -> int:
+    """Replace every exported erf-GELU chain by one Gelu node; returns how many. Nothing is
+    fused where a user rule serves one of the chain's ops (`overrides`: the Explainer's
+    `rules=`)."""
+    if not _built_in_rules_only(graph, overrides):
+        return 0
     chain = _Chain(graph)
     fused = 0
     for name in list(graph.order):

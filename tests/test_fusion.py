@@ -178,3 +178,14 @@ def test_only_the_exact_single_use_chain_fuses(case, kwargs, fuses):
     x, x0 = rng.normal(size=(6, 4)).astype(np.float32), np.zeros((1, 4), np.float32)
     attr, delta = ex.attribute(x, baselines=x0, target=0, return_convergence_delta=True)
     assert np.abs(delta).max() <= 1e-5 * (np.abs(attr).sum(axis=1).max() + 1e-6), case
+
+
+@pytest.mark.parametrize("op", ["Erf", "Mul", "Gelu"])
+def test_a_user_rule_for_a_chain_op_keeps_the_chain(op):
+    """rules= for an op of the chain (or for Gelu) must not be bypassed by the fusion."""
+    from liftir.registry import lookup
+    m = _chain()
+    mine = type(lookup(op, "", 20))()  # the built-in rule's class, a user's instance
+    ex = liftir.Explainer(m, "deeplift", rules={op: mine})
+    assert not _fused(ex)
+    assert any(n.op_type == "Erf" for n in ex.graph.nodes.values())
