@@ -75,17 +75,16 @@ class _Chain:
     def times_constant(self, node: Node | None, data: str, target: float) -> bool:
         return node is not None and _close(_scalar(self.graph, _other(node, data) or ""), target)
 
-
-def _single_use(chain: _Chain, node: Node | None) -> bool:
-    """`node`'s output is read by one node and is no graph output (it may be fused away)."""
-    return (node is not None and len(chain.graph.consumers.get(node.outputs[0], [])) == 1
-            and node.outputs[0] not in chain.outputs)
+    def single_use(self, node: Node | None) -> bool:
+        """`node`'s output is read by one node and is no graph output (it may be fused away)."""
+        return (node is not None and len(self.graph.consumers.get(node.outputs[0], [])) == 1
+                and node.outputs[0] not in self.outputs)
 
 
 def _erf_head(chain: _Chain, erf: Node) -> tuple[str, list[Node]] | None:
     """(x, [scale]) for erf(x / sqrt 2), the scale a Div by sqrt 2 or a Mul by 1/sqrt 2."""
     scale = chain.producer(erf.inputs[0], ("Div", "Mul"))
-    if not _single_use(chain, scale) or len(scale.inputs) != 2:
+    if not chain.single_use(scale) or len(scale.inputs) != 2:
         return None
     if scale.op_type == "Div":
         x, matches = scale.inputs[0], _close(_scalar(chain.graph, scale.inputs[1]), _SQRT2)
@@ -110,7 +109,7 @@ def _tail(chain: _Chain, core: Node, x: str) -> list[Node] | None:
             return None
         return [plus, product, half]
     halved = chain.producer(other or "", ("Mul",))  # (x 0.5) (1 + core)
-    if not _single_use(chain, halved) or x not in halved.inputs or not chain.times_constant(halved, x, 0.5):
+    if not chain.single_use(halved) or x not in halved.inputs or not chain.times_constant(halved, x, 0.5):
         return None
     return [halved, plus, product]
 
