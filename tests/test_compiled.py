@@ -15,6 +15,7 @@ from onnx import helper
 
 import liftir
 from liftir.compile import tracer
+from liftir.rule import fill_where
 from onnx_builders import model
 
 METHODS = [("deeplift", "cross_max"), ("deeplift", "paper"), ("saliency", "cross_max"),
@@ -451,6 +452,36 @@ def _fills_step_by_step(xp, a):
     ones = xp.ones((2, 3, 5, 4), dtype=np.float32)
     ones[:, :, 3] = a[:, :, 3]  # never read as a whole before being used in arithmetic
     return buf + early[:, :, None] + ones
+
+
+def _fill_where_case(shape, where):
+    """m = a / b with the derivative-like fn(a, row) = a * row + 1 written where `where`
+    (a mask of `shape`); `row` broadcasts (one leading row), as a reference does."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal(shape).astype(np.float32)
+    row = rng.standard_normal((1,) + shape[1:]).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask.reshape(-1, shape[-1])[where] = True
+
+    def fill(xp, a, row, mask):
+        out = a * 2
+        return fill_where(xp, out, mask, lambda u, r: u * r + 1, a, row)
+    return fill, a, row, mask
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6), (3, 40, 300)])  # below and above tracer._SMALL
+@pytest.mark.parametrize("where", ["none", "corners", "scattered", "one row", "all"])
+def test_tracer_fill_where_equals_numpy(shape, where):
+    """fill_where in a trace: NonZero on the whole mask (small arrays) or on the rows that
+    hold a masked element (large ones); the same elements, the same values as NumPy."""
+    rows, length = int(np.prod(shape[:-1])), shape[-1]
+    picks = {"none": (np.array([], int), np.array([], int)),
+             "corners": (np.array([0, 0, rows - 1, rows - 1]), np.array([0, length - 1, 0, length - 1])),
+             "scattered": (np.random.default_rng(3).integers(0, rows, 40), np.random.default_rng(4).integers(0, length, 40)),
+             "one row": (np.full(length, rows // 2), np.arange(length)),
+             "all": (slice(None), slice(None))}[where]
+    fill, a, row, mask = _fill_where_case(shape, picks)
+    np.testing.assert_array_equal(_run_traced(fill, a, row, mask), fill(np, a.copy(), row, mask))
 
 
 def test_tracer_keeps_step_by_step_writes_as_numpy_does():
