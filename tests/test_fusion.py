@@ -100,7 +100,8 @@ def test_float64_keeps_the_models_nodes_and_agrees():
     proto = export_torch(net, torch.from_numpy(x), 17)
     ex64 = liftir.Explainer(proto, "deeplift", precision="float64")
     assert not _fused(ex64) and any(n.op_type == "Erf" for n in ex64.graph.nodes.values())
-    a64 = ex64.attribute(x, baselines=x0, target=2)
+    a64, delta = ex64.attribute(x, baselines=x0, target=2, return_convergence_delta=True)
+    assert np.abs(delta).max() <= 1e-9 * (np.abs(a64).sum(axis=1).max() + 1e-12)
     # the exported divisor is sqrt 2 rounded to float32, which float64 keeps as written
     truth = _deeplift64(net, x, x0, 2, sqrt2=float(np.float32(math.sqrt(2))))
     np.testing.assert_allclose(a64, truth, rtol=0, atol=1e-12 * np.abs(truth).max())
