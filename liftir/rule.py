@@ -196,14 +196,20 @@ def branch(xp, fast, fn_fast, fn_general, *args):
 def difference(xp, x, x0):
     """x - x0, and 0 where x == x0: a value equal in both passes did not change, even when it
     is infinite (an attention mask's -inf, where x - x0 would be NaN). Always a new array."""
-    # only inf - inf (or a NaN input) gives NaN, and a sum propagates it (so does NumPy's max,
-    # onnxruntime's ReduceMax skips it): one pass, no temporary. (A sum is NaN also for both
-    # +inf and -inf in d: then the general path, which gives the same d there.)
+    # only inf - inf (or a NaN input) gives NaN; where the inputs' sums are finite every
+    # element is, and d is plain x - x0: one pass over x (x0 is often one row), no temporary.
+    # (A sum that overflows, or one inf, takes the general path, which gives the same d.) The
+    # test reads the inputs, not d, so that in a compiled pass the subtraction runs inside
+    # the If's branches (liftir/compile/sinking.py) instead of being copied out of the fast one.
     with np.errstate(invalid="ignore", over="ignore"):
-        d = x - x0
-        total = d.sum() if d.size else xp.zeros((), dtype=d.dtype)
-    return branch(xp, total == total, lambda d, x, x0: d, lambda d, x, x0: _zero_equal_nans(xp, d, x, x0),
-                  d, x, x0)
+        total = (x.sum() if x.size else 0) + (x0.sum() if getattr(x0, "size", 1) else 0)
+    return branch(xp, abs(total) < np.inf, lambda x, x0: _subtract(x, x0),
+                  lambda x, x0: _zero_equal_nans(xp, _subtract(x, x0), x, x0), x, x0)
+
+
+def _subtract(x, x0):
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x - x0
 
 
 def _zero_equal_nans(xp, d, x, x0):

@@ -23,6 +23,7 @@ from ..onnx_models import make_model
 from ..ort_forward import runnable
 from ..threads import session_options
 from . import device, tracer
+from .sinking import sink_into_branches
 from .tracer import Recorder, Traced, TraceError
 
 logger = logging.getLogger("liftir")
@@ -240,6 +241,7 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
     opsets[""] = opset
     opsets.pop("ai.onnx", None)
     nodes = live_nodes(forward_nodes + rec.nodes, {o.name for o in outputs})
+    nodes = sink_into_branches(nodes, {o.name for o in outputs})
     read = {i for node in nodes for i in tracer.node_reads(node)}
     model = make_model(
         helper.make_graph(nodes, "liftir_explainer", inputs, outputs,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from .. import scheduler
 from ..backend import to_host
 from ..methods import Engine
