@@ -399,6 +399,32 @@ def fill_where(xp, out, mask, fn, *args):
     return out
 
 
+def reduce_rows_where(xp, rows, fn, fallback, *arrays):
+    """where(rows, fn(*arrays), fallback) for a reduction `fn` over the last axis, evaluated
+    on the selected rows only. `rows`: booleans of the arrays' broadcast shape with a last
+    axis of 1 (keepdims); `fallback`: values of that shape (or broadcasting to it);
+    `arrays` broadcast against each other (a shared reference row is read, not repeated).
+    fn maps (k, L) arrays to (k, 1); it must not depend on k. For a rule's special case on a
+    few rows (a softmax's rows that barely move), which would cost a whole pass of the
+    tensor per op if evaluated everywhere. A trace selects the rows with NonZero and Gather
+    and writes the results with ScatterND (tracer.reduce_rows_where)."""
+    if is_tracer(xp):
+        return xp.reduce_rows_where(rows, fn, fallback, *arrays)
+    if rows.ndim < 2:  # one row: a leading axis of 1, dropped again
+        return reduce_rows_where(xp, rows[None], fn, xp.asarray(fallback)[None], *[a[None] for a in arrays])[0]
+    lead = tuple(rows.shape[:-1])
+    out = xp.array(xp.broadcast_to(fallback, rows.shape))
+    at = xp.nonzero(rows.reshape(lead))
+    if at[0].size == 0:
+        return out
+    picked = []
+    for a in arrays:
+        a = a.reshape((1,) * (len(lead) + 1 - a.ndim) + tuple(a.shape))
+        picked.append(a[tuple(i if n != 1 else xp.zeros_like(i) for i, n in zip(at, a.shape[:-1]))])
+    out[at + (0,)] = fn(*picked)[:, 0]
+    return out
+
+
 def exprel(xp, x, out=None, bounded=False):
     """(e^x - 1) / x, and 1 at x = 0 (its limit), without cancellation; into `out` if given.
     A trace writes it as one expression with no fill at 0 (tracer.exprel); `bounded` promises

@@ -5,9 +5,11 @@ the mean-normalized weights of paper 2.5. When a softmax must be propagated thro
 (`final_activation="keep"`, or a softmax inside attention), liftir writes it as
 y_i = exp(z_i), z_i = x_i - LSE(x), and uses:
 - Rescale (2.3.4) for the exp: r_i = dy_i / dz_i;
-- for LSE, a function of all inputs, multipliers m_j = p_j + c dx_j / |dx|^2 with p the
-  mean of the actual and reference softmax (the trapezoid estimate of the path integral of
-  its gradient) and c = dLSE - sum_k p_k dx_k, so that sum_j m_j dx_j = dLSE exactly.
+- for LSE, a function of all inputs, multipliers m_j = p_j (1 + c dx_j / sum_k p_k dx_k^2)
+  with p the mean of the actual and reference softmax (the trapezoid estimate of the path
+  integral of its gradient) and c = dLSE - sum_k p_k dx_k, so that sum_j m_j dx_j = dLSE
+  exactly: the correction of least chi-square norm, which leaves a position the softmax is
+  flat in (p ~ 0) out of it.
 This is liftir's rule, not the paper's (the paper gives none for an inner softmax); it
 conserves the difference exactly and reduces to the gradient when dx -> 0.
 
@@ -27,7 +29,7 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, branch, exprel, is_traced, scale_rows
+from liftir.rule import MODES, Rule, RuleError, branch, exprel, is_traced, reduce_rows_where, scale_rows
 
 
 def _axis(ctx, ndim):
@@ -40,25 +42,28 @@ def _axis(ctx, ndim):
 
 
 def _log_softmax(xp, x, axis):
-    return _log_softmax_lse(xp, x, axis)[0]
-
-
-def _log_softmax_lse(xp, x, axis, with_p=False):
-    """z = x - LSE(x) and LSE(x) (keepdims) from one max, exp and sum; with `with_p`,
-    p = exp(z) instead of z (into the first exp's memory). (Not exp(x - max) / sum, one exp
-    fewer: p must be the exp of the z the forward rounds to, or quotients of p's amplify the
-    difference: it moved Swin's attributions by 4e-3.)"""
+    """z = x - LSE(x) from one max, exp and sum (the forward without onnxruntime)."""
     top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):  # an all-masked (-inf) row is NaN, as in onnxruntime
         shifted = x - top
-    e = xp.exp(shifted)
-    total = e.sum(axis=axis, keepdims=True)
-    log_sum = xp.log(total)
-    top = xp.where(abs(top) < np.inf, top, 0)  # an all-masked row: LSE = -inf, not NaN
-    shifted -= log_sum
-    if not with_p:
-        return shifted, top + log_sum
-    return xp.exp(shifted, out=e), top + log_sum
+    total = xp.exp(shifted).sum(axis=axis, keepdims=True)
+    shifted -= xp.log(total)
+    return shifted
+
+
+def _forward_softmax(xp, x, y, axis, log):
+    """p and LSE(x) (keepdims) from the forward's own output y (p, or z = log p for
+    LogSoftmax) instead of recomputed (a max, two exps and a sum: five full-size passes):
+    LSE = max x - log max p, since the largest p is at the largest x (max x - max z for z).
+    Its rounding is that of log max p, with max p >= 1/L: a few eps, as the recomputed LSE's.
+    Neither quotient of p's in this rule divides by a small change of p (the exp's Rescale
+    is max(p, p0) exprel(-|dz|)), so p's own rounding enters as eps relative. A row masked
+    everywhere has no largest p: its LSE is NaN, which sends the rule down its masked path."""
+    top = x.max(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        if log:
+            return xp.exp(y), top - y.max(axis=axis, keepdims=True)
+        return y, top - xp.log(y.max(axis=axis, keepdims=True))
 
 
 def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
@@ -75,12 +80,22 @@ def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
 
 
 def _near_rows_lse_difference(xp, far, near, dx, p0, scratch, axis):
-    """`_lse_difference` where some row is near: log1p(sum_j p0_j expm1(dx_j)) there."""
-    with np.errstate(over="ignore", invalid="ignore"):  # a far row's expm1 may overflow: not used
-        terms = xp.expm1(dx, out=scratch)
+    """`_lse_difference` where some row is near: log1p(sum_j p0_j expm1(dx_j)) there, computed
+    on those rows only (an Enformer-style net's attention has a quarter of them near, or
+    none but a few: the expm1 of every row cost a compiled softmax a quarter of its time)."""
+    if axis != dx.ndim - 1:
+        with np.errstate(over="ignore", invalid="ignore"):  # a far row's expm1 may overflow: not used
+            terms = xp.expm1(dx, out=scratch)
+            terms *= p0
+            small = xp.log1p(terms.sum(axis=axis, keepdims=True))
+        return xp.where(near, small, far)
+
+    def shifted(dx, p0):
+        terms = xp.expm1(dx)
         terms *= p0
-        small = xp.log1p(terms.sum(axis=axis, keepdims=True))
-    return xp.where(near, small, far)
+        return xp.log1p(terms.sum(axis=-1, keepdims=True))
+
+    return reduce_rows_where(xp, near, shifted, far, dx, p0)
 
 
 def _exp_rescale(xp, dz, p, p0, out):
@@ -89,11 +104,11 @@ def _exp_rescale(xp, dz, p, p0, out):
     has no cancellation and cannot overflow. The quotient of the rounded p's and z's cancels
     (z - z0 carries eps |z| of z's rounding: for a step of 1e-4 on |z| ~ 5, 1e-2 of itself);
     this halved ViT's and GPT-2's float32 error against float64. dz == 0: the limit,
-    max(p, p0). Overwrites dz and p; the result is in `out`."""
+    max(p, p0). Overwrites dz (p is the forward's own); the result is in `out`."""
     neg = xp.abs(dz, out=dz)
     neg *= -1
     r = exprel(xp, neg, out=out)  # 1 where dz == 0: the limit, max(p, p0)
-    r *= xp.maximum(p, p0, out=p)
+    r *= xp.maximum(p, p0)
     return r
 
 
@@ -159,12 +174,12 @@ class Softmax(Rule):
         xp = ctx.xp
         x = ctx.x(0)
         axis = _axis(ctx, x.ndim)
-        p, lse = _log_softmax_lse(xp, x, axis, with_p=True)
         log = ctx.node.op_type == "LogSoftmax"
+        p, lse = _forward_softmax(xp, x, ctx.y(0), axis, log)
         if ctx.mode != Mode.DEEPLIFT:
             return (_combine(ctx, xp, g, xp.ones_like(p) if log else p, p, axis, log, None),)
-        x0 = ctx.x0(0)  # one shared reference row stays one row: its softmax is computed once
-        p0, lse0 = _log_softmax_lse(xp, x0, axis, with_p=True)
+        x0 = ctx.x0(0)  # one shared reference row stays one row, as its forward values
+        p0, lse0 = _forward_softmax(xp, x0, ctx.y0(0), axis, log)
         # masked in both passes (p == p0 == 0, or NaN in an all-masked row): flat, m = 0.
         # Without masks (every p, p0 > 0) `live` is everywhere and x, x0 are finite: the
         # shortcut (in a compiled pass too, as an ONNX If). A NaN in p makes its row's LSE
@@ -193,10 +208,18 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
     approx = p_dx.sum(axis=axis, keepdims=True)
     refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, None if masked else approx)
     # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
-    # least-norm correction along dx. (Rescaling p_mid by dLSE / sum_j p_mid dx_j instead
-    # is ill-conditioned: that sum can cancel to ~0 while dLSE does not.)
-    norm2 = xp.multiply(dx, dx, out=work).sum(axis=axis, keepdims=True)
-    weights += xp.multiply(dx, (d_lse - approx) / xp.where(norm2 > 0, norm2, 1), out=work)
+    # correction of least chi-square norm sum_j (w_j - p_mid_j)^2 / p_mid_j, lambda p_mid_j
+    # dx_j: a position takes part in the correction as it carries probability, so one the
+    # softmax is flat in (p ~ 0: a mask's -100, a score far below its row's) takes none, and
+    # continuously so as p -> 0. The Euclidean least-norm correction along dx gave such
+    # positions a share of the row's correction by dx alone: on Swin's shifted windows
+    # (-100 masks), where some p underflow to 0 in float32 and not in float64, float32 and
+    # float64 attributions differed by 3e-3 of their max. (Rescaling p_mid by dLSE /
+    # sum_j p_mid dx_j instead is ill-conditioned: that sum can cancel to ~0 while dLSE
+    # does not; here the numerator is the trapezoid's error, of the order of the p-weighted
+    # cubes of dx, over their squares.)
+    spread = (p_dx * dx).sum(axis=axis, keepdims=True)
+    weights += xp.multiply(p_dx, (d_lse - approx) / xp.where(spread > 0, spread, 1), out=work)
     # Masked positions need no Where of their own (each is a full-size pass, ~3 Muls
     # in onnxruntime): the return's Where zeroes them, and until then they touch only
     # their own element, except through the rows' sums of g r, where r is 0 already

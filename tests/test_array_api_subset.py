@@ -17,10 +17,10 @@ import liftir
 
 # NumPy functions liftir may call through `xp`, each of which CuPy provides as well.
 CUPY_SUBSET = """
-abs absolute add arange arctan argmax asarray ascontiguousarray bincount bool_ broadcast_to ceil clip
+abs absolute add arange arctan argmax array asarray ascontiguousarray bincount bool_ broadcast_to ceil clip
 concatenate cos cosh divide dtype einsum empty empty_like exp expand_dims expm1 float16 float32 float64
 floor full full_like int8 int16 int32 int64 log log1p logaddexp matmul maximum mean minimum moveaxis
-multiply ndarray ones ones_like pad repeat reshape round sign sin sinh split sqrt squeeze stack
+multiply ndarray nonzero ones ones_like pad repeat reshape round sign sin sinh split sqrt squeeze stack
 subtract sum swapaxes take take_along_axis tanh tensordot tile transpose where zeros zeros_like lib
 """.split()
 

@@ -15,7 +15,7 @@ from onnx import helper
 
 import liftir
 from liftir.compile import tracer
-from liftir.rule import fill_where
+from liftir.rule import fill_where, reduce_rows_where
 from onnx_builders import model
 
 METHODS = [("deeplift", "cross_max"), ("deeplift", "paper"), ("saliency", "cross_max"),
@@ -482,6 +482,40 @@ def test_tracer_fill_where_equals_numpy(shape, where):
              "all": (slice(None), slice(None))}[where]
     fill, a, row, mask = _fill_where_case(shape, picks)
     np.testing.assert_array_equal(_run_traced(fill, a, row, mask), fill(np, a.copy(), row, mask))
+
+
+def _row_reduction_case(shape, rows):
+    """where(picked rows, log1p(sum(expm1(a) * row)), fallback) over the last axis: a softmax's
+    near rows; `row` broadcasts (one leading row), as a shared reference's values do."""
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+    row = rng.random((1,) + shape[1:]).astype(np.float32)
+    picked = np.zeros(shape[:-1] + (1,), bool)
+    picked.reshape(-1)[rows] = True
+
+    def reduce(xp, a, row, picked):
+        fallback = a.max(axis=-1, keepdims=True) * 3
+        return reduce_rows_where(xp, picked, lambda u, r: xp.log1p((xp.expm1(u) * r).sum(axis=-1, keepdims=True)),
+                                 fallback, a, row)
+    return reduce, a, row, picked
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6), (3, 40, 300)])  # below and above tracer._SMALL
+@pytest.mark.parametrize("rows", ["none", "first and last", "scattered", "all"])
+def test_tracer_reduce_rows_where_equals_numpy(shape, rows):
+    """reduce_rows_where in a trace: the picked rows gathered (a broadcast argument through
+    its own row index), reduced, and scattered into the fallback; NumPy's values. The
+    trace's expm1 and log1p are its own (Kahan's, Goldberg's), so equal to a few ulps."""
+    count = int(np.prod(shape[:-1]))
+    picks = {"none": np.array([], int), "first and last": np.array([0, count - 1]),
+             "scattered": np.random.default_rng(2).choice(count, count // 3, replace=False),
+             "all": np.arange(count)}[rows]
+    reduce, a, row, picked = _row_reduction_case(shape, picks)
+    expected = reduce(np, a, row, picked)
+    got = _run_traced(reduce, a, row, picked)
+    np.testing.assert_allclose(got, expected, rtol=4e-6, atol=0)
+    fallback = a.max(axis=-1, keepdims=True) * 3
+    np.testing.assert_array_equal(got[~picked], fallback[~picked])  # untouched where not picked
 
 
 def test_tracer_keeps_step_by_step_writes_as_numpy_does():

@@ -1512,6 +1512,48 @@ def _scatter_masked(out: Traced, idx: str, fn, args) -> Traced:
     return Traced(rec, rec.node("ScatterND", [out.ref, idx, vals.ref]), out.shape, out.dtype)
 
 
+def reduce_rows_where(rows, fn, fallback, *arrays) -> Traced:
+    """liftir.rule.reduce_rows_where in a trace: NonZero on the rows, a Gather of those rows
+    per array (a broadcast array's own row index by strides), fn, and a ScatterND of its
+    results into the fallback. fn's arguments are declared with every row (their count is
+    known only when the pass runs), so that its ops choose their large-array forms; its
+    reshapes must therefore keep the row axis symbolic (-1), as a reduction does."""
+    rec = _rec_of(rows, fallback, *arrays)
+    rows = _as_dtype(_lift(rec, rows), np.bool_)
+    lead = rows.shape[:-1]
+    count = int(np.prod(lead))
+    fallback = broadcast_to(_lift(rec, fallback, None), rows.shape)
+    flat = rec.node("Reshape", [rows.ref, rec.const(np.array([-1], np.int64))])
+    picked = rec.node("Reshape", [rec.node("NonZero", [flat]), rec.const(np.array([-1], np.int64))])  # (k,)
+    args = []
+    for a in arrays:
+        a = _lift(rec, a)
+        a = a._reshape_value((1,) * (len(lead) + 1 - a.ndim) + a.shape)
+        own = a.shape[:-1]
+        at = picked
+        if own != lead:  # broadcast axes read their one row: unravel by lead's strides, ravel by own
+            index = Traced(rec, rec.node("Reshape", [picked, rec.const(np.array([-1, 1], np.int64))]), (count, 1),
+                           np.dtype(np.int64))
+            strides = np.array([int(np.prod(lead[i + 1:])) for i in range(len(lead))], np.int64)
+            own_strides = np.array([int(np.prod(own[i + 1:])) if own[i] != 1 else 0 for i in range(len(own))],
+                                   np.int64)
+            multi = rec.node("Mod", [rec.node("Div", [index.ref, rec.const(strides[None])]),
+                                     rec.const(np.array(lead, np.int64)[None])])
+            at = (Traced(rec, multi, (count, len(lead)), np.dtype(np.int64)) * own_strides[None]).sum(axis=1, keepdims=True)
+            at = rec.node("Reshape", [at.ref, rec.const(np.array([-1], np.int64))])
+        table = a._reshape_value((int(np.prod(own)), a.shape[-1]))
+        args.append(Traced(rec, rec.node("Gather", [table.ref, at], axis=0), (count, a.shape[-1]), a.dtype))
+    values = _lift(rec, fn(*args), fallback.dtype)
+    if values.shape != (count, 1):
+        raise TraceError(f"reduce_rows_where's function returned shape {values.shape} for rows of shape {(count, 1)}")
+    values = _as_dtype(values, fallback.dtype)
+    flat_values = rec.node("Reshape", [values.ref, rec.const(np.array([-1], np.int64))])
+    indices = rec.node("Reshape", [picked, rec.const(np.array([-1, 1], np.int64))])
+    table = fallback._reshape_value((count,))
+    out = Traced(rec, rec.node("ScatterND", [table.ref, indices, flat_values]), (count,), fallback.dtype)
+    return out._reshape_value(rows.shape)
+
+
 def live_nodes(nodes: list, wanted: set[str]) -> list:
     """The nodes some wanted output depends on, in their order: a trace also records what
     the rules computed and did not use (the `.any()` of a shortcut, overwritten buffers)."""
