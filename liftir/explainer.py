@@ -188,6 +188,22 @@ class Explainer:
             raise InputError(f"tensor {name!r} is a constant of the model; it has no attribution")
         return name
 
+    def _check_layer(self, name: str) -> str:
+        """A tensor that can carry attributions: one that moves with the inputs' values."""
+        name = self._check_output(name)
+        producer = self.graph.producer.get(name)
+        if producer is not None and producer in self.plan.static:
+            node = self.graph.nodes[producer]
+            raise InputError(f"layer {name!r} is computed from the model's constants and shapes only (node "
+                             f"{producer!r}, {node.op_type}): it does not depend on the inputs' values, so it has "
+                             f"no attributions; name an activation")
+        info = self.graph.tensor_info(name)
+        if info is not None and info.dtype is not None and np.dtype(info.dtype).kind not in "fc":
+            raise InputError(f"layer {name!r} is a tensor of {np.dtype(info.dtype)}: attributions are for "
+                             f"floating-point tensors (integer ones, such as token ids, are held as given); name "
+                             f"the float tensor computed from it, e.g. an embedding's output")
+        return name
+
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
@@ -353,7 +369,7 @@ class Explainer:
         xs, refs, kind = self._batch(inputs, baselines, method.uses_reference,
                                      distribution=method.reference is Reference.DISTRIBUTION)
         if layer is not None:
-            layer = self._check_output(layer)
+            layer = self._check_layer(layer)
             if layer in self.input_names and len(self.attributed) == len(self.input_names):
                 layer = None
         n = xs[0].shape[0]
@@ -404,7 +420,7 @@ class Explainer:
         given = dict(zip(self.input_names, xs))
         given_refs = dict(zip(self.input_names, refs))
         if layer is not None:
-            cut = (self._check_output(layer),)
+            cut = (self._check_layer(layer),)
             if cut[0] in given:
                 raise InputError(f"layer {layer!r} is an input of the model: attribute to it without layer=")
             given_refs = dict(given)  # every input held at its actual value

@@ -368,3 +368,24 @@ def test_importing_and_using_liftir_does_not_import_cupy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def _layered_model():
+    """h = x W; y = Reshape(Where(h > 0, h, 0), Shape(h)): a shape tensor (int64, computed
+    from shapes only) and a bool one (computed from the inputs' values)."""
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Shape", ["h"], ["s"]),
+             helper.make_node("Greater", ["h", "zero"], ["b"]), helper.make_node("Where", ["b", "h", "zero"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    return model(nodes, {"x": (2, 4)}, ["y"], {"w": w, "zero": np.float32(0)})
+
+
+@pytest.mark.parametrize("layer, match", [("s", "constants and shapes only.*Shape\)"), ("b", "tensor of bool")])
+@pytest.mark.parametrize("method", ["deeplift", "integrated_gradients"])
+def test_a_layer_without_attributions_is_refused_by_name(layer, match, method):
+    ex = liftir.Explainer(_layered_model(), method)
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    expected = ex.attribute(x, target=1, layer="h")
+    with pytest.raises(InputError, match=match):
+        ex.attribute(x, target=1, layer=layer)
+    np.testing.assert_array_equal(ex.attribute(x, target=1, layer="h"), expected)
