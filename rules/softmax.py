@@ -107,7 +107,7 @@ def _exp_rescale(xp, dz, p, p0, out):
     max(p, p0). Overwrites dz (p is the forward's own); the result is in `out`."""
     neg = xp.abs(dz, out=dz)
     neg *= -1
-    r = exprel(xp, neg, out=out)  # 1 where dz == 0: the limit, max(p, p0)
+    r = exprel(xp, neg, out=out, nonpositive=True)  # 1 where dz == 0: the limit, max(p, p0)
     r *= xp.maximum(p, p0)
     return r
 

@@ -942,9 +942,9 @@ def _expm1(x: Traced) -> Traced:
     x = x if x.dtype.kind == "f" else _as_dtype(x, np.float64)
     rec = x.rec
     if x.dtype.itemsize <= 4:
-        z, u, one, log_u = _kahan_parts(x)
-        # where u == 1 (log u = 0): z, as 0/1 arithmetic (a full-size Where costs ~3 Muls)
-        return (u - 1 + one) * (z / (log_u + one))
+        z, u, log_u = _kahan_parts(x)
+        # where u == 1 (log u = 0): (-tiny) z / (-tiny) = z, with no mask (see _TINY)
+        return (u - 1 - _TINY) * (z / (log_u - _TINY))
     terms = 18  # truncated after z^18/18!: 0.5^18 / 19! ~ 3e-23 relative
     small = abs(x) < 0.5
     # z = x where |x| < 1/2 and finite elsewhere (NaN stays NaN), so that the blend below is
@@ -993,35 +993,42 @@ def _logaddexp(a, b) -> Traced:
     return _as_dtype(out, dtype)
 
 
-def _kahan_parts(x: Traced):
+#: subtracted from both terms of Kahan's quotient (u - 1) / log u instead of a mask for u == 1:
+#: there it makes (-tiny) / (-tiny) = 1; elsewhere |u - 1| and |log u| are at least 5.9e-8,
+#: whose ulp is far above 1e-30, so both terms keep their bits (two passes fewer than adding
+#: a Cast(u == 1) to both, the same result everywhere)
+_TINY = 1e-30
+
+
+def _kahan_parts(x: Traced, nonpositive: bool = False):
     """The pieces of Kahan's expm1 / exprel for a large float32 array: z = x clipped below at
     -20 (expm1 is -1 there in float32; the log of an underflowed e^z would be -inf), u = e^z,
-    one = 1{u == 1} (where log u = 0) and log u capped at 89 (the log of the largest float32 is
-    88.7), so that an overflowed u = inf gives inf, not inf * 0."""
+    and log u capped at 89 (the log of the largest float32 is 88.7), so that an overflowed
+    u = inf gives inf, not inf * 0 (no cap where x <= 0 is promised: log u <= 0 there)."""
     rec = x.rec
     z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-20.0, x.dtype))]), x.shape, x.dtype)
     u = _unary("Exp", z)
-    one = _as_dtype(u == 1, x.dtype)
-    return z, u, one, minimum(_unary("Log", u), np.asarray(89.0, x.dtype))
+    log_u = _unary("Log", u)
+    return z, u, log_u if nonpositive else minimum(log_u, np.asarray(89.0, x.dtype))
 
 
-def exprel(x, out=None, bounded=False):
+def exprel(x, out=None, bounded=False, nonpositive=False):
     """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays:
     Kahan's quotient without the product by x and the division by it, and no fill at 0
-    (u == 1 gives (0 + 1) / (0 + 1)): (u - 1 + one) / (log u + (x - z) + one) with z = x
-    clipped at -20 and u = e^z (below -20 it is -1 / x, and x - z there puts x in place of
-    log u = z). `bounded` (|x| <= 20 promised): z = x and no cap on log u, so four passes
-    fewer, (u - 1 + one) / (log u + one). Otherwise expm1(x) / x, 1 where x == 0."""
+    (u == 1 gives (-tiny) / (-tiny), see _TINY): (u - 1 - tiny) / (log u + (x - z) - tiny)
+    with z = x clipped at -20 and u = e^z (below -20 it is -1 / x, and x - z there puts x in
+    place of log u = z). `bounded` (|x| <= 20 promised): z = x and no cap on log u, four
+    passes fewer, (u - 1 - tiny) / (log u - tiny); `nonpositive` (x <= 0): no cap on log u.
+    Otherwise expm1(x) / x, 1 where x == 0."""
     if not isinstance(x, Traced):
         raise TraceError("exprel of a NumPy value in a trace")
     large_float32 = x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL
     if large_float32 and bounded:
         u = _unary("Exp", x)
-        one = _as_dtype(u == 1, x.dtype)
-        result = (u - 1 + one) / (_unary("Log", u) + one)
+        result = (u - 1 - _TINY) / (_unary("Log", u) - _TINY)
     elif large_float32:
-        z, u, one, log_u = _kahan_parts(x)
-        result = (u - 1 + one) / (log_u + (x - z) + one)
+        z, u, log_u = _kahan_parts(x, nonpositive)
+        result = (u - 1 - _TINY) / (log_u + (x - z) - _TINY)
     else:
         result = where(x == 0, 1.0, _expm1(x) / x)
     if out is not None:
