@@ -664,3 +664,18 @@ def test_traced_logistic_rescale_keeps_float64_accuracy(op):
         error = np.abs(got.astype(np.float64) - want)
         assert (error[near] <= 8 * eps * np.abs(want[near])).all(), (name, (error / np.abs(want))[near].max())
         assert (error[~near] <= values_rounding[~near] + 4 * eps * np.abs(want[~near])).all(), name
+
+
+def test_tracer_split_each_is_one_split_node_of_numpys_slices():
+    """A walk over time reads each step of a tensor: one Split node with a part per step
+    (each keeping the axis), the same values as NumPy's slices."""
+    a = np.random.default_rng(3).standard_normal((2, 5, 3)).astype(np.float32)
+    rec = tracer.Recorder(17)
+    with tracer.recording(rec):
+        parts = tracer.split_each(tracer.Traced(rec, "a", a.shape, np.float32), 1)
+        total = tracer.concatenate([p * (i + 1) for i, p in enumerate(parts)], axis=1)
+    assert [n.op_type for n in rec.nodes].count("Split") == 1
+    assert all(p.shape == (2, 1, 3) for p in parts)
+    np.testing.assert_array_equal(_run_traced(lambda xp, a: xp.concatenate(
+        [p * (i + 1) for i, p in enumerate(tracer.split_each(a, 1))], axis=1), a), a * np.arange(1, 6, dtype=np.float32)[None, :, None])
+    assert total.shape == a.shape

@@ -1095,6 +1095,25 @@ def split(x, indices_or_sections, axis=0):
     return [x[lead + (slice(a, max(a, b)),)] for a, b in zip(edges[:-1], edges[1:])]
 
 
+def split_each(x, axis):
+    """x's slices of length 1 along `axis` (each keeping the axis), as one Split node: a walk
+    over time reads every step of a tensor once, and onnxruntime runs per-step Slices or
+    Gathers of it as a node each (~15-25 us apiece on small steps) unless it fuses them."""
+    if not isinstance(x, Traced):
+        return [x[(slice(None),) * (axis % x.ndim) + (slice(i, i + 1),)] for i in range(x.shape[axis])]
+    rec = x.rec
+    axis %= x.ndim
+    n = x.shape[axis]
+    if n == 1:
+        return [x]
+    if rec.opset >= 13:
+        names = rec.node("Split", [x.ref, rec.const(np.ones(n, np.int64))], n_out=n, axis=axis)
+    else:
+        names = rec.node("Split", [x.ref], n_out=n, axis=axis, split=[1] * n)
+    shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
+    return [Traced(rec, name, shape, x.dtype) for name in names]
+
+
 def einsum(equation, *operands):
     """np.einsum with explicit output subscripts: one Einsum node."""
     rec = _rec_of(*operands)
