@@ -679,3 +679,27 @@ def test_tracer_split_each_is_one_split_node_of_numpys_slices():
     np.testing.assert_array_equal(_run_traced(lambda xp, a: xp.concatenate(
         [p * (i + 1) for i, p in enumerate(tracer.split_each(a, 1))], axis=1), a), a * np.arange(1, 6, dtype=np.float32)[None, :, None])
     assert total.shape == a.shape
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])  # axes as an attribute, then as an input
+def test_tracer_any_and_all_of_bools_equal_numpy(opset):
+    """Bool reductions run as bytes (uint8) and come back bool."""
+    import onnxruntime as ort
+
+    mask = np.random.default_rng(4).random((3, 40, 300)) < 0.001
+    mask[1] = False
+    mask[2, 5] = True
+    rec = tracer.Recorder(opset)
+    with tracer.recording(rec):
+        t = tracer.Traced(rec, "m", mask.shape, np.bool_)
+        outs = [t.any(axis=-1, keepdims=True), t.all(axis=-1, keepdims=True), t.any(axis=(1, 2)), t.any()]
+    assert all(o.dtype == np.bool_ for o in outs)
+    graph = helper.make_graph(rec.nodes, "g", [helper.make_tensor_value_info("m", helper.np_dtype_to_tensor_dtype(
+        np.dtype(bool)), list(mask.shape))], [helper.make_tensor_value_info(o.ref, helper.np_dtype_to_tensor_dtype(
+            np.dtype(bool)), list(o.shape)) for o in outs], rec.initializers)
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"m": mask})
+    want = [mask.any(axis=-1, keepdims=True), mask.all(axis=-1, keepdims=True), mask.any(axis=(1, 2)), mask.any()]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LiftirError
 
@@ -414,12 +414,15 @@ class Traced:
         shape = tuple(1 if i in axes else n for i, n in enumerate(self.shape))
         if not axes:
             return x
-        if op in ("ReduceMax", "ReduceMin") and x.dtype == np.bool_:
-            x = _as_dtype(x, np.int32)
+        ref, logical = x.ref, op in ("ReduceMax", "ReduceMin") and x.dtype == np.bool_
+        if logical:  # no bool reductions: as bytes (uint8 from opset 12), a quarter of int32's traffic
+            ref = rec.node("Cast", [ref], to=TensorProto.UINT8)  # (no Traced dtype: cast back below)
         if rec.opset >= 18 or (op == "ReduceSum" and rec.opset >= 13):
-            name = rec.node(op, [x.ref, rec.const(np.array(axes, np.int64))], keepdims=1)
+            name = rec.node(op, [ref, rec.const(np.array(axes, np.int64))], keepdims=1)
         else:
-            name = rec.node(op, [x.ref], axes=list(axes), keepdims=1)
+            name = rec.node(op, [ref], axes=list(axes), keepdims=1)
+        if logical:
+            name = rec.node("Cast", [name], to=TensorProto.BOOL)
         out = Traced(rec, name, shape, x.dtype)
         if not keepdims:
             out = out._reshape_value(tuple(n for i, n in enumerate(self.shape) if i not in axes))
