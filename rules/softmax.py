@@ -70,7 +70,8 @@ def _lse_difference(xp, p0, dx, lse, lse0, axis, scratch):
     """LSE(x) - LSE(x0) without cancellation: log1p(sum_j p0_j expm1(dx_j)) (an identity)
     where every |dx_j| < 1, the difference of the two LSEs beyond. `scratch`: a temporary
     of dx's shape and dtype it may overwrite."""
-    near = xp.abs(dx, out=scratch).max(axis=axis, keepdims=True) < 1
+    # max |dx| from the rows' max and min: two reads, no full-size |dx| written
+    near = xp.maximum(dx.max(axis=axis, keepdims=True), -dx.min(axis=axis, keepdims=True)) < 1
     # no near row (common: a blank or shuffled reference moves attention scores by more than
     # 1): the full-size expm1 would only be discarded (in a compiled pass 11 of a softmax's
     # ~55 full-size passes: onnxruntime has no Expm1)
@@ -116,12 +117,12 @@ def _exp_rescale(xp, dz, p, p0, out):
 _CANCELLATION = 1e-3
 
 
-def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None):
+def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None, p_dx_scale=1.0):
     """Refuse a position masked in one pass only (an attention mask that differs between the
     input and its reference): -inf there leaves no finite multiplier; finfo.min makes the
     split's terms p dx ~1e37, whose sum must cancel to dLSE = O(1), which no precision
     survives. Unmasked scores never come near: sum |p dx| <= max |dx|, and a large uniform
-    shift has dLSE as large. `p_dx` is p_mid * dx.
+    shift has dLSE as large. `p_dx` is p_mid * dx / p_dx_scale.
 
     `approx`, the rows' sums of p_dx, is given when nothing is masked (every p, p0 > 0):
     then every score lies within exp's underflow range U of its row's maximum in both
@@ -138,7 +139,7 @@ def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None):
     if approx is not None and span * eps < _CANCELLATION:
         bad = ~(abs(approx) < np.inf)
     else:
-        spread = abs(p_dx).sum(axis=axis, keepdims=True)
+        spread = abs(p_dx).sum(axis=axis, keepdims=True) * p_dx_scale
         finite = (abs(dx) < np.inf).all(axis=axis, keepdims=True)
         bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
     if is_traced(bad):
@@ -200,13 +201,14 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
         # x - x0 is difference(x, x0) wherever live (p > 0 only where x is finite), and
         # its NaN (-inf - -inf) lies where the mask puts 0: one full-size Where fewer
         dx = xp.where(live, x - x0, 0)
-    weights = p + p0  # p_mid first, the weights below
-    weights *= 0.5
+    # 2 p_mid first, the weights (doubled) below: the halves fall on the rows' sums, which
+    # scaling by 2 leaves bit for bit (one full-size pass fewer)
+    weights = p + p0
     work = xp.empty_like(dx)
     d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
-    p_dx = xp.multiply(weights, dx, out=work)
-    approx = p_dx.sum(axis=axis, keepdims=True)
-    refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, None if masked else approx)
+    p_dx = xp.multiply(weights, dx, out=work)  # 2 p_mid dx
+    approx = p_dx.sum(axis=axis, keepdims=True) * 0.5
+    refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, None if masked else approx, p_dx_scale=0.5)
     # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
     # correction of least chi-square norm sum_j (w_j - p_mid_j)^2 / p_mid_j, lambda p_mid_j
     # dx_j: a position takes part in the correction as it carries probability, so one the
@@ -218,8 +220,8 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
     # sum_j p_mid dx_j instead is ill-conditioned: that sum can cancel to ~0 while dLSE
     # does not; here the numerator is the trapezoid's error, of the order of the p-weighted
     # cubes of dx, over their squares.)
-    spread = (p_dx * dx).sum(axis=axis, keepdims=True)
-    weights += xp.multiply(p_dx, (d_lse - approx) / xp.where(spread > 0, spread, 1), out=work)
+    spread = (p_dx * dx).sum(axis=axis, keepdims=True) * 0.5
+    weights += xp.multiply(p_dx, (d_lse - approx) / xp.where(spread > 0, spread, 1), out=work)  # 2 w
     # Masked positions need no Where of their own (each is a full-size pass, ~3 Muls
     # in onnxruntime): the return's Where zeroes them, and until then they touch only
     # their own element, except through the rows' sums of g r, where r is 0 already
@@ -232,15 +234,17 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
         r = _exp_rescale(xp, dx, p, p0, work)
     if refused is not None:  # compiled: rows the interpreter refuses carry nothing (not NaN)
         live = ~refused if live is None else live & ~refused
-    return _combine(ctx, xp, g, r, weights, axis, not log, live)
+    return _combine(ctx, xp, g, r, weights, axis, not log, live, weights_scale=0.5)
 
 
-def _combine(ctx, xp, g, r, weights, axis, reuse, live):
-    """g r - weights sum(g r) over the softmax axis (the LSE split), 0 where not `live`.
-    `reuse`: r is a temporary of the rule's (DeepLIFT's), which may hold the product."""
+def _combine(ctx, xp, g, r, weights, axis, reuse, live, weights_scale=1.0):
+    """g r - weights_scale weights sum(g r) over the softmax axis (the LSE split), 0 where not
+    `live`. `reuse`: r is a temporary of the rule's (DeepLIFT's), which may hold the product."""
     deeplift = ctx.mode == Mode.DEEPLIFT
     gr = scale_rows(xp, g, r, reuse=deeplift and reuse)
     total = gr.sum(axis=axis + 1, keepdims=True)
+    if weights_scale != 1.0:
+        total *= weights_scale
     if deeplift and total.shape[0] == 1 and gr.shape[1:] == weights.shape:
         weights *= total[0]  # weights is a temporary here
         gr -= weights
