@@ -494,10 +494,17 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
     # few new arrays (each costs page faults as well as a pass): the quotient in dy's,
     # |dx| in dx's, and small = |dx| <= sqrt(eps) (1 + |x| + |x0|)
     shape = tuple(dx.shape)
+    root = np.sqrt(eps)
     bound = abs(x)
-    bound = bound + abs(x0) if tuple(bound.shape) != shape else _iadd(bound, abs(x0))
-    bound += 1
-    bound *= np.sqrt(eps)
+    if getattr(x0, "size", 1) < getattr(x, "size", 1) and tuple(bound.shape) == shape:
+        # a shared reference row: its part, (|x0| + 1) sqrt(eps), costs a row (three
+        # full-size passes for the bound where the sum written out took four)
+        bound *= root
+        bound += (abs(x0) + 1) * root
+    else:
+        bound = bound + abs(x0) if tuple(bound.shape) != shape else _iadd(bound, abs(x0))
+        bound += 1
+        bound *= root
     with np.errstate(divide="ignore", invalid="ignore"):  # dx == 0 only where `small` replaces it
         if tuple(dy.shape) == shape and dy.dtype == np.result_type(dy.dtype, dx.dtype):
             m = dy
