@@ -177,7 +177,8 @@ class _Steps:
         return a[(slice(None),) * axis + (0,)] if self.keep else a
 
     def stack(self, xs, axis=1):
-        """The steps' values (each of `at`'s form) as [..., T, ...], time at `axis`."""
+        """The steps' values (each of `at`'s form) as [..., T, n], time at `axis`, the
+        second to last (NumPy's steps have no time axis: `_stack_time` adds it there)."""
         return self.xp.concatenate(xs, axis=axis) if self.keep else _stack_time(self.xp, xs)
 
 

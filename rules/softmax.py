@@ -124,7 +124,7 @@ def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None, p_dx_sca
     survives. Unmasked scores never come near: sum |p dx| <= max |dx|, and a large uniform
     shift has dLSE as large. `p_dx` is p_mid * dx / p_dx_scale.
 
-    `approx`, the rows' sums of p_dx, is given when nothing is masked (every p, p0 > 0):
+    `approx`, the rows' sums of p_mid * dx, is given when nothing is masked (every p, p0 > 0):
     then every score lies within exp's underflow range U of its row's maximum in both
     passes, so max |dx| <= |dLSE| + 2U, and the spread test cannot fail where 2 U eps is
     below _CANCELLATION (float32: 2.5e-5, float64); only a non-finite dx (an overflow) is
