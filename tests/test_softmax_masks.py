@@ -167,6 +167,10 @@ def test_positions_far_below_the_row_maximum_take_no_part_in_float32_or_float64(
     c64, c32 = m64 * dx[:, None, :], m32.astype(np.float64) * dx[:, None, :]
     assert np.abs(c32 - c64).max() <= 2e-6 * np.abs(c64).max()
     assert np.abs(m64[np.broadcast_to(far[:, None, :], m64.shape)]).max() <= 1e-40
+    softmax = lambda v: np.exp(v - v.max(-1, keepdims=True)) / np.exp(v - v.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    change = softmax(x) - softmax(x0)  # summation-to-delta, output by output
+    assert np.abs(c64.sum(-1) - change).max() <= 1e-12
+    assert np.abs(c32.sum(-1) - change).max() <= 1e-6
 
 
 def test_difference_of_equal_infinities_is_zero():
