@@ -28,6 +28,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 BACKWARD = re.compile(r"^liftir/(?P<node>.*) \((?P<op>[^()]*)\) backward/")
 LAYOUT = ("ReorderInput", "ReorderOutput")  # inserted by onnxruntime around its NCHWc convolutions
+#: runs left out of the figures: onnxruntime's arena grows during the first two, and the page
+#: faults of fresh memory made single kernels 8x slower there (a Max of 16x32x64x64: 3.6 ms, then 0.5)
+WARM_UP = 2
 
 
 def model_and_inputs(name: str):
@@ -78,12 +81,14 @@ def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift",
     with tempfile.TemporaryDirectory() as folder:
         options.profile_file_prefix = str(Path(folder) / "profile")
         session = ort.InferenceSession(compiled.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for _ in range(repeats + 1):
+        for _ in range(WARM_UP + repeats):
             session.run(seen["outputs"], seen["feeds"])
         events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    steady = runs[WARM_UP - 1]  # kernels that start after the warm-up runs ended
     by_rule_op = collections.Counter()
     for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < steady:
             continue
         node, op = event["name"][: -len("_kernel_time")], event["args"]["op_name"]
         if op in ("If", "Loop"):  # the nodes of its branches are profiled (and named) themselves
@@ -97,7 +102,7 @@ def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift",
             rule = "liftir: seeds, slices, outputs, nodes renamed by onnxruntime"
         else:
             rule = "forward: " + op
-        by_rule_op[rule, op] += event["dur"] / (1000 * (repeats + 1))  # microseconds -> ms per run
+        by_rule_op[rule, op] += event["dur"] / (1000 * repeats)  # microseconds -> ms per run
     return by_rule_op
 
 
@@ -122,7 +127,7 @@ def main(argv=None) -> int:
         families[f"{found.group(1)} backward" if found else rule.split(":")[0]] += ms
     total = sum(by_op.values())
     print(f"{args.model}: compiled {args.method} pass, {total:.1f} ms per run in onnxruntime kernels "
-          f"({os.environ['LIFTIR_NUM_THREADS']} thread(s), mean of {args.repeats + 1} runs; the profiler "
+          f"({os.environ['LIFTIR_NUM_THREADS']} thread(s), mean of {args.repeats} runs after {WARM_UP} warm-up; the profiler "
           f"adds a per-node cost, so read the shares rather than the times)\n")
     for title, counter in (("by rule family", families), ("by model node", by_rule), ("by ONNX op", by_op)):
         print(f"| {title} | ms | % |\n|---|---|---|")
