@@ -425,13 +425,12 @@ def reduce_rows_where(xp, rows, fn, fallback, *arrays):
     return out
 
 
-def exprel(xp, x, out=None, bounded=False, nonpositive=False):
+def exprel(xp, x, out=None, nonpositive=False):
     """(e^x - 1) / x, and 1 at x = 0 (its limit), without cancellation; into `out` if given.
-    A trace writes it as one expression with no fill at 0 (tracer.exprel); `bounded` promises
-    |x| <= 20 (e^x neither overflows nor underflows), `nonpositive` x <= 0 (no overflow),
-    which spare the trace guards."""
+    A trace writes it as one expression with no fill at 0 (tracer.exprel); `nonpositive`
+    promises x <= 0, for which the trace has a cheaper identity."""
     if is_tracer(xp):
-        return xp.exprel(x, out=out, bounded=bounded, nonpositive=nonpositive)
+        return xp.exprel(x, out=out, nonpositive=nonpositive)
     r = xp.expm1(x, out=out)
     with np.errstate(divide="ignore", invalid="ignore"):
         r /= x

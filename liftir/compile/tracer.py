@@ -1003,34 +1003,38 @@ def _logaddexp(a, b) -> Traced:
 _TINY = 1e-30
 
 
-def _kahan_parts(x: Traced, nonpositive: bool = False):
+def _kahan_parts(x: Traced):
     """The pieces of Kahan's expm1 / exprel for a large float32 array: z = x clipped below at
     -20 (expm1 is -1 there in float32; the log of an underflowed e^z would be -inf), u = e^z,
     and log u capped at 89 (the log of the largest float32 is 88.7), so that an overflowed
-    u = inf gives inf, not inf * 0 (no cap where x <= 0 is promised: log u <= 0 there)."""
+    u = inf gives inf, not inf * 0."""
     rec = x.rec
     z = Traced(rec, rec.node("Clip", [x.ref, rec.const(np.asarray(-20.0, x.dtype))]), x.shape, x.dtype)
     u = _unary("Exp", z)
-    log_u = _unary("Log", u)
-    return z, u, log_u if nonpositive else minimum(log_u, np.asarray(89.0, x.dtype))
+    return z, u, minimum(_unary("Log", u), np.asarray(89.0, x.dtype))
 
 
-def exprel(x, out=None, bounded=False, nonpositive=False):
-    """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays:
-    Kahan's quotient without the product by x and the division by it, and no fill at 0
-    (u == 1 gives (-tiny) / (-tiny), see _TINY): (u - 1 - tiny) / (log u + (x - z) - tiny)
-    with z = x clipped at -20 and u = e^z (below -20 it is -1 / x, and x - z there puts x in
-    place of log u = z). `bounded` (|x| <= 20 promised): z = x and no cap on log u, four
-    passes fewer, (u - 1 - tiny) / (log u - tiny); `nonpositive` (x <= 0): no cap on log u.
-    Otherwise expm1(x) / x, 1 where x == 0."""
+def exprel(x, out=None, nonpositive=False):
+    """(e^x - 1) / x, 1 at x = 0 (liftir.rule.exprel in a trace). Large float32 arrays with
+    x <= 0 promised (`nonpositive`: the Rescale of exp and of the logistic functions): with
+    w = x / 2 and t = tanh w, exprel(x) = (t / w) / (1 - t), an identity in which nothing
+    cancels for w <= 0 (t / w is tanh's own relative accuracy, 1 - t >= 1) and which needs
+    no Log: onnxruntime's float32 Log is 10x its Exp or Mul (2.3 ms on 1.2M elements), and
+    this is 2.5x faster than Kahan's quotient, within 3 eps of float64 (Kahan's: 2; the
+    float32 Tanh kernel is within 2.7 eps, measured on [-15, 0] down to 1e-12); w = 0 gives
+    (-tiny) / (-tiny) = 1 (see _TINY). Other large float32 arrays: Kahan's quotient without
+    the product by x and the division by it, and no fill at 0, (u - 1 - tiny) /
+    (log u + (x - z) - tiny) with z = x clipped at -20 and u = e^z (below -20 it is -1 / x,
+    and x - z there puts x in place of log u = z). Otherwise expm1(x) / x, 1 where x == 0."""
     if not isinstance(x, Traced):
         raise TraceError("exprel of a NumPy value in a trace")
     large_float32 = x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL
-    if large_float32 and bounded:
-        u = _unary("Exp", x)
-        result = (u - 1 - _TINY) / (_unary("Log", u) - _TINY)
+    if large_float32 and nonpositive:
+        w = x * 0.5
+        t = _unary("Tanh", w)  # onnxruntime's float32 kernel, not `tanh` (its float64 route)
+        result = ((t - _TINY) / (w - _TINY)) / (1 - t)
     elif large_float32:
-        z, u, log_u = _kahan_parts(x, nonpositive)
+        z, u, log_u = _kahan_parts(x)
         result = (u - 1 - _TINY) / (log_u + (x - z) - _TINY)
     else:
         result = where(x == 0, 1.0, _expm1(x) / x)
