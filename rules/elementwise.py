@@ -146,22 +146,13 @@ def _relu_reference_bounds(xp, x0):
 
 
 def sigmoid(xp, x):
-    return _sigmoid_pair(xp, x)[0]
-
-
-def _sigmoid_pair(xp, x, both=False):
-    """sigma(x) (and sigma(-x) with `both`) from one exp(-|x|), which never overflows:
-    1 / (1 + e) for x >= 0, e / (1 + e) below, each without cancellation."""
+    """sigma(x) from one exp(-|x|), which never overflows: 1 / (1 + e) for x >= 0,
+    e / (1 + e) below, each without cancellation."""
     e = xp.exp(-abs(x))
     d = 1 + e
-    up = x >= 0
-    s = _one_where(xp, up, e)
+    s = _one_where(xp, x >= 0, e)
     s /= d
-    if not both:
-        return s, None
-    t = _one_where(xp, ~up, e)
-    t /= d
-    return s, t
+    return s
 
 
 def _one_where(xp, mask, e):

@@ -627,7 +627,7 @@ def test_gather_without_repeats_compiles(index):
 @pytest.mark.parametrize("op", ["Sigmoid", "Tanh"])
 def test_traced_logistic_rescale_keeps_float64_accuracy(op):
     """The compiled Rescale multiplier of sigma and tanh (one formula for every dx:
-    scale^2 sigma(hi) sigma(-lo) exprel(-|D|), Kahan's exprel, no fill at dx == 0) against the
+    scale^2 sigma(hi) sigma(-lo) exprel(-|D|), exprel from tanh's identity, no fill at dx == 0) against the
     float64 divided difference of the same float32 inputs, on an array beyond tracer._SMALL,
     with dx == 0, tiny, just either side of |dx| = 1, moderate and large, and steps between
     two saturated ends (where the quotient of f's float32 values the rule used before kept
