@@ -13,7 +13,7 @@ import numpy as np
 from liftir.errors import InputError
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, unbroadcast
+from liftir.rule import MODES, Rule, unbroadcast
 
 
 def _midpoint(ctx, index):

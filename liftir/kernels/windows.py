@@ -68,7 +68,6 @@ class Windows:
         return out
 
     def unpad(self, x):
-        nd = self.nd
         return x[(Ellipsis,) + tuple(slice(self.pads[d], self.pads[d] + s) for d, s in enumerate(self.spatial))]
 
     @property
