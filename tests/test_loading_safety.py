@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import liftir
-from liftir.errors import InputError, LiftirError, ModelLoadError
+from liftir.errors import InputError, ModelLoadError
 from onnx_builders import model
 
 RNG = np.random.default_rng(0)

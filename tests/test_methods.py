@@ -331,7 +331,7 @@ def test_neuron_target_matches_captum(key, index, op, occurrence, neuron, method
 
 def test_neuron_deeplift_sums_to_neuron_delta():
     """Summation-to-delta for an intermediate neuron: sum of attributions = a(x) - a(x0)."""
-    key, (index, op, occ, neuron) = "convpool", NEURONS["convpool"][1]
+    key, (_, op, occ, neuron) = "convpool", NEURONS["convpool"][1]
     x, x0 = _x(key)
     ex = R.explainer(key)
     output = R.tensor_of(R.proto(key), op, occ)

@@ -23,7 +23,6 @@ from torch import nn
 
 import liftir
 from liftir import scheduler
-from liftir.errors import RuleError
 from liftir.functions import expand_functions
 from liftir.registry import lookup
 from onnx_builders import op_model, value_info
