@@ -184,7 +184,7 @@ def _logistic_rescale(xp, x, x0, scale):
         den = xp.exp(-xp.maximum(a, b))
         den += 1
         den *= xp.exp(xp.minimum(a, b)) + 1
-    step = xp.abs(dx)
+    step = xp.abs(dx, out=dx)  # dx is difference()'s new array: no other reader
     step *= -scale
     m = exprel(xp, step, nonpositive=True)  # (exprel's `out` must not be its argument)
     m /= den
