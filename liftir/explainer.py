@@ -8,6 +8,7 @@ liftir/targets.py.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +34,7 @@ from .progress import Progress
 from .training_mode import refuse_training_mode
 from .compile.engine import CompiledEngine
 
+logger = logging.getLogger("liftir")
 
 
 class Explainer:
@@ -128,6 +130,9 @@ class Explainer:
         self._probe()
         #: compiled passes (liftir/compile), None for the interpreter
         self._compiled = CompiledEngine(self) if self.engine is Engine.COMPILED else None
+        #: per pass shapes: the forward tensors the interpreter's pass exposes (None: all)
+        self._exposures: dict[tuple, frozenset[str] | None] = {}
+        self._expose_all = False
 
     def _probe(self) -> None:
         """Forward one actual and one reference row of zeros now, so that an op mixing samples
@@ -388,11 +393,11 @@ class Explainer:
         target = call.target
         cap = min(n, batch_size or n)
         if method.passes is Passes.PAIRS:
-            attrs, delta = self._run_pairs(call, xs, refs, cost, budget, cap)
+            attrs, delta = self._exposing(self._run_pairs, call, xs, refs, cost, budget, cap)
         elif method.passes is Passes.PATH:
-            attrs, delta = self._run_path(call, xs, refs, cost, budget, cap, quadrature)
+            attrs, delta = self._exposing(self._run_path, call, xs, refs, cost, budget, cap, quadrature)
         else:
-            attrs, delta = self._run_samples(call, xs, refs, cost, budget, cap)
+            attrs, delta = self._exposing(self._run_samples, call, xs, refs, cost, budget, cap)
         attrs, delta = self._per_target(attrs, delta, target)
         if abs:
             attrs = [np.abs(a) for a in attrs]
@@ -543,7 +548,7 @@ class Explainer:
         budget = parse_memory(max_memory)
         call, cost = self._call(out, xs, target, wrt=tuple(self.attributed), multiply=False, func=None,
                                 progress=progress, per_pair=True)
-        m, differences = self._run_pairs(call, xs, refs, cost, budget, min(n, batch_size or n))
+        m, differences = self._exposing(self._run_pairs, call, xs, refs, cost, budget, min(n, batch_size or n))
         if targets.several(call.k, call.target):  # (K, N, B, ...) -> (N, K, B, ...)
             m, differences = [np.moveaxis(a, 0, 1) for a in m], np.moveaxis(differences, 0, 1)
         else:
@@ -627,13 +632,59 @@ class Explainer:
         """The stacked batch [actual rows; reference rows] per model input."""
         return stack(self.xp, self.input_names, xs, refs)
 
-    def _forward(self, xs, refs, outputs: str | tuple[str, ...], onnxruntime: bool = True) -> scheduler.Run:
+    def _forward(self, xs, refs, outputs: str | tuple[str, ...], onnxruntime: bool = True,
+                 exposed: frozenset[str] | None = None) -> scheduler.Run:
         """One batched forward over [actual; reference] rows, up to `outputs` (rule forwards
-        do not depend on the mode: the run's mode is the method's, for its backward)."""
+        do not depend on the mode: the run's mode is the method's, for its backward); with
+        `exposed`, values of those tensors only (`scheduler.forward`)."""
         outputs = (outputs,) if isinstance(outputs, str) else outputs
         r = 0 if refs is None else refs[0].shape[0]
         return scheduler.forward(self.plan, self.xp, self._feeds(xs, refs), xs[0].shape[0], r, outputs,
-                                 self.method.mode, self.options, engine="auto" if onnxruntime else "rules")
+                                 self.method.mode, self.options, engine="auto" if onnxruntime else "rules",
+                                 exposed=exposed)
+
+    def _pass_forward(self, xs, refs, call: _Call, k: int, pairs: int = 0,
+                      tile_references: bool = True) -> scheduler.Run:
+        """The interpreter's forward of one pass, exposing only what the pass reads.
+
+        Which tensors those are is what the compiled engine records for the same pass
+        (`compiler.forward_exposure`: the rules' own backward, traced once per pass shapes),
+        so both engines give onnxruntime the same forward graph to optimize and agree bit
+        for bit; where the pass cannot be traced, every tensor is exposed, as before."""
+        feeds = self._feeds(xs, refs)
+        n, r = xs[0].shape[0], 0 if refs is None else refs[0].shape[0]
+        key = (call.explained, call.wrt, n, r, k, pairs, tile_references,
+               tuple((name, v.shape, v.dtype.str) for name, v in feeds.items()))
+        if self._expose_all or self.xp is not np:
+            exposed = None
+        elif key in self._exposures:
+            exposed = self._exposures[key]
+        else:
+            from .compile.compiler import forward_exposure  # noqa: PLC0415 - the tracer, on demand
+            from .compile.tracer import TraceError  # noqa: PLC0415
+            split = tuple(self.attributed) if self.method.split else None
+            try:
+                exposed = forward_exposure(self.plan, feeds, n, r, call.explained, call.wrt, k, self.options,
+                                           pairs, tile_references, split)
+            except (TraceError, NotImplementedError):
+                exposed = None
+            self._exposures[key] = exposed
+        return scheduler.forward(self.plan, self.xp, feeds, n, r, (call.explained,), self.method.mode,
+                                 self.options, exposed=exposed)
+
+    def _exposing(self, run_passes, *args):
+        """`run_passes(*args)`, again with every forward tensor exposed if a rule read one
+        its pass's forward left out (scheduler.NotExposed: a rule whose array code reads
+        more than its trace does); said once in a log line."""
+        try:
+            return run_passes(*args)
+        except scheduler.NotExposed as exc:
+            if self._expose_all:
+                raise
+            logger.warning("liftir: %s; this Explainer's forwards return every tensor from now on "
+                           "(the same results, slower)", exc)
+            self._expose_all = True
+            return run_passes(*args)
 
     def _backward(self, run, call: _Call, seed: np.ndarray, node_backward=None):
         dtype = run.device(call.explained).dtype
@@ -665,7 +716,8 @@ class Explainer:
                 rows_ref = 0 if sub_refs is None else sub_refs[0].shape[0]
                 cp = compiled.get(feeds, s1 - s0, rows_ref, call, min(size.targets, call.k))
             if cp is None:
-                interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_)
+                interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_,
+                                                     min(size.targets, call.k))
             block = {w: [] for w in call.wrt}
             block_deltas = []
             for t0 in range(0, call.k, size.targets):
@@ -679,7 +731,7 @@ class Explainer:
                     _require_samples_first(run, call.explained)
                 else:
                     if interpreted is None:  # this number of targets did not compile: the interpreter
-                        interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_)
+                        interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_, k)
                     run, spread, node_backward = interpreted
                     grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None
                                            else seed, node_backward)
@@ -700,10 +752,10 @@ class Explainer:
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1) if deltas else None
 
-    def _interpreted_pass(self, sub_x, sub_refs, call: _Call, revealcancel_: bool):
+    def _interpreted_pass(self, sub_x, sub_refs, call: _Call, revealcancel_: bool, k: int):
         """The interpreter's forward of one pass, and for RevealCancel its split forward:
         (run, spread or None, node_backward or None)."""
-        run = self._forward(sub_x, sub_refs, call.explained)
+        run = self._pass_forward(sub_x, sub_refs, call, k)
         _require_samples_first(run, call.explained)
         if not revealcancel_:
             return run, None, None
@@ -754,8 +806,9 @@ class Explainer:
                     _require_samples_first(run, call.explained)
                 else:
                     if interpreted is None:  # this number of targets did not compile: the interpreter
-                        interpreted = scheduler.PairedRun(self._forward(sub_x, sub_refs, call.explained),
-                                                          b1 - b0, tile_references=not own)
+                        forward = self._pass_forward(sub_x, sub_refs, call, seed.shape[0], pairs=b1 - b0,
+                                                     tile_references=not own)
+                        interpreted = scheduler.PairedRun(forward, b1 - b0, tile_references=not own)
                         _require_samples_first(interpreted, call.explained)
                     run = interpreted
                     grads = self._backward(run, call, seed)
@@ -822,7 +875,7 @@ class Explainer:
                     grads, _ = this(feeds, seed.astype(this.seed_dtype, copy=False))
                 else:
                     if run is None:
-                        run = self._forward(path, None, call.explained)
+                        run = self._pass_forward(path, None, call, k)
                         _require_samples_first(run, call.explained)
                     grads = self._backward(run, call, seed)
                 for i, name in enumerate(self.input_names):

@@ -56,11 +56,12 @@ def runnable(ir_node: Node) -> list[onnx.NodeProto]:
 
 
 class OrtForward:
-    """One onnxruntime session computing every tensor the rules may read."""
+    """One onnxruntime session computing every tensor the rules may read (or those `exposed`)."""
 
-    def __init__(self, graph: Graph, order: list[str], outputs: tuple[str, ...]):
+    def __init__(self, graph: Graph, order: list[str], outputs: tuple[str, ...],
+                 exposed: frozenset[str] | None = None):
         nodes = [graph.nodes[name] for name in order]
-        produced = [o for node in nodes for o in node.outputs if o]
+        produced = [o for node in nodes for o in node.outputs if o and (exposed is None or o in exposed)]
         used = {i for node in nodes for i in node.forward_reads if i}
         initializers = [numpy_helper.from_array(np.asarray(v), name)
                         for name, v in graph.constants.items() if name in used]

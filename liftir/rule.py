@@ -109,6 +109,13 @@ class NodeContext:
         """Shape of input `index` for the P actual rows (what its multiplier must look like)."""
         return self._run.actual_shape(self.node.inputs[index])
 
+    def input_dtype(self, index: int = 0) -> np.dtype:
+        """dtype of input `index`, without reading its value (the pass may not hold it)."""
+        return np.dtype(self._run.device(self.node.inputs[index]).dtype)
+
+    def output_dtype(self, index: int = 0) -> np.dtype:
+        return np.dtype(self._run.device(self.node.outputs[index]).dtype)
+
     def output_shape(self, index: int = 0) -> tuple[int, ...]:
         """Shape of output `index` for the P actual rows (the batch wherever it is)."""
         return self._run.actual_shape(self.node.outputs[index])
@@ -233,18 +240,21 @@ def infinite_steps(xp, x, x0):
     return abs(difference(xp, x, x0)) == np.inf  # equal infinities are no change (0), NaN is no jump
 
 
-def refuse_infinite_steps(ctx, xp, x, x0, y, y0) -> None:
+def refuse_infinite_steps(ctx, xp, x, x0, y=None, y0=None) -> None:
     """DeepLIFT carries an input's difference as m * dx. Where dx is infinite (-inf added to
     a position in one pass only: an attention mask that masks it for the input and not for
     its reference) while the output changes by a finite nonzero amount (exp(-inf) = 0 against
     exp(s0)), no multiplier carries it: m = dy/dx = 0, and 0 * inf would make the attributions
     NaN. Refuse by node name instead. An output that does not change there (Relu(-inf) and
-    Relu(-2)) gets m = 0 and passes; equal infinities (masked in both passes) are no change."""
+    Relu(-2)) gets m = 0 and passes; equal infinities (masked in both passes) are no change.
+    The outputs (default: the node's output 0) are read only where some dx is infinite."""
     if is_traced(x):
         return
     jump = infinite_steps(xp, x, x0)
     if jump is None or not bool(jump.any()):
         return
+    if y is None:
+        y, y0 = ctx.y(0), ctx.y0(0)
     with np.errstate(invalid="ignore"):
         dy = difference(xp, y, y0)
         bad = jump & (dy != 0) & (dy == dy)  # a NaN output (an all-masked row) is NaN in the forward too
@@ -353,7 +363,7 @@ class Elementwise(Rule):
         x = ctx.x(0)
         if ctx.mode == Mode.DEEPLIFT:
             x0 = ctx.x0(0)
-            refuse_infinite_steps(ctx, xp, x, x0, ctx.y(0), ctx.y0(0))
+            refuse_infinite_steps(ctx, xp, x, x0)
             m = self.divided_difference(xp, x, x0, ctx)
         else:
             m = self.df(xp, x, ctx)

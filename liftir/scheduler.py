@@ -48,6 +48,9 @@ class Plan:
         self._ort_forward: dict[tuple[str, ...], Any] = {}
         self._batch_axes: dict[tuple, dict[str, BatchAxis]] = {}
         self._batch_free: dict[tuple, set[str]] = {}
+        #: (shape, dtype) of every forward tensor per (outputs, input signature), from a forward that
+        #: exposed them all: what a forward exposing fewer fills the rest with (`Unexposed`)
+        self._shapes: dict[tuple, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
         self.method = method
         #: nodes with no rule for this mode; fatal only on the way to an explained tensor
         #: (a classifier's label head, ArgMax and friends, need none to explain its scores)
@@ -108,6 +111,44 @@ def _declared_shape(graph: Graph, tensor: str):
     """An activation's shape as declared or inferred at load (None where unknown)."""
     info = graph.tensor_info(tensor) if tensor else None
     return info.shape if info is not None else None
+
+
+class NotExposed(RuntimeError):
+    """A rule read the value of a forward tensor its pass's forward did not expose."""
+
+
+class Unexposed:
+    """A forward tensor whose value the pass does not need, only its shape and dtype.
+
+    A forward session that returns fewer tensors leaves onnxruntime free to fuse and to
+    reuse buffers (liftir/compile/compiler.py: forward_exposure decides which); what the
+    backward asks of the rest is their shapes. Reading the value raises NotExposed, which the
+    Explainer answers by running the call again with every tensor exposed."""
+
+    __slots__ = ("name", "shape", "dtype")
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype):
+        self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def _refuse(self, *args, **kwargs):
+        raise NotExposed(f"the forward did not expose tensor {self.name!r}, which a rule reads")
+
+    __getitem__ = __array__ = __array_ufunc__ = __array_function__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __truediv__ = __rtruediv__ = __neg__ = __abs__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+    reshape = astype = copy = transpose = sum = max = min = mean = _refuse
+
+
+def _signature(feeds: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), v.dtype.str) for k, v in feeds.items()))
 
 
 class Run:
@@ -173,14 +214,23 @@ class Run:
 
 
 def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
-            outputs: tuple[str, ...], mode: Mode | str, options: dict, engine: str = "auto") -> Run:
+            outputs: tuple[str, ...], mode: Mode | str, options: dict, engine: str = "auto",
+            exposed: frozenset[str] | None = None) -> Run:
     """Run every node needed for `outputs` over the stacked batch in `feeds`.
 
-    engine "rules" runs each rule's forward; "auto" may use one onnxruntime session instead.
+    engine "rules" runs each rule's forward; "auto" may use one onnxruntime session instead,
+    which returns every tensor, or with `exposed` only those (and `outputs`; the rest are
+    `Unexposed` shapes, known from one full forward at these input shapes).
     """
+    shapes_key = (tuple(outputs), _signature(feeds))
+    if exposed is not None and (shapes_key not in plan._shapes
+                                or _batch_signature(outputs, feeds) not in plan._batch_free):
+        forward(plan, xp, feeds, n_actual, n_ref, outputs, mode, options, engine)
+        if shapes_key not in plan._shapes:  # the full forward did not run on onnxruntime
+            exposed = None
     run = Run(plan, xp, n_actual, n_ref, mode, options)
     run.values.update(feeds)
-    if engine == "auto" and _forward_on_onnxruntime(plan, run, feeds, outputs):
+    if engine == "auto" and _forward_on_onnxruntime(plan, run, feeds, outputs, exposed):
         try:
             _locate_batch(plan, run, outputs, feeds)
             return run
@@ -219,9 +269,13 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     return run
 
 
+def _batch_signature(outputs: tuple[str, ...], feeds: dict[str, Any]) -> tuple:
+    return (tuple(outputs),) + tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
+
+
 def _locate_batch(plan: Plan, run: Run, outputs: tuple[str, ...], feeds: dict[str, Any]) -> None:
     """Fill `run.batch` (cached per input signature); BatchAxisError names a mixing node."""
-    signature = (tuple(outputs),) + tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items()))
+    signature = _batch_signature(outputs, feeds)
     if signature not in plan._batch_axes:
         graph = plan.graph
         nodes = [graph.nodes[n] for n in plan.order_for(outputs) if n not in plan.static]
@@ -328,8 +382,11 @@ class PairedRun(Run):
         return self._expanded(name, True) if name in self.values else self.device(name)
 
 
-def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs: tuple[str, ...]) -> bool:
+def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs: tuple[str, ...],
+                            exposed: frozenset[str] | None = None) -> bool:
     """Fill `run` with one onnxruntime session's forward when that is possible; else False.
+    With `exposed`, the session returns those tensors, `outputs`, the static ones and those
+    without samples; the others become `Unexposed` with their shapes from `plan._shapes`.
 
     Used for NumPy float32 batches of standard-domain graphs; anything else, or any error
     from onnxruntime (e.g. a batch size frozen into the graph), falls back to the rules,
@@ -339,7 +396,10 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
                                                            for v in feeds.values()):
         return False
     order = plan.order_for(outputs)
-    key = tuple(outputs)
+    if exposed is not None:
+        exposed = frozenset(exposed) | set(outputs) | plan._batch_free[_batch_signature(outputs, feeds)] | {
+            o for n in order if n in plan.static for o in plan.graph.nodes[n].outputs if o}
+    key = (tuple(outputs), exposed)
     if key not in plan._ort_forward:
         graph = plan.graph
         standard = all(graph.nodes[n].domain in ("", "ai.onnx") for n in order)
@@ -347,7 +407,7 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
         if standard:
             try:
                 from .ort_forward import OrtForward
-                session = OrtForward(graph, order, outputs)
+                session = OrtForward(graph, order, outputs, exposed)
             except Exception as exc:  # onnxruntime cannot build it: the rules will do
                 _log_fallback("cannot build a session for this graph", exc)
                 session = None
@@ -365,15 +425,21 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
             getattr(values.get(o), "size", 1) == 0 for n in order if n not in plan.static
             for o in plan.graph.nodes[n].outputs if o):
         return False  # an empty activation from full inputs: the rules say which node and why
+    shapes_key = (tuple(outputs), _signature(feeds))
+    shapes = plan._shapes.setdefault(shapes_key, {}) if exposed is None else plan._shapes[shapes_key]
     for name in order:
         node = plan.graph.nodes[name]
         for o in node.outputs:
+            if o and o not in values and o in shapes and name not in plan.static:
+                run.values[o] = Unexposed(o, *shapes[o])
             if not o or o not in values:
                 continue
             if name in plan.static:
                 run.static[o] = values[o]
             else:
                 run.values[o] = values[o]
+                if exposed is None:
+                    shapes[o] = (tuple(values[o].shape), values[o].dtype)
     return all(o in run.values or o in run.static for o in outputs)
 
 

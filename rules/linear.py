@@ -128,7 +128,7 @@ class Gemm(Linear):
 class BatchNormalization(Linear):
     """Inference-mode batch norm: a per-channel scale and shift."""
 
-    def _scale_shift(self, ctx, x):
+    def _scale_shift(self, ctx, ndim: int, dtype):
         if ctx.attr("training_mode", 0):
             raise RuleError(f"BatchNormalization node {ctx.node.name!r} is in training mode; export the "
                             f"model in eval mode")
@@ -140,24 +140,28 @@ class BatchNormalization(Linear):
             k = scale / np.sqrt(var + ctx.attr("epsilon", 1e-5))
             ctx.cache["scale_shift"] = (k, bias - mean * k)
         k, shift = ctx.cache["scale_shift"]
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return xp.asarray(k.reshape(shape), dtype=x.dtype), xp.asarray(shift.reshape(shape), dtype=x.dtype)
+        shape = (1, -1) + (1,) * (ndim - 2)
+        return xp.asarray(k.reshape(shape), dtype=dtype), xp.asarray(shift.reshape(shape), dtype=dtype)
+
+    def _of_input(self, ctx):
+        """The scale and shift as the input's rank and dtype take them (its value is not read)."""
+        return self._scale_shift(ctx, len(ctx.input_shape(0)), ctx.input_dtype(0))
 
     def forward(self, ctx, x, *params):
-        k, shift = self._scale_shift(ctx, x)
+        k, shift = self._scale_shift(ctx, x.ndim, x.dtype)
         return x * k + shift
 
     def backward(self, ctx, g, *unused):
-        k, _ = self._scale_shift(ctx, ctx.x(0))
+        k, _ = self._of_input(ctx)
         return (g * k,)
 
     signed = True
 
     def abs_forward(self, ctx, d, *unused):
-        return d * abs(self._scale_shift(ctx, d)[0])
+        return d * abs(self._scale_shift(ctx, d.ndim, d.dtype)[0])
 
     def abs_backward(self, ctx, g):
-        return (g * abs(self._scale_shift(ctx, ctx.x(0))[0]),)
+        return (g * abs(self._of_input(ctx)[0]),)
 
 
 def _pool_windows(node, spatial, error=InputError) -> Windows:

@@ -145,26 +145,29 @@ class MatMul(_Bilinear):
     def backward(self, ctx, g):
         xp = ctx.xp
         const_a, const_b = ctx.is_const(0), ctx.is_const(1)
-        # each operand is read only for the other's multiplier (a dense layer: the weight alone)
-        a = self._operand(ctx, 0) if not const_b else ctx.x(0)  # then only its rank is read
-        b = self._operand(ctx, 1) if not const_a else ctx.x(1)
+        # each operand is read only for the other's multiplier (a dense layer: the weight
+        # alone); of an activation next to a constant, only the rank
+        a = None if const_b else self._operand(ctx, 0)
+        b = None if const_a else self._operand(ctx, 1)
+        a_ndim = len(ctx.input_shape(0)) if a is None else a.ndim
+        b_ndim = len(ctx.input_shape(1)) if b is None else b.ndim
         ga = gb = None
-        if not ctx.is_const(0):
-            if b.ndim == 1:
+        if not const_a:
+            if b_ndim == 1:
                 ga = g[..., None] * b
             else:
-                ga = _blas_matmul(xp, g if a.ndim > 1 else g[..., None, :], xp.swapaxes(b, -1, -2))
-                if a.ndim == 1:
+                ga = _blas_matmul(xp, g if a_ndim > 1 else g[..., None, :], xp.swapaxes(b, -1, -2))
+                if a_ndim == 1:
                     ga = ga[..., 0, :]
             ga = unbroadcast(xp, ga, ctx.input_shape(0))
-        if not ctx.is_const(1):
-            if a.ndim == 1:
-                gb = a[:, None] * (g[..., None, :] if b.ndim > 1 else g[..., None])
-                gb = gb if b.ndim > 1 else gb[..., 0]
+        if not const_b:
+            if a_ndim == 1:
+                gb = a[:, None] * (g[..., None, :] if b_ndim > 1 else g[..., None])
+                gb = gb if b_ndim > 1 else gb[..., 0]
             else:
-                gg = g if b.ndim > 1 else g[..., None]
+                gg = g if b_ndim > 1 else g[..., None]
                 gb = _blas_matmul(xp, xp.swapaxes(a, -1, -2), gg)
-                if b.ndim == 1:
+                if b_ndim == 1:
                     gb = gb[..., 0]
             gb = unbroadcast(xp, gb, ctx.input_shape(1))
         return ga, gb

@@ -124,12 +124,12 @@ class Cast(Linear):
         return x.astype(dtype)
 
     def _is_step(self, ctx) -> bool:
-        return ctx.x(0).dtype.kind == "f" and ctx.y(0).dtype.kind != "f"
+        return ctx.input_dtype(0).kind == "f" and ctx.output_dtype(0).kind != "f"
 
     def backward(self, ctx, g, *unused):
         none = (None,) * len(unused)
         if not self._is_step(ctx):
-            source = ctx.x(0).dtype
+            source = ctx.input_dtype(0)
             return (g.astype(source) if source.kind == "f" else g,) + none
         if ctx.mode != Mode.DEEPLIFT:
             return (None,) + none

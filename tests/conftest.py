@@ -69,3 +69,34 @@ def pytest_configure(config):
     cache = getattr(config, "cache", None)
     if cache is not None:
         export_cache.DIRECTORY = Path(cache.mkdir("liftir-exports"))
+
+
+class _ExposureFallbacks(__import__("logging").Handler):
+    """Counts the Explainer's "a rule read a tensor its pass did not expose" fallbacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "forwards return every tensor" in message:
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_exposure_fallback(request):
+    """Every interpreted pass exposes only what its trace says its backward reads
+    (liftir/compile/compiler.py: forward_exposure); a rule whose array code reads more falls
+    back to exposing everything, correct but slower and no longer the compiled engine's
+    forward bit for bit. Any test that makes that happen fails, unless it tests the fallback."""
+    import logging
+    handler = _ExposureFallbacks()
+    logger = logging.getLogger("liftir")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages and "exposure_fallback" not in request.keywords:
+        pytest.fail(f"an interpreted pass read a tensor its forward did not expose: {handler.messages[0]}")

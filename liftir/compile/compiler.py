@@ -149,22 +149,22 @@ def spread_name(tensor: str) -> str:
     return f"liftir_spread:{tensor}"
 
 
-def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
-                 explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int = 0,
-                 tile_references: bool = True, split: tuple[str, ...] | None = None) -> CompiledPass:
-    """Trace one pass for these feed shapes (values are irrelevant: only shapes are read).
+@dataclass
+class _Trace:
+    """One pass recorded on the tracer: its probe forward, the recorded backward, its seed."""
 
-    With `pairs` (DeepLIFT-SHAP), the forward runs the samples and references once and the
-    backward every (sample, reference) pair, as `scheduler.PairedRun` expands them: the
-    expansion is recorded too, so it happens inside the graph.
+    rec: Recorder
+    probe: scheduler.Run
+    seed: Traced
+    seed_shape: tuple[int, ...]
+    grads: dict
+    spread: dict | None
 
-    With `split` (RevealCancel: the tensors the split starts from, the attributed ones), the
-    graph also runs the forward of the positive/negative split and the RevealCancel
-    backward, on a seed of k targets stacked twice ([m+; m-]), and returns the split D of
-    each `wrt` tensor.
 
-    Raises TraceError naming what cannot be compiled; the caller falls back to the interpreter.
-    """
+def _trace(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
+           explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int,
+           tile_references: bool, split: tuple[str, ...] | None) -> _Trace:
+    """Record the pass's backward (and RevealCancel's split forward) over a probe forward."""
     graph = plan.graph
     if not plan.use_onnxruntime:
         raise TraceError("a user rule replaces a built-in one (its forward is array code, not an ONNX op)")
@@ -194,15 +194,60 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         seed_shape = (k,) + probe.loc(explained).resized(tuple(probe.values[explained].shape),
                                                          n_actual * pairs if pairs else n_actual)
         seed = Traced(rec, SEED, seed_shape, probe.values[explained].dtype)
-        inner, start = None, seed
+        inner, start, spread = None, seed, None
         if split is not None:
             from .. import revealcancel
             spread = revealcancel.split_forward(run, plan.order_for((explained,)), split)
             inner, start = revealcancel.node_backward(spread), tracer.concatenate([seed, seed])
         grads = scheduler.backward(run, {explained: start}, wrt, (explained,),
                                    node_backward=_recording_failures(rec, failures, inner))
-        if failures:
-            raise TraceError(_listing(failures))
+    if failures:
+        raise TraceError(_listing(failures))
+    return _Trace(rec, probe, seed, seed_shape, grads, spread)
+
+
+def _read_by_backward(trace: _Trace, feeds) -> set[str]:
+    """The forward tensors the recorded backward reads the values of: everything else only
+    lends its shape. All recorded nodes count, not only live ones: the interpreter runs the
+    same rules on arrays and also reads what a trace leaves dead (a shortcut's `.any()`)."""
+    read = {i for node in trace.rec.nodes for i in tracer.node_reads(node)}
+    return {t for t in trace.probe.values if t in read and t not in feeds}
+
+
+def forward_exposure(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
+                     explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int = 0,
+                     tile_references: bool = True, split: tuple[str, ...] | None = None) -> frozenset[str]:
+    """The forward tensors a pass needs the values of: what its backward reads, the explained
+    tensor and the attributed ones. The interpreter's forward session exposes these and no
+    more, as the compiled pass of the same call does: both then give onnxruntime the same
+    freedom to fuse, and their forwards agree bit for bit. Raises TraceError as compile_pass."""
+    trace = _trace(plan, feeds, n_actual, n_ref, explained, wrt, k, options, pairs, tile_references, split)
+    return frozenset(_read_by_backward(trace, feeds) | {t for t in (explained,) + tuple(wrt) if t not in feeds})
+
+
+def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
+                 explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int = 0,
+                 tile_references: bool = True, split: tuple[str, ...] | None = None) -> CompiledPass:
+    """Trace one pass for these feed shapes (values are irrelevant: only shapes are read).
+
+    With `pairs` (DeepLIFT-SHAP), the forward runs the samples and references once and the
+    backward every (sample, reference) pair, as `scheduler.PairedRun` expands them: the
+    expansion is recorded too, so it happens inside the graph.
+
+    With `split` (RevealCancel: the tensors the split starts from, the attributed ones), the
+    graph also runs the forward of the positive/negative split and the RevealCancel
+    backward, on a seed of k targets stacked twice ([m+; m-]), and returns the split D of
+    each `wrt` tensor.
+
+    Raises TraceError naming what cannot be compiled; the caller falls back to the interpreter.
+    """
+    graph = plan.graph
+    trace = _trace(plan, feeds, n_actual, n_ref, explained, wrt, k, options, pairs, tile_references, split)
+    rec, probe, seed, seed_shape, grads, spread = (trace.rec, trace.probe, trace.seed, trace.seed_shape,
+                                                   trace.grads, trace.spread)
+    order = [n for n in plan.order_for((explained,)) if n not in plan.static]
+    opset = rec.opset
+    with tracer.recording(rec):
         outputs, multipliers = [], {}
         for w in wrt if split is not None else ():
             d = spread[w]
@@ -221,10 +266,12 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
             outputs.append(helper.make_tensor_value_info(name, tracer._onnx_type(g.dtype), list(g.shape)))
             multipliers[w] = name
     values = tuple(dict.fromkeys(t for t in (explained,) + tuple(wrt) if t not in feeds))
-    # every forward tensor is a graph output, as in the interpreter's forward session
-    # (liftir/ort_forward.py): onnxruntime then fuses the same nodes in both, and the two
-    # forwards agree bit for bit (fusing more moved ResNet-18's logits by 5e-6)
-    produced = [o for name in order for o in graph.nodes[name].outputs if o in probe.values and o not in feeds]
+    # the forward tensors the backward reads are graph outputs too, as in the interpreter's
+    # forward session of the same call (forward_exposure): onnxruntime then fuses the same
+    # nodes in both, and the two forwards agree bit for bit (fusing a ResNet's residual Add
+    # into its convolution moved the attributions by 2e-5 of their largest)
+    read = _read_by_backward(trace, feeds)
+    produced = [o for name in order for o in graph.nodes[name].outputs if o in read]
     for v in dict.fromkeys(values + tuple(produced)):
         outputs.append(helper.make_tensor_value_info(v, tracer._onnx_type(probe.values[v].dtype),
                                                      list(probe.values[v].shape)))
