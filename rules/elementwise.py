@@ -220,9 +220,15 @@ class Relu(Elementwise):
         xp = ctx.xp
         if ctx.mode == Mode.DECONVNET:  # mask by the top signal only
             return (xp.maximum(g, 0),)
+        if ctx.mode == Mode.DEEPLIFT:
+            return super().backward(ctx, g)
+        # gradient modes: 1{x > 0} = 1{y > 0}, read from the output, so that the input (a
+        # convolution's output) stays inside the forward, where onnxruntime fuses the Relu
+        # into the convolution
+        positive = self.df(xp, ctx.y(0), ctx)
         if ctx.mode == Mode.GUIDED_BACKPROP:  # mask by both the bottom data and the top signal
-            return (xp.maximum(g, 0) * self.df(xp, ctx.x(0), ctx),)
-        return super().backward(ctx, g)
+            return (xp.maximum(g, 0) * positive,)
+        return (scale_rows(xp, g, positive, reuse=True),)
 
     def describe(self, mode):
         return {Mode.DECONVNET: "deconvnet: max(g, 0)",
