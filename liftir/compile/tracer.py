@@ -417,16 +417,16 @@ class Traced:
         ref, logical = x.ref, op in ("ReduceMax", "ReduceMin") and x.dtype == np.bool_
         if logical:  # no bool reductions: as bytes (uint8 from opset 12), a quarter of int32's traffic
             ref = rec.node("Cast", [ref], to=TensorProto.UINT8)  # (no Traced dtype: cast back below)
+        if not keepdims:  # the reduced axes dropped by the op itself, not by a Reshape to this
+            shape = tuple(n for i, n in enumerate(self.shape) if i not in axes)  # trace's shape:
+            # a fill's arrays have a length only the pass knows (tracer.fill_masked)
         if rec.opset >= 18 or (op == "ReduceSum" and rec.opset >= 13):
-            name = rec.node(op, [ref, rec.const(np.array(axes, np.int64))], keepdims=1)
+            name = rec.node(op, [ref, rec.const(np.array(axes, np.int64))], keepdims=int(keepdims))
         else:
-            name = rec.node(op, [ref], axes=list(axes), keepdims=1)
+            name = rec.node(op, [ref], axes=list(axes), keepdims=int(keepdims))
         if logical:
             name = rec.node("Cast", [name], to=TensorProto.BOOL)
-        out = Traced(rec, name, shape, x.dtype)
-        if not keepdims:
-            out = out._reshape_value(tuple(n for i, n in enumerate(self.shape) if i not in axes))
-        return out
+        return Traced(rec, name, shape, x.dtype)
 
     def sum(self, axis=None, keepdims=False, dtype=None):
         return self._reduce("ReduceSum", axis, keepdims, dtype)
