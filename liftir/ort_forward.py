@@ -84,7 +84,7 @@ class OrtForward:
             vi.CopyFrom(types[o])
             vi.type.tensor_type.ClearField("shape")
             model.graph.output.append(vi)
-        options = session_options()
+        options = session_options(shared_arena=True)  # the full and the exposing forward: one arena
         options.log_severity_level = 4  # a failure falls back to the rules, logged by liftir in one line
         self.session = ort.InferenceSession(model.SerializeToString(), options,
                                             providers=["CPUExecutionProvider"])

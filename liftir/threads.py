@@ -31,7 +31,7 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def session_options():
+def session_options(shared_arena: bool = False):
     """onnxruntime SessionOptions for liftir's sessions: `cpu_threads()` intra-op threads
     that spin while a run lasts and stop the moment it returns.
 
@@ -39,6 +39,9 @@ def session_options():
     (compiled DeepLIFT passes 10-20% faster on 2 cores than with spinning off); stopping at
     the end of each run leaves the cores to NumPy's pool and to other Dask workers between
     runs, which onnxruntime's default (spin on after the run) would not.
+
+    `shared_arena`: CPU memory from one arena of the process (`_shared_cpu_arena`), not the
+    session's own, where onnxruntime can.
     """
     import onnxruntime as ort  # noqa: PLC0415 - only where a session is made
 
@@ -46,4 +49,25 @@ def session_options():
     options.intra_op_num_threads = cpu_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    if shared_arena and _shared_cpu_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
     return options
+
+
+_ARENA: list[bool] = []
+
+
+def _shared_cpu_arena() -> bool:
+    """Register one CPU arena with onnxruntime's environment (once per process), for liftir's
+    CPU sessions to share: each session keeps its own arena at its peak otherwise, so an
+    Explainer holding passes of several shapes (compiled), or the full and the exposing
+    forward of the interpreter (liftir/scheduler.py), held the sum of their peaks."""
+    if not _ARENA:
+        import onnxruntime as ort  # noqa: PLC0415
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            _ARENA.append(True)
+        except Exception:  # noqa: BLE001 - an onnxruntime without it: per-session arenas
+            _ARENA.append(False)
+    return _ARENA[0]

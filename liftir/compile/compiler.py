@@ -65,9 +65,7 @@ class CompiledPass:
         """Open the onnxruntime session on the device of array module `xp`: the CPU for
         NumPy, the CUDA provider with IO binding for CuPy (liftir/compile/device.py)."""
         import onnxruntime as ort
-        options = session_options()
-        if xp is np and _shared_cpu_arena():  # one arena for every compiled pass: memory is the
-            options.add_session_config_entry("session.use_env_allocators", "1")  # largest pass's
+        options = session_options(shared_arena=xp is np)
         options.log_severity_level = 3
         self.session = ort.InferenceSession(self.model.SerializeToString(), options,
                                             providers=device.providers_for(xp))
@@ -91,24 +89,6 @@ class CompiledPass:
         if self.split:
             values["liftir_spread"] = {w: out[spread_name(w)] for w in self.split}
         return grads, values
-
-
-_ARENA: list[bool] = []
-
-
-def _shared_cpu_arena() -> bool:
-    """Register one CPU arena with onnxruntime's environment (once per process), for the
-    compiled sessions to share: each session keeps its own arena at its peak otherwise, so
-    an Explainer holding passes of several shapes held the sum of their peaks."""
-    if not _ARENA:
-        import onnxruntime as ort
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-            _ARENA.append(True)
-        except Exception:  # noqa: BLE001 - an onnxruntime without it: per-session arenas
-            _ARENA.append(False)
-    return _ARENA[0]
 
 
 def _standard(node) -> None:
