@@ -59,16 +59,18 @@ def normalized_multiplier(xp, g, x, x0, axes, eps, centre=True):
         s0 = xp.sqrt(v0 + eps)
         r0 = 1 / s0
     g_axes = tuple(a + 1 for a in axes)
-    c_mid = c + c0  # (c + c0) / 2, the product rule's midpoint, reused in place below
-    c_mid *= 0.5
-    g_r = (g * c_mid).sum(axis=g_axes, keepdims=True)  # product rule, r's side
+    # c + c0 = 2 (c + c0) / 2, the product rule's midpoint doubled: its halves fall on the
+    # rows' sums and the scalar below, where scaling by 2 keeps every bit (one full-size
+    # pass fewer); reused in place below
+    c_sum = c + c0
+    g_r = (g * c_sum).sum(axis=g_axes, keepdims=True) * 0.5  # product rule, r's side
     g_v = g_r * (-(r * r0) / (s + s0))  # Rescale of (v + eps)^(-1/2)
     g_c = g * ((r + r0) * 0.5)  # product rule, c's side; then the square's c + c0 and the mean
-    if g.shape[0] == 1 and tuple(c_mid.shape) == tuple(g.shape[1:]):
-        c_mid *= g_v[0] * (2 / size)  # one target: c_mid is a temporary of g's shape
-        g_c += c_mid
+    if g.shape[0] == 1 and tuple(c_sum.shape) == tuple(g.shape[1:]):
+        c_sum *= g_v[0] * (1 / size)  # one target: c_sum is a temporary of g's shape
+        g_c += c_sum
     else:
-        g_c += g_v * (c_mid * (2 / size))
+        g_c += g_v * (c_sum * (1 / size))
     if centre:
         g_c -= g_c.mean(axis=g_axes, keepdims=True)
     return g_c.astype(g.dtype, copy=False)
