@@ -435,6 +435,14 @@ def reduce_rows_where(xp, rows, fn, fallback, *arrays):
     return out
 
 
+def expm1_bounded(xp, x):
+    """e^x - 1 for |x| < 1 (promised: a softmax's near rows). A trace writes it without a
+    Log (tracer.expm1_bounded); NumPy's expm1 elsewhere."""
+    if is_tracer(xp):
+        return xp.expm1_bounded(x)
+    return xp.expm1(x)
+
+
 def exprel(xp, x, out=None, nonpositive=False):
     """(e^x - 1) / x, and 1 at x = 0 (its limit), without cancellation; into `out` if given.
     A trace writes it as one expression with no fill at 0 (tracer.exprel); `nonpositive`

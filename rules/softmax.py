@@ -29,7 +29,8 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import MODES, Rule, RuleError, branch, exprel, is_traced, reduce_rows_where, scale_rows
+from liftir.rule import (MODES, Rule, RuleError, branch, expm1_bounded, exprel, is_traced, reduce_rows_where,
+                         scale_rows)
 
 
 def _axis(ctx, ndim):
@@ -91,8 +92,8 @@ def _near_rows_lse_difference(xp, far, near, dx, p0, scratch, axis):
             small = xp.log1p(terms.sum(axis=axis, keepdims=True))
         return xp.where(near, small, far)
 
-    def shifted(dx, p0):
-        terms = xp.expm1(dx)
+    def shifted(dx, p0):  # near rows only: every |dx| < 1
+        terms = expm1_bounded(xp, dx)
         terms *= p0
         return xp.log1p(terms.sum(axis=-1, keepdims=True))
 
