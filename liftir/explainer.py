@@ -661,13 +661,12 @@ class Explainer:
             exposed = self._exposures[key]
         else:
             from .compile.compiler import forward_exposure  # noqa: PLC0415 - the tracer, on demand
-            from .compile.tracer import TraceError  # noqa: PLC0415
             split = tuple(self.attributed) if self.method.split else None
             try:
                 exposed = forward_exposure(self.plan, feeds, n, r, call.explained, call.wrt, k, self.options,
                                            pairs, tile_references, split)
-            except (TraceError, NotImplementedError):
-                exposed = None
+            except Exception:  # noqa: BLE001 - whatever the trace cannot do: every tensor, as before
+                exposed = None  # (an error of the inputs or the model is the forward's to raise below)
             self._exposures[key] = exposed
         return scheduler.forward(self.plan, self.xp, feeds, n, r, (call.explained,), self.method.mode,
                                  self.options, exposed=exposed)
