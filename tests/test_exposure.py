@@ -83,13 +83,15 @@ def test_a_rule_reading_more_than_its_trace_falls_back_to_every_tensor(residual,
     monkeypatch.setattr(relu, "backward", reads_its_output)
     ex = liftir.Explainer(proto)
     with caplog.at_level(logging.WARNING, logger="liftir"):
-        got = ex.attribute(x, baselines=x0, target=1)
+        got, delta = ex.attribute(x, baselines=x0, target=1, return_convergence_delta=True)
         again = ex.attribute(x, baselines=x0, target=1)
     said = [r.getMessage() for r in caplog.records if "forwards return every tensor" in r.getMessage()]
     assert len(said) == 1 and "did not expose tensor" in said[0]
     assert ex._expose_all
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(again, expected)
+    scale = max(1.0, float(np.abs(ex.predict(x)).max()), float(np.abs(ex.predict(x0[None])).max()))
+    assert np.abs(delta).max() <= 1e-4 * scale  # summation-to-delta
 
 
 def test_an_unexposed_tensor_lends_its_shape_and_refuses_its_value():
