@@ -48,7 +48,7 @@ class Plan:
         self._ort_forward: dict[tuple[str, ...], Any] = {}
         self._batch_axes: dict[tuple, dict[str, BatchAxis]] = {}
         self._batch_free: dict[tuple, set[str]] = {}
-        #: (shape, dtype) of every forward tensor per (outputs, input signature), from a forward that
+        #: (shape, dtype) of every forward tensor per (outputs, input shapes), from a forward that
         #: exposed them all: what a forward exposing fewer fills the rest with (`Unexposed`)
         self._shapes: dict[tuple, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
         self.method = method
@@ -147,10 +147,6 @@ class Unexposed:
     reshape = astype = copy = transpose = sum = max = min = mean = _refuse
 
 
-def _signature(feeds: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(v.shape), v.dtype.str) for k, v in feeds.items()))
-
-
 class Run:
     """The activations of one batched forward: P actual rows, then R reference rows."""
 
@@ -222,11 +218,10 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     which returns every tensor, or with `exposed` only those (and `outputs`; the rest are
     `Unexposed` shapes, known from one full forward at these input shapes).
     """
-    shapes_key = (tuple(outputs), _signature(feeds))
-    if exposed is not None and (shapes_key not in plan._shapes
-                                or _batch_signature(outputs, feeds) not in plan._batch_free):
+    signature = _batch_signature(outputs, feeds)
+    if exposed is not None and (signature not in plan._shapes or signature not in plan._batch_free):
         forward(plan, xp, feeds, n_actual, n_ref, outputs, mode, options, engine)
-        if shapes_key not in plan._shapes:  # the full forward did not run on onnxruntime
+        if signature not in plan._shapes:  # the full forward did not run on onnxruntime
             exposed = None
     run = Run(plan, xp, n_actual, n_ref, mode, options)
     run.values.update(feeds)
@@ -396,8 +391,9 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
                                                            for v in feeds.values()):
         return False
     order = plan.order_for(outputs)
+    signature = _batch_signature(outputs, feeds)
     if exposed is not None:
-        exposed = frozenset(exposed) | set(outputs) | plan._batch_free[_batch_signature(outputs, feeds)] | {
+        exposed = frozenset(exposed) | set(outputs) | plan._batch_free[signature] | {
             o for n in order if n in plan.static for o in plan.graph.nodes[n].outputs if o}
     key = (tuple(outputs), exposed)
     if key not in plan._ort_forward:
@@ -425,8 +421,7 @@ def _forward_on_onnxruntime(plan: Plan, run: Run, feeds: dict[str, Any], outputs
             getattr(values.get(o), "size", 1) == 0 for n in order if n not in plan.static
             for o in plan.graph.nodes[n].outputs if o):
         return False  # an empty activation from full inputs: the rules say which node and why
-    shapes_key = (tuple(outputs), _signature(feeds))
-    shapes = plan._shapes.setdefault(shapes_key, {}) if exposed is None else plan._shapes[shapes_key]
+    shapes = plan._shapes.setdefault(signature, {}) if exposed is None else plan._shapes[signature]
     for name in order:
         node = plan.graph.nodes[name]
         for o in node.outputs:

@@ -194,15 +194,26 @@ def _read_by_backward(trace: _Trace, feeds) -> set[str]:
     return {t for t in trace.probe.values if t in read and t not in feeds}
 
 
+def _returned(explained: str, wrt: tuple[str, ...], feeds) -> tuple[str, ...]:
+    """The forward tensors a pass returns whatever its backward reads: the explained tensor
+    and the attributed intermediate ones."""
+    return tuple(dict.fromkeys(t for t in (explained,) + tuple(wrt) if t not in feeds))
+
+
+def _exposure(trace: _Trace, feeds, explained: str, wrt: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(_read_by_backward(trace, feeds)) | frozenset(_returned(explained, wrt, feeds))
+
+
 def forward_exposure(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
                      explained: str, wrt: tuple[str, ...], k: int, options: dict, pairs: int = 0,
                      tile_references: bool = True, split: tuple[str, ...] | None = None) -> frozenset[str]:
     """The forward tensors a pass needs the values of: what its backward reads, the explained
     tensor and the attributed ones. The interpreter's forward session exposes these and no
-    more, as the compiled pass of the same call does: both then give onnxruntime the same
-    freedom to fuse, and their forwards agree bit for bit. Raises TraceError as compile_pass."""
+    more, as the compiled pass of the same call does (`_exposure` for both): both then give
+    onnxruntime the same freedom to fuse, and their forwards agree bit for bit. Raises
+    TraceError as compile_pass."""
     trace = _trace(plan, feeds, n_actual, n_ref, explained, wrt, k, options, pairs, tile_references, split)
-    return frozenset(_read_by_backward(trace, feeds) | {t for t in (explained,) + tuple(wrt) if t not in feeds})
+    return _exposure(trace, feeds, explained, wrt)
 
 
 def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: int, n_ref: int,
@@ -245,13 +256,13 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
             rec.nodes.append(helper.make_node("Identity", [g.ref], [name], name=rec.fresh("n")))
             outputs.append(helper.make_tensor_value_info(name, tracer._onnx_type(g.dtype), list(g.shape)))
             multipliers[w] = name
-    values = tuple(dict.fromkeys(t for t in (explained,) + tuple(wrt) if t not in feeds))
+    values = _returned(explained, wrt, feeds)
     # the forward tensors the backward reads are graph outputs too, as in the interpreter's
     # forward session of the same call (forward_exposure): onnxruntime then fuses the same
     # nodes in both, and the two forwards agree bit for bit (fusing a ResNet's residual Add
     # into its convolution moved the attributions by 2e-5 of their largest)
-    read = _read_by_backward(trace, feeds)
-    produced = [o for name in order for o in graph.nodes[name].outputs if o in read]
+    exposed = _exposure(trace, feeds, explained, wrt)
+    produced = [o for name in order for o in graph.nodes[name].outputs if o in exposed]
     for v in dict.fromkeys(values + tuple(produced)):
         outputs.append(helper.make_tensor_value_info(v, tracer._onnx_type(probe.values[v].dtype),
                                                      list(probe.values[v].shape)))
