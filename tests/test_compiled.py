@@ -708,3 +708,59 @@ def test_tracer_any_and_all_of_bools_equal_numpy(opset):
     want = [mask.any(axis=-1, keepdims=True), mask.all(axis=-1, keepdims=True), mask.any(axis=(1, 2)), mask.any()]
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+# (spatial, kernel, strides, pads, dilations, ceil_mode): strides above 1 in both axes read
+# the window offsets from one SpaceToDepth of the stride lattices; the others keep slices
+POOL_GEOMETRIES = [((12, 12), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),  # ResNet's stem pool
+                   ((11, 13), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),  # odd sizes: a partial block
+                   ((12, 12), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), False),  # tiles the input
+                   ((11, 11), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), True),   # ceil mode: overhang
+                   ((13, 10), (5, 3), (3, 3), (2, 0, 1, 2), (1, 1), False),  # stride 3, uneven pads
+                   ((14, 14), (3, 3), (2, 2), (0, 0, 0, 0), (2, 3), False),  # dilations: odd residues
+                   ((12, 12), (3, 3), (1, 2), (1, 1, 1, 1), (1, 1), False),  # unequal strides: slices
+                   ((9, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False)]    # stride 1: slices
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=lambda g: "x".join(map(str, g[0])) + f"k{g[1]}s{g[2]}p{g[3]}d{g[4]}c{int(g[5])}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_traced_window_pieces_equal_numpys_strided_views(geometry, dtype):
+    from liftir.kernels.windows import Windows, window_pieces
+    spatial, kernel, strides, pads, dilations, ceil_mode = geometry
+    windows = Windows.make(spatial, kernel, strides, pads, dilations, ceil_mode)
+    x = np.random.default_rng(5).standard_normal((2, 3) + spatial).astype(dtype)
+
+    def pieces(xp, a):
+        return xp.concatenate([p.reshape((2, -1)) for p in window_pieces(xp, windows, a)], axis=1)
+
+    np.testing.assert_array_equal(_run_traced(pieces, x), pieces(np, x))
+    rec = tracer.Recorder(17)
+    with tracer.recording(rec):
+        window_pieces(tracer, windows, tracer.Traced(rec, "a", x.shape, dtype))
+    lattice = strides[0] == strides[1] > 1
+    assert ("SpaceToDepth" in rec.ops) == lattice
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES[:6], ids=lambda g: "x".join(map(str, g[0])) + f"k{g[1]}s{g[2]}")
+@pytest.mark.filterwarnings("ignore::liftir.diagnostics.ConvergenceWarning")  # the paper rule's, expected
+def test_compiled_max_pool_equals_the_interpreter_on_every_geometry(geometry):
+    """After a ReLU (ties at 0 inside windows, dx == 0 where both passes are <= 0), every
+    method's compiled pool backward gives the interpreter's numbers; DeepLIFT conserves."""
+    from liftir.kernels.windows import Windows
+    spatial, kernel, strides, pads, dilations, ceil_mode = geometry
+    rng = np.random.default_rng(17)
+    c = 3
+    out = Windows.make(spatial, kernel, strides, pads, dilations, ceil_mode).out
+    consts = {"w": (rng.standard_normal((4, c * out[0] * out[1])) * 0.3).astype(np.float32)}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
+                              dilations=list(dilations), ceil_mode=int(ceil_mode)),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    m = model(nodes, {"x": (None, c) + spatial}, ["y"], consts)
+    x = rng.standard_normal((3, c) + spatial).astype(np.float32)
+    x0 = (rng.standard_normal((1, c) + spatial) * 0.5).astype(np.float32)
+    for method, max_rule in METHODS[:4]:
+        interp, comp, a, b = _both(m, method, max_rule, x, x0, 1)
+        _assert_same(a, b)
+        if method == "deeplift" and max_rule == "cross_max":
+            _assert_conserves(comp, x, x0, b[1])

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..compile.tracer import is_tracer
 
 
 def pool_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
@@ -130,23 +133,52 @@ def window_max(xp, windows: Windows, x):
     return best, first
 
 
-def window_pieces(xp, windows: Windows, x) -> list:
-    """x's elements at each window offset, one output-shaped array per offset (in `offsets`
-    order), for windows that tile the input: strided slices of x (views in NumPy). In the
-    tracer onnxruntime runs these 3-4x faster than one transpose of the tiled view into
-    contiguous parts, and than slices of that view (measured, 1 and 2 threads)."""
-    return [x[(Ellipsis,) + sl] for sl in windows.offsets()]
+def window_pieces(xp, windows: Windows, x, fill=-np.inf) -> list:
+    """The elements of x (..., *spatial), padded with `fill`, at each window offset: one
+    output-shaped array per offset (in `offsets` order). NumPy and CuPy take strided views.
+    In a trace a strided Slice is a slow gather in onnxruntime (3.5 ms for one 3x3/2 pool
+    offset of ResNet-18's stem, 9 of them per pass), so `_lattice_pieces` reads them from one
+    SpaceToDepth instead, where onnxruntime can."""
+    if is_tracer(xp) and _lattice_block(windows, x.ndim):
+        return _lattice_pieces(xp, windows, x, fill)
+    padded = windows.pad(xp, x, fill)
+    return [padded[(Ellipsis,) + sl] for sl in windows.offsets()]
+
+
+def _lattice_block(windows: Windows, ndim: int) -> int:
+    """The stride of a 2-D pool whose strides are equal and above 1 (0 otherwise): the
+    blocksize of the SpaceToDepth `_lattice_pieces` reads its offsets from."""
+    if windows.nd != 2 or ndim < 3 or windows.strides[0] != windows.strides[1] or windows.strides[0] < 2:
+        return 0
+    return windows.strides[0]
+
+
+def _lattice_pieces(xp, windows: Windows, x, fill) -> list:
+    """`window_pieces` of a padded input from its stride lattices: with stride s, offset o
+    of axis d reads the positions of residue (o dil) mod s shifted by (o dil) // s lattice
+    steps, so one SpaceToDepth (every plane as its own image, its s x s residue classes as
+    channels) and one step-1 slice per offset give each piece: 4x faster than strided
+    slices in onnxruntime (measured, 8x64x114x114, 1 thread: 7.2 against 30 ms for 9)."""
+    s = _lattice_block(windows, x.ndim)
+    # end padding up to whole blocks (never read by a window), in the same Pad
+    whole = dataclasses.replace(windows, extra=tuple(e + -n % s for e, n in zip(windows.extra, windows.padded_shape())))
+    padded = whole.pad(xp, x, fill)
+    lead = padded.shape[:-2]
+    planes = padded.reshape((-1, 1) + padded.shape[-2:])
+    lattices = xp.emit_node("SpaceToDepth", [planes], {"blocksize": s})  # (planes, s*s, H/s, W/s)
+    pieces = []
+    for offset in itertools.product(*(range(k) for k in windows.kernel)):
+        (rh, qh), (rw, qw) = ((o * dil % s, o * dil // s) for o, dil in zip(offset, windows.dilations))
+        piece = lattices[:, rh * s + rw, qh:qh + windows.out[0], qw:qw + windows.out[1]]
+        pieces.append(piece.reshape(lead + tuple(windows.out)))
+    return pieces
 
 
 def window_max_hits(xp, windows: Windows, x):
     """(max over each window, one boolean mask per offset: where that offset holds the
     window's first maximum). The same winner as `window_max`, without an index array: the
     tiled max-rule backward multiplies by these masks directly."""
-    if windows.tiles:
-        pieces = window_pieces(xp, windows, x)
-    else:
-        padded = windows.pad(xp, x, -np.inf)
-        pieces = [padded[(Ellipsis,) + sl] for sl in windows.offsets()]
+    pieces = window_pieces(xp, windows, x)
     best = pieces[0].copy()
     for piece in pieces[1:]:
         xp.maximum(best, piece, out=best)
