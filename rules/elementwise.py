@@ -14,7 +14,7 @@ import numpy as np
 from liftir.kernels.parallel import over_rows
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import (Elementwise, RuleError, blend, difference, exprel, is_tracer,
+from liftir.rule import (Elementwise, RuleError, blend, difference, exprel_of_negative, is_tracer,
                          refuse_infinite_steps, rescale_multiplier, scale_rows, select, sinhc)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -185,8 +185,7 @@ def _logistic_rescale(xp, x, x0, scale):
         den += 1
         den *= xp.exp(xp.minimum(a, b)) + 1
     step = xp.abs(dx, out=dx)  # dx is difference()'s new array: no other reader
-    step *= -scale
-    m = exprel(xp, step, nonpositive=True)  # (exprel's `out` must not be its argument)
+    m = exprel_of_negative(xp, step, scale)
     m /= den
     if scale != 1:
         m *= scale * scale

@@ -29,8 +29,8 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import (MODES, Rule, RuleError, branch, expm1_bounded, exprel, is_traced, reduce_rows_where,
-                         scale_rows)
+from liftir.rule import (MODES, Rule, RuleError, branch, expm1_bounded, exprel_of_negative, is_traced,
+                         reduce_rows_where, scale_rows)
 
 
 def _axis(ctx, ndim):
@@ -107,9 +107,7 @@ def _exp_rescale(xp, dz, p, p0, out):
     (z - z0 carries eps |z| of z's rounding: for a step of 1e-4 on |z| ~ 5, 1e-2 of itself);
     this halved ViT's and GPT-2's float32 error against float64. dz == 0: the limit,
     max(p, p0). Overwrites dz (p is the forward's own); the result is in `out`."""
-    neg = xp.abs(dz, out=dz)
-    neg *= -1
-    r = exprel(xp, neg, out=out, nonpositive=True)  # 1 where dz == 0: the limit, max(p, p0)
+    r = exprel_of_negative(xp, xp.abs(dz, out=dz), out=out)  # 1 where dz == 0: the limit, max(p, p0)
     r *= xp.maximum(p, p0)
     return r
 

@@ -392,6 +392,22 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
     assert (np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max() <= 8 * np.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])  # the softmax's exp, the sigmoid's and tanh's Rescale
+@pytest.mark.parametrize("size", [64, 4 * 4096])  # below and above tracer._SMALL
+def test_tracer_exprel_of_negative_is_exprel_of_the_negated_step(scale, size):
+    """exprel(-scale a), its negation folded into the tanh identity's halving: bit for bit
+    the traced exprel of a * -scale, down to 0, tiny and infinite steps."""
+    rng = np.random.default_rng(4)
+    a = np.concatenate([[0.0, 1e-38, 1e-30, 1e30, np.inf], 10.0 ** rng.uniform(-12, 2, size)]).astype(np.float32)
+    fused = _run_traced(lambda xp, v: xp.exprel_of_negative(v, scale), a)
+    np.testing.assert_array_equal(fused, _run_traced(lambda xp, v: xp.exprel(v * -scale, nonpositive=True), a))
+    rec = tracer.Recorder(17)
+    with tracer.recording(rec):
+        tracer.exprel_of_negative(tracer.Traced(rec, "a", a.shape, np.float32), scale)
+    if a.size > tracer._SMALL:
+        assert rec.ops.count("Mul") == 1
+
+
 def test_tracer_refuses_what_it_cannot_record():
     rec = tracer.Recorder(17)
     t = tracer.Traced(rec, "a", (2, 3), np.float32)

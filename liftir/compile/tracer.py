@@ -1028,16 +1028,40 @@ def exprel(x, out=None, nonpositive=False):
     and x - z there puts x in place of log u = z). Otherwise expm1(x) / x, 1 where x == 0."""
     if not isinstance(x, Traced):
         raise TraceError("exprel of a NumPy value in a trace")
-    large_float32 = x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL
+    large_float32 = _large_float32(x)
     if large_float32 and nonpositive:
-        w = x * 0.5
-        t = _unary("Tanh", w)  # onnxruntime's float32 kernel, not `tanh` (its float64 route)
-        result = ((t - _TINY) / (w - _TINY)) / (1 - t)
+        result = _exprel_of_double(x * 0.5)
     elif large_float32:
         z, u, log_u = _kahan_parts(x)
         result = (u - 1 - _TINY) / (log_u + (x - z) - _TINY)
     else:
         result = where(x == 0, 1.0, _expm1(x) / x)
+    if out is not None:
+        out._rebind(result)
+        return out
+    return result
+
+
+def _large_float32(x: Traced) -> bool:
+    return x.dtype.kind == "f" and x.dtype.itemsize <= 4 and x.size > _SMALL
+
+
+def _exprel_of_double(w: Traced) -> Traced:
+    """exprel(2 w) for w <= 0, from t = tanh w: (t / w) / (1 - t) (`exprel`)."""
+    t = _unary("Tanh", w)  # onnxruntime's float32 kernel, not `tanh` (its float64 route)
+    return ((t - _TINY) / (w - _TINY)) / (1 - t)
+
+
+def exprel_of_negative(a, scale=1.0, out=None):
+    """exprel(-scale a) for a >= 0 (liftir.rule.exprel_of_negative): `exprel`'s values, with
+    the tanh identity's halving folded into the negation, a * (-scale / 2) in one Mul (both
+    scalings are by powers of two for the rules' scales 1 and 2, so the same bits)."""
+    if not isinstance(a, Traced):
+        raise TraceError("exprel of a NumPy value in a trace")
+    if _large_float32(a):
+        result = _exprel_of_double(a * (-0.5 * scale))
+    else:
+        result = exprel(a * -scale, nonpositive=True)
     if out is not None:
         out._rebind(result)
         return out
