@@ -458,6 +458,23 @@ def exprel(xp, x, out=None, nonpositive=False):
     return r
 
 
+def tanh_half_ratio(xp, a):
+    """tanh(a / 2) / a for a >= 0, and its limit 1/2 at 0, without cancellation: with p the
+    mean of two values whose logs differ by a, (p_hi - p_lo) / a = 2 p tanh(a / 2) / a (the
+    Rescale of exp from both ends, which needs no max and no exprel). A trace writes it as
+    (t + tiny) / (a + 2 tiny), t = tanh(a / 2) (tracer.tanh_half_ratio), no fill at 0."""
+    if is_tracer(xp):
+        return xp.tanh_half_ratio(a)
+    r = a * 0.5
+    xp.tanh(r, out=r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r /= a
+    zero = a == 0
+    if bool(zero.any()):
+        r[zero] = 0.5
+    return r
+
+
 def exprel_of_negative(xp, a, scale=1.0, out=None):
     """exprel(-scale a) for a >= 0: the Rescale of exp and of the logistic functions, whose
     argument is -|step|. Overwrites `a` (`out` must not be `a`). A trace folds the negation
