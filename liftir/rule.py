@@ -449,12 +449,16 @@ def exprel(xp, x, out=None, nonpositive=False):
     promises x <= 0, for which the trace has a cheaper identity."""
     if is_tracer(xp):
         return xp.exprel(x, out=out, nonpositive=nonpositive)
-    r = xp.expm1(x, out=out)
+    return _over_with_limit(xp.expm1(x, out=out), x, 1)
+
+
+def _over_with_limit(r, x, limit):
+    """r / x in place, and `limit` where x == 0 (there r is 0 too: 0/0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         r /= x
     zero = x == 0
     if bool(zero.any()):
-        r[zero] = 1
+        r[zero] = limit
     return r
 
 
@@ -466,17 +470,11 @@ def tanh_half_ratio(xp, a):
     if is_tracer(xp):
         return xp.tanh_half_ratio(a)
     r = a * 0.5
-    xp.tanh(r, out=r)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r /= a
-    zero = a == 0
-    if bool(zero.any()):
-        r[zero] = 0.5
-    return r
+    return _over_with_limit(xp.tanh(r, out=r), a, 0.5)
 
 
 def exprel_of_negative(xp, a, scale=1.0, out=None):
-    """exprel(-scale a) for a >= 0: the Rescale of exp and of the logistic functions, whose
+    """exprel(-scale a) for a >= 0: the Rescale of the logistic functions (sigmoid, tanh), whose
     argument is -|step|. Overwrites `a` (`out` must not be `a`). A trace folds the negation
     into its tanh identity's halving: one full-size pass fewer, the same values."""
     if is_tracer(xp):

@@ -58,7 +58,7 @@ def _forward_softmax(xp, x, y, axis, log):
     LSE = max x - log max p, since the largest p is at the largest x (max x - max z for z).
     Its rounding is that of log max p, with max p >= 1/L: a few eps, as the recomputed LSE's.
     Neither quotient of p's in this rule divides by a small change of p (the exp's Rescale
-    is max(p, p0) exprel(-|dz|)), so p's own rounding enters as eps relative. A row masked
+    is (p + p0) tanh(|dz| / 2) / |dz|), so p's own rounding enters as eps relative. A row masked
     everywhere has no largest p: its LSE is NaN, which sends the rule down its masked path."""
     top = x.max(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore"):
