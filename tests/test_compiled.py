@@ -335,7 +335,7 @@ def test_deeplift_shap_compiled_equals_the_interpreter(zoo_models, name):
 
 
 @pytest.mark.parametrize("name", ["expm1", "expm1_large", "expm1_bounded", "exprel_large", "exprel_nonpositive",
-                                  "tanh", "log1p", "logaddexp"])
+                                  "tanh_half_ratio", "tanh", "log1p", "logaddexp"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
     """Within a few ulps of the float64 truth (log1p and logaddexp(x, 0) are computed in
@@ -362,6 +362,10 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
         x = -np.abs(np.concatenate([x, [0.0, -1e-30, -1e-38, -1e-45, -200.0, -np.inf],
                                     -10.0 ** rng.uniform(-12, 1, 4 * tracer._SMALL),
                                     np.linspace(-120, 0, 4 * tracer._SMALL)])).astype(dtype)
+    if name == "tanh_half_ratio":  # a >= 0 promised (a softmax's |dz|): 0, tiny, large and inf
+        x = np.abs(np.concatenate([x, [0.0, 1e-45, 1e-38, 1e-30, 2e-30, 1e-29, 1e-20, 300.0, np.inf],
+                                   10.0 ** rng.uniform(-30, 2.5, 4 * tracer._SMALL),
+                                   np.linspace(0, 40, 4 * tracer._SMALL)])).astype(dtype)
     if name == "log1p":  # its domain, x > -1, down to tiny and up to large x
         x = np.concatenate([x[x > -0.999], rng.uniform(-0.999, 0, 1000), np.exp(rng.uniform(-30, 30, 1000))]).astype(dtype)
     rec = tracer.Recorder(17)
@@ -385,6 +389,8 @@ def test_tracer_functions_without_an_onnx_op_keep_numpys_accuracy(name, dtype):
         want = np.logaddexp(wide, 0)
     elif name == "expm1_bounded":
         want = np.expm1(wide)
+    elif name == "tanh_half_ratio":
+        want = np.where(wide == 0, 0.5, np.tanh(wide / 2) / np.where(wide == 0, 1, wide))
     elif name.startswith("exprel"):
         want = np.expm1(wide) / np.where(wide == 0, 1, wide) + (wide == 0)
     else:
