@@ -9,9 +9,9 @@ that writes values, as Captum's does, overwrites them instead).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
