@@ -533,20 +533,15 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
         slope = df(x)
         fits = abs(slope * dx - dy) <= 4 * eps * (abs(y) + abs(y0) + abs(slope) * (abs(x) + abs(x0)))
         return xp.where(fits, slope, dy / xp.where(fits, xp.ones_like(dx), dx))
-    # few new arrays (each costs page faults as well as a pass): the quotient in dy's,
-    # |dx| in dx's, and small = |dx| <= sqrt(eps) (1 + |x| + |x0|)
+    # few new arrays (each costs page faults as well as a pass): the quotient in dy's, |dx|
+    # in dx's, and small = |dx| <= sqrt(eps) (1 + 2|x0|). That bound is within a factor
+    # 1 + sqrt(eps) of the symmetric sqrt(eps) (1 + |x| + |x0|) wherever either holds
+    # (|x| = |x0| +- |dx|), and it reads one operand only: the shared reference's row, so
+    # the test costs two full-size passes (|dx|, the compare) where the symmetric one took five.
     shape = tuple(dx.shape)
     root = np.sqrt(eps)
-    bound = abs(x)
-    if getattr(x0, "size", 1) < getattr(x, "size", 1) and tuple(bound.shape) == shape:
-        # a shared reference row: its part, (|x0| + 1) sqrt(eps), costs a row (three
-        # full-size passes for the bound where the sum written out took four)
-        bound *= root
-        bound += (abs(x0) + 1) * root
-    else:
-        bound = bound + abs(x0) if tuple(bound.shape) != shape else _iadd(bound, abs(x0))
-        bound += 1
-        bound *= root
+    near = x if getattr(x, "size", 1) < getattr(x0, "size", 1) else x0
+    bound = abs(near) * (2 * root) + root
     with np.errstate(divide="ignore", invalid="ignore"):  # dx == 0 only where `small` replaces it
         if tuple(dy.shape) == shape and dy.dtype == np.result_type(dy.dtype, dx.dtype):
             m = dy
@@ -557,8 +552,3 @@ def rescale_multiplier(xp, x, x0, y, y0, df, piecewise_linear: bool, exact_piece
     if bool(small.any()):  # halves first: finfo.min twice overflows
         fill_where(xp, m, small, lambda a, b: df(a * 0.5 + b * 0.5), x, x0)
     return m
-
-
-def _iadd(a, b):
-    a += b
-    return a
