@@ -221,6 +221,9 @@ class _Recurrent(Rule):
     batched_slope_keys: tuple[tuple[int, str], ...] = ()
     #: activations whose input `clip` does not bound (LSTM's h of the cell state, as onnxruntime)
     unclipped: tuple[int, ...] = ()
+    #: a factor of `_factors` the batched walk leaves out of its steps: the gates' multipliers
+    #: are then the carried state's times it, formed once after the walk (`_gates_of_states`)
+    gates_after_walk: str | None = None
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
                   "gradient: backprop through time")
 
@@ -468,12 +471,24 @@ class _Recurrent(Rule):
         steps_of = _Steps(xp)
         carry = [steps_of.enter(c, 2) for c in carry]
         g_yd = g_y[..., d, :] if g_y is not None else None
+        per_step = {key: f for key, f in factors.items() if key != self.gates_after_walk}
         for t in order:
             if g_yd is not None:
                 carry = [carry[0] + steps_of.at(g_yd, t, 2)] + carry[1:]
-            g_in[t], carry = self._step_back_batched(xp, carry, {key: steps_of.at(f, t) for key, f in factors.items()},
+            g_in[t], carry = self._step_back_batched(xp, carry, {key: steps_of.at(f, t) for key, f in per_step.items()},
                                                      p)
-        return steps_of.stack(g_in, 2), [steps_of.leave(c, 2) for c in carry]
+        g_in = steps_of.stack(g_in, 2)
+        if self.gates_after_walk is not None:
+            g_in = self._gates_of_states(xp, g_in, factors[self.gates_after_walk])
+        return g_in, [steps_of.leave(c, 2) for c in carry]
+
+    @staticmethod
+    def _gates_of_states(xp, g_h, q):
+        """Each gate's multipliers as the state's g_h [k, rows, T, H] times its factor in q
+        [rows, T, gates*H]: one broadcast product, no copies of g_h per gate."""
+        hidden = g_h.shape[-1]
+        q = q.reshape(tuple(q.shape[:-1]) + (-1, hidden))
+        return (xp.expand_dims(g_h, -2) * q).reshape(tuple(g_h.shape[:-1]) + (-1,))
 
     def _unroll(self, xp, x, init, p, acts, reverse, valid=None):
         """Every step's values, stored at its time index (the reverse direction runs t = T-1..0).
@@ -627,6 +642,7 @@ class GRU(_Recurrent):
     final_keys = ("h",)
     slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
     batched_slope_keys = ((1, "zh"), (0, "zzr"))
+    gates_after_walk = "q"
 
     def _step(self, xp, xw, state, p, acts, with_h=True):
         (h_prev,) = state
@@ -703,9 +719,11 @@ class GRU(_Recurrent):
                 "q_prev": xp.concatenate([k_zr, k_h * m("r")], axis=-1), "z": m("z")}
 
     def _step_back_batched(self, xp, carry, f, p):
+        """The walk's step: g_{H_prev} from g_H; the gates' own multipliers, g_H * q, wait for
+        the walk's end (`gates_after_walk`), so a step returns g_H."""
         (g_h,) = carry
-        g3 = xp.concatenate([g_h, g_h, g_h], axis=-1)
-        return g3 * f["q"], [g_h * f["z"] + _step_matmul(xp, g3 * f["q_prev"], p["R"])]
+        g3 = self._gates_of_states(xp, g_h, f["q_prev"])
+        return g_h, [g_h * f["z"] + _step_matmul(xp, g3, p["R"])]
 
 
 @builtin_rule("LSTM")
