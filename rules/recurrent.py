@@ -715,15 +715,18 @@ class GRU(_Recurrent):
         m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
         k_h = (1 - m("z")) * rec["s_zh"]
         k_zr = xp.concatenate([m("h_prev") - m("ht"), k_h * m("v")], axis=-1) * rec["s_zzr"]  # [k_z, k_r]
+        q_prev = xp.concatenate([k_zr, k_h * m("r")], axis=-1)
+        # q' as [rows, T, 3, H]: a step multiplies it by g_H broadcast, no reshape of its own
         return {"q": xp.concatenate([k_zr, k_h], axis=-1),
-                "q_prev": xp.concatenate([k_zr, k_h * m("r")], axis=-1), "z": m("z")}
+                "q_prev": q_prev.reshape(tuple(q_prev.shape[:-1]) + (3, -1)), "z": m("z")}
 
     def _step_back_batched(self, xp, carry, f, p):
         """The walk's step: g_{H_prev} from g_H; the gates' own multipliers, g_H * q, wait for
         the walk's end (`gates_after_walk`), so a step returns g_H."""
         (g_h,) = carry
-        g3 = self._gates_of_states(xp, g_h, f["q_prev"])
-        return g_h, [g_h * f["z"] + _step_matmul(xp, g3, p["R"])]
+        g3 = xp.expand_dims(g_h, -2) * f["q_prev"]  # [k, rows, (1,) 3, H]
+        back = xp.matmul(g3.reshape(-1, 3 * g_h.shape[-1]), p["R"]).reshape(g_h.shape)
+        return g_h, [g_h * f["z"] + back]
 
 
 @builtin_rule("LSTM")
