@@ -119,7 +119,7 @@ def _exp_rescale(xp, dz, weights):
 _CANCELLATION = 1e-3
 
 
-def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None, p_dx_scale=1.0):
+def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None, p_dx_scale=1.0, finite=False):
     """Refuse a position masked in one pass only (an attention mask that differs between the
     input and its reference): -inf there leaves no finite multiplier; finfo.min makes the
     split's terms p dx ~1e37, whose sum must cancel to dLSE = O(1), which no precision
@@ -142,8 +142,9 @@ def _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx=None, p_dx_sca
         bad = ~(abs(approx) < np.inf)
     else:
         spread = abs(p_dx).sum(axis=axis, keepdims=True) * p_dx_scale
-        finite = (abs(dx) < np.inf).all(axis=axis, keepdims=True)
-        bad = ~finite | (eps * spread > _CANCELLATION * (1 + abs(d_lse)))
+        bad = eps * spread > _CANCELLATION * (1 + abs(d_lse))
+        if not finite:
+            bad = bad | ~(abs(dx) < np.inf).all(axis=axis, keepdims=True)
     if is_traced(bad):
         return bad
     if not bool(bad.any()):
@@ -194,15 +195,42 @@ class Softmax(Rule):
 
 
 def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
-    """The DeepLIFT multipliers of x times g, with or without masked positions."""
-    live = None
+    """The DeepLIFT multipliers of x times g, with or without masked positions.
+
+    A Softmax's masked positions (p = p0 = 0) whose scores are finite in both passes (Swin's
+    -100, a score far below its row's maximum, finfo.min where the sum does not overflow)
+    need no masking at all: every term they enter, their own output's included, is weighted
+    by p + p0 = 0, so they get exactly 0. Only NaN differences (-inf in both passes) need
+    the Where's; a finite sum of dx says there are none (one read; an overflowing sum takes
+    the masked path, which gives the same values). LogSoftmax keeps the masked path: its
+    output there, z = x - LSE, has the multiplier 1 unless the mask is so large that z's
+    change rounds away (finfo.min), and the masked path gives the 0 that rounding leaves."""
+    dx = x - x0
     if not masked:
-        dx = x - x0
-    else:
-        live = (p > 0) | (p0 > 0)
-        # x - x0 is difference(x, x0) wherever live (p > 0 only where x is finite), and
-        # its NaN (-inf - -inf) lies where the mask puts 0: one full-size Where fewer
-        dx = xp.where(live, x - x0, 0)
+        return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, None, approximate_check=True)
+    if log:
+        return _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0)
+    with np.errstate(over="ignore"):
+        total = dx.sum()
+    return branch(xp, abs(total) < np.inf,
+                  lambda *a: _multipliers(ctx, xp, axis, log, *a, None, approximate_check=False, finite=True),
+                  lambda *a: _masked_multipliers(ctx, xp, axis, log, *a), g, dx, p, p0, lse, lse0)
+
+
+def _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0):
+    """`_multipliers` where some difference is NaN (-inf - -inf at a position masked in
+    both passes), set to 0 there; the masked positions' multipliers are 0."""
+    live = (p > 0) | (p0 > 0)
+    # dx is difference(x, x0) wherever live (p > 0 only where x is finite), and its NaN
+    # (-inf - -inf) lies where the mask puts 0
+    dx = xp.where(live, dx, 0)
+    return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_check=False)
+
+
+def _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_check, finite=False):
+    """The rule's multipliers times g from dx (finite, or +-inf at a position masked in one
+    pass only, which is refused). `approximate_check`: nothing is masked, so refusing rests
+    on the rows' sums (`_refuse_switched_masks`); `finite`: every dx is known finite."""
     # 2 p_mid first, the weights (doubled) below: the halves fall on the rows' sums, which
     # scaling by 2 leaves bit for bit (one full-size pass fewer)
     weights = p + p0
@@ -210,7 +238,8 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
     d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
     p_dx = xp.multiply(weights, dx, out=work)  # 2 p_mid dx
     approx = p_dx.sum(axis=axis, keepdims=True) * 0.5
-    refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, None if masked else approx, p_dx_scale=0.5)
+    refused = _refuse_switched_masks(ctx, xp, dx, p_dx, d_lse, axis, approx if approximate_check else None,
+                                     p_dx_scale=0.5, finite=finite)
     # weights with sum_j w_j dx_j = dLSE exactly: the trapezoid estimate p_mid plus the
     # correction of least chi-square norm sum_j (w_j - p_mid_j)^2 / p_mid_j, lambda p_mid_j
     # dx_j: a position takes part in the correction as it carries probability, so one the
@@ -232,8 +261,8 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
     # their own element, except through the rows' sums of g r, where r is 0 already
     # (p + p0 = 0 times a finite tanh(|dz| / 2) / |dz|); a
     # row where it is not (dLSE NaN) is NaN at its live positions as well.
-    if log:
-        r = xp.ones_like(p) if live is None else live.astype(p.dtype)  # masked: -inf in both passes
+    if log:  # a position masked with -inf in both passes: z = -inf did not move
+        r = xp.ones_like(p) if live is None else live.astype(p.dtype)
     if refused is not None:  # compiled: rows the interpreter refuses carry nothing (not NaN)
         live = ~refused if live is None else live & ~refused
     return _combine(ctx, xp, g, r, weights, axis, not log, live, weights_scale=0.5)
