@@ -503,11 +503,13 @@ def _fill_where_case(shape, where):
     return fill, a, row, mask
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 6), (3, 40, 300)])  # below and above tracer._SMALL
+# below tracer._SMALL; above it in blocks of 32, of 8 (a size 8 divides, 32 does not), by
+# rows of the last axis (an odd size), 1-D in blocks and 1-D whole (odd)
+@pytest.mark.parametrize("shape", [(2, 5, 6), (3, 40, 300), (3, 41, 296), (3, 37, 301), (40000,), (33411,)])
 @pytest.mark.parametrize("where", ["none", "corners", "scattered", "one row", "all"])
 def test_tracer_fill_where_equals_numpy(shape, where):
-    """fill_where in a trace: NonZero on the whole mask (small arrays) or on the rows that
-    hold a masked element (large ones); the same elements, the same values as NumPy."""
+    """fill_where in a trace: NonZero on the whole mask (small arrays) or on the blocks (or
+    rows) that hold a masked element (large ones); the same elements, the same values as NumPy."""
     rows, length = int(np.prod(shape[:-1])), shape[-1]
     picks = {"none": (np.array([], int), np.array([], int)),
              "corners": (np.array([0, 0, rows - 1, rows - 1]), np.array([0, length - 1, 0, length - 1])),
