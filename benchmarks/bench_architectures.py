@@ -9,8 +9,11 @@ side: the median (after a warm-up) of
   * liftir compiled the same with engine="compiled" (the pass as one ONNX graph in one
                     onnxruntime session; its first call, which traces and starts the session,
                     is reported apart as "compile s" and is not in the median)
-and each one's peak resident set size (Linux VmHWM, reset before each tool through
-/proc/self/clear_refs; it includes the process's baseline: Python, torch, the model).
+and each one's peak resident set size (Linux VmHWM over its warm-up calls, reset before each
+tool through /proc/self/clear_refs; it includes the process's baseline: Python, torch, the
+model). The timed calls are interleaved, one of each tool per round in a rotating order, so
+that the VM's drift (10-30% between runs minutes apart, Captum's time included) falls on all
+tools alike and the ratios compare calls made in the same seconds.
 Models are the zoo's architectures (tests/zoo_transformers.py, tests/zoo_sequence.py) at
 larger configurations, random weights. Run ``python benchmarks/bench_architectures.py
 --help``; ``--write`` writes benchmarks/results_architectures.md; ``--profile MODEL`` prints
@@ -128,16 +131,25 @@ def _peak_mib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def timed(fn, repeats, warmup):
-    out = None
-    for _ in range(warmup):
+def warm(fn, warmup):
+    """fn's last result after `warmup` calls (at least one), and the peak RSS they reached."""
+    _clear_peak()
+    out = fn()
+    for _ in range(warmup - 1):
         out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, out
+    return out, _peak_mib()
+
+
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, called in rounds (one call each, the order rotating)."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
 
 
 def run_one(name, repeats, warmup, target=1):
@@ -162,10 +174,10 @@ def run_one(name, repeats, warmup, target=1):
     if threads:  # the yardstick forward gets the threads liftir and Captum get
         options.intra_op_num_threads = threads
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    _clear_peak()
-    row["ort_ms"], _ = timed(lambda: sess.run(None, feeds), repeats, warmup)
-    row["ort_rss"] = _peak_mib()
-    del sess
+
+    def forward():
+        return sess.run(None, feeds)
+    _, row["ort_rss"] = warm(forward, warmup)
 
     def captum():
         with warnings.catch_warnings():
@@ -176,9 +188,7 @@ def run_one(name, repeats, warmup, target=1):
             return LayerDeepLift(model, layer).attribute(inputs[0], baselines=base, target=target,
                                                          additional_forward_args=inputs[1:]).detach()
 
-    _clear_peak()
-    row["captum_ms"], want = timed(captum, repeats, warmup)
-    row["captum_rss"] = _peak_mib()
+    want, row["captum_rss"] = warm(captum, warmup)
     want = want.numpy()
 
     explainer = liftir.Explainer(proto, method="deeplift")
@@ -192,9 +202,7 @@ def run_one(name, repeats, warmup, target=1):
             warnings.simplefilter("ignore")
             return explainer.attribute(args, baselines=base, target=target, return_convergence_delta=True)
 
-    _clear_peak()
-    row["liftir_ms"], (got, delta) = timed(ours, repeats, warmup)
-    row["liftir_rss"] = _peak_mib()
+    (got, delta), row["liftir_rss"] = warm(ours, warmup)
     if layer is not None:
         got = got[explainer.attributed[0]]
 
@@ -209,8 +217,12 @@ def run_one(name, repeats, warmup, target=1):
     t0 = time.perf_counter()
     ours_compiled()  # traces the pass and starts its session
     row["compile_s"] = time.perf_counter() - t0
-    row["compiled_ms"], (got_c, delta_c) = timed(ours_compiled, repeats, max(warmup - 1, 0))
-    row["compiled_rss"] = _peak_mib()
+    peak = _peak_mib()
+    (got_c, delta_c), row["compiled_rss"] = warm(ours_compiled, warmup)
+    row["compiled_rss"] = max(peak, row["compiled_rss"])
+    medians = timed_interleaved({"ort": forward, "captum": captum, "liftir": ours, "compiled": ours_compiled},
+                                repeats)
+    row.update({f"{k}_ms": v for k, v in medians.items()})
     reasons = list(compiled._compiled.reasons.values())
     row["compiled_fallback"] = reasons[0][:150] if reasons else ""
     if layer is not None:
@@ -284,7 +296,7 @@ def header(repeats, warmup, load):
         pass
     after = "/".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"CPU: {cpu}, os.cpu_count()={os.cpu_count()}; torch {torch.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}, captum {captum.__version__}; median of {repeats} after {warmup} warm-up; "
+            f"{onnxruntime.__version__}, captum {captum.__version__}; median of {repeats} interleaved rounds after {warmup} warm-up; "
             f"target 1; {time.strftime('%Y-%m-%d %H:%M')}; load average before {load}, after {after}")
 
 
