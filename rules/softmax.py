@@ -29,8 +29,8 @@ import numpy as np
 from liftir.backend import to_host
 from liftir.methods import Mode
 from liftir.registry import builtin_rule
-from liftir.rule import (MODES, Rule, RuleError, branch, expm1_bounded, is_traced, reduce_rows_where,
-                         scale_rows, tanh_half_ratio)
+from liftir.rule import (MODES, Rule, RuleError, branch, difference, expm1_bounded, is_traced,
+                         reduce_rows_where, scale_rows, tanh_half_ratio)
 
 
 def _axis(ctx, ndim):
@@ -202,9 +202,9 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
     need no masking at all: every term they enter, their own output's included, is weighted
     by p + p0 = 0, so they get exactly 0. Only NaN differences (-inf in both passes) need
     the Where's; a finite sum of dx says there are none (one read; an overflowing sum takes
-    the masked path, which gives the same values). LogSoftmax keeps the masked path: its
-    output there, z = x - LSE, has the multiplier 1 unless the mask is so large that z's
-    change rounds away (finfo.min), and the masked path gives the 0 that rounding leaves."""
+    the masked path, which gives the same values). LogSoftmax takes the masked path: its
+    output there, z = x - LSE, moves by dx - dLSE unless the forward's rounding absorbs
+    that (finfo.min), which `_log_softmax_factor` tells apart."""
     dx = x - x0
     if not masked:
         return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, None, approximate_check=True)
@@ -221,10 +221,29 @@ def _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0):
     """`_multipliers` where some difference is NaN (-inf - -inf at a position masked in
     both passes), set to 0 there; the masked positions' multipliers are 0."""
     live = (p > 0) | (p0 > 0)
-    # dx is difference(x, x0) wherever live (p > 0 only where x is finite), and its NaN
-    # (-inf - -inf) lies where the mask puts 0
-    dx = xp.where(live, dx, 0)
+    if log:  # a finite score far below its row's maximum keeps its difference (see below)
+        dx = xp.where(dx == dx, dx, 0)  # -inf - -inf: did not move
+    else:
+        # dx is difference(x, x0) wherever live (p > 0 only where x is finite), and its NaN
+        # (-inf - -inf) lies where the mask puts 0
+        dx = xp.where(live, dx, 0)
     return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_check=False)
+
+
+def _log_softmax_factor(ctx, xp, live, dx, d_lse, dtype):
+    """LogSoftmax's factor r_i of z_i = x_i - LSE (1 where p or p0 > 0). Where p = p0 = 0 it is
+    (z - z0) / (dx - dLSE) from the forward's own z: 1 up to rounding where z moves (a score
+    120 below its row's maximum, whose p float32 rounds to 0: z still changes with x there),
+    0 where the forward's rounding absorbs the move (finfo.min masks: finfo.min - LSE is
+    finfo.min in both passes) or nothing moved (-inf in both). So that output's contributions
+    add up to the change the forward computed; a factor 0 there (before 2026-12-05) dropped
+    the change of a score far below its row's maximum."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dz = difference(xp, ctx.y(0), ctx.y0(0))  # 0 where -inf in both passes
+        step = dx - d_lse
+        ok = (step != 0) & (abs(step) < np.inf)
+        moved = xp.where(ok, dz / xp.where(ok, step, 1), 0)
+    return xp.where(live, xp.ones_like(moved), moved).astype(dtype, copy=False)
 
 
 def _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_check, finite=False):
@@ -261,8 +280,10 @@ def _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_
     # their own element, except through the rows' sums of g r, where r is 0 already
     # (p + p0 = 0 times a finite tanh(|dz| / 2) / |dz|); a
     # row where it is not (dLSE NaN) is NaN at its live positions as well.
-    if log:  # a position masked with -inf in both passes: z = -inf did not move
-        r = xp.ones_like(p) if live is None else live.astype(p.dtype)
+    if log and live is None:
+        r = xp.ones_like(p)
+    elif log:  # every position's own term is r's (0 where nothing moved): no Where at the end
+        r, live = _log_softmax_factor(ctx, xp, live, dx, d_lse, p.dtype), None
     if refused is not None:  # compiled: rows the interpreter refuses carry nothing (not NaN)
         live = ~refused if live is None else live & ~refused
     return _combine(ctx, xp, g, r, weights, axis, not log, live, weights_scale=0.5)

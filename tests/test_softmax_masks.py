@@ -173,6 +173,24 @@ def test_positions_far_below_the_row_maximum_take_no_part_in_float32_or_float64(
     assert np.abs(c32.sum(-1) - change).max() <= 1e-6
 
 
+@pytest.mark.parametrize("dtype, far", [(np.float32, 120.0), (np.float64, 800.0)])
+def test_log_softmax_scores_far_below_the_maximum_keep_their_own_change(dtype, far):
+    """A LogSoftmax score so far below its row's maximum that p rounds to 0 in both passes
+    (e^-124 in float32, e^-804 in float64) is not masked: its output z = x - LSE still moves
+    by dx - dLSE. Every output's contributions add up to its change as the forward computed
+    it, that one's included (before 2026-12-05 its multipliers were 0)."""
+    x = np.array([[0.7, -1.3, 0.2 - far, 1.9], [0.3, 2.0, -far, -0.5]], dtype)
+    x0 = np.array([[0.1, 0.4, -0.2 - far, 0.6], [0.3, -0.4, -far, 0.8]], dtype)
+    ctx = _Ctx(x, x0, "LogSoftmax")
+    assert not np.exp(ctx.y())[:, 2].any() and not np.exp(ctx.y0())[:, 2].any()  # p = p0 = 0 there
+    got = _rule_multipliers(x, x0, "LogSoftmax").astype(np.float64)
+    dz = ctx.y().astype(np.float64) - ctx.y0().astype(np.float64)
+    sums = np.einsum("rij,rj->ri", got, (x - x0).astype(np.float64))
+    eps = np.finfo(dtype).eps
+    assert np.abs(sums - dz).max() <= 8 * eps * np.abs(ctx.y()).max()
+    assert np.abs(dz[:, 2]).min() > 0.1  # the far outputs did move, and their contributions say so
+
+
 def test_difference_of_equal_infinities_is_zero():
     a = np.array([-np.inf, np.inf, 2.0, -np.inf, F32_MIN], np.float32)
     b = np.array([-np.inf, np.inf, 0.5, 1.0, F32_MIN], np.float32)
