@@ -80,7 +80,8 @@ def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift",
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
         options.profile_file_prefix = str(Path(folder) / "profile")
-        session = ort.InferenceSession(compiled.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = compiled.session_model(threads=options.intra_op_num_threads)  # what attribute runs
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         for _ in range(WARM_UP + repeats):
             session.run(seen["outputs"], seen["feeds"])
         events = json.loads(Path(session.end_profiling()).read_text())

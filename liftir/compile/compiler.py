@@ -22,7 +22,7 @@ from ..methods import METHODS
 from ..onnx_models import make_model
 from ..ort_forward import runnable
 from ..threads import session_options
-from . import device, tracer
+from . import device, tiling, tracer
 from .sinking import sink_into_branches
 from .tracer import Recorder, Traced, TraceError
 
@@ -60,6 +60,17 @@ class CompiledPass:
     tile_references: bool = True
     #: RevealCancel: tensors whose split D = d+ - d- the pass returns too
     split: tuple[str, ...] = ()
+    #: the values' shapes (the tracer's, the probe forward's), which `tiling` cuts the graph by
+    shapes: dict | None = None
+
+    def session_model(self, xp=np, threads: int = 1) -> onnx.ModelProto:
+        """The model a session on `xp`'s device with `threads` intra-op threads runs: on one
+        CPU thread with its long elementwise chains run chunk by chunk in cache (`tiling`;
+        the same bits), elsewhere `model` itself (two threads per chunk measured no faster:
+        the nodes' overhead doubles)."""
+        if xp is not np or threads != 1 or not self.shapes:
+            return self.model
+        return tiling.tiled_model(self.model, self.shapes)
 
     def start(self, xp=np):
         """Open the onnxruntime session on the device of array module `xp`: the CPU for
@@ -67,7 +78,8 @@ class CompiledPass:
         import onnxruntime as ort
         options = session_options(shared_arena=xp is np)
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(self.model.SerializeToString(), options,
+        model = self.session_model(xp, options.intra_op_num_threads)
+        self.session = ort.InferenceSession(model.SerializeToString(), options,
                                             providers=device.providers_for(xp))
         device.require_providers(self.session, xp)
         self.runner = None if xp is np else device.BoundRunner(self.session, self.model, xp, device.device_of(xp))
@@ -285,6 +297,9 @@ def compile_pass(plan: scheduler.Plan, feeds: dict[str, np.ndarray], n_actual: i
         helper.make_graph(nodes, "liftir_explainer", inputs, outputs,
                           [t for t in initializers + rec.initializers if t.name in read]),
         opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="liftir")
+    shapes = dict(rec.shapes)
+    shapes.update({name: tuple(v.shape) for name, v in feeds.items()})
+    shapes.update({name: tuple(v.shape) for name, v in probe.values.items()})
     return CompiledPass(model, tuple(feeds), seed_shape, multipliers, values, probe.batch, n_actual, n_ref,
                         np.dtype(seed.dtype), pairs=pairs, tile_references=tile_references,
-                        split=tuple(wrt) if split is not None else ())
+                        split=tuple(wrt) if split is not None else (), shapes=shapes)

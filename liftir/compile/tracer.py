@@ -70,6 +70,14 @@ class Recorder:
         self._consts: dict[tuple, str] = {}
         self._keep: list = []  # arrays whose id() keys _consts stay alive
         self.ops: list[str] = []
+        #: every value's shape as the Traced that names it has it (None where two disagree):
+        #: what `tiling` cuts the emitted graph by
+        self.shapes: dict[str, tuple[int, ...] | None] = {}
+
+    def note_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        known = self.shapes.setdefault(name, shape)
+        if known is not None and known != shape:
+            self.shapes[name] = None
 
     def fresh(self, hint: str = "t") -> str:
         return f"{self.prefix}{hint}{next(self._count)}"
@@ -109,8 +117,9 @@ class Traced:
     liftir_traced = True
 
     def __init__(self, rec: Recorder, name: str, shape, dtype, *, branch: bool | None = None):
-        self.rec, self.name = rec, name
+        self.rec = rec
         self.shape = tuple(int(s) for s in shape)
+        self.name = name
         self.dtype = _dt(dtype)
         self._branch = branch
         self._base: Traced | None = None
@@ -129,6 +138,16 @@ class Traced:
         self._reshaped_version = 0
 
     # ---- basics ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The ONNX value this array is now (a write or a view's emission moves it)."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+        self.rec.note_shape(value, self.shape)
+
     @property
     def ndim(self):
         return len(self.shape)
