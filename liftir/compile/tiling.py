@@ -4,7 +4,7 @@ their intermediates stay in the CPU's cache.
 onnxruntime's CPU provider fuses no elementwise ops: a rule's arithmetic over a large tensor
 (a gate's Rescale over every step of a recurrent net) is a chain of passes, each reading
 and writing the whole tensor through memory. Measured on a chain of 12 binary and unary
-ops over 1.2M float32 (onnxruntime 1.32, one thread, a Sapphire Rapids Xeon): 6.2 ms
+ops over 1.2M float32 (onnxruntime 1.32, one thread, a 2-core AVX-512 Xeon VM): 6.2 ms
 whole, 3.6 ms in 16 chunks of 77K elements (each op 500 against 235 us; each tensor
 entering or leaving the chain ~250 us for its Slice or Concat). So a connected set of such
 ops whose frames share the axes up to a chunk axis (a region) is rewritten into one copy
@@ -42,7 +42,7 @@ ELEMENTWISE = frozenset({
 REDUCTIONS = frozenset({"ReduceSum", "ReduceMax", "ReduceMin", "ReduceMean", "ReduceProd"})
 
 #: elements per chunk: several live intermediates of this size (float32: 192 KiB each) fit in
-#: a core's L2 cache (2 MiB on a Sapphire Rapids Xeon, 512 KiB on an EPYC's Zen core with L3 behind)
+#: a core's L2 cache (2 MiB on this Xeon, 512 KiB on an EPYC's Zen core with L3 behind)
 CHUNK_ELEMENTS = 48 * 1024
 #: a region is tiled when that saves this many passes over its largest frame (`_Plan.gain`):
 #: measured, regions estimated to save one pass or less (a Relu's five-op Rescale over a
