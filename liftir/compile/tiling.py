@@ -228,21 +228,20 @@ def _regions(nodes, keys):
 
 
 def _ordered_parts(members, readers):
-    """The region cut where a node outside it reads one of its values before the region's
-    last node: the region is emitted at its last node's place, so each part must end before
-    any outside node that reads it (that node may feed a later member)."""
+    """The region cut into runs that each end before any node outside the region reads one
+    of the run's values: a run is emitted at its last node's place, and that outside node
+    may feed a later member (a total over the region's values that flows back into it)."""
     inside = set(members)
-    early = sorted(r for i in members for r in _outside_readers(i, readers, inside) if r < members[-1])
-    if not early:
-        return [members] if len(members) > 1 else []
-    cut = early[0]
-    before = [i for i in members if i < cut]
-    after = [i for i in members if i > cut]
-    return ([before] if len(before) > 1 else []) + _ordered_parts(after, readers)
-
-
-def _outside_readers(index, readers, inside):
-    return {r for name in readers.outputs[index] for r in readers[name]} - inside
+    parts, part, deadline = [], [], np.inf
+    for index in members:  # in topological order
+        if index > deadline:
+            parts.append(part)
+            part, deadline = [], np.inf
+        part.append(index)
+        readers_outside = {r for name in readers.outputs[index] for r in readers[name]} - inside
+        deadline = min([deadline, *readers_outside])
+    parts.append(part)
+    return [p for p in parts if len(p) > 1]
 
 
 class _Plan:
