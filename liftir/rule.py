@@ -466,7 +466,7 @@ def tanh_half_ratio(xp, a):
     """tanh(a / 2) / a for a >= 0, and its limit 1/2 at 0, without cancellation: with p the
     mean of two values whose logs differ by a, (p_hi - p_lo) / a = 2 p tanh(a / 2) / a (the
     Rescale of exp from both ends, which needs no max and no exprel). A trace writes it as
-    (t + tiny) / (a + 2 tiny), t = tanh(a / 2) (tracer.tanh_half_ratio), no fill at 0."""
+    t / b, b = a + 1e-20, t = tanh(b / 2) (tracer.tanh_half_ratio), no fill at 0."""
     if is_tracer(xp):
         return xp.tanh_half_ratio(a)
     r = a * 0.5
