@@ -321,6 +321,25 @@ def test_precision_float64(files, capsys):
     assert code == 0 and "OK: every node conserves" in out
 
 
+@pytest.mark.parametrize("model, inputs, baseline", [("cnn", "img", "0.3"), ("mlp", "x", "zeros")])
+def test_engine_compiled_gives_the_interpreters_attributions(files, capsys, caplog, model, inputs, baseline):
+    """--engine compiled runs each pass as one onnxruntime session (no pass left to the
+    interpreter: no fallback warning) and writes the interpreter's attributions."""
+    d = files["dir"]
+    argv = ["explain", files[model], "-i", files[inputs], "-t", 1, "-b", baseline, "--no-progress"]
+    code, out, err = run(capsys, *argv, "--engine", "compiled", "-o", d / "compiled.npz")
+    assert code == 0, err
+    assert "engine      compiled" in out
+    assert "cannot compile" not in caplog.text
+    code, out, err = run(capsys, *argv, "-o", d / "interpreted.npz")
+    assert code == 0 and "engine      interpreter" in out
+    with np.load(d / "compiled.npz") as c, np.load(d / "interpreted.npz") as i:
+        name = "input" if "input" in c.files else "x"
+        scale = np.abs(i[name]).max()
+        assert np.abs(c[name] - i[name]).max() <= 1e-6 * scale
+        assert np.abs(c["delta"]).max() < 1e-4 * max(1.0, scale)  # summation-to-delta
+
+
 def test_target_help_says_how_the_cli_list_differs_from_python(capsys):
     code, out, _ = run(capsys, "explain", "--help")
     assert code == 0
