@@ -138,7 +138,8 @@ def _random_model(seed, dims=(24, 10, 16), size=18):
     rng = np.random.default_rng(seed)
     shapes = _input_shapes(dims)
     values = dict(shapes)
-    nodes, inits = [], [numpy_helper.from_array(np.array([axis], np.int64), f"axis{axis}") for axis in range(3)]
+    nodes, inits = [], [numpy_helper.from_array(np.array(axes, np.int64), "axis" + "".join(map(str, axes)))
+                        for axes in ([0], [1], [2], [1, 2])]
     inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
     values["half"] = ()
 
@@ -163,9 +164,9 @@ def _random_model(seed, dims=(24, 10, 16), size=18):
             values[out] = tuple(np.broadcast_shapes(values[a], values[b], values[c]))
         elif kind < 0.93:
             a = next((v for v in rng.permutation(sorted(values)) if len(values[v]) == 3), "x")
-            op, axis = str(rng.choice(["ReduceSum", "ReduceMax"])), int(rng.choice([0, 1, 2, 2]))
-            nodes.append(helper.make_node(op, [a, f"axis{axis}"], [out], name=out, keepdims=1))
-            values[out] = tuple(1 if i == axis else n for i, n in enumerate(values[a]))
+            op, axes = str(rng.choice(["ReduceSum", "ReduceMax"])), ([0], [1], [2], [2], [1, 2])[rng.integers(5)]
+            nodes.append(helper.make_node(op, [a, "axis" + "".join(map(str, axes))], [out], name=out, keepdims=1))
+            values[out] = tuple(1 if i in axes else n for i, n in enumerate(values[a]))
         elif kind < 0.97:
             a = pick()
             nodes.append(helper.make_node("ReduceSum", [a], [out], name=out, keepdims=1))
