@@ -489,17 +489,20 @@ def _fills_step_by_step(xp, a):
 
 
 def _fill_where_case(shape, where):
-    """m = a / b with the derivative-like fn(a, row) = a * row + 1 written where `where`
-    (a mask of `shape`); `row` broadcasts (one leading row), as a reference does."""
+    """m = a / b with the derivative-like fn(a, row, col) = a * row + col + 1 written where
+    `where` (a mask of `shape`); `row` broadcasts along the leading axis (one row, as a
+    shared reference does), `col` along an inner one (1 on the middle axis of 3-D shapes,
+    a scalar-like (1,) on 1-D ones)."""
     rng = np.random.default_rng(7)
     a = rng.standard_normal(shape).astype(np.float32)
     row = rng.standard_normal((1,) + shape[1:]).astype(np.float32)
+    col = rng.standard_normal((shape[0], 1) + shape[2:] if len(shape) > 2 else (1,)).astype(np.float32)
     mask = np.zeros(shape, bool)
     mask.reshape(-1, shape[-1])[where] = True
 
     def fill(xp, a, row, mask):
         out = a * 2
-        return fill_where(xp, out, mask, lambda u, r: u * r + 1, a, row)
+        return fill_where(xp, out, mask, lambda u, r, c: u * r + c + 1, a, row, xp.asarray(col))
     return fill, a, row, mask
 
 
