@@ -190,11 +190,14 @@ class Softmax(Rule):
         # NaN, and the rows' sum shows it (onnxruntime's ReduceMin skips NaN, NumPy's min not)
         lse_sum = lse.sum() + lse0.sum()
         unmasked = (p.min() > 0) & (p0.min() > 0) & (lse_sum == lse_sum)
+        # p + p0 (the weights, doubled) outside the branch: attention's P V product rule
+        # forms the same sum, and onnxruntime merges the two only when both are outside an If
+        weights = p + p0
         return (branch(xp, unmasked, lambda *a: _deeplift(ctx, xp, axis, log, False, *a),
-                       lambda *a: _deeplift(ctx, xp, axis, log, True, *a), g, x, x0, p, p0, lse, lse0),)
+                       lambda *a: _deeplift(ctx, xp, axis, log, True, *a), g, x, x0, p, p0, lse, lse0, weights),)
 
 
-def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
+def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0, weights):
     """The DeepLIFT multipliers of x times g, with or without masked positions.
 
     A Softmax's masked positions (p = p0 = 0) whose scores are finite in both passes (Swin's
@@ -207,17 +210,17 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0):
     that (finfo.min), which `_log_softmax_factor` tells apart."""
     dx = x - x0
     if not masked:
-        return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, None, approximate_check=True)
+        return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, weights, None, approximate_check=True)
     if log:
-        return _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0)
+        return _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, weights)
     with np.errstate(over="ignore"):
         total = dx.sum()
     return branch(xp, abs(total) < np.inf,
                   lambda *a: _multipliers(ctx, xp, axis, log, *a, None, approximate_check=False, finite=True),
-                  lambda *a: _masked_multipliers(ctx, xp, axis, log, *a), g, dx, p, p0, lse, lse0)
+                  lambda *a: _masked_multipliers(ctx, xp, axis, log, *a), g, dx, p, p0, lse, lse0, weights)
 
 
-def _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0):
+def _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, weights):
     """`_multipliers` where some difference is NaN (-inf - -inf at a position masked in
     both passes), set to 0 there; the masked positions' multipliers are 0."""
     live = (p > 0) | (p0 > 0)
@@ -227,7 +230,7 @@ def _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0):
         # dx is difference(x, x0) wherever live (p > 0 only where x is finite), and its NaN
         # (-inf - -inf) lies where the mask puts 0
         dx = xp.where(live, dx, 0)
-    return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_check=False)
+    return _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, weights, live, approximate_check=False)
 
 
 def _log_softmax_factor(ctx, xp, live, dx, d_lse, dtype):
@@ -246,13 +249,12 @@ def _log_softmax_factor(ctx, xp, live, dx, d_lse, dtype):
     return xp.where(live, xp.ones_like(moved), moved).astype(dtype, copy=False)
 
 
-def _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, live, approximate_check, finite=False):
+def _multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, weights, live, approximate_check, finite=False):
     """The rule's multipliers times g from dx (finite, or +-inf at a position masked in one
     pass only, which is refused). `approximate_check`: nothing is masked, so refusing rests
     on the rows' sums (`_refuse_switched_masks`); `finite`: every dx is known finite."""
-    # 2 p_mid first, the weights (doubled) below: the halves fall on the rows' sums, which
-    # scaling by 2 leaves bit for bit (one full-size pass fewer)
-    weights = p + p0
+    # `weights` = p + p0 = 2 p_mid (the caller's, overwritten here): the halves fall on the
+    # rows' sums, which scaling by 2 leaves bit for bit (one full-size pass fewer)
     work = xp.empty_like(dx)
     d_lse = _lse_difference(xp, p0, dx, lse, lse0, axis, work)
     p_dx = xp.multiply(weights, dx, out=work)  # 2 p_mid dx
