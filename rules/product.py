@@ -182,8 +182,8 @@ def _halved_once(ctx, g):
     A + A0, B + B0 and the half put on g, which serves both products, when g is the smaller
     (attention's P V: g and V are a quarter of P's scores), else on the sums. Scaling by 1/2
     is exact, so either way every bit is the midpoints'. The interpreter saves a pass over P
-    (Enformer-style net 0.96x, order-balanced ab.py); a compiled pass gains nothing, as onnxruntime folds either
-    scale into its MatMul (MatMulScaleFusion)."""
+    (Enformer-style net 0.96x, order-balanced ab.py); a compiled pass gains nothing, as
+    onnxruntime folds either scale into its MatMul (MatMulScaleFusion)."""
     a = ctx.x(0) + ctx.x0(0)
     b = ctx.x(1) + ctx.x0(1)
     if g.size <= a.size + b.size:

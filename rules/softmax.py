@@ -224,14 +224,14 @@ def _deeplift(ctx, xp, axis, log, masked, g, x, x0, p, p0, lse, lse0, weights):
 def _without_subnormals(xp, weights):
     """p + p0 with its subnormal values (a score 87-103 below its row's maximum in both
     passes, as Swin's -100 masks put them) flushed to 0, the others within 1.2e-38 of
-    themselves: max(w - tiny, 0), two passes. Such a position carries less than 1e-38 of a
+    themselves: max(w - tiny, 0), two passes, in place. Such a position carries less than 1e-38 of a
     float32 output and gets no weight in the LSE split, which is recomputed from these
     weights (so it conserves as before); but every product of a subnormal is ~13x slower
     on x86 (onnxruntime's Mul and Div, NumPy's alike: a Swin softmax's masked path took
     twice its unmasked one's time). Masked path only: there the subnormals are (an
     unmasked row whose scores spread over 87 has them too, and keeps them)."""
-    tiny = float(np.finfo(weights.dtype).tiny)
-    return xp.maximum(weights - tiny, 0)
+    weights -= float(np.finfo(weights.dtype).tiny)  # in place: the caller's temporary
+    return xp.maximum(weights, 0, out=weights)
 
 
 def _masked_multipliers(ctx, xp, axis, log, g, dx, p, p0, lse, lse0, weights):
