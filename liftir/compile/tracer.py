@@ -1676,17 +1676,7 @@ def reduce_rows_where(rows, fn, fallback, *arrays) -> Traced:
         a = _lift(rec, a)
         a = a._reshape_value((1,) * (len(lead) + 1 - a.ndim) + a.shape)
         own = a.shape[:-1]
-        at = picked
-        if own != lead:  # broadcast axes read their one row: unravel by lead's strides, ravel by own
-            index = Traced(rec, rec.node("Reshape", [picked, rec.const(np.array([-1, 1], np.int64))]), (count, 1),
-                           np.dtype(np.int64))
-            strides = np.array([int(np.prod(lead[i + 1:])) for i in range(len(lead))], np.int64)
-            own_strides = np.array([int(np.prod(own[i + 1:])) if own[i] != 1 else 0 for i in range(len(own))],
-                                   np.int64)
-            multi = rec.node("Mod", [rec.node("Div", [index.ref, rec.const(strides[None])]),
-                                     rec.const(np.array(lead, np.int64)[None])])
-            at = (Traced(rec, multi, (count, len(lead)), np.dtype(np.int64)) * own_strides[None]).sum(axis=1, keepdims=True)
-            at = rec.node("Reshape", [at.ref, rec.const(np.array([-1], np.int64))])
+        at = _own_positions(rec, picked, tuple(lead), tuple(own))  # a broadcast array's own rows
         table = a._reshape_value((int(np.prod(own)), a.shape[-1]))
         args.append(Traced(rec, rec.node("Gather", [table.ref, at], axis=0), (count, a.shape[-1]), a.dtype))
     values = _lift(rec, fn(*args), fallback.dtype)
