@@ -22,6 +22,7 @@ from .cut import cut_at
 from .errors import BatchAxisError, InputError, ModelLoadError, RuleError
 from .folding import fold_constants
 from .fusion import fuse_gelu
+from .pruning import prune_unread_positions
 from .layout import batch_first
 from .graph import Graph, build_graph, promote_to_float64, read_model
 from .inputs import Batch, model_inputs, pack, prepare, stack
@@ -69,6 +70,11 @@ class Explainer:
         onnxruntime session, cached per input shapes and number of targets (liftir/compile);
         what does not compile runs on the interpreter, said in a log line. README, "The
         compiled engine".
+    prune : bool, default True
+        Compute only the positions of intermediate tensors that the output reads: a class
+        token's or a last token's selection moves above the per-position layers before it
+        (liftir/pruning.py), which then run on that token alone. The shortened tensors
+        cannot be named as `layer`, `output` or target tensor; False keeps every tensor whole.
 
     Memory: `attribute` cuts its work into passes under `max_memory` (default 1 GiB);
     see its docstring and README, "Memory". After a call, `last_pass`
@@ -83,7 +89,7 @@ class Explainer:
     def __init__(self, model: Any, method: str | Method = "deeplift", *, backend: str = "numpy",
                  max_rule: str | MaxRule = "cross_max", final_activation: str | FinalActivation = "strip",
                  rules: Mapping | None = None, output: str | None = None, precision: str | Precision = "model",
-                 engine: str | Engine = "interpreter"):
+                 engine: str | Engine = "interpreter", prune: bool = True):
         self.method: Method = get_method(method)
         # every option parsed once, here: the rest of liftir reads the enums
         self.engine = Engine.parse(engine, "engine")
@@ -97,6 +103,8 @@ class Explainer:
         fold_constants(self.graph)
         refuse_training_mode(self.graph)
         batch_first(self.graph)
+        if prune:  # after batch_first, whose patterns are the exporters' node chains
+            prune_unread_positions(self.graph, rules, keep={output} if output else set())
         if self.precision is Precision.FLOAT64:
             promote_to_float64(self.graph)
         else:
@@ -117,7 +125,8 @@ class Explainer:
         #: set on those cut Explainers: their integer inputs stay at their actual values
         self._path_holds_integers = False
         self._build_options = dict(backend=backend, max_rule=self.max_rule, final_activation=self.final_activation,
-                                   rules=rules, output=output, precision=self.precision, engine=self.engine)
+                                   rules=rules, output=output, precision=self.precision, engine=self.engine,
+                                   prune=prune)
         if not self.attributed:
             raise ModelLoadError("the model computes no float tensor from its inputs: nothing to attribute to")
         self.output = self._check_output(output) if output else self._default_output()
@@ -182,6 +191,9 @@ class Explainer:
         return out
 
     def _check_output(self, name: str) -> str:
+        if name in self.graph.pruned_tensors:
+            raise InputError(f"tensor {name!r} is computed only at the positions {self.graph.pruned_tensors[name]!r} "
+                             f"reads (liftir/pruning.py): build the Explainer with prune=False to name it")
         if name in self.graph.fused_tensors:
             raise InputError(f"tensor {name!r} lies inside {self.graph.fused_tensors[name]!r}, an exported GELU that "
                              f"liftir explains as one op (liftir/fusion.py): name its input or its output, or use "

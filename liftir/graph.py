@@ -112,6 +112,8 @@ class Graph:
     consumers: dict[str, list[str]]
     #: tensors of the model a fused node replaced (liftir/fusion.py) -> that node's name
     fused_tensors: dict[str, str] = field(default_factory=dict)
+    #: tensors computed only at the positions a selection reads (liftir/pruning.py) -> that selection
+    pruned_tensors: dict[str, str] = field(default_factory=dict)
 
     def tensor_info(self, name: str) -> TensorInfo | None:
         for info in self.inputs + self.outputs:
@@ -318,7 +320,7 @@ def _np_dtype(elem_type: int) -> np.dtype | None:
         return None
 
 
-def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
+def tensor_info_of(vi: onnx.ValueInfoProto) -> TensorInfo:
     ttype = vi.type.tensor_type
     dtype = _np_dtype(ttype.elem_type) if ttype.elem_type else None
     shape = None
@@ -343,9 +345,9 @@ def build_graph(model: onnx.ModelProto, rules: Mapping | None = None) -> Graph:
     g = inferred.graph
     opsets = {(o.domain if o.domain != "ai.onnx" else DEFAULT_DOMAIN): o.version for o in inferred.opset_import}
     constants = {init.name: numpy_helper.to_array(init) for init in g.initializer}
-    inputs = [_tensor_info(vi) for vi in g.input if vi.name not in constants]
-    outputs = [_tensor_info(vi) for vi in g.output]
-    value_info = {vi.name: _tensor_info(vi) for vi in g.value_info}
+    inputs = [tensor_info_of(vi) for vi in g.input if vi.name not in constants]
+    outputs = [tensor_info_of(vi) for vi in g.output]
+    value_info = {vi.name: tensor_info_of(vi) for vi in g.value_info}
     nodes: dict[str, Node] = {}
     for index, proto in enumerate(g.node):
         domain = proto.domain if proto.domain != "ai.onnx" else DEFAULT_DOMAIN
@@ -369,7 +371,7 @@ def add_subgraph_value_info(graph: Graph, sub: onnx.GraphProto, rename) -> None:
     for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
         new = rename(vi.name)  # None: a name that keeps its outer meaning
         if new is not None and vi.type.HasField("tensor_type"):
-            info = _tensor_info(vi)
+            info = tensor_info_of(vi)
             if new not in graph.value_info:
                 graph.value_info[new] = TensorInfo(new, info.dtype, info.shape)
 

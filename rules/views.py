@@ -272,13 +272,17 @@ class Gather(Linear):
         axis = ctx.attr("axis", 0) % len(shape)
         idx = self._indices(ctx, shape, axis)
         a = axis + 1  # the gathered axes start here in g, after the target axis K
-        if idx.ndim == 0 or (xp is np and np.unique(idx).size == idx.size):
-            # no index repeats (a scalar index: q, k, v taken apart): the transpose is a plain
-            # placement into zeros, no scatter-add (a bincount in float64 of every element)
+        run = idx.ndim == 1 and idx.size > 0 and bool((np.diff(idx) == 1).all())  # idx[0], idx[0] + 1, ...
+        if idx.ndim == 0 or run or (xp is np and np.unique(idx).size == idx.size):
+            # no index repeats (a scalar index: q, k, v taken apart; the positions
+            # liftir/pruning.py keeps): the transpose is a plain placement into zeros, no
+            # scatter-add (a bincount in float64 of every element)
             gx = xp.zeros((g.shape[0],) + tuple(shape), dtype=g.dtype)
             if idx.ndim == 0:  # as a length-1 slice, which a trace records (an int key it does not)
                 i = int(idx)
                 gx[(slice(None),) * a + (slice(i, i + 1),)] = g.reshape(g.shape[:a] + (1,) + g.shape[a:])
+            elif run:  # a slice as well
+                gx[(slice(None),) * a + (slice(int(idx[0]), int(idx[-1]) + 1),)] = g
             else:
                 gx[(slice(None),) * a + (idx,)] = g
             return gx, None
