@@ -236,6 +236,8 @@ def _selection(graph: Graph, node: Node) -> _Selection | None:
         axis = node.attrs.get("axis", 0)
         if not -rank <= axis < rank or axis % rank == 0:
             return None
+        if len(set(indices.reshape(-1).tolist())) != indices.size:
+            return None  # repeated positions (an embedding-like lookup): left where it is
         found = _Selection(axis % rank, tuple(int(i) for i in indices.reshape(-1)), indices.ndim == 0)
         # every position in order (the scalar Gather a move leaves on its one position): nothing to move
         return None if found.indices == tuple(range(shape[axis] if isinstance(shape[axis], int) else -1)) else found
@@ -255,15 +257,25 @@ def _selection(graph: Graph, node: Node) -> _Selection | None:
     return None if kept == range(shape[axis]) else _Selection(axis % rank, tuple(kept))
 
 
-def _merged_readers(graph: Graph, tensor: str, selection: _Selection) -> list[Node] | None:
-    """Every reader of `tensor`, when each selects the same positions along the same axis."""
-    readers = [graph.nodes[n] for n in graph.consumers.get(tensor, [])]
-    for reader in readers:
+def _merged_readers(graph: Graph, tensor: str, axis: int) -> list[tuple[Node, _Selection]] | None:
+    """Every reader of `tensor` with what it selects, when each selects positions along `axis`."""
+    readers = []
+    for name in graph.consumers.get(tensor, []):
+        reader = graph.nodes[name]
         found = _selection(graph, reader)
-        if (found is None or reader.inputs[0] != tensor or tensor in reader.inputs[1:]
-                or (found.axis, found.indices) != (selection.axis, selection.indices)):
+        if found is None or found.axis != axis or reader.inputs[0] != tensor or tensor in reader.inputs[1:]:
             return None
+        readers.append((reader, found))
     return readers
+
+
+def _union(readers: list[tuple[Node, _Selection]], size) -> tuple[int, ...] | None:
+    """The positions any reader selects, in the order they first appear; None when they are
+    every position of the axis (nothing to shorten)."""
+    union = tuple(dict.fromkeys(i for _, found in readers for i in found.indices))
+    if isinstance(size, int) and {i % size for i in union} == set(range(size)):
+        return None
+    return union
 
 
 def _input_axis(out_shape, in_shape, axis: int, indices: tuple[int, ...]) -> int | None | bool:
@@ -387,8 +399,13 @@ def _move_above_producer(graph: Graph, tensor: str, selection: _Selection, keep,
         return False
     if any(o != tensor and o and (graph.consumers.get(o) or o in outputs) for o in producer.outputs):
         return False
-    readers = _merged_readers(graph, tensor, selection)
-    axes = _input_axes(graph, producer, selection.axis, selection.indices) if readers else None
+    readers = _merged_readers(graph, tensor, selection.axis)
+    shape = _shape(graph, tensor)
+    union = _union(readers, shape[selection.axis]) if readers and shape else None
+    if union is None:
+        return False
+    selection = _Selection(selection.axis, union)
+    axes = _input_axes(graph, producer, selection.axis, selection.indices)
     if axes is None:
         return False
     inputs = list(producer.inputs)
@@ -408,8 +425,9 @@ def _move_above_producer(graph: Graph, tensor: str, selection: _Selection, keep,
     op_type, attrs = producer.op_type, dict(producer.attrs)
     if op_type == "Reshape":
         op_type, inputs = _shrunk_reshape(graph, producer, inputs, selection)
-    first = readers[0]
-    direct = not first.op_type == "Gather" or not selection.scalar
+    first, selected = readers[0]
+    # one reader taking the union as it comes: the producer writes that reader's output
+    direct = len(readers) == 1 and not selected.scalar
     out = first.outputs[0] if direct else _new_node_name(graph, f"{tensor}/pruned")
     if not direct:
         _set_info(graph, out, tensor, selection)
@@ -421,14 +439,18 @@ def _move_above_producer(graph: Graph, tensor: str, selection: _Selection, keep,
         attrs=attrs if op_type == producer.op_type else {}, opset=producer.opset, index=producer.index, proto=proto)
     for gather in added:
         graph.nodes[gather.name] = gather
-    for reader in readers:
-        if direct and reader is first:
-            del graph.nodes[reader.name]
-        elif selection.scalar and reader.op_type == "Gather":
-            index = _new_constant(graph, f"{reader.name}/first", np.array(0, dtype=np.int64))
+    if direct:
+        del graph.nodes[first.name]
+    for reader, found in ([] if direct else readers):  # each takes its own positions of the union
+        at = [union.index(i) for i in found.indices]
+        if found.scalar:
+            index = _new_constant(graph, f"{reader.name}/position", np.array(at[0], dtype=np.int64))
             _replace(graph, reader, "Gather", [out, index], {"axis": selection.axis})
-        else:
+        elif at == list(range(len(union))):
             _replace(graph, reader, "Identity", [out], {})
+        else:
+            index = _new_constant(graph, f"{reader.name}/positions", np.array(at, dtype=np.int64))
+            _replace(graph, reader, "Gather", [out, index], {"axis": selection.axis})
     origin = origins.selection_of.get(first.name, first.name)
     if tensor in origins.model_tensors:
         graph.pruned_tensors[tensor] = origin

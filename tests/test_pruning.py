@@ -109,6 +109,12 @@ CASES = {
         n("Gather", ["r", "last"], ["picked"], axis=1)],
         {"flat": _i64(-1, 4), "w": _w(6, 4), "b": _w(6), "width": _i64(6), "last": np.int64(-1)},
         x_shape=(N, T, 2, 2), out_features=6), 4),
+    # two different tokens read (DeiT's class and distillation heads): their union moves
+    "two_selections": (lambda: _case([
+        n("MatMul", ["x", "w1"], ["h"]), n("Tanh", ["h"], ["t"]),
+        n("Gather", ["t", "first"], ["a"], axis=1), n("Gather", ["t", "third"], ["b"], axis=1),
+        n("Add", ["a", "b"], ["picked"])],
+        {"w1": _w(E, E), "first": np.int64(0), "third": np.int64(2)}), 2),
     # must not move: the softmax mixes the selected axis; a second reader; a MatMul's columns
     "softmax_over_axis": (lambda: _case([
         n("Softmax", ["x"], ["p"], axis=1), n("Gather", ["p", "first"], ["picked"], axis=1)],
@@ -177,6 +183,7 @@ torch = pytest.importorskip("torch")
 
 #: (exporter, tensors its last block must shorten)
 _ZOO = {  # the head's input; the MLP and the attention's softmax of the last block
+    "deit": ("ts17", ["/norm/LayerNormalization_output_0", "/blocks/blocks.1/mlp/fc1/MatMul_output_0"]),
     "vit": ("ts17", ["/norm/LayerNormalization_output_0", "/blocks/blocks.1/mlp/fc1/MatMul_output_0",
                      "/blocks/blocks.1/attn/Softmax_output_0"]),
     "bert": ("dynamo", ["layer_norm_4", "gelu_1", "scaled_dot_product_attention_1"]),
@@ -192,7 +199,7 @@ def test_the_zoo_transformers_last_block_runs_on_its_token(name):
     _, m = zt.exported(name, how)
     feeds = {k: v.numpy() for k, v in zip(spec.input_names(), spec.inputs(4, seed=2))}
     first = spec.input_names()[0]
-    baselines = {first: (np.zeros_like if not spec.text else np.zeros_like)(feeds[first][:1])}
+    baselines = {first: np.zeros_like(feeds[first][:1])}  # [PAD] ids, or a black image
     pruned, whole = liftir.Explainer(m, "deeplift"), liftir.Explainer(m, "deeplift", prune=False)
     missing = [t for t in names if t not in pruned.graph.pruned_tensors]
     assert not missing, (missing, sorted(pruned.graph.pruned_tensors))
