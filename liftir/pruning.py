@@ -199,9 +199,17 @@ def _only_producer(graph: Graph, tensor: str, op_type: str, keep) -> Node | None
 
 
 def _add(graph: Graph, like: Node, op_type: str, inputs: list[str], out: str, name: str) -> None:
-    proto = helper.make_node(op_type, inputs, [out], name=name)
-    graph.nodes[name] = Node(name=name, op_type=op_type, domain="", inputs=tuple(inputs), outputs=(out,), attrs={},
-                             opset=like.opset, index=like.index, proto=proto)
+    graph.nodes[name] = _node(name, op_type, inputs, [out], {}, like)
+
+
+def _node(name: str, op_type: str, inputs: list[str], outputs: list[str], attrs: dict, like: Node,
+          copied=()) -> Node:
+    """A standard-domain node of the rewrite, at `like`'s opset and place in the order;
+    `copied`: attribute protos taken as they are (the producer's own, re-made on fewer rows)."""
+    proto = helper.make_node(op_type, inputs, outputs, name=name, **({} if copied else attrs))
+    proto.attribute.extend(copied)
+    return Node(name=name, op_type=op_type, domain="", inputs=tuple(inputs), outputs=tuple(outputs), attrs=attrs,
+                opset=like.opset, index=like.index, proto=proto)
 
 
 def _shape(graph: Graph, name: str) -> tuple | None:
@@ -419,7 +427,7 @@ def _move_above_producer(graph: Graph, tensor: str, selection: _Selection, keep,
                                              np.take(graph.constants[name], list(picked.indices), axis=at))
         else:
             gather = _gather(graph, name, picked, _new_node_name(graph, f"{producer.name}/pruned input {position}"),
-                             producer.index)
+                             producer)
             added.append(gather)
             inputs[position] = gather.outputs[0]
     op_type, attrs = producer.op_type, dict(producer.attrs)
@@ -431,12 +439,10 @@ def _move_above_producer(graph: Graph, tensor: str, selection: _Selection, keep,
     out = first.outputs[0] if direct else _new_node_name(graph, f"{tensor}/pruned")
     if not direct:
         _set_info(graph, out, tensor, selection)
-    proto = helper.make_node(op_type, inputs, [out], name=producer.name, domain="")
-    proto.attribute.extend(a for a in producer.proto.attribute if op_type == producer.op_type)
+    same_op = op_type == producer.op_type
     del graph.nodes[producer.name]
-    graph.nodes[producer.name] = Node(
-        name=producer.name, op_type=op_type, domain="", inputs=tuple(inputs), outputs=(out,),
-        attrs=attrs if op_type == producer.op_type else {}, opset=producer.opset, index=producer.index, proto=proto)
+    graph.nodes[producer.name] = _node(producer.name, op_type, inputs, [out], attrs if same_op else {}, producer,
+                                       copied=list(producer.proto.attribute) if same_op else ())
     for gather in added:
         graph.nodes[gather.name] = gather
     if direct:
@@ -498,16 +504,12 @@ def _set_info(graph: Graph, name: str, like: str, selection: _Selection) -> None
     graph.value_info[name] = TensorInfo(name, info.dtype, tuple(shape))
 
 
-def _gather(graph: Graph, tensor: str, selection: _Selection, name: str, index: int) -> Node:
+def _gather(graph: Graph, tensor: str, selection: _Selection, name: str, like: Node) -> Node:
     indices = _new_constant(graph, f"{name}/indices", np.array(selection.indices, dtype=np.int64))
     out = f"{name}/selected"
     _set_info(graph, out, tensor, selection)
-    proto = helper.make_node("Gather", [tensor, indices], [out], name=name, axis=selection.axis)
-    return Node(name=name, op_type="Gather", domain="", inputs=(tensor, indices), outputs=(out,),
-                attrs={"axis": selection.axis}, opset=graph.opsets.get("", 1), index=index, proto=proto)
+    return _node(name, "Gather", [tensor, indices], [out], {"axis": selection.axis}, like)
 
 
 def _replace(graph: Graph, node: Node, op_type: str, inputs: list[str], attrs: dict) -> None:
-    proto = helper.make_node(op_type, inputs, list(node.outputs), name=node.name, **attrs)
-    graph.nodes[node.name] = Node(name=node.name, op_type=op_type, domain="", inputs=tuple(inputs),
-                                  outputs=node.outputs, attrs=attrs, opset=node.opset, index=node.index, proto=proto)
+    graph.nodes[node.name] = _node(node.name, op_type, inputs, list(node.outputs), attrs, node)
