@@ -922,6 +922,14 @@ def _tanh(x: Traced) -> Traced:
 
 
 tanh = _elementwise(np.tanh, _tanh)
+
+
+def erf(x: Traced) -> Traced:
+    """onnxruntime's Erf, float32 only (it has no float64 kernel; NumPy has no erf at all:
+    rules/elementwise.py holds the rational fits the other backends use)."""
+    if x.dtype != np.float32:
+        raise TraceError(f"erf of {x.dtype}: onnxruntime's Erf is float32 only")
+    return _unary("Erf", x)
 sin = _elementwise(np.sin, _float_unary("Sin"))
 cos = _elementwise(np.cos, _float_unary("Cos"))
 sinh = _elementwise(np.sinh, _float_unary("Sinh"))
