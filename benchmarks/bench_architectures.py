@@ -13,7 +13,9 @@ and each one's peak resident set size (Linux VmHWM over its warm-up calls, reset
 tool through /proc/self/clear_refs; it includes the process's baseline: Python, torch, the
 model). The timed calls are interleaved, one of each tool per round in a rotating order, so
 that the VM's drift (10-30% between runs minutes apart, Captum's time included) falls on all
-tools alike and the ratios compare calls made in the same seconds.
+tools alike and the ratios compare calls made in the same seconds. With several threads each
+timed call waits SETTLE_S idle first, so that no tool pays for the spinning worker threads
+the previous tool's call left behind.
 Models are the zoo's architectures (tests/zoo_transformers.py, tests/zoo_sequence.py) at
 larger configurations, random weights. Run ``python benchmarks/bench_architectures.py
 --help``; ``--write`` writes benchmarks/results_architectures.md; ``--profile MODEL`` prints
@@ -140,12 +142,22 @@ def warm(fn, warmup):
     return out, _peak_mib()
 
 
-def timed_interleaved(fns: dict, repeats: int) -> dict:
-    """Median ms of each function, called in rounds (one call each, the order rotating)."""
+#: idle seconds before each timed call when the tools run several threads. OpenBLAS (NumPy's
+#: BLAS, which liftir's interpreter calls) leaves its worker threads spinning ~0.1 s after a
+#: call; a call of another tool made in that time shares the cores with them: the compiled
+#: pass of a ViT took 70 ms right after an interpreter call against 39 ms alone (2-core Xeon,
+#: 2026-12-07). With one thread no tool has worker threads, and no pause is made.
+SETTLE_S = 0.2
+
+
+def timed_interleaved(fns: dict, repeats: int, settle_s: float = 0.0) -> dict:
+    """Median ms of each function, called in rounds (one call each, the order rotating),
+    each call after `settle_s` idle seconds."""
     names = list(fns)
     times = {n: [] for n in names}
     for r in range(repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(settle_s)
             t0 = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
@@ -221,7 +233,7 @@ def run_one(name, repeats, warmup, target=1):
     (got_c, delta_c), row["compiled_rss"] = warm(ours_compiled, warmup)
     row["compiled_rss"] = max(peak, row["compiled_rss"])
     medians = timed_interleaved({"ort": forward, "captum": captum, "liftir": ours, "compiled": ours_compiled},
-                                repeats)
+                                repeats, settle_s=0.0 if threads == 1 else SETTLE_S)
     row.update({f"{k}_ms": v for k, v in medians.items()})
     reasons = list(compiled._compiled.reasons.values())
     row["compiled_fallback"] = reasons[0][:150] if reasons else ""
