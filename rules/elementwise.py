@@ -546,11 +546,10 @@ class Gelu(Elementwise):
         xp = ctx.xp
         x, x0, y, y0 = ctx.x(0), ctx.x0(0), ctx.y(0), ctx.y0(0)
         refuse_infinite_steps(ctx, xp, x, x0, y, y0)
-        m = rescale_multiplier(xp, x, x0, y, y0, lambda z: self._slope_near(xp, z), False, finite_map=True)
+        m = rescale_multiplier(xp, x, x0, y, y0, lambda z: self._slope_near(xp, z, ctx), False, finite_map=True)
         return (scale_rows(xp, g, m, reuse=True),)
 
-    @staticmethod
-    def _slope_near(xp, x):
+    def _slope_near(self, xp, x, ctx):
         """The erf form's derivative Phi(x) + x phi(x) at the few elements where dx ~ 0. In a
         float32 compiled pass Phi comes from onnxruntime's Erf (within an ulp of erf), as
         1/2 + erf(x / sqrt 2) / 2: ten nodes where the rational fits of `erfc` took ~50,
@@ -561,8 +560,7 @@ class Gelu(Elementwise):
         if is_tracer(xp) and x.dtype == np.float32:
             pdf = xp.exp(x * x * -0.5) * (1 / math.sqrt(2 * math.pi))
             return xp.erf(x * (1 / math.sqrt(2))) * 0.5 + 0.5 + x * pdf
-        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-        return (0.5 * erfc(xp, x * (-1 / math.sqrt(2))) + x * pdf).astype(x.dtype, copy=False)
+        return self.df(xp, x, ctx)
 
 
 @builtin_rule("Mish")

@@ -8,6 +8,7 @@ interpreter, said in a log line, never a silently different answer.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -235,10 +236,15 @@ def test_compiled_gelu_slope_where_dx_is_tiny_is_as_accurate_as_the_interpreters
     moved = dx != 0
     truth = liftir.Explainer(m, "deeplift", precision="float64").attribute(
         x.astype(np.float64), baselines=x0.astype(np.float64))[moved] / dx[moved]
+    erf = np.vectorize(math.erf)
+    scale = sum(abs(v * 0.5 * (1 + erf(v / math.sqrt(2)))).sum(axis=1) for v in (x.astype(np.float64), x0))
     errors = {}
     for engine in ("interpreter", "compiled"):
-        got = liftir.Explainer(m, "deeplift", engine=engine).attribute(x, baselines=x0)
+        explainer = liftir.Explainer(m, "deeplift", engine=engine)
+        got, delta = explainer.attribute(x, baselines=x0, return_convergence_delta=True)
         errors[engine] = abs(got[moved] / dx[moved] - truth).max()
+        # summation-to-delta, to the float32 rounding of the forward's sum of 4000 outputs
+        assert np.all(abs(delta) <= 4 * np.finfo(np.float32).eps * scale), (engine, delta, scale)
     assert errors["compiled"] <= max(errors["interpreter"], 1e-7) * 1.5, errors
     assert errors["interpreter"] < 3e-7, errors
 

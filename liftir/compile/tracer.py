@@ -930,6 +930,8 @@ def erf(x: Traced) -> Traced:
     if x.dtype != np.float32:
         raise TraceError(f"erf of {x.dtype}: onnxruntime's Erf is float32 only")
     return _unary("Erf", x)
+
+
 sin = _elementwise(np.sin, _float_unary("Sin"))
 cos = _elementwise(np.cos, _float_unary("Cos"))
 sinh = _elementwise(np.sinh, _float_unary("Sinh"))
