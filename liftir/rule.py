@@ -248,10 +248,9 @@ def is_traced(a) -> bool:
 
 def infinite_steps(xp, x, x0):
     """Where x - x0 is infinite (a position at -inf in one pass only), or None where it is
-    nowhere: a sum of each in the common, finite case (no infinity in x or x0)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        if abs(float(to_host(x.sum()))) < np.inf and abs(float(to_host(x0.sum()))) < np.inf:
-            return None
+    nowhere: their sums in the common, finite case (no infinity in x or x0)."""
+    if bool(to_host(_finite_inputs(x, x0))):
+        return None
     return abs(difference(xp, x, x0)) == np.inf  # equal infinities are no change (0), NaN is no jump
 
 
