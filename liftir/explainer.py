@@ -718,50 +718,74 @@ class Explainer:
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas = []
         compiled = self._compiled if self._compiled is not None and self._compiled.why_not(call) is None else None
+
+        def one_pass(s0, s1, threads=None, engine=compiled):
+            return self._sample_pass(call, xs, refs, per_sample_refs, size, engine, s0, s1, threads)
+
         for s0, s1 in self._passes(blocks, call, size, "sample"):
-            sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
-            sub_x = [x[s0:s1] for x in xs]
-            cp = interpreted = None
-            if compiled is not None:  # one onnxruntime session per (shapes, targets) does the pass
-                feeds = self._feeds(sub_x, sub_refs)
-                rows_ref = 0 if sub_refs is None else sub_refs[0].shape[0]
-                cp = compiled.get(feeds, s1 - s0, rows_ref, call, min(size.targets, call.k))
-            if cp is None:
-                interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_,
-                                                     min(size.targets, call.k))
-            block = {w: [] for w in call.wrt}
-            block_deltas = []
-            for t0 in range(0, call.k, size.targets):
-                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
-                k = seed.shape[0]
-                this = compiled.get(feeds, s1 - s0, rows_ref, call, k) if cp is not None else None
-                if this is not None:
-                    grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
-                    spread = values.pop("liftir_spread", None)
-                    run = compiled.light_run(this, feeds, values)
-                    _require_samples_first(run, call.explained)
-                else:
-                    if interpreted is None:  # this number of targets did not compile: the interpreter
-                        interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_, k)
-                    run, spread, node_backward = interpreted
-                    grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None
-                                           else seed, node_backward)
-                sums = 0.0
-                for w in call.wrt:
-                    if spread is not None:
-                        a, s = self._finish_split(run, w, grads[w], spread, k)
-                    else:
-                        a, s = self._finish(run, w, grads[w], k, call)
-                    block[w].append(a)
-                    sums = sums + s if s is not None else None
-                if self.method.uses_reference:
-                    block_deltas.append(sums - self._explained_difference(seed, run, call.explained))
+            groups = compiled.row_groups(s0, s1, 1 if refs is not None else 2) if compiled is not None else [(s0, s1)]
+            results = _in_groups(compiled, groups, (s0, s1), one_pass,
+                                 lambda g: self._compiles(call, xs, refs, per_sample_refs, size, compiled, g))
             for w in call.wrt:
-                pieces[w].append(np.concatenate(block[w]))
-            if block_deltas:
-                deltas.append(np.concatenate(block_deltas))
+                pieces[w].append(np.concatenate([r[0][w] for r in results], axis=1))
+            if results[0][1] is not None:
+                deltas.append(np.concatenate([r[1] for r in results], axis=1))
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1) if deltas else None
+
+    def _compiles(self, call: _Call, xs, refs, per_sample_refs: bool, size: PassSize, compiled, group) -> bool:
+        """Whether the pass of row group `group` compiles for the first chunk of targets (traced
+        here, before the groups run at once)."""
+        s0, s1 = group
+        sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
+        feeds = self._feeds([x[s0:s1] for x in xs], sub_refs)
+        rows_ref = 0 if sub_refs is None else sub_refs[0].shape[0]
+        return compiled.get(feeds, s1 - s0, rows_ref, call, min(size.targets, call.k), threads=1) is not None
+
+    def _sample_pass(self, call: _Call, xs, refs, per_sample_refs: bool, size: PassSize, compiled, s0: int,
+                     s1: int, threads: int | None):
+        """One pass of samples s0:s1 for all targets, in chunks of `size.targets`: its
+        attributions (K, s1 - s0, ...) per wrt tensor and deltas (K, s1 - s0) (None for methods
+        without a reference); `threads`: the intra-op threads of its compiled sessions."""
+        n = xs[0].shape[0]
+        revealcancel_ = self.method.split
+        sub_refs = None if refs is None else [r[s0:s1] if per_sample_refs else r for r in refs]
+        sub_x = [x[s0:s1] for x in xs]
+        cp = interpreted = None
+        if compiled is not None:  # one onnxruntime session per (shapes, targets) does the pass
+            feeds = self._feeds(sub_x, sub_refs)
+            rows_ref = 0 if sub_refs is None else sub_refs[0].shape[0]
+            cp = compiled.get(feeds, s1 - s0, rows_ref, call, min(size.targets, call.k), threads=threads)
+        if cp is None:
+            interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_, min(size.targets, call.k))
+        block = {w: [] for w in call.wrt}
+        block_deltas = []
+        for t0 in range(0, call.k, size.targets):
+            seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
+            k = seed.shape[0]
+            this = compiled.get(feeds, s1 - s0, rows_ref, call, k, threads=threads) if cp is not None else None
+            if this is not None:
+                grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
+                spread = values.pop("liftir_spread", None)
+                run = compiled.light_run(this, feeds, values)
+                _require_samples_first(run, call.explained)
+            else:
+                if interpreted is None:  # this number of targets did not compile: the interpreter
+                    interpreted = self._interpreted_pass(sub_x, sub_refs, call, revealcancel_, k)
+                run, spread, node_backward = interpreted
+                grads = self._backward(run, call, np.concatenate([seed, seed]) if spread is not None
+                                       else seed, node_backward)
+            sums = 0.0
+            for w in call.wrt:
+                if spread is not None:
+                    a, s = self._finish_split(run, w, grads[w], spread, k)
+                else:
+                    a, s = self._finish(run, w, grads[w], k, call)
+                block[w].append(a)
+                sums = sums + s if s is not None else None
+            if self.method.uses_reference:
+                block_deltas.append(sums - self._explained_difference(seed, run, call.explained))
+        return {w: np.concatenate(block[w]) for w in call.wrt}, np.concatenate(block_deltas) if block_deltas else None
 
     def _interpreted_pass(self, sub_x, sub_refs, call: _Call, revealcancel_: bool, k: int):
         """The interpreter's forward of one pass, and for RevealCancel its split forward:
@@ -796,43 +820,22 @@ class Explainer:
         pieces: dict[str, list] = {w: [] for w in call.wrt}
         deltas, block, block_deltas = [], {w: [] for w in call.wrt}, []
         compiled = self._compiled if self._compiled is not None and self._compiled.why_not(call) is None else None
+
+        def one_pass(s0, s1, b0, b1, threads=None, engine=compiled):
+            return self._pair_pass(call, xs, refs, own, size, engine, (s0, s1, b0, b1), threads)
+
         for s0, s1, b0, b1 in self._passes(passes, call, size, "pair"):
-            if own:
-                sub_refs = [r[s0:s1, b0:b1].reshape((-1,) + r.shape[2:]) for r in refs]
+            # row groups of whole samples, or of one sample's references
+            if s1 - s0 > 1:
+                groups = [(a, b, b0, b1) for a, b in compiled.row_groups(s0, s1)] if compiled else []
             else:
-                sub_refs = [r[b0:b1] for r in refs]
-            sub_x = [x[s0:s1] for x in xs]
-            interpreted = None
-            feeds = self._feeds(sub_x, sub_refs) if compiled is not None else None
-            per_target = {w: [] for w in call.wrt}
-            pass_deltas = []
-            for t0 in range(0, call.k, size.targets):
-                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
-                seed = np.repeat(seed, b1 - b0, axis=1)  # sample-major pairs
-                this = None if compiled is None else compiled.get(
-                    feeds, s1 - s0, sub_refs[0].shape[0], call, seed.shape[0], pairs=b1 - b0, tile_references=not own)
-                if this is not None:  # one onnxruntime session: the forward, the pairs, their backward
-                    grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
-                    run = compiled.light_run(this, feeds, values)
-                    _require_samples_first(run, call.explained)
-                else:
-                    if interpreted is None:  # this number of targets did not compile: the interpreter
-                        forward = self._pass_forward(sub_x, sub_refs, call, seed.shape[0], pairs=b1 - b0,
-                                                     tile_references=not own)
-                        interpreted = scheduler.PairedRun(forward, b1 - b0, tile_references=not own)
-                        _require_samples_first(interpreted, call.explained)
-                    run = interpreted
-                    grads = self._backward(run, call, seed)
-                sums = 0.0
-                for w in call.wrt:
-                    a, s = self._finish(run, w, grads[w], seed.shape[0], call)
-                    per_target[w].append(a)
-                    sums = sums + s
-                difference = self._explained_difference(seed, run, call.explained)
-                pass_deltas.append(difference if call.per_pair else sums - difference)
+                groups = [(s0, s1, a, b) for a, b in compiled.row_groups(b0, b1)] if compiled else []
+            results = _in_groups(compiled, groups, (s0, s1, b0, b1), one_pass,
+                                 lambda g: compiled.get(*self._pair_feeds(call, xs, refs, own, size, g),
+                                                        threads=1) is not None)
             for w in call.wrt:
-                block[w].append(np.concatenate(per_target[w]))
-            block_deltas.append(np.concatenate(pass_deltas))
+                block[w].append(np.concatenate([r[0][w] for r in results], axis=1))
+            block_deltas.append(np.concatenate([r[1] for r in results], axis=1))
             if b1 == pairs:  # every pair of samples s0:s1 is in: average over their references
                 for w in call.wrt:
                     a = np.concatenate(block[w], axis=1)
@@ -843,6 +846,59 @@ class Explainer:
                 block, block_deltas = {w: [] for w in call.wrt}, []
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1)
+
+    def _pair_inputs(self, xs, refs, own: bool, s0: int, s1: int, b0: int, b1: int):
+        """Samples s0:s1 and references b0:b1 (each sample's own, or the shared ones)."""
+        if own:
+            sub_refs = [r[s0:s1, b0:b1].reshape((-1,) + r.shape[2:]) for r in refs]
+        else:
+            sub_refs = [r[b0:b1] for r in refs]
+        return [x[s0:s1] for x in xs], sub_refs
+
+    def _pair_feeds(self, call: _Call, xs, refs, own: bool, size: PassSize, span):
+        """`CompiledEngine.get`'s arguments for the pairs of `span` and the first chunk of targets."""
+        s0, s1, b0, b1 = span
+        sub_x, sub_refs = self._pair_inputs(xs, refs, own, s0, s1, b0, b1)
+        return (self._feeds(sub_x, sub_refs), s1 - s0, sub_refs[0].shape[0], call, min(size.targets, call.k),
+                b1 - b0, not own)
+
+    def _pair_pass(self, call: _Call, xs, refs, own: bool, size: PassSize, compiled, span, threads):
+        """DeepLIFT of the (sample, reference) pairs of span = (s0, s1, b0, b1), sample-major,
+        for all targets: (K, pairs, ...) per wrt tensor and (K, pairs) deltas (or the explained
+        differences, for per-pair results)."""
+        s0, s1, b0, b1 = span
+        n = xs[0].shape[0]
+        sub_x, sub_refs = self._pair_inputs(xs, refs, own, s0, s1, b0, b1)
+        interpreted = None
+        feeds = self._feeds(sub_x, sub_refs) if compiled is not None else None
+        per_target = {w: [] for w in call.wrt}
+        pass_deltas = []
+        for t0 in range(0, call.k, size.targets):
+            seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
+            seed = np.repeat(seed, b1 - b0, axis=1)  # sample-major pairs
+            this = None if compiled is None else compiled.get(
+                feeds, s1 - s0, sub_refs[0].shape[0], call, seed.shape[0], pairs=b1 - b0, tile_references=not own,
+                threads=threads)
+            if this is not None:  # one onnxruntime session: the forward, the pairs, their backward
+                grads, values = this(feeds, seed.astype(this.seed_dtype, copy=False))
+                run = compiled.light_run(this, feeds, values)
+                _require_samples_first(run, call.explained)
+            else:
+                if interpreted is None:  # this number of targets did not compile: the interpreter
+                    forward = self._pass_forward(sub_x, sub_refs, call, seed.shape[0], pairs=b1 - b0,
+                                                 tile_references=not own)
+                    interpreted = scheduler.PairedRun(forward, b1 - b0, tile_references=not own)
+                    _require_samples_first(interpreted, call.explained)
+                run = interpreted
+                grads = self._backward(run, call, seed)
+            sums = 0.0
+            for w in call.wrt:
+                a, s = self._finish(run, w, grads[w], seed.shape[0], call)
+                per_target[w].append(a)
+                sums = sums + s
+            difference = self._explained_difference(seed, run, call.explained)
+            pass_deltas.append(difference if call.per_pair else sums - difference)
+        return {w: np.concatenate(per_target[w]) for w in call.wrt}, np.concatenate(pass_deltas)
 
     def _run_path(self, call: _Call, xs, refs, cost: RowCost, budget, cap: int, quadrature):
         """Integrated gradients: gradients at x0 + alpha (x - x0), weighted, times x - x0.
@@ -867,32 +923,31 @@ class Explainer:
         deltas = []
         averaged = None
         compiled = self._compiled if self._compiled is not None and self._compiled.why_not(call) is None else None
+
+        def gradients(s0, s1, p0, p1, threads=None, engine=compiled):
+            return self._path_gradients(call, xs, refs, per_sample_refs, alphas, size, engine, (s0, s1, p0, p1),
+                                        threads)
+
         for s0, s1, p0, p1 in self._passes(passes, call, size, "point of the path"):
             sub_x = [x[s0:s1] for x in xs]
             sub_refs = [r[s0:s1] if per_sample_refs else r for r in refs]
             if p0 == 0:  # weighted sums of gradients, (K, s, ...) per input
                 averaged = [np.zeros((call.k,) + x.shape, dtype=np.float64) for x in sub_x]
-            a, w = alphas[p0:p1], weights[p0:p1]
-            path = [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
-                    .astype(x.dtype) for x, r in zip(sub_x, sub_refs)]  # (points * s, ...) alpha-major
-            run = None
-            feeds = self._feeds(path, None) if compiled is not None else None
-            for t0 in range(0, call.k, size.targets):
-                seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
-                k = seed.shape[0]
-                seed = np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2))
-                this = None if compiled is None else compiled.get(feeds, path[0].shape[0], 0, call, k)
-                if this is not None:  # one onnxruntime session does the gradient pass
-                    grads, _ = this(feeds, seed.astype(this.seed_dtype, copy=False))
-                else:
-                    if run is None:
-                        run = self._pass_forward(path, None, call, k)
-                        _require_samples_first(run, call.explained)
-                    grads = self._backward(run, call, seed)
+            # row groups of whole samples (all the pass's points), or of one sample's points
+            if s1 - s0 > 1:
+                least = 1 if p1 - p0 > 1 else 2  # rows of the pass: points x samples, two at least
+                groups, axis = [(a, b, p0, p1) for a, b in compiled.row_groups(s0, s1, least)] if compiled else [], 2
+            else:
+                groups, axis = [(s0, s1, a, b) for a, b in compiled.row_groups(p0, p1, 2)] if compiled else [], 1
+            results = _in_groups(compiled, groups, (s0, s1, p0, p1), gradients,
+                                 lambda g: self._path_compiles(call, xs, refs, per_sample_refs, alphas, size,
+                                                               compiled, g))
+            w = weights[p0:p1]
+            for c, (t0, k) in enumerate(results[0][0]):
                 for i, name in enumerate(self.input_names):
-                    if name not in call.wrt or grads[name] is None:
+                    if results[0][1][c][i] is None:
                         continue
-                    g = to_host(grads[name]).reshape((k, p1 - p0, s1 - s0) + sub_x[i].shape[1:])
+                    g = np.concatenate([r[1][c][i] for r in results], axis=axis)  # (k, points, samples, ...)
                     for j in range(p1 - p0):  # point by point: the same sums however points are grouped
                         averaged[i][t0:t0 + k] += w[j] * g[:, j].astype(np.float64)
             if p1 < steps:
@@ -913,6 +968,51 @@ class Explainer:
             deltas.append(sums - np.concatenate(differences))
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1)
+
+    def _path_points(self, xs, refs, per_sample_refs: bool, alphas, span):
+        """The path's points of `span` = (s0, s1, p0, p1): (points * samples, ...) per input,
+        alpha-major, and the samples' inputs."""
+        s0, s1, p0, p1 = span
+        sub_x = [x[s0:s1] for x in xs]
+        sub_refs = [r[s0:s1] if per_sample_refs else r for r in refs]
+        a = alphas[p0:p1]
+        return [(r[None] + a.reshape((-1,) + (1,) * x.ndim) * (x - r)[None]).reshape((-1,) + x.shape[1:])
+                .astype(x.dtype) for x, r in zip(sub_x, sub_refs)], sub_x
+
+    def _path_compiles(self, call: _Call, xs, refs, per_sample_refs: bool, alphas, size: PassSize, compiled,
+                       span) -> bool:
+        """Whether the gradient pass of `span` compiles for the first chunk of targets."""
+        path, _ = self._path_points(xs, refs, per_sample_refs, alphas, span)
+        return compiled.get(self._feeds(path, None), path[0].shape[0], 0, call, min(size.targets, call.k),
+                            threads=1) is not None
+
+    def _path_gradients(self, call: _Call, xs, refs, per_sample_refs: bool, alphas, size: PassSize, compiled,
+                        span, threads):
+        """Gradients at the path's points of span = (s0, s1, p0, p1), per chunk of targets:
+        ([(t0, k)], [[(k, points, samples, ...) or None per input] per chunk])."""
+        s0, s1, p0, p1 = span
+        n = xs[0].shape[0]
+        path, sub_x = self._path_points(xs, refs, per_sample_refs, alphas, span)
+        run = None
+        feeds = self._feeds(path, None) if compiled is not None else None
+        chunks, gradients = [], []
+        for t0 in range(0, call.k, size.targets):
+            seed = call.seed(s0, s1, n, slice(t0, t0 + size.targets), self._explained_dtype(call))
+            k = seed.shape[0]
+            seed = np.tile(seed, (1, p1 - p0) + (1,) * (seed.ndim - 2))
+            this = None if compiled is None else compiled.get(feeds, path[0].shape[0], 0, call, k, threads=threads)
+            if this is not None:  # one onnxruntime session does the gradient pass
+                grads, _ = this(feeds, seed.astype(this.seed_dtype, copy=False))
+            else:
+                if run is None:
+                    run = self._pass_forward(path, None, call, k)
+                    _require_samples_first(run, call.explained)
+                grads = self._backward(run, call, seed)
+            chunks.append((t0, k))
+            gradients.append([None if name not in call.wrt or grads[name] is None else
+                              to_host(grads[name]).reshape((k, p1 - p0, s1 - s0) + sub_x[i].shape[1:])
+                              for i, name in enumerate(self.input_names)])
+        return chunks, gradients
 
     @staticmethod
     def _per_target(attributions, delta, target):
@@ -1024,6 +1124,18 @@ class _Call:
         """The initial multipliers of samples s0:s1 (of n) for the targets `chosen` of the K."""
         return targets.seed((s1 - s0,) + self.rest, targets.rows_of(self.target, s0, s1, n), self.stripped,
                             self.axis, chosen, dtype)
+
+
+def _in_groups(compiled, groups: list[tuple], span: tuple, work, compiles) -> list:
+    """[work(*span)] for a pass that runs whole, or [work(*group, 1) for each group], at once
+    (liftir/compile/engine.py `row_groups`), when there are several and the first group's pass
+    compiles (`compiles(group)`, traced before they start); where it does not (said once),
+    the interpreter runs the whole pass, whose NumPy work splits over threads on its own."""
+    if len(groups) <= 1:
+        return [work(*span)]
+    if compiles(groups[0]):
+        return compiled.run_groups(work, groups)
+    return [work(*span, None, None)]
 
 
 def _even(total: int, most: int) -> int:

@@ -72,11 +72,14 @@ class CompiledPass:
             return self.model
         return tiling.tiled_model(self.model, self.shapes)
 
-    def start(self, xp=np):
+    def start(self, xp=np, threads: int | None = None):
         """Open the onnxruntime session on the device of array module `xp`: the CPU for
-        NumPy, the CUDA provider with IO binding for CuPy (liftir/compile/device.py)."""
+        NumPy, the CUDA provider with IO binding for CuPy (liftir/compile/device.py), with
+        `threads` intra-op threads (None: `cpu_threads()`)."""
         import onnxruntime as ort
         options = session_options(shared_arena=xp is np)
+        if threads is not None:
+            options.intra_op_num_threads = threads
         options.log_severity_level = 3
         model = self.session_model(xp, options.intra_op_num_threads)
         self.session = ort.InferenceSession(model.SerializeToString(), options,
