@@ -9,7 +9,8 @@ For each model, in one process: the median (after a warm-up) of
                      call, which compiles, is reported apart)
   * floor            what no implementation of the pass can skip (issue #10): the forward over
                      the N+1 rows of [actual; reference] plus the compiled backward's linear maps
-                     (transposed convolutions, matrix products) alone, on inputs of their shapes
+                     (transposed convolutions, matrix products) alone, on inputs of their shapes,
+                     in the compiled engine's row groups on several threads (`floor_ms`)
 Run ``python benchmarks/bench_deeplift.py --help``; see benchmarks/README.md.
 """
 
@@ -111,16 +112,33 @@ def linear_backward(compiled_model):
     return model, feeds
 
 
-def floor_ms(proto, compiled_model, rows: np.ndarray, repeats: int, warmup: int) -> float:
-    """The floor: the model's forward over the N+1 rows plus the backward's linear maps."""
+def floor_ms(proto, compiled, x: np.ndarray, x0: np.ndarray, repeats: int, warmup: int) -> float:
+    """The floor: the model's forward over the N+1 rows plus the backward's linear maps, run
+    as the compiled engine runs the pass: whole on every thread, or, on several threads, in
+    its row groups at once on one thread each (liftir/compile/engine.py `row_groups`), each
+    group's forward over its samples and the reference row, then its linear maps."""
     import onnxruntime as ort
+    from concurrent.futures import ThreadPoolExecutor
 
-    fwd = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    forward_ms, _ = timed(lambda: fwd.run(None, {fwd.get_inputs()[0].name: rows}), repeats, warmup)
-    model, feeds = linear_backward(compiled_model)
-    bwd = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    backward_ms, _ = timed(lambda: bwd.run(None, feeds), repeats, warmup)
-    return forward_ms + backward_ms
+    engine = compiled._compiled
+    groups = engine.row_groups(0, len(x))
+    passes = {key[2]: p for key, p in engine.passes.items() if p is not None}
+    options = ort.SessionOptions()
+    if len(groups) > 1:
+        options.intra_op_num_threads = 1
+
+    def group_run(a, b):
+        fwd = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {fwd.get_inputs()[0].name: np.concatenate([x[a:b], x0[:1]])}
+        model, feeds = linear_backward(passes[b - a].model)
+        bwd = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return lambda: (fwd.run(None, feed), bwd.run(None, feeds))
+
+    runs = [group_run(a, b) for a, b in groups]
+    if len(runs) == 1:
+        return timed(runs[0], repeats, warmup)[0]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return timed(lambda: list(pool.map(lambda run: run(), runs)), repeats, warmup)[0]
 
 
 def run_one(b: Bench, repeats: int, warmup: int, target: int, dynamo: bool) -> dict:
@@ -179,9 +197,7 @@ def run_one(b: Bench, repeats: int, warmup: int, target: int, dynamo: bool) -> d
             row["compiled_ms"], cattr = timed(
                 lambda: compiled.attribute(x_np, baselines=x0_np, target=target), repeats, warmup)
             row["compiled_agree"] = float(np.abs(np.asarray(cattr) - attr).max() / max(np.abs(attr).max(), 1e-12))
-            (compiled_pass,) = compiled._compiled.passes.values()
-            row["floor_ms"] = floor_ms(proto, compiled_pass.model, np.concatenate([x_np, x0_np[:1]]),
-                                       repeats, warmup)
+            row["floor_ms"] = floor_ms(proto, compiled, x_np, x0_np, repeats, warmup)
         except Exception as e:
             row["compiled_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             if os.environ.get("LIFTIR_BENCH_TRACEBACK"):

@@ -725,7 +725,8 @@ class Explainer:
         for s0, s1 in self._passes(blocks, call, size, "sample"):
             groups = compiled.row_groups(s0, s1, 1 if refs is not None else 2) if compiled is not None else [(s0, s1)]
             results = _in_groups(compiled, groups, (s0, s1), one_pass,
-                                 lambda g: self._compiles(call, xs, refs, per_sample_refs, size, compiled, g))
+                                 lambda g: self._compiles(call, xs, refs, per_sample_refs, size, compiled, g),
+                                 ("sample", call.explained, call.wrt, call.k))
             for w in call.wrt:
                 pieces[w].append(np.concatenate([r[0][w] for r in results], axis=1))
             if results[0][1] is not None:
@@ -832,7 +833,8 @@ class Explainer:
                 groups = [(s0, s1, a, b) for a, b in compiled.row_groups(b0, b1)] if compiled else []
             results = _in_groups(compiled, groups, (s0, s1, b0, b1), one_pass,
                                  lambda g: compiled.get(*self._pair_feeds(call, xs, refs, own, size, g),
-                                                        threads=1) is not None)
+                                                        threads=1) is not None,
+                                 ("pair", call.explained, call.wrt, call.k, own))
             for w in call.wrt:
                 block[w].append(np.concatenate([r[0][w] for r in results], axis=1))
             block_deltas.append(np.concatenate([r[1] for r in results], axis=1))
@@ -941,7 +943,8 @@ class Explainer:
                 groups, axis = [(s0, s1, a, b) for a, b in compiled.row_groups(p0, p1, 2)] if compiled else [], 1
             results = _in_groups(compiled, groups, (s0, s1, p0, p1), gradients,
                                  lambda g: self._path_compiles(call, xs, refs, per_sample_refs, alphas, size,
-                                                               compiled, g))
+                                                               compiled, g),
+                                 ("path", call.explained, call.wrt, call.k))
             w = weights[p0:p1]
             for c, (t0, k) in enumerate(results[0][0]):
                 for i, name in enumerate(self.input_names):
@@ -1126,15 +1129,17 @@ class _Call:
                             self.axis, chosen, dtype)
 
 
-def _in_groups(compiled, groups: list[tuple], span: tuple, work, compiles) -> list:
+def _in_groups(compiled, groups: list[tuple], span: tuple, work, compiles, kind: tuple) -> list:
     """[work(*span)] for a pass that runs whole, or [work(*group, 1) for each group], at once
-    (liftir/compile/engine.py `row_groups`), when there are several and the first group's pass
-    compiles (`compiles(group)`, traced before they start); where it does not (said once),
+    (liftir/compile/engine.py `row_groups`), when there are several, the first group's pass
+    compiles (`compiles(group)`, traced before they start) and the pass (`kind` and the
+    span's sizes) has not proved too small to split; where it does not compile (said once),
     the interpreter runs the whole pass, whose NumPy work splits over threads on its own."""
-    if len(groups) <= 1:
+    key = kind + tuple(b - a for a, b in zip(span[::2], span[1::2]))
+    if len(groups) <= 1 or key in compiled.runs_whole:
         return [work(*span)]
     if compiles(groups[0]):
-        return compiled.run_groups(work, groups)
+        return compiled.run_groups(work, groups, key)
     return [work(*span, None, None)]
 
 

@@ -331,6 +331,24 @@ def test_integrated_gradients_row_groups_split_samples_or_one_samples_points(mon
     assert keys and {key[-1] for key in keys} == {1} and max(key[2] for key in keys) < samples * steps, keys
 
 
+def test_row_groups_faster_than_their_dispatch_run_whole_from_then_on(monkeypatch):
+    """A pass whose groups took less than SMALL_S runs whole on the next call (one session
+    of every thread for the whole shape), with the same attributions."""
+    from liftir.compile import engine
+    rng = np.random.default_rng(15)
+    m, shape = _random_net(rng)
+    x = rng.standard_normal((4,) + shape).astype(np.float32)
+    monkeypatch.setenv("LIFTIR_NUM_THREADS", "2")
+    monkeypatch.setattr(engine, "SMALL_S", 1e9)
+    ex = liftir.Explainer(m, "deeplift", engine="compiled")
+    first = ex.attribute(x, target=1, return_convergence_delta=True)
+    assert [(key[2], key[-1]) for key in ex._compiled.passes] == [(2, 1)]
+    second = ex.attribute(x, target=1, return_convergence_delta=True)
+    assert [(key[2], key[-1]) for key in ex._compiled.passes] == [(2, 1), (4, None)]
+    _assert_same(first, second)
+    _assert_conserves(ex, x, np.zeros_like(x), second[1])
+
+
 @pytest.mark.parametrize("method, samples", [("deeplift", 1), ("saliency", 3)])
 def test_a_pass_too_small_to_split_runs_whole_on_every_thread(monkeypatch, method, samples):
     """One sample and its reference, or three samples of a method without reference rows
