@@ -250,7 +250,8 @@ def test_compiled_gelu_slope_where_dx_is_tiny_is_as_accurate_as_the_interpreters
 
 
 # ---- caching ------------------------------------------------------------------------------
-def test_one_compiled_pass_serves_every_target_of_a_batch_shape():
+def test_one_compiled_pass_serves_every_target_of_a_batch_shape(monkeypatch):
+    monkeypatch.setenv("LIFTIR_NUM_THREADS", "1")  # one pass per batch shape, no row groups
     rng = np.random.default_rng(3)
     m, shape = _random_net(rng)
     ex = liftir.Explainer(m, "deeplift", engine="compiled")
