@@ -23,6 +23,12 @@ gpu = pytest.mark.skipif(CUPY is None or not CUDA, reason="needs CuPy, a usable 
                                                           "(see the README, GPU)")
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One pass per call (no row groups): these tests compare one session's runs."""
+    monkeypatch.setenv("LIFTIR_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def vgg():
     zoo = pytest.importorskip("zoo")
