@@ -47,8 +47,11 @@ def warn_if_not_conserving(explainer, xs, refs, attributions, delta, *, output: 
     rows = delta.reshape(n, -1)
     k = rows.shape[1]
     dtype = np.result_type(*[a.dtype for a in attributions])
-    total = sum(a.astype(np.float64).reshape(n, k, -1).sum(axis=2) for a in attributions)
-    magnitude = sum(np.abs(a.astype(np.float64)).reshape(n, k, -1).sum(axis=2) for a in attributions)
+    # sums accumulated in float64 without float64 copies of the attributions (two such copies
+    # and their abs were 7% of an all-class DeepLIFT call on a small conv net)
+    flat = [a.reshape(n, k, -1) for a in attributions]
+    total = sum(f.sum(axis=2, dtype=np.float64) for f in flat)
+    magnitude = sum(np.abs(f).sum(axis=2, dtype=np.float64) for f in flat)
     difference = total - rows  # f(x) - f(x0) of each sample and target
     eps = float(np.finfo(dtype).eps)
     limit = relative_tolerance(dtype) * np.maximum(np.abs(difference), eps * magnitude)

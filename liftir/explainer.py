@@ -1042,10 +1042,10 @@ class Explainer:
         step = difference(self.xp, run.actual(tensor), run.reference(tensor))
         with np.errstate(invalid="ignore"):  # 0 * inf: handled below
             contribution = self._samples_first(run, tensor, m * step)
-        sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
+        sums = _row_sums(to_host(contribution), k, run.n_actual)
         if not np.isfinite(sums).all():  # an infinite step (a -inf mask computed from ids), or worse
             contribution = self._samples_first(run, tensor, _infinite_steps(self.xp, tensor, m, step))
-            sums = to_host(contribution).astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
+            sums = _row_sums(to_host(contribution), k, run.n_actual)
         if call.func is not None:
             result = call.func(m, run.actual(tensor), run.reference(tensor))
             if tuple(getattr(result, "shape", ())) != tuple(m.shape):
@@ -1069,7 +1069,7 @@ class Explainer:
         pos, neg = (delta + spread[tensor]) * 0.5, (delta - spread[tensor]) * 0.5
         a = to_host(self._samples_first(run, tensor, m[:k] * pos + m[k:] * neg)).astype(run.device(tensor).dtype,
                                                                                           copy=False)
-        return a, a.astype(np.float64).reshape(k, run.n_actual, -1).sum(axis=2)
+        return a, _row_sums(a, k, run.n_actual)
 
     @staticmethod
     def _explained_difference(seed: np.ndarray, run, tensor: str) -> np.ndarray:
@@ -1127,6 +1127,12 @@ class _Call:
         """The initial multipliers of samples s0:s1 (of n) for the targets `chosen` of the K."""
         return targets.seed((s1 - s0,) + self.rest, targets.rows_of(self.target, s0, s1, n), self.stripped,
                             self.axis, chosen, dtype)
+
+
+def _row_sums(contributions: np.ndarray, k: int, rows: int) -> np.ndarray:
+    """Each (target, row)'s sum of contributions (k, rows, ...), accumulated in float64 without
+    a float64 copy of them."""
+    return contributions.reshape(k, rows, -1).sum(axis=2, dtype=np.float64)
 
 
 def _in_groups(compiled, groups: list[tuple], span: tuple, work, compiles, kind: tuple) -> list:
