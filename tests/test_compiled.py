@@ -312,15 +312,15 @@ def test_deeplift_shap_row_groups_split_samples_or_one_samples_references(monkey
     assert np.abs(got[1]).max() <= 1e-4 * scale  # summation-to-delta, averaged over references
 
 
-@pytest.mark.parametrize("samples, steps", [(7, 8), (1, 9)])
-def test_integrated_gradients_row_groups_split_samples_or_one_samples_points(monkeypatch, samples, steps):
-    """Integrated gradients on 3 threads: groups of whole samples (all their points), or of
-    one sample's points; the weighted sums run point by point in the quadrature's order after
-    the groups, so they are the interpreter's."""
+@pytest.mark.parametrize("samples, steps, own", [(7, 8, False), (5, 6, True), (1, 9, False)])
+def test_integrated_gradients_row_groups_split_samples_or_one_samples_points(monkeypatch, samples, steps, own):
+    """Integrated gradients on 3 threads: groups of whole samples (all their points; a shared
+    or a per-sample baseline), or of one sample's points; the weighted sums run point by
+    point in the quadrature's order after the groups, so they are the interpreter's."""
     rng = np.random.default_rng(14)
     m, shape = _random_net(rng)
     x = rng.standard_normal((samples,) + shape).astype(np.float32)
-    x0 = (0.3 * rng.standard_normal((1,) + shape)).astype(np.float32)
+    x0 = (0.3 * rng.standard_normal((samples if own else 1,) + shape)).astype(np.float32)
     monkeypatch.setenv("LIFTIR_NUM_THREADS", "1")
     want = liftir.Explainer(m, "integrated_gradients").attribute(x, baselines=x0, target="all", n_steps=steps,
                                                                  return_convergence_delta=True)
