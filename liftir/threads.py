@@ -8,6 +8,7 @@ machine must share its cores (`liftir.genome` gives each `LIFTIR_NUM_THREADS`).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 #: the environment variable that caps liftir's threads (a positive int)
 ENV = "LIFTIR_NUM_THREADS"
@@ -71,3 +72,20 @@ def _shared_cpu_arena() -> bool:
         except Exception:  # noqa: BLE001 - an onnxruntime without it: per-session arenas
             _ARENA.append(False)
     return _ARENA[0]
+
+
+_POOLS: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+
+
+def thread_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """This process's pool `name` of at least `workers` threads. Made again in a forked child
+    (multiprocessing's default on Linux): a pool's threads do not survive fork, and work
+    submitted to the parent's pool would wait forever."""
+    pid = os.getpid()
+    held = _POOLS.get(name)
+    if held is None or held[0] != pid or held[1]._max_workers < workers:
+        if held is not None and held[0] == pid:  # outgrown: its idle threads end
+            held[1].shutdown(wait=False)
+        held = (pid, ThreadPoolExecutor(workers, thread_name_prefix=f"liftir-{name}"))
+        _POOLS[name] = held
+    return held[1]

@@ -46,3 +46,27 @@ def test_local_dask_workers_share_the_cores(monkeypatch):
     with local_cluster(distributed, 2) as cluster, distributed.Client(cluster) as client:
         seen = client.run(_worker_threads)
     assert sorted(seen.values()) == [("2", "2", 2), ("2", "2", 2)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_thread_pools_of_its_own():
+    """A pool's threads do not survive fork (multiprocessing's default on Linux): the child
+    of a process that used liftir's pools runs work on new ones instead of waiting forever."""
+    from liftir.threads import thread_pool
+    pool = thread_pool("test-fork", 2)
+    assert list(pool.map(lambda v: v * 2, [1, 2])) == [2, 4]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool would never run this
+        try:
+            ok = thread_pool("test-fork", 2) is not pool and thread_pool("test-fork", 2).submit(
+                lambda: 42).result(timeout=10) == 42
+        except Exception:  # noqa: BLE001 - anything is a failure, reported through the pipe
+            ok = False
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    got = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+    assert thread_pool("test-fork", 2) is pool  # the parent keeps its own

@@ -7,14 +7,13 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import scheduler
 from ..backend import to_host
 from ..methods import Engine
-from ..threads import cpu_threads
+from ..threads import cpu_threads, thread_pool
 from . import device
 from .compiler import CompiledPass, compile_pass
 from .tracer import TraceError
@@ -77,7 +76,9 @@ class CompiledEngine:
         if len(groups) == 1:
             return [work(*groups[0], None)]
         start = time.perf_counter()
-        results = list(_group_pool(len(groups)).map(lambda group: work(*group, 1), groups))
+        # a pool of its own: a group's interpreter fallback may use liftir/kernels/parallel.py's,
+        # which must not wait on itself
+        results = list(thread_pool("row-groups", len(groups)).map(lambda group: work(*group, 1), groups))
         if time.perf_counter() - start < SMALL_S:
             self.runs_whole.add(key)
         return results
@@ -135,14 +136,3 @@ class CompiledEngine:
         if compiled.pairs:
             return scheduler.PairedRun(run, compiled.pairs, tile_references=compiled.tile_references)
         return run
-
-
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _group_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool for row groups (its own: a group's interpreter fallback may use
-    liftir/kernels/parallel.py's pool, which must not wait on itself)."""
-    if not _POOL or _POOL[0]._max_workers < workers:
-        _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="liftir-rows")]
-    return _POOL[0]

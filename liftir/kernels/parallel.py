@@ -13,15 +13,12 @@ CPU in one-row chunks than in one piece (benchmarks/README.md, genome pipeline).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from ..threads import cpu_threads
+from ..threads import cpu_threads, thread_pool
 
 MIN_ELEMENTS = 1 << 18  # below this, one thread is as fast
 BLOCK_ELEMENTS = 1 << 17  # a chunk's share of a 1-2 MiB L2 cache, for float32 arrays
-_pool: ThreadPoolExecutor | None = None
 
 
 def _threads() -> int:
@@ -34,13 +31,11 @@ def over_rows(xp, work, rows: int, size: int) -> None:
     `size` is the elements the work touches (rows times the elements per row); slices are
     whole rows, at most about BLOCK_ELEMENTS elements each (one row when rows are larger).
     """
-    global _pool
     threads = _threads()
     if xp is not np or threads == 1 or size < MIN_ELEMENTS or rows < 2:
         work(slice(0, rows))
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="liftir")
     per_row = max(1, size // rows)
     step = max(1, min(-(-rows // threads), BLOCK_ELEMENTS // per_row))
-    list(_pool.map(work, [slice(a, min(a + step, rows)) for a in range(0, rows, step)]))
+    chunks = [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+    list(thread_pool("elementwise", threads).map(work, chunks))
