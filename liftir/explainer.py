@@ -725,7 +725,7 @@ class Explainer:
         for s0, s1 in self._passes(blocks, call, size, "sample"):
             groups = compiled.row_groups(s0, s1, 1 if refs is not None else 2) if compiled is not None else [(s0, s1)]
             results = _in_groups(compiled, groups, (s0, s1), one_pass,
-                                 lambda g: self._compiles(call, xs, refs, per_sample_refs, size, compiled, g),
+                                 lambda g: self._sample_compiles(call, xs, refs, per_sample_refs, size, compiled, g),
                                  ("sample", call.explained, call.wrt, call.k))
             for w in call.wrt:
                 pieces[w].append(np.concatenate([r[0][w] for r in results], axis=1))
@@ -734,7 +734,8 @@ class Explainer:
         attrs = [np.concatenate(pieces[w], axis=1) for w in call.wrt]
         return attrs, np.concatenate(deltas, axis=1) if deltas else None
 
-    def _compiles(self, call: _Call, xs, refs, per_sample_refs: bool, size: PassSize, compiled, group) -> bool:
+    def _sample_compiles(self, call: _Call, xs, refs, per_sample_refs: bool, size: PassSize, compiled,
+                         group) -> bool:
         """Whether the pass of row group `group` compiles for the first chunk of targets (traced
         here, before the groups run at once)."""
         s0, s1 = group
@@ -832,8 +833,7 @@ class Explainer:
             else:
                 groups = [(s0, s1, a, b) for a, b in compiled.row_groups(b0, b1)] if compiled else []
             results = _in_groups(compiled, groups, (s0, s1, b0, b1), one_pass,
-                                 lambda g: compiled.get(*self._pair_feeds(call, xs, refs, own, size, g),
-                                                        threads=1) is not None,
+                                 lambda g: self._pair_compiles(call, xs, refs, own, size, compiled, g),
                                  ("pair", call.explained, call.wrt, call.k, own))
             for w in call.wrt:
                 block[w].append(np.concatenate([r[0][w] for r in results], axis=1))
@@ -857,12 +857,13 @@ class Explainer:
             sub_refs = [r[b0:b1] for r in refs]
         return [x[s0:s1] for x in xs], sub_refs
 
-    def _pair_feeds(self, call: _Call, xs, refs, own: bool, size: PassSize, span):
-        """`CompiledEngine.get`'s arguments for the pairs of `span` and the first chunk of targets."""
+    def _pair_compiles(self, call: _Call, xs, refs, own: bool, size: PassSize, compiled, span) -> bool:
+        """Whether the pass of the pairs of `span` compiles for the first chunk of targets."""
         s0, s1, b0, b1 = span
         sub_x, sub_refs = self._pair_inputs(xs, refs, own, s0, s1, b0, b1)
-        return (self._feeds(sub_x, sub_refs), s1 - s0, sub_refs[0].shape[0], call, min(size.targets, call.k),
-                b1 - b0, not own)
+        return compiled.get(self._feeds(sub_x, sub_refs), s1 - s0, sub_refs[0].shape[0], call,
+                            min(size.targets, call.k), pairs=b1 - b0, tile_references=not own,
+                            threads=1) is not None
 
     def _pair_pass(self, call: _Call, xs, refs, own: bool, size: PassSize, compiled, span, threads):
         """DeepLIFT of the (sample, reference) pairs of span = (s0, s1, b0, b1), sample-major,

@@ -74,18 +74,17 @@ def _shared_cpu_arena() -> bool:
     return _ARENA[0]
 
 
-_POOLS: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+_POOLS: dict[str, tuple[int, int, ThreadPoolExecutor]] = {}  # name -> (pid, workers, pool)
 
 
 def thread_pool(name: str, workers: int) -> ThreadPoolExecutor:
     """This process's pool `name` of at least `workers` threads. Made again in a forked child
     (multiprocessing's default on Linux): a pool's threads do not survive fork, and work
-    submitted to the parent's pool would wait forever."""
+    submitted to the parent's pool would wait forever. An outgrown pool is dropped, not shut
+    down (a caller may still hold it); its idle threads end once it is collected."""
     pid = os.getpid()
     held = _POOLS.get(name)
-    if held is None or held[0] != pid or held[1]._max_workers < workers:
-        if held is not None and held[0] == pid:  # outgrown: its idle threads end
-            held[1].shutdown(wait=False)
-        held = (pid, ThreadPoolExecutor(workers, thread_name_prefix=f"liftir-{name}"))
+    if held is None or held[0] != pid or held[1] < workers:
+        held = (pid, workers, ThreadPoolExecutor(workers, thread_name_prefix=f"liftir-{name}"))
         _POOLS[name] = held
-    return held[1]
+    return held[2]
