@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 
 import numpy as np
 import pytest
@@ -66,7 +67,11 @@ def test_a_forked_child_gets_thread_pools_of_its_own():
         os.write(write, b"1" if ok else b"0")
         os._exit(0)
     os.close(write)
-    got = os.read(read, 1)
+    ready, _, _ = select.select([read], [], [], 60)  # a child stuck anywhere fails, never hangs
+    got = os.read(read, 1) if ready else b""
+    if not got:
+        os.kill(pid, 9)
     os.waitpid(pid, 0)
+    os.close(read)
     assert got == b"1"
     assert thread_pool("test-fork", 2) is pool  # the parent keeps its own
