@@ -68,8 +68,9 @@ class Explainer:
     engine : "interpreter" (default) or "compiled"
         "compiled" records each pass (forward and multipliers) as one ONNX graph run by one
         onnxruntime session, cached per input shapes and number of targets (liftir/compile);
-        what does not compile runs on the interpreter, said in a log line. README, "The
-        compiled engine".
+        what does not compile runs on the interpreter, said in a log line. On several CPU
+        threads (LIFTIR_NUM_THREADS, else the process's cores) a pass runs as one group of
+        rows per thread at once. README, "The compiled engine".
     prune : bool, default True
         Compute only the positions of intermediate tensors that the output reads: a class
         token's or a last token's selection moves above the per-position layers before it
