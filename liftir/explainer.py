@@ -727,7 +727,7 @@ class Explainer:
             groups = compiled.row_groups(s0, s1, 1 if refs is not None else 2) if compiled is not None else [(s0, s1)]
             results = _in_groups(compiled, groups, (s0, s1), one_pass,
                                  lambda g: self._sample_compiles(call, xs, refs, per_sample_refs, size, compiled, g),
-                                 ("sample", call.explained, call.wrt, call.k))
+                                 ("sample", call.explained, call.wrt, call.k, _input_shapes(xs)))
             for w in call.wrt:
                 pieces[w].append(np.concatenate([r[0][w] for r in results], axis=1))
             if results[0][1] is not None:
@@ -835,7 +835,7 @@ class Explainer:
                 groups = [(s0, s1, a, b) for a, b in compiled.row_groups(b0, b1)] if compiled else []
             results = _in_groups(compiled, groups, (s0, s1, b0, b1), one_pass,
                                  lambda g: self._pair_compiles(call, xs, refs, own, size, compiled, g),
-                                 ("pair", call.explained, call.wrt, call.k, own))
+                                 ("pair", call.explained, call.wrt, call.k, own, _input_shapes(xs)))
             for w in call.wrt:
                 block[w].append(np.concatenate([r[0][w] for r in results], axis=1))
             block_deltas.append(np.concatenate([r[1] for r in results], axis=1))
@@ -946,7 +946,7 @@ class Explainer:
             results = _in_groups(compiled, groups, (s0, s1, p0, p1), gradients,
                                  lambda g: self._path_compiles(call, xs, refs, per_sample_refs, alphas, size,
                                                                compiled, g),
-                                 ("path", call.explained, call.wrt, call.k))
+                                 ("path", call.explained, call.wrt, call.k, _input_shapes(xs)))
             w = weights[p0:p1]
             for c, (t0, k) in enumerate(results[0][0]):
                 for i, name in enumerate(self.input_names):
@@ -1137,16 +1137,23 @@ def _row_sums(contributions: np.ndarray, k: int, rows: int) -> np.ndarray:
     return contributions.reshape(k, rows, -1).sum(axis=2, dtype=np.float64)
 
 
+def _input_shapes(xs) -> tuple:
+    """The inputs' per-sample shapes and dtypes: with a pass's sizes they fix its shapes."""
+    return tuple((x.shape[1:], x.dtype.str) for x in xs)
+
+
 def _in_groups(compiled, groups: list[tuple], span: tuple, work, compiles, kind: tuple) -> list:
     """[work(*span)] for a pass that runs whole, or [work(*group, 1) for each group], at once
     (liftir/compile/engine.py `row_groups`), when there are several, the first group's pass
-    compiles (`compiles(group)`, traced before they start) and the pass (`kind` and the
-    span's sizes) has not proved too small to split; where it does not compile (said once),
+    compiles (`compiles(group)`, traced before they start; asked once per pass key) and the
+    pass (`kind`: the call and its inputs' shapes, and the span's sizes) has not proved too
+    small to split; where it does not compile (said once),
     the interpreter runs the whole pass, whose NumPy work splits over threads on its own."""
     key = kind + tuple(b - a for a, b in zip(span[::2], span[1::2]))
     if len(groups) <= 1 or key in compiled.runs_whole:
         return [work(*span)]
-    if compiles(groups[0]):
+    if key in compiled.groups_compile or compiles(groups[0]):
+        compiled.groups_compile.add(key)
         return compiled.run_groups(work, groups, key)
     return [work(*span, None, None)]
 

@@ -287,6 +287,14 @@ def test_row_groups_on_several_threads_give_the_whole_pass(monkeypatch, method, 
     assert all(p.session.get_session_options().intra_op_num_threads == 1 for p in ex._compiled.passes.values())
     if method != "saliency":  # summation-to-delta
         _assert_conserves(ex, x, x0, got[1])
+    # a second call knows the groups compile: no feeds built again to ask
+    monkeypatch.setattr(ex, "_sample_compiles", lambda *a: pytest.fail("asked again"))
+    ex._compiled.runs_whole.clear()  # however fast the first call ran, groups again
+    grouped = []
+    run_groups = ex._compiled.run_groups
+    monkeypatch.setattr(ex._compiled, "run_groups", lambda *a: grouped.append(1) or run_groups(*a))
+    _assert_same(got, ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True))
+    assert grouped
 
 
 @pytest.mark.parametrize("samples, references, own", [(7, 3, False), (1, 5, False), (5, 2, True)])

@@ -41,6 +41,8 @@ class CompiledEngine:
         self._compiling = threading.Lock()  # row groups of one pass ask for the same shapes at once
         #: passes whose row groups ran faster than SMALL_S (`run_groups`): they run whole now
         self.runs_whole: set[tuple] = set()
+        #: passes whose first row group compiled: the check need not build its feeds again
+        self.groups_compile: set[tuple] = set()
 
     def why_not(self, call) -> str | None:
         """Why a call cannot use the compiled engine at all, or None."""
