@@ -222,8 +222,9 @@ pytest.importorskip("torch")
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks small enough that the zoo's test-sized models are tiled, on one thread (the
-    only sessions the compiled engine tiles)."""
-    monkeypatch.setattr(tiling, "CHUNK_ELEMENTS", 64)
+    only sessions the compiled engine tiles): a recurrent net's gates of hidden size 12 are
+    each a tensor of their own (rules/recurrent.py `_gate_input`), a few chunks of 32."""
+    monkeypatch.setattr(tiling, "CHUNK_ELEMENTS", 32)
     monkeypatch.setenv("LIFTIR_NUM_THREADS", "1")
 
 
