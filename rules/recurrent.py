@@ -213,6 +213,16 @@ def _mean(a, a0, deeplift):
     return (a + a0) * 0.5 if deeplift else a
 
 
+def _values(rec, rec0, deeplift, sums=False):
+    """key -> the product rule's factor of a recorded value: its mean over the two passes (in
+    gradient modes its actual value), or with `sums` twice that, a + a0 (`walk_r_scales`)."""
+    if not deeplift:
+        return lambda key: rec[key]
+    if sums:
+        return lambda key: rec[key] + rec0[key]
+    return lambda key: _mean(rec[key], rec0[key], True)
+
+
 class _Recurrent(Rule):
     """Shared by LSTM/GRU/RNN: inputs, directions, the time loop and the backward walk."""
 
@@ -226,6 +236,14 @@ class _Recurrent(Rule):
     #: a factor of `_factors` the batched walk leaves out of its steps: the gates' multipliers
     #: are then the carried state's times it, formed once after the walk (`_gates_of_states`)
     gates_after_walk: str | None = None
+    #: DeepLIFT's batched walk may carry a gate's product-rule factors as sums (a + a0) where the
+    #: rule has means (a + a0) / 2, a full-size pass fewer each: the factors of the gate's
+    #: multipliers are then these powers of two of their values, in the walk's products with R
+    #: (`walk_r_scales`) and after it with W (`walk_w_scales`), and that gate's rows of R and W
+    #: are scaled by the inverse once (`_walk_weights`). Scaling by a power of two is exact, so
+    #: the multipliers are the same bits.
+    walk_r_scales: tuple[float, ...] | None = None
+    walk_w_scales: tuple[float, ...] | None = None
     paper_rule = ("unrolled: affine (2.3.1) + rescale (2.3.4) gates + product (2.3.5) gating; "
                   "gradient: backprop through time")
 
@@ -271,9 +289,19 @@ class _Recurrent(Rule):
                            "Wb": xp.asarray(b[d, :self.gates * hidden]),
                            "Rb": xp.asarray(b[d, self.gates * hidden:]),
                            "P": self._peepholes(ctx, d, hidden, dtype),
-                           "gate": [self._gate_params(xp, w[d], r[d], b[d], j, hidden) for j in range(self.gates)]})
+                           "gate": [self._gate_params(xp, w[d], r[d], b[d], j, hidden) for j in range(self.gates)],
+                           "R_walk": xp.asarray(self._walk_scaled(r[d], self.walk_r_scales, hidden, ctx.mode)),
+                           "W_walk": xp.asarray(self._walk_scaled(w[d], self.walk_w_scales, hidden, ctx.mode))})
         acts = _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
         return dirs, params, hidden, acts
+
+    @staticmethod
+    def _walk_scaled(weights, scales, hidden, mode):
+        """R or W ([gates*H, n], host) with each gate's rows divided by its power of two in
+        `scales` (`walk_r_scales`), for DeepLIFT's batched walk; as it is otherwise."""
+        if scales is None or mode != Mode.DEEPLIFT:
+            return weights
+        return weights * np.repeat(1 / np.asarray(scales, dtype=weights.dtype), hidden)[:, None]
 
     def _gate_params(self, xp, w, r, b, j, hidden):
         """Gate j's own weights (W_j^T, R_j^T, contiguous), its two biases and their sum, for
@@ -490,6 +518,7 @@ class _Recurrent(Rule):
         for j, key in self.slope_keys:
             rec["s_" + key] = acts[j].slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
         factors = self._factors(xp, rec, rec0, deeplift)
+        p = dict(p, R=p["R_walk"])
         steps = x.shape[1]
         order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
         g_in = [None] * steps
@@ -602,15 +631,17 @@ class _Recurrent(Rule):
                 carry.append(xp.zeros((k, p, hidden), dtype=dtype) if g is None else g[:, :, d])
             ys = self._forward_y(ctx, False, p, length, d) if valid is None and self._batched(params[d]) else None
             ys0 = self._forward_y(ctx, True, rows0, length, d) if deeplift and ys is not None else None
+            w = params[d]["W"]
             if ys is not None and (ys0 is not None or not deeplift):
                 g_gates, carry = self._walk_batched(xp, x, x0, ys, ys0, init, init0, carry, g_y, d, params[d],
                                                     acts[d], reverse, deeplift)
+                w = params[d]["W_walk"]
             else:
                 g_gates, carry = self._walk_unrolled(xp, x, x0, init, init0, carry, g_y, d, params[d], acts[d],
                                                      reverse, deeplift, valid, k, p, dtype)
             steps = x.shape[1]
             # the input projection's multipliers, every step in one matmul
-            gx[:, :, :length] += xp.matmul(g_gates.reshape(k * p * steps, -1), params[d]["W"]).reshape(
+            gx[:, :, :length] += xp.matmul(g_gates.reshape(k * p * steps, -1), w).reshape(
                 k, p, steps, -1)
             for i, g in zip(self.state_inputs, carry):
                 g_states[i][:, :, d] = g
@@ -667,6 +698,8 @@ class GRU(_Recurrent):
     final_keys = ("h",)
     slope_keys = ((1, "zh"), (0, "zz"), (0, "zr"))
     gates_after_walk = "q"
+    walk_r_scales = (2, 4, 4)  # q' (`_factors`)
+    walk_w_scales = (2, 4, 2)  # q
 
     def _step(self, xp, xw, state, p, acts, with_h=True):
         (h_prev,) = state
@@ -741,13 +774,15 @@ class GRU(_Recurrent):
         """`_step_back`'s products folded (linear_before_reset): with g the multiplier of H,
         [g_zz, g_zr, g_zh] = g * q and g_{H_prev} = g * z + (g * q') R, where q' is q with
         the reset gate's mean on g_zh (the product rule's factor of R h + Rb_h)."""
-        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
-        k_h = (1 - m("z")) * rec["s_zh"]
-        k_zr = [(m("h_prev") - m("ht")) * rec["s_zz"], k_h * m("v") * rec["s_zr"]]  # [k_z, k_r]
-        q_prev = xp.concatenate(k_zr + [k_h * m("r")], axis=-1)
+        two = _values(rec, rec0, deeplift, sums=True)  # 2x the means (`walk_r_scales`)
+        both = two("z")
+        k_h = ((2 if deeplift else 1) - both) * rec["s_zh"]  # x2
+        k_zr = [(two("h_prev") - two("ht")) * rec["s_zz"], k_h * two("v") * rec["s_zr"]]  # [k_z x2, k_r x4]
+        q_prev = xp.concatenate(k_zr + [k_h * two("r")], axis=-1)  # [x2, x4, x4]
         # q' as [rows, T, 3, H]: a step multiplies it by g_H broadcast, no reshape of its own
-        return {"q": xp.concatenate(k_zr + [k_h], axis=-1),
-                "q_prev": q_prev.reshape(tuple(q_prev.shape[:-1]) + (3, -1)), "z": m("z")}
+        return {"q": xp.concatenate(k_zr + [k_h], axis=-1),  # [x2, x4, x2]
+                "q_prev": q_prev.reshape(tuple(q_prev.shape[:-1]) + (3, -1)),
+                "z": both * 0.5 if deeplift else both}
 
     def _step_back_batched(self, xp, carry, f, p):
         """The walk's step: g_{H_prev} from g_H; the gates' own multipliers, g_H * q, wait for
@@ -769,6 +804,7 @@ class LSTM(_Recurrent):
     state_keys = ("h", "c")
     final_keys = ("h", "c")
     slope_keys = ((2, "c"), (0, "zo"), (0, "zf"), (0, "zi"), (1, "zc"))
+    walk_r_scales = walk_w_scales = (2, 2, 2, 2)  # q (`_factors`)
 
     def _peepholes(self, ctx, d, hidden, dtype):
         p = self._const(ctx, 7, "P", required=False)
@@ -848,9 +884,9 @@ class LSTM(_Recurrent):
     def _factors(self, xp, rec, rec0, deeplift):
         """`_step_back`'s products folded: g_C += g_H * a, then [g_zi, g_zo, g_zf, g_zc] =
         [g_C, g_H, g_C, g_C] * q and g_{C_prev} = g_C * f."""
-        m = (lambda key: _mean(rec[key], rec0[key], True)) if deeplift else (lambda key: rec[key])
-        q = xp.concatenate([m("cc") * rec["s_zi"], m("hc") * rec["s_zo"], m("c_prev") * rec["s_zf"],
-                            m("i") * rec["s_zc"]], axis=-1)
+        m, two = _values(rec, rec0, deeplift), _values(rec, rec0, deeplift, sums=True)
+        q = xp.concatenate([two("cc") * rec["s_zi"], two("hc") * rec["s_zo"], two("c_prev") * rec["s_zf"],
+                            two("i") * rec["s_zc"]], axis=-1)  # 2q (`walk_r_scales`)
         return {"a": m("o") * rec["s_c"], "q": q, "f": m("f")}
 
     def _step_back_batched(self, xp, carry, f, p):
