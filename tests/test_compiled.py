@@ -722,6 +722,27 @@ def test_tracer_writes_through_reshaped_views_as_numpy_does():
     np.testing.assert_array_equal(_run_traced(_writes_through_views, a), _writes_through_views(np, a))
 
 
+def _one_entry_axis(xp, a):
+    """An int index into an axis of length 1 (a GRU's one direction of Y), read and written
+    through as NumPy's view is."""
+    out = a * 1
+    step = out[:, :, 0]
+    total = step * 2
+    step += 1  # reaches `out`, as NumPy's view does
+    return xp.concatenate([out.reshape(-1), total.reshape(-1)])
+
+
+def test_tracer_indexes_an_axis_of_length_one_without_a_copy():
+    """out[:, :, 0] of a [N, T, 1, H] tensor is a Reshape (onnxruntime aliases it), not a
+    Gather (a copy of the whole tensor), and behaves as NumPy's view."""
+    a = np.random.default_rng(1).standard_normal((3, 5, 1, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run_traced(_one_entry_axis, a), _one_entry_axis(np, a))
+    rec = tracer.Recorder(17)
+    with tracer.recording(rec):
+        tracer.Traced(rec, "in0", a.shape, a.dtype)[:, :, 0].ref
+    assert "Gather" not in rec.ops and "Reshape" in rec.ops
+
+
 # ---- export: the explainer as a standalone ONNX model ---------------------------------------
 @pytest.mark.parametrize("method,target", [("deeplift", 2), ("deeplift", "all"), ("saliency", [1, 0, 3]),
                                            ("input_x_gradient", np.array([[0, 3]])), ("guided_backprop", 1)])

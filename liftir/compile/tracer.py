@@ -372,6 +372,8 @@ class Traced:
         if final != sub_shape:  # a reshaped selection is a copy as far as writes go (ints and None)
             ints = [a for a, k in enumerate(_full_key(plain, self.ndim)) if not isinstance(k, slice)]
             whole = all(sl.indices(n) == (0, n, 1) for a, (sl, n) in enumerate(zip(spec, self.shape)) if a not in ints)
+            if len(ints) == 1 and whole and None not in keys and self.shape[ints[0]] == 1:
+                return self.reshape(final)  # the one entry of an axis (a GRU's one direction): no copy
             if len(ints) == 1 and whole and None not in keys:  # one step of a sequence: one Gather
                 rec = self.rec
                 return Traced(rec, rec.node("Gather", [self.ref, rec.const(np.array(spec[ints[0]].start, np.int64))],
