@@ -240,7 +240,7 @@ class _Recurrent(Rule):
     #: rule has means (a + a0) / 2, a full-size pass fewer each: the factors of the gate's
     #: multipliers are then these powers of two of their values, in the walk's products with R
     #: (`walk_r_scales`) and after it with W (`walk_w_scales`), and that gate's rows of R and W
-    #: are scaled by the inverse once (`_walk_weights`). Scaling by a power of two is exact, so
+    #: are scaled by the inverse once (`_walk_scaled`). Scaling by a power of two is exact, so
     #: the multipliers are the same bits.
     walk_r_scales: tuple[float, ...] | None = None
     walk_w_scales: tuple[float, ...] | None = None
@@ -521,7 +521,7 @@ class _Recurrent(Rule):
         for j, key in self.slope_keys:
             rec["s_" + key] = acts[j].slope(xp, rec[key], rec0[key] if deeplift else None, deeplift)
         factors = self._factors(xp, rec, rec0, deeplift)
-        p = dict(p, R=p["R_walk"])
+        p = dict(p, R=p["R_walk"])  # the steps' products take R with its rows scaled (`walk_r_scales`)
         steps = x.shape[1]
         order = range(steps) if reverse else range(steps - 1, -1, -1)  # backwards in time
         g_in = [None] * steps
