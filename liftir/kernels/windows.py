@@ -113,17 +113,19 @@ class Windows:
         return total
 
 
-def window_max(xp, windows: Windows, x):
+def window_max(xp, windows: Windows, x, best=None):
     """(max over each window, index of the first offset attaining it) for x (..., *spatial).
 
-    Two passes: the running maximum, then offsets in reverse marking where they equal it, so
-    the first offset wins ties (one deterministic winner per window).
+    Two passes: the running maximum (skipped when `best`, the pool's own output, is given:
+    a max is exact, so it is the same array), then offsets in reverse marking where they
+    equal it, so the first offset wins ties (one deterministic winner per window).
     """
     padded = windows.pad(xp, x, -np.inf)
     slices = [(Ellipsis,) + sl for sl in windows.offsets()]
-    best = padded[slices[0]].copy()
-    for sl in slices[1:]:
-        xp.maximum(best, padded[sl], out=best)
+    if best is None:
+        best = padded[slices[0]].copy()
+        for sl in slices[1:]:
+            xp.maximum(best, padded[sl], out=best)
     first = xp.full(best.shape, len(slices) - 1, dtype=np.int16)
     for k in range(len(slices) - 2, -1, -1):
         if xp is np:
@@ -174,14 +176,15 @@ def _lattice_pieces(xp, windows: Windows, x, fill) -> list:
     return pieces
 
 
-def window_max_hits(xp, windows: Windows, x):
+def window_max_hits(xp, windows: Windows, x, best=None):
     """(max over each window, one boolean mask per offset: where that offset holds the
     window's first maximum). The same winner as `window_max`, without an index array: the
-    tiled max-rule backward multiplies by these masks directly."""
+    tiled max-rule backward multiplies by these masks directly. `best`: as in `window_max`."""
     pieces = window_pieces(xp, windows, x)
-    best = pieces[0].copy()
-    for piece in pieces[1:]:
-        xp.maximum(best, piece, out=best)
+    if best is None:
+        best = pieces[0].copy()
+        for piece in pieces[1:]:
+            xp.maximum(best, piece, out=best)
     hits, free = [], None
     for k, piece in enumerate(pieces):
         equal = piece == best
