@@ -141,7 +141,6 @@ class MaxPool(_Pool, _MaxRule):
         tiled = windows.tiles
         # the forward's maxima (1 or P reference rows) serve the winners: no max recomputed
         reference = None if x0 is None else _winners(xp, windows, x0, tiled, ctx.y0(0))
-
         out = xp.empty(g.shape[:1] + tuple(shape), dtype=g.dtype)
 
         def rows_of(a, s):
