@@ -23,7 +23,8 @@ import itertools
 import numpy as np
 
 from liftir.kernels.parallel import over_rows
-from liftir.kernels.windows import scatter_to_windows, untile, window_max, window_max_hits, window_pieces
+from liftir.kernels.windows import (route_to_winners, scatter_to_windows, untile, window_max, window_max_hits,
+                                    window_pieces)
 from liftir.errors import InputError, ModelLoadError
 from liftir.methods import MaxRule, Mode
 from liftir.registry import builtin_rule
@@ -168,7 +169,7 @@ class MaxPool(_Pool, _MaxRule):
         xp = ctx.xp
         y, hits_a = window_max_hits(xp, windows, x, y)
         if ctx.mode != Mode.DEEPLIFT:
-            untile(xp, windows, [g * hit for hit in hits_a], out)
+            route_to_winners(xp, windows, g, hits_a, out)
             return
         y0, hits_r = reference
         share, actual_side = window_share(ctx, g, y, y0)

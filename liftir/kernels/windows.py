@@ -208,12 +208,36 @@ def untile(xp, windows: Windows, pieces, out) -> None:
         for offset, piece in zip(itertools.product(*(range(k) for k in windows.kernel)), pieces):
             view[windows.tile_index(offset)] = piece
         return
+    out[...] = _interleave(xp, windows, pieces).reshape(out.shape)
+
+
+def _interleave(xp, windows: Windows, pieces):
+    """The per-offset pieces of a tiling pool as one (..., *spatial) array: one stack, one transpose."""
     nd = windows.nd
     stacked = xp.stack(pieces, axis=-1)  # (..., out_1, ..., out_nd, k_1 * ... * k_nd)
     lead = stacked.ndim - 1 - nd
     stacked = stacked.reshape(stacked.shape[:-1] + tuple(windows.kernel))
     order = list(range(lead)) + [a for d in range(nd) for a in (lead + d, lead + nd + d)]
-    out[...] = stacked.transpose(order).reshape(out.shape)
+    return stacked.transpose(order).reshape(stacked.shape[:lead] + windows.spatial)
+
+
+def route_to_winners(xp, windows: Windows, g, hits, out) -> None:
+    """`untile` of g * hits[k] (a gradient routed to each window's winning offset), for
+    windows that tile the input. In a trace the boolean hits are interleaved instead of the
+    products (a quarter of the bytes, once for all targets) and g is spread over its windows
+    by a nearest-neighbour Resize of 4-D planes: measured at 160x32x64x64 (1 thread), 62 ms
+    against 99 for four casts and products and the float interleave. The same bits (g * 1, g * 0)."""
+    nd = windows.nd
+    if not is_tracer(xp) or nd > 2:  # onnxruntime's nearest Resize of a 5-D tensor is 13x its 4-D one
+        untile(xp, windows, [g * hit for hit in hits], out)
+        return
+    lead = g.shape[:g.ndim - nd]
+    planes = g.reshape((int(np.prod(lead)),) + (1,) * (3 - nd) + tuple(windows.out))  # 4-D: its fast kernel
+    scales = np.array([1.0] * (4 - nd) + [float(k) for k in windows.kernel], np.float32)
+    spread = xp.emit_node("Resize", [planes, None, scales], {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                                             "nearest_mode": "floor"},
+                          out_shape=planes.shape[:4 - nd] + windows.spatial)
+    out[...] = spread.reshape(lead + windows.spatial) * _interleave(xp, windows, hits)
 
 
 def scatter_to_windows(xp, windows: Windows, lead: tuple[int, ...], pieces, dtype):
