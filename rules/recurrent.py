@@ -283,25 +283,27 @@ class _Recurrent(Rule):
         for d in range(len(dirs)):
             # contiguous transposes, made once: a matmul with a transposed view takes NumPy's
             # slow non-BLAS loop for stacked operands (20x slower on (N, T, F) inputs)
-            params.append({"W": xp.asarray(w[d]), "R": xp.asarray(r[d]),
-                           "Wt": xp.ascontiguousarray(xp.asarray(w[d]).T),
-                           "Rt": xp.ascontiguousarray(xp.asarray(r[d]).T),
-                           "Wb": xp.asarray(b[d, :self.gates * hidden]),
-                           "Rb": xp.asarray(b[d, self.gates * hidden:]),
-                           "P": self._peepholes(ctx, d, hidden, dtype),
-                           "gate": [self._gate_params(xp, w[d], r[d], b[d], j, hidden) for j in range(self.gates)],
-                           "R_walk": xp.asarray(self._walk_scaled(r[d], self.walk_r_scales, hidden, ctx.mode)),
-                           "W_walk": xp.asarray(self._walk_scaled(w[d], self.walk_w_scales, hidden, ctx.mode))})
+            entry = {"W": xp.asarray(w[d]), "R": xp.asarray(r[d]),
+                     "Wt": xp.ascontiguousarray(xp.asarray(w[d]).T),
+                     "Rt": xp.ascontiguousarray(xp.asarray(r[d]).T),
+                     "Wb": xp.asarray(b[d, :self.gates * hidden]),
+                     "Rb": xp.asarray(b[d, self.gates * hidden:]),
+                     "P": self._peepholes(ctx, d, hidden, dtype),
+                     "gate": [self._gate_params(xp, w[d], r[d], b[d], j, hidden) for j in range(self.gates)]}
+            entry["R_walk"] = self._walk_scaled(xp, entry["R"], r[d], self.walk_r_scales, hidden, ctx.mode)
+            entry["W_walk"] = self._walk_scaled(xp, entry["W"], w[d], self.walk_w_scales, hidden, ctx.mode)
+            params.append(entry)
         acts = _activations(ctx, list(self.default_acts), len(dirs), self.unclipped)
         return dirs, params, hidden, acts
 
     @staticmethod
-    def _walk_scaled(weights, scales, hidden, mode):
+    def _walk_scaled(xp, on_device, weights, scales, hidden, mode):
         """R or W ([gates*H, n], host) with each gate's rows divided by its power of two in
-        `scales` (`walk_r_scales`), for DeepLIFT's batched walk; as it is otherwise."""
+        `scales` (`walk_r_scales`), for DeepLIFT's batched walk; otherwise its array already
+        on the device (`on_device`), not a second copy (or a second constant of a trace)."""
         if scales is None or mode != Mode.DEEPLIFT:
-            return weights
-        return weights * np.repeat(1 / np.asarray(scales, dtype=weights.dtype), hidden)[:, None]
+            return on_device
+        return xp.asarray(weights * np.repeat(1 / np.asarray(scales, dtype=weights.dtype), hidden)[:, None])
 
     def _gate_params(self, xp, w, r, b, j, hidden):
         """Gate j's own weights (W_j^T, R_j^T, contiguous), its two biases and their sum, for
