@@ -37,23 +37,15 @@ def paper_rule(ctx) -> bool:
     return ctx.options.get("max_rule", MaxRule.CROSS_MAX) == MaxRule.PAPER
 
 
-def shares(ctx, g, y, y0):
-    """What each window's output multiplier g gives its actual argmax and its reference
-    argmax (None: nothing), by the max rule chosen (module docstring)."""
-    if paper_rule(ctx):
-        return g * (y - y0), None
-    top = ctx.xp.maximum(y, y0)
-    return g * (top - y0), g * (y - top)
-
-
 def window_share(ctx, g, y, y0):
-    """`shares` as one value per window and the side that takes it: (g (y - y0), y >= y0),
-    the mask True where the actual argmax takes it (None: always, the paper rule).
+    """What each window's output multiplier g gives its argmaxes, by the max rule chosen
+    (module docstring), as one value and the side that takes it: (g (y - y0), y >= y0), the
+    mask True where the actual argmax takes it (None: always, the paper rule).
 
-    Under cross_max one of a window's two shares is always 0 (where y >= y0, M = y and the
-    reference's y - M vanishes; elsewhere M = y0 and the actual's M - y0 does), so placing
-    the one difference at the argmax of its side gives `shares`' values (up to the sign of
-    a zero) with one product per offset instead of two and their sum."""
+    Under cross_max the actual argmax's share g (M - y0) and the reference argmax's
+    g (y - M) are never both nonzero (where y >= y0, M = y and the reference's vanishes;
+    elsewhere M = y0 and the actual's does), so placing the one difference at the argmax
+    of its side gives both (up to the sign of a zero) with one product instead of two."""
     share = g * (y - y0)
     return share, None if paper_rule(ctx) else y >= y0
 
@@ -82,21 +74,23 @@ def quotient_or_gradient(xp, contrib, dx, gradient, vanishing: bool = False):
     return blend(xp, nonzero, contrib / blend(xp, nonzero, dx, 1), gradient)
 
 
-def max_rule_multipliers(ctx, g, x, x0, y, y0, scatter):
+def max_rule_multipliers(ctx, g, x, x0, y, y0, place):
     """Input multipliers of a max from output multipliers g (K, ...).
 
-    `scatter(at_actual, at_reference)` sums per-output values (either may be None) placed
-    at the actual / reference argmax of each window into an input-shaped array.
+    `place(values, side)` puts per-output values at the argmax of each output's window
+    into an input-shaped array: the actual pass's argmax, or with a `side` mask
+    (`window_share`) the actual's where it is True and the reference's where it is False.
     """
     xp = ctx.xp
     if ctx.mode != Mode.DEEPLIFT:
-        return scatter(g, None)
-    contrib = scatter(*shares(ctx, g, y, y0))
+        return place(g, None)
+    share, actual_side = window_share(ctx, g, y, y0)
+    contrib = place(share, actual_side)
     dx = difference(xp, x, x0)  # a masked -inf in both passes did not move (not NaN)
     nonzero = dx != 0
     if bool(nonzero.all()):
         return contrib / dx
-    return quotient_or_gradient(xp, contrib, dx, scatter(g, None), vanishing=not paper_rule(ctx))
+    return quotient_or_gradient(xp, contrib, dx, place(g, None), vanishing=actual_side is not None)
 
 
 class _MaxRule(Rule):
@@ -320,15 +314,15 @@ class ReduceMax(_MaxRule):
 
         positions = xp.arange(x.shape[-1])
 
-        def scatter(at_actual, at_reference):
-            # one-hot placement (an argmax mask per row): adds, so coinciding argmaxes
-            # accumulate, and needs nothing beyond broadcasting on any backend
-            out = xp.zeros((k,) + x.shape, dtype=g.dtype)
-            for pos, values in ((pos_a, at_actual), (pos_r, at_reference)):
-                if values is not None:
-                    out += values[..., None] * (positions == pos)
-            return out
+        def place(values, side):
+            # one-hot placement (an argmax mask per row), which needs nothing beyond
+            # broadcasting on any backend
+            taker = positions == pos_a
+            if side is not None:
+                side = side[..., None]
+                taker = _taker(taker, positions == pos_r, side, ~side)
+            return values[..., None] * taker
 
-        m = max_rule_multipliers(ctx, rows, x, x0, y, y0, scatter)
+        m = max_rule_multipliers(ctx, rows, x, x0, y, y0, place)
         m = m.reshape((k,) + moved_shape).transpose([0] + [p + 1 for p in np.argsort(perm)])
         return m, None
