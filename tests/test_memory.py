@@ -138,7 +138,7 @@ def test_deeplift_shap_references_split_across_passes(own):
     ex = R.explainer("convpool", method="deeplift_shap")
     a, d = ex.attribute(x, refs, target=TARGETS, max_memory=None, return_convergence_delta=True)
     cost = ex._row_costs[next(iter(ex._row_costs))][0]
-    per_pair = 3.3 + 1 / 5  # forward rows a pair costs (see Explainer._run_pairs)
+    per_pair = 3.3 + 1 / 5  # forward rows a pair costs (see liftir/pass_loops.py, PassLoops._run_pairs)
     for budget, pairs in ((1, 1), (int(2.5 * (per_pair * cost.activations + 4 * cost.largest)), 2),
                           (int(10.5 * (per_pair * cost.activations + 4 * cost.largest)), 10)):
         with warnings.catch_warnings():

@@ -9,7 +9,7 @@ import pytest
 
 import cli_models as cm
 import liftir
-from liftir import explainer, progress
+from liftir import pass_loops, progress
 
 
 class FakeTerminal(io.StringIO):
@@ -30,7 +30,7 @@ def recorded(monkeypatch):
         def update(self, k):
             bars[-1][3].append(k)
 
-    monkeypatch.setattr(explainer, "Progress", Recording)
+    monkeypatch.setattr(pass_loops, "Progress", Recording)
     return bars
 
 

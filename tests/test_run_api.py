@@ -118,9 +118,10 @@ def scheduler_callers(monkeypatch):
     return callers
 
 
-#: the Explainer and its engine: the compiler traces a pass over the scheduler (for the
-#: compiled engine, and for which forward tensors the interpreter's pass reads)
-ENGINE = {"liftir.explainer", "liftir.compile.compiler"}
+#: the Explainer (its calls, and their pass loops: liftir/pass_loops.py) and its engine: the
+#: compiler traces a pass over the scheduler (for the compiled engine, and for which forward
+#: tensors the interpreter's pass reads)
+ENGINE = {"liftir.explainer", "liftir.pass_loops", "liftir.compile.compiler"}
 
 
 def test_check_and_testing_run_through_the_explainer(scheduler_callers):
