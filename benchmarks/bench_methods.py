@@ -29,6 +29,7 @@ import zoo  # noqa: E402
 from bench_deeplift import timed  # noqa: E402
 
 import liftir  # noqa: E402
+from liftir.compile import forms  # noqa: E402
 from liftir.compile.compiler import COMPILED_METHODS  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def bench_case(label, name, kwargs, batch, n_classes, repeats, warmup):
         comp.attribute(x_np, **call)  # compiles
         if method not in COMPILED_METHODS or not all(p is not None for p in comp._compiled.passes.values()):
             return t, result, None
-        tc, _ = timed(lambda: comp.attribute(x_np, **call), repeats, warmup)
+        tc, _ = timed(lambda: comp.attribute(x_np, **call), repeats, max(warmup, forms.SETTLED_AFTER))
         return t, result, tc
 
     # all classes

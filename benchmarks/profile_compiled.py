@@ -53,7 +53,7 @@ def model_and_inputs(name: str):
     return proto, feeds, {n: b.numpy() for n, b in zip(names, baselines)}
 
 
-def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift",
+def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift", tiled: bool = False,
             **options) -> collections.Counter:
     """Kernel ms per run of the compiled pass, by (rule, op type)."""
     import liftir
@@ -80,7 +80,11 @@ def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift",
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
         options.profile_file_prefix = str(Path(folder) / "profile")
-        model = compiled.session_model(threads=options.intra_op_num_threads)  # what attribute runs
+        model = compiled.tiled_form(threads=options.intra_op_num_threads) if tiled else None
+        if tiled and model is None:
+            raise SystemExit(f"{name}: no tiled form on {options.intra_op_num_threads} thread(s) (no chain pays)")
+        if model is None:  # the two forms a one-thread pass picks from (liftir/compile/forms.py)
+            model = compiled.model
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         for _ in range(WARM_UP + repeats):
             session.run(seen["outputs"], seen["feeds"])
@@ -115,11 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--ops-of", type=int, default=0, metavar="K", help="also the ops inside the K costliest rules")
     p.add_argument("--method", default="deeplift", help="any liftir method (default deeplift)")
     p.add_argument("--steps", type=int, default=None, help="n_steps, for integrated_gradients")
+    p.add_argument("--tiled", action="store_true", help="profile the pass's tiled form (one thread only)")
     args = p.parse_args(argv)
     os.environ.setdefault("LIFTIR_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
     options = {} if args.steps is None else {"n_steps": args.steps}
-    by_rule_op = profile(args.model, args.repeats, method=args.method, **options)
+    by_rule_op = profile(args.model, args.repeats, method=args.method, tiled=args.tiled, **options)
     by_rule, by_op, families = collections.Counter(), collections.Counter(), collections.Counter()
     for (rule, op), ms in by_rule_op.items():
         by_rule[rule] += ms

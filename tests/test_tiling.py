@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from liftir.compile import tiling
+from liftir.compile import forms, tiling
 
 
 def _session(model):
@@ -228,34 +228,33 @@ def small_chunks(monkeypatch):
     monkeypatch.setenv("LIFTIR_NUM_THREADS", "1")
 
 
-def _compiled(proto, x, x0, target):
-    import liftir
-    ex = liftir.Explainer(proto, "deeplift", engine="compiled")
-    result, delta = ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
-    passes = [p for p in ex._compiled.passes.values() if p is not None]
-    assert passes, ex._compiled.reasons
-    return result, delta, passes
-
-
 @pytest.mark.parametrize("name", ["lstm_bi", "gru", "enformer_small"])
-def test_compiled_recurrent_and_attention_passes_tile_bit_for_bit(name, small_chunks, monkeypatch):
+def test_compiled_recurrent_and_attention_passes_tile_bit_for_bit(name, small_chunks):
+    """A pass called in a loop runs its graph as compiled, then its tiled form
+    (liftir/compile/forms.py), then the faster: every call gives the same bits."""
+    import liftir
     import test_architectures as ta
     proto = ta.exported(name, "ts17")
     arch = ta.ARCHS[name]
     _, feeds = ta._feeds(arch, 2, seed=3)
     base = ta._reference(arch, feeds)
     x, x0, target = feeds["input"], base["input"], ta._target(name)
-    tiled, tiled_delta, passes = _compiled(proto, x, x0, target)
-    made = [p.session_model(threads=1) for p in passes]
-    assert any("/chunk" in node.name for m in made for node in m.graph.node)  # it was tiled
-    assert all(len(m.graph.node) > len(p.model.graph.node) for m, p in zip(made, passes) if m is not p.model)
-    monkeypatch.setattr(tiling, "MIN_GAIN", np.inf)  # the same pass, untiled
-    whole, whole_delta, _ = _compiled(proto, x, x0, target)
-    assert np.array_equal(tiled, whole) and np.array_equal(tiled_delta, whole_delta)
-    # and it still conserves: sum of attributions = f(x) - f(x0) from onnxruntime
+    ex = liftir.Explainer(proto, "deeplift", engine="compiled")
+    calls = [ex.attribute(x, baselines=x0, target=target, return_convergence_delta=True)
+             for _ in range(2 * forms.CALLS + 1)]
+    passes = [p for p in ex._compiled.passes.values() if p is not None]
+    assert passes, ex._compiled.reasons
+    made = [p.tiled_form(threads=1) for p in passes]
+    assert any("/chunk" in node.name for m in made if m is not None for node in m.graph.node)  # it was tiled
+    assert all(len(m.graph.node) > len(p.model.graph.node) for m, p in zip(made, passes) if m is not None)
+    assert all(p.trial.chosen is not None for p in passes)  # both forms ran, one was kept
+    first, first_delta = calls[0]
+    for result, delta in calls[1:]:
+        assert np.array_equal(result, first) and np.array_equal(delta, first_delta)
+    # and it conserves: sum of attributions = f(x) - f(x0) from onnxruntime
     ref = np.broadcast_to(x0, x.shape)
     diff = (ta._ort(proto, {"input": x})[:, target] - ta._ort(proto, {"input": ref})[:, target]).astype(np.float64)
-    total = tiled.astype(np.float64).reshape(len(x), -1).sum(axis=1)
+    total = first.astype(np.float64).reshape(len(x), -1).sum(axis=1)
     assert float(np.abs(total - diff).max()) <= ta.DL32_TOL * float(np.abs(diff).max())
 
 
@@ -264,5 +263,7 @@ def test_sessions_on_several_threads_are_not_tiled(monkeypatch):
     from liftir.compile.compiler import CompiledPass
     compiled = CompiledPass(model, ("x", "r"), (1,), {}, (), {}, 1, 1, shapes=shapes)
     monkeypatch.setattr(tiling, "CHUNK_ELEMENTS", 4096)
-    assert compiled.session_model(threads=2) is model
-    assert compiled.session_model(threads=1) is not model
+    assert compiled.tiled_form(threads=2) is None
+    assert compiled.tiled_form(threads=1) is not None
+    monkeypatch.setattr(tiling, "MIN_GAIN", np.inf)  # no chain pays: no second form
+    assert compiled.tiled_form(threads=1) is None

@@ -23,6 +23,7 @@ from ..onnx_models import make_model
 from ..ort_forward import runnable
 from ..threads import session_options
 from . import device, tiling, tracer
+from .forms import FormTrial
 from .sinking import sink_into_branches
 from .tracer import Recorder, Traced, TraceError
 
@@ -52,7 +53,8 @@ class CompiledPass:
     n_actual: int
     n_ref: int
     seed_dtype: np.dtype = np.dtype(np.float32)
-    session: object = None
+    #: the sessions of its forms, the one that runs chosen on its calls (liftir/compile/forms.py)
+    trial: FormTrial | None = None
     runner: object = None  # IO binding on a GPU (None: session.run on host arrays)
     #: DeepLIFT-SHAP: the (sample, reference) pairs each sample's multipliers come for, the
     #: references shared by all samples (tiled) or each sample's own (0: not a paired pass)
@@ -63,29 +65,46 @@ class CompiledPass:
     #: the values' shapes (the tracer's, the probe forward's), which `tiling` cuts the graph by
     shapes: dict | None = None
 
-    def session_model(self, xp=np, threads: int = 1) -> onnx.ModelProto:
-        """The model a session on `xp`'s device with `threads` intra-op threads runs: on one
-        CPU thread with its long elementwise chains run chunk by chunk in cache (`tiling`;
-        the same bits), elsewhere `model` itself (two threads per chunk measured no faster:
-        the nodes' overhead doubles)."""
+    @property
+    def session(self):
+        """The onnxruntime session its calls run now (None before `start`)."""
+        return None if self.trial is None else self.trial.session
+
+    def tiled_form(self, xp=np, threads: int = 1) -> onnx.ModelProto | None:
+        """The pass with its long elementwise chains run chunk by chunk in cache (`tiling`; the
+        same bits), the second form a one-thread CPU session may run (liftir/compile/forms.py),
+        or None: no chain pays, or a session elsewhere (two threads per chunk measured no
+        faster: the nodes' overhead doubles)."""
         if xp is not np or threads != 1 or not self.shapes:
-            return self.model
-        return tiling.tiled_model(self.model, self.shapes)
+            return None
+        tiled = tiling.tiled_model(self.model, self.shapes)
+        return None if len(tiled.graph.node) == len(self.model.graph.node) else tiled
 
     def start(self, xp=np, threads: int | None = None):
         """Open the onnxruntime session on the device of array module `xp`: the CPU for
         NumPy, the CUDA provider with IO binding for CuPy (liftir/compile/device.py), with
-        `threads` intra-op threads (None: `cpu_threads()`)."""
+        `threads` intra-op threads (None: `cpu_threads()`). On one CPU thread the tiled form
+        is built too once the pass is called in a loop, and the faster kept (`FormTrial`)."""
         import onnxruntime as ort
         options = session_options(shared_arena=xp is np)
         if threads is not None:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        model = self.session_model(xp, options.intra_op_num_threads)
-        self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                            providers=device.providers_for(xp))
-        device.require_providers(self.session, xp)
-        self.runner = None if xp is np else device.BoundRunner(self.session, self.model, xp, device.device_of(xp))
+
+        def build(model):
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=device.providers_for(xp))
+            device.require_providers(session, xp)
+            return session
+
+        first = build(self.model)
+        builders = []
+        if xp is np and options.intra_op_num_threads == 1 and self.shapes:
+            def tiled():
+                form = self.tiled_form(xp, 1)
+                return build(form) if form is not None else first
+            builders.append(tiled)
+        self.trial = FormTrial(first, builders)
+        self.runner = None if xp is np else device.BoundRunner(first, self.model, xp, device.device_of(xp))
         return self
 
     def __call__(self, feeds: dict[str, np.ndarray], seed: np.ndarray):
@@ -98,7 +117,7 @@ class CompiledPass:
         else:
             inputs = {k: np.ascontiguousarray(feeds[k]) for k in self.feeds}
             inputs[SEED] = np.ascontiguousarray(seed)
-            out = dict(zip(names, self.session.run(names, inputs)))
+            out = dict(zip(names, self.trial.run(lambda session: session.run(names, inputs))))
         grads = {w: (out[o] if o else None) for w, o in self.multipliers.items()}
         values = {v: out[v] for v in self.values}
         if self.split:

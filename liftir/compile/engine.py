@@ -108,7 +108,7 @@ class CompiledEngine:
         compiled = None
         try:
             if same:
-                compiled = replace(same, session=None, runner=None)
+                compiled = replace(same, trial=None, runner=None)
             else:
                 split = tuple(ex.attributed) if ex.method.split else None
                 host = {name: to_host(v) for name, v in feeds.items()}  # tracing probes on NumPy
