@@ -300,6 +300,7 @@ def table(rows):
 
 def header(repeats, warmup, load):
     import captum
+    from liftir.compile import forms
     import onnxruntime
     import torch
     cpu = "?"
@@ -310,7 +311,7 @@ def header(repeats, warmup, load):
         pass
     after = "/".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"CPU: {cpu}, os.cpu_count()={os.cpu_count()}; torch {torch.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}, captum {captum.__version__}; median of {repeats} interleaved rounds after {warmup} warm-up; "
+            f"{onnxruntime.__version__}, captum {captum.__version__}; median of {repeats} interleaved rounds after {warmup} warm-up (compiled: {max(warmup, forms.SETTLED_AFTER)}, past its passes' form trial); "
             f"target 1; {time.strftime('%Y-%m-%d %H:%M')}; load average before {load}, after {after}")
 
 

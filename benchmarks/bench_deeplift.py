@@ -42,7 +42,7 @@ try:
 
     LIFTIR_ERROR = None if hasattr(liftir, "Explainer") else "liftir has no Explainer yet"
 except Exception as e:  # keep the ORT/Captum columns even when liftir does not import
-    liftir = None
+    liftir = forms = None
     LIFTIR_ERROR = f"import liftir failed: {type(e).__name__}: {e}"
 
 
@@ -279,7 +279,7 @@ def header(args, load_before: str) -> str:
     return (f"CPU: {cpu}, os.cpu_count()={os.cpu_count()}, torch threads={torch.get_num_threads()}; "
             f"torch {torch.__version__}, onnxruntime {ort.__version__}, captum {captum.__version__}, "
             f"numpy {np.__version__}; exporter={'dynamo' if args.dynamo else 'torchscript'}; "
-            f"median of {args.repeats} after {args.warmup} warm-up; target={args.target}; baseline=zeros; "
+            f"median of {args.repeats} after {args.warmup} warm-up (compiled: {max(args.warmup, forms.SETTLED_AFTER if forms else 0)}, past its passes' form trial); target={args.target}; baseline=zeros; "
             f"{time.strftime('%Y-%m-%d %H:%M')}; load average (1/5/15 min) before {load_before}, "
             f"after {_load()} (anything well above 0 before means other processes shared the cores)")
 

@@ -111,7 +111,7 @@ def main(argv=None):
             lines.append(f"| {label} | {task} | {batch} | {t_cap:.0f} | {t_ours:.0f} | {t_ours / t_cap:.2f} | {comp} "
                          f"| {diff:.1e} |")
     header = (f"CPU: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}; torch "
-              f"{torch.__version__}; median of {args.repeats} after {args.warmup} warm-up\n")
+              f"{torch.__version__}; median of {args.repeats} after {args.warmup} warm-up (compiled: {max(args.warmup, forms.SETTLED_AFTER)}, past its passes' form trial)\n")
     text = header + "\n" + "\n".join(lines) + "\n"
     print(text)
     if args.write:

@@ -101,3 +101,26 @@ def test_calls_from_several_threads_count_once_each(clock):
         t.join()
     assert built == [1] and trial.chosen in (0, 1)
     assert np.sum([s is not None for s in trial.sessions]) == 1
+
+
+def test_a_tiled_form_that_does_not_build_leaves_the_pass_as_compiled(monkeypatch, caplog):
+    """The second form is built mid-loop, inside a call: if that fails, the call and the ones
+    after it run the graph as compiled, with the same results, and a log line says why."""
+    import liftir
+    from liftir.compile.compiler import CompiledPass
+
+    monkeypatch.setenv("LIFTIR_NUM_THREADS", "1")
+
+    def broken(self, xp=np, threads=1):
+        raise RuntimeError("no tiled form today")
+
+    monkeypatch.setattr(CompiledPass, "tiled_form", broken)
+    x = np.load(liftir.__path__[0] + "/data/digits.npy")[:4].astype(np.float32)
+    ex = liftir.Explainer("example:digits", engine="compiled")
+    with caplog.at_level("WARNING", logger="liftir"):
+        results = [ex.attribute(x, target=3) for _ in range(forms.SETTLED_AFTER + 1)]
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
+    assert "did not build" in caplog.text
+    passes = [p for p in ex._compiled.passes.values() if p is not None]
+    assert passes and all(p.trial.chosen is not None for p in passes)

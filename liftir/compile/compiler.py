@@ -100,8 +100,13 @@ class CompiledPass:
         builders = []
         if xp is np and options.intra_op_num_threads == 1 and self.shapes:
             def tiled():
-                form = self.tiled_form(xp, 1)
-                return build(form) if form is not None else first
+                try:
+                    form = self.tiled_form(xp, 1)
+                    return build(form) if form is not None else first
+                except Exception as exc:  # noqa: BLE001 - the graph as compiled runs, as it did
+                    logger.warning("liftir: the tiled form of a compiled pass did not build (%s: %s); "
+                                   "the pass keeps its graph as compiled", type(exc).__name__, exc)
+                    return first
             builders.append(tiled)
         self.trial = FormTrial(first, builders)
         self.runner = None if xp is np else device.BoundRunner(first, self.model, xp, device.device_of(xp))
