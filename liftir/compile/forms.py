@@ -14,8 +14,10 @@ A pass runs its first form (the graph as compiled: a single call builds nothing 
 its first `CALLS` calls, the first of them a warm-up (onnxruntime's arena grows, fresh
 pages fault in); only a pass called again, as a loop over batches calls it, builds the
 second form's session and runs it as many calls; from then on it keeps the form whose
-best timed call was faster and drops the other session. Timings decide only which of two
-equal results comes back sooner.
+best timed call was faster and drops the other session. The sessions draw on one CPU arena
+(liftir/threads.py), so while both live the trial holds a second copy of the pass's
+constants, not a second arena of intermediates. Timings decide only
+which of two equal results comes back sooner.
 """
 from __future__ import annotations
 
