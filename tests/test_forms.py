@@ -77,6 +77,16 @@ def test_warm_up_calls_are_not_timed(clock):
     assert trial.chosen == 1
 
 
+def test_a_form_the_pass_does_not_have_is_never_tried(clock):
+    """A builder that finds no such form (no chain pays for tiling) returns None: the pass
+    keeps its first form from that call on, with no calls spent measuring a copy of it."""
+    asked = []
+    trial = forms.FormTrial(_Session("compiled", 1.0, clock), [lambda: asked.append(1)])
+    ran = [trial.run(lambda s: s.run()) for _ in range(forms.CALLS + 2)]
+    assert ran == ["compiled"] * (forms.CALLS + 2)
+    assert asked == [1] and trial.chosen == 0 and len(trial.sessions) == 1
+
+
 def test_a_single_form_runs_without_measuring(clock):
     trial = forms.FormTrial(_Session("compiled", 1.0, clock))
     assert trial.chosen == 0 and trial.run(lambda s: s.run()) == "compiled"

@@ -102,11 +102,11 @@ class CompiledPass:
             def tiled():
                 try:
                     form = self.tiled_form(xp, 1)
-                    return build(form) if form is not None else first
+                    return None if form is None else build(form)  # None: no chain pays, nothing to try
                 except Exception as exc:  # noqa: BLE001 - the graph as compiled runs, as it did
                     logger.warning("liftir: the tiled form of a compiled pass did not build (%s: %s); "
                                    "the pass keeps its graph as compiled", type(exc).__name__, exc)
-                    return first
+                    return None
             builders.append(tiled)
         self.trial = FormTrial(first, builders)
         self.runner = None if xp is np else device.BoundRunner(first, self.model, xp, device.device_of(xp))

@@ -3,12 +3,12 @@ pass's own calls.
 
 A pass on one CPU thread has two forms that give the same bits: the graph as compiled, and
 the same graph with its long elementwise chains run chunk by chunk in cache (`tiling`).
-Which is faster depends on the CPU's caches more than on the model. Interleaved, one
-thread, the same passes (tiled / as compiled): on a 2-core Intel Xeon (2 MiB L2 a core)
-a bidirectional LSTM 0.89, a GRU 0.89-0.92, the rest 0.98-1.02; on a 2-core AMD EPYC
-(1 MiB L2 a core, 32 MiB L3) the LSTM 1.09, the GRU 1.09, a ViT 1.08, Swin 1.06, ResNet-18
-1.08, VGG 1.03, a BatchNorm ResNet 0.98, the rest 0.99-1.02 (2026-12-07). No fixed choice
-is right on both, so each pass measures.
+Which is faster depends on the CPU's caches more than on the model. Interleaved A/B, one
+thread, the same passes (benchmarks/ab.py): tiled against as compiled on a 2-core Intel Xeon
+(2 MiB L2 a core) a bidirectional LSTM 0.89x, a GRU 0.89-0.92x, the rest 0.98-1.02x; as
+compiled against tiled on a 2-core AMD EPYC (1 MiB L2 a core, 32 MiB L3) the LSTM 0.93x,
+the GRU 0.95x, a ViT 0.99x (2026-12-07). No fixed choice is right on both, so each pass
+measures.
 
 A pass runs its first form (the graph as compiled: a single call builds nothing more) for
 its first `CALLS` calls, the first of them a warm-up (onnxruntime's arena grows, fresh
@@ -35,7 +35,8 @@ class FormTrial:
     """The sessions of one pass's forms, tried in order on its calls (module docstring).
 
     `first` is form 0's session, already built; `builders` build the others when their
-    turn comes. Row groups call a pass from several threads at once: the state is locked."""
+    turn comes, or return None where the pass has no such form (then it is never tried).
+    Row groups call a pass from several threads at once: the state is locked."""
 
     def __init__(self, first, builders: list[Callable[[], object]] = ()):
         self.sessions = [first] + [None] * len(builders)
@@ -59,8 +60,13 @@ class FormTrial:
         """call(session) on this call's form, timed while the pass measures."""
         with self._lock:
             form = self._turn()
-            if self.sessions[form] is None:
-                self.sessions[form] = self._builders[form]()
+            while self.sessions[form] is None:
+                built = self._builders[form]()
+                if built is not None:
+                    self.sessions[form] = built
+                    break
+                self._drop(form)  # no such form: the others are the trial
+                form = self._turn()
             timed = self.chosen is None and self._calls[form] > 0  # the form's first call warms up
             self._calls[form] += 1
             session = self.sessions[form]
@@ -69,6 +75,13 @@ class FormTrial:
         if timed:
             self._record(form, time.perf_counter() - start)
         return out
+
+    def _drop(self, form: int) -> None:
+        """Leave out a form that does not exist (called with the lock held)."""
+        for state in (self.sessions, self._builders, self._calls, self._best):
+            del state[form]
+        if len(self.sessions) == 1:
+            self.chosen = 0
 
     def _record(self, form: int, seconds: float) -> None:
         with self._lock:

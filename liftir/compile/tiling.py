@@ -17,7 +17,7 @@ onnxruntime orders execution by a depth-first walk from the graph's leaves, so t
 one chunk run together and their intermediates are reused from the cache. Only one-thread
 sessions are tiled (`CompiledPass.tiled_form`): with two threads per chunk the nodes'
 overhead ate the gain. Whether the tiled form beats the graph as compiled depends on the
-CPU (a Xeon's recurrent passes 0.89x, an EPYC's 1.09x): a pass called in a loop runs both
+CPU (tiled, a Xeon's recurrent passes took 0.89x the time, an EPYC's 1.05-1.08x): a pass called in a loop runs both
 and keeps the faster (liftir/compile/forms.py). The bodies of If nodes are left alone: tiling a softmax's branch
 (an Enformer-style attention, 4.2M scores) ran no faster and its session took 2-5 s to build.
 """
