@@ -219,6 +219,58 @@ def test_compiled_equals_interpreter_on_transformer_mlp_pieces():
             _assert_conserves(comp, x, x0, b[1])
 
 
+def _scalars_against_row_statistics(graph, shapes, initializers):
+    """Elementwise nodes (If bodies included) that combine a one-element operand of rank 0 or
+    1 with a result whose last axis has length 1: onnxruntime broadcasts those one element
+    at a time (tracer._scalar_as_matrix)."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g.node:
+                found += _scalars_against_row_statistics(attr.g, shapes, initializers)
+        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Pow", "Greater", "Less",
+                                "Equal", "GreaterOrEqual", "LessOrEqual", "And", "Or"):
+            continue
+        out = shapes.get(node.output[0])
+        operands = [shapes.get(i, initializers.get(i)) for i in node.input]
+        if out and len(out) >= 2 and out[-1] == 1 and any(
+                o is not None and len(o) <= 1 and int(np.prod(o)) == 1 for o in operands):
+            found.append((node.name, node.op_type, operands, out))
+    return found
+
+
+def test_compiled_pass_gives_row_statistics_no_rank_0_scalar():
+    """A LayerNorm and an attention-style softmax keep rows' statistics (keepdims, last axis 1)
+    and scale them by constants; the compiled pass writes those constants as [1, 1] (Mul of a
+    [16, 16, 16, 1] by a scalar took 50 us in onnxruntime, by a [1, 1] 1.2 us), and still
+    equals the interpreter and conserves."""
+    rng = np.random.default_rng(23)
+    t, d = 6, 8
+    c = {"s": rng.uniform(0.5, 1.5, d), "b": rng.standard_normal(d) * 0.1, "wq": rng.standard_normal((d, d)) * 0.5,
+         "wk": rng.standard_normal((d, d)) * 0.5, "w3": rng.standard_normal((d, 3)) * 0.4}
+    c = {k: np.asarray(v, np.float32) for k, v in c.items()}
+    c["ax"] = np.array([1], np.int64)
+    mk = helper.make_node
+    nodes = [mk("LayerNormalization", ["x", "s", "b"], ["ln"], axis=-1),
+             mk("MatMul", ["ln", "wq"], ["q"]), mk("MatMul", ["ln", "wk"], ["k"]),
+             mk("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), mk("MatMul", ["q", "kt"], ["scores"]),
+             mk("Softmax", ["scores"], ["p"], axis=-1), mk("MatMul", ["p", "ln"], ["o"]),
+             mk("MatMul", ["o", "w3"], ["z"]), mk("ReduceMean", ["z", "ax"], ["y"], keepdims=0)]
+    m = model(nodes, {"x": (None, t, d)}, ["y"], c, opset=18)
+    x = rng.standard_normal((4, t, d)).astype(np.float32)
+    x0 = (rng.standard_normal((1, t, d)) * 0.3).astype(np.float32)
+    interp, comp, a, b = _both(m, "deeplift", "cross_max", x, x0, 1)
+    _assert_same(a, b)
+    _assert_conserves(comp, x, x0, b[1])
+    passes = [p for p in comp._compiled.passes.values() if p is not None]
+    assert passes
+    graph = passes[0].model.graph
+    initializers = {i.name: tuple(i.dims) for i in graph.initializer}
+    statistics = [n for n in graph.node if n.op_type.startswith("Reduce")]
+    assert statistics  # the rules did keep rows' statistics
+    assert _scalars_against_row_statistics(graph, passes[0].shapes, initializers) == []
+
+
 def test_compiled_gelu_slope_where_dx_is_tiny_is_as_accurate_as_the_interpreters():
     """Where dx ~ 0 the Gelu rule takes the derivative at the midpoint; a float32 compiled
     pass computes it from onnxruntime's Erf (1/2 + erf / 2) instead of erfc's rational fits.
