@@ -222,7 +222,7 @@ def test_compiled_equals_interpreter_on_transformer_mlp_pieces():
 def _scalars_against_row_statistics(graph, shapes, initializers):
     """Elementwise nodes (If bodies included) that combine a one-element operand of rank 0 or
     1 with a result whose last axis has length 1: onnxruntime broadcasts those one element
-    at a time (tracer._scalar_as_matrix)."""
+    at a time (tracer._scalar_as_ones)."""
     found = []
     for node in graph.node:
         for attr in node.attribute:

@@ -42,8 +42,8 @@ class TraceError(LiftirError):
 
 _WIDEN = {np.dtype(np.int8): np.dtype(np.int32), np.dtype(np.int16): np.dtype(np.int32),
           np.dtype(np.uint8): np.dtype(np.int32), np.dtype(np.uint16): np.dtype(np.int32)}
-#: the shape a one-element operand takes against rows' statistics (`_scalar_as_matrix`)
-_MATRIX_SHAPE = np.array([1, 1], np.int64)
+#: the shapes a one-element operand takes against rows' statistics, by rank (`_scalar_as_ones`)
+_ONES_SHAPES = {rank: np.ones(rank, np.int64) for rank in range(2, 9)}
 
 
 def _dt(dtype) -> np.dtype:
@@ -72,7 +72,7 @@ class Recorder:
         self._consts: dict[tuple, str] = {}
         self._keep: list = []  # arrays whose id() keys _consts stay alive
         self._const_values: dict[str, np.ndarray] = {}  # initializer name -> its array
-        self._matrices: dict[str, str] = {}  # one-element constant -> its [1, 1] copy (`as_matrix`)
+        self._reshaped: dict[tuple, str] = {}  # (one-element constant, rank) -> its copy (`as_ones_shaped`)
         self.ops: list[str] = []
         #: every value's shape as the Traced that names it has it (None where two disagree):
         #: what `tiling` cuts the emitted graph by
@@ -105,16 +105,17 @@ class Recorder:
         self._keep.append(value)
         return name
 
-    def as_matrix(self, name: str) -> str:
-        """A one-element value as shape [1, 1]: a constant's own initializer (once), a
-        computed value through a Reshape in the scope being recorded (`_scalar_as_matrix`)."""
-        if name in self._matrices:
-            return self._matrices[name]
+    def as_ones_shaped(self, name: str, rank: int) -> str:
+        """A one-element value as shape [1] * rank: a constant's own initializer (once), a
+        computed value through a Reshape in the scope being recorded (`_scalar_as_ones`)."""
+        key = (name, rank)
+        if key in self._reshaped:
+            return self._reshaped[key]
         value = self._const_values.get(name)
         if value is None:
-            return self.node("Reshape", [name, self.const(_MATRIX_SHAPE)])
-        self._matrices[name] = matrix = self.const(value.reshape(1, 1))
-        return matrix
+            return self.node("Reshape", [name, self.const(_ONES_SHAPES[rank])])
+        self._reshaped[key] = reshaped = self.const(value.reshape((1,) * rank))
+        return reshaped
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs):
         outs = [self.fresh() for _ in range(n_out)]
@@ -859,19 +860,22 @@ def _operand_names(rec: Recorder, ts: list[Traced], shape) -> list[str]:
                     for t, n in zip(ts, names)]
     else:
         operands = [(t.ref, t.shape) for t in ts]
-    return [_scalar_as_matrix(rec, n, s, shape) for n, s in operands]
+    return [_scalar_as_ones(rec, n, s, shape) for n, s in operands]
 
 
-def _scalar_as_matrix(rec: Recorder, name: str, operand_shape, shape) -> str:
-    """A one-element operand of rank 0 or 1 as a [1, 1] matrix where the result's last axis
-    has length 1 (rows' statistics, keepdims: a LayerNorm's or a softmax's). onnxruntime's
-    CPU broadcasting then walks the result one element at a time: Mul of [16, 16, 16, 1] by
-    a scalar took 50 us, by a [1, 1] 1.2 us, as of a [4096] by a scalar (onnxruntime 1.32,
-    one thread); such nodes were 4-9% of a transformer's compiled pass. The same arithmetic
-    on the same elements: the same bits."""
-    if len(shape) < 2 or shape[-1] != 1 or len(operand_shape) > 1 or int(np.prod(operand_shape)) != 1:
+def _scalar_as_ones(rec: Recorder, name: str, operand_shape, shape) -> str:
+    """A one-element operand of rank 0 or 1 as an array of 1's of the result's rank where the
+    result's last axis has length 1 (rows' statistics, keepdims: a LayerNorm's or a
+    softmax's, a global pool's [N, C, 1, 1]). onnxruntime's CPU broadcasting walks such a
+    result one element at a time: Mul of [16, 16, 16, 1] by a scalar took 50 us, by a
+    [1, 1, 1, 1] 1.2 us, as of a [4096] by a scalar (onnxruntime 1.32, one thread; a [1, 1]
+    serves one trailing 1, not two: a ResNet's [1, 8, 512, 1, 1] Div still took 69 us); such
+    nodes were 4-9% of a transformer's compiled pass. The same arithmetic on the same
+    elements: the same bits."""
+    if (len(shape) not in _ONES_SHAPES or shape[-1] != 1 or len(operand_shape) > 1
+            or int(np.prod(operand_shape)) != 1):
         return name
-    return rec.as_matrix(name)
+    return rec.as_ones_shaped(name, len(shape))
 
 
 def _binary(op: str, a, b, out_dtype=None, dtype=None) -> Traced:
