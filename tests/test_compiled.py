@@ -241,9 +241,9 @@ def _scalars_against_row_statistics(graph, shapes, initializers):
 
 def test_compiled_pass_gives_row_statistics_no_rank_0_scalar():
     """A LayerNorm and an attention-style softmax keep rows' statistics (keepdims, last axis 1)
-    and scale them by constants; the compiled pass writes those constants as [1, 1] (Mul of a
-    [16, 16, 16, 1] by a scalar took 50 us in onnxruntime, by a [1, 1] 1.2 us), and still
-    equals the interpreter and conserves."""
+    and scale them by constants; the compiled pass writes those constants with the result's
+    rank (Mul of a [16, 16, 16, 1] by a scalar took 50 us in onnxruntime, by a [1, 1, 1, 1]
+    1.2 us), and still equals the interpreter and conserves."""
     rng = np.random.default_rng(23)
     t, d = 6, 8
     c = {"s": rng.uniform(0.5, 1.5, d), "b": rng.standard_normal(d) * 0.1, "wq": rng.standard_normal((d, d)) * 0.5,
