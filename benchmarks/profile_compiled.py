@@ -10,12 +10,19 @@ up to the pass.
 
     python benchmarks/profile_compiled.py vit                 # a bench_architectures model
     python benchmarks/profile_compiled.py residual_bn --top 15  # a bench_deeplift model
+    python benchmarks/profile_compiled.py swin --slowest 20     # the nodes slowest per element
+
+`--slowest` lists the nodes (convolutions and matrix products aside) with the most time per
+element of their largest operand: where onnxruntime's kernel takes a slow path for those
+shapes. It found that a scalar times a [16, 16, 16, 1] row statistic ran 40x slower than
+with a [1, 1, 1, 1] (README, "Constants against rows' statistics").
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import sys
@@ -53,9 +60,21 @@ def model_and_inputs(name: str):
     return proto, feeds, {n: b.numpy() for n, b in zip(names, baselines)}
 
 
+#: ops left out of `--slowest`: their time goes with their arithmetic, not their operands' size
+_COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm", "FusedConv", "FusedGemm",
+                      "LSTM", "GRU", "RNN", "MaxPool", "AveragePool", "If", "Loop", "Scan"})
+
+
+def _elements(shapes: list) -> int:
+    """The size of the largest of a profiled node's operand shapes."""
+    return max([1] + [int(math.prod(next(iter(s.values())))) for s in shapes if s])
+
+
 def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift", tiled: bool = False,
-            **options) -> collections.Counter:
-    """Kernel ms per run of the compiled pass, by (rule, op type)."""
+            slowest: list | None = None, **options) -> collections.Counter:
+    """Kernel ms per run of the compiled pass, by (rule, op type). `slowest`, a list, receives
+    (ns per element, us per run, op, node, input shapes) of each node outside `_COMPUTE`, the
+    most time per element first."""
     import liftir
     import onnxruntime as ort
     proto, x, x0 = model_and_inputs(name)
@@ -92,6 +111,7 @@ def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift", 
     runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     steady = runs[WARM_UP - 1]  # kernels that start after the warm-up runs ended
     by_rule_op = collections.Counter()
+    per_node = collections.defaultdict(lambda: [0.0, None, None])  # node -> [us per run, op, shapes]
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < steady:
             continue
@@ -108,6 +128,16 @@ def profile(name: str, repeats: int, target: int = 1, method: str = "deeplift", 
         else:
             rule = "forward: " + op
         by_rule_op[rule, op] += event["dur"] / (1000 * repeats)  # microseconds -> ms per run
+        if slowest is not None and op not in _COMPUTE:
+            per_node[node][0] += event["dur"] / repeats
+            per_node[node][1:] = [op, (event["args"].get("input_type_shape", []),
+                                       event["args"].get("output_type_shape", []))]
+    if slowest is not None:
+        for node, (us, op, (inputs, outputs)) in per_node.items():
+            size = _elements(inputs + outputs)
+            if size >= 4096:  # below, a node's fixed overhead is its time
+                slowest.append((1000 * us / size, us, op, node, [next(iter(s.values())) for s in inputs if s]))
+        slowest.sort(reverse=True)
     return by_rule_op
 
 
@@ -120,11 +150,14 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="deeplift", help="any liftir method (default deeplift)")
     p.add_argument("--steps", type=int, default=None, help="n_steps, for integrated_gradients")
     p.add_argument("--tiled", action="store_true", help="profile the pass's tiled form (one thread only)")
+    p.add_argument("--slowest", type=int, default=0, metavar="K",
+                   help="also the K nodes with the most time per element (convolutions and products aside)")
     args = p.parse_args(argv)
     os.environ.setdefault("LIFTIR_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
     options = {} if args.steps is None else {"n_steps": args.steps}
-    by_rule_op = profile(args.model, args.repeats, method=args.method, tiled=args.tiled, **options)
+    slowest = [] if args.slowest else None
+    by_rule_op = profile(args.model, args.repeats, method=args.method, tiled=args.tiled, slowest=slowest, **options)
     by_rule, by_op, families = collections.Counter(), collections.Counter(), collections.Counter()
     for (rule, op), ms in by_rule_op.items():
         by_rule[rule] += ms
@@ -145,6 +178,11 @@ def main(argv=None) -> int:
         print(f"| {rule}: op | ms | % |\n|---|---|---|")
         for op, ms in inside.most_common(args.top):
             print(f"| {op} | {ms:.2f} | {100 * ms / total:.1f} |")
+        print()
+    if slowest:
+        print("| ns per element | us | op | inputs | node |\n|---|---|---|---|---|")
+        for per_element, us, op, node, inputs in slowest[:args.slowest]:
+            print(f"| {per_element:.2f} | {us:.1f} | {op} | {inputs} | {node[-60:]} |")
         print()
     return 0
 
