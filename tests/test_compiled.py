@@ -957,8 +957,8 @@ def test_tracer_any_and_all_of_bools_equal_numpy(opset):
         np.testing.assert_array_equal(g, w)
 
 
-# (spatial, kernel, strides, pads, dilations, ceil_mode): strides above 1 in both axes read
-# the window offsets from one SpaceToDepth of the stride lattices; the others keep slices
+# (spatial, kernel, strides, pads, dilations, ceil_mode): equal strides above 1 read the
+# window offsets from the stride lattices (step-1 slices only); the others keep strided slices
 POOL_GEOMETRIES = [((12, 12), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),  # ResNet's stem pool
                    ((11, 13), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),  # odd sizes: a partial block
                    ((12, 12), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), False),  # tiles the input
@@ -967,9 +967,20 @@ POOL_GEOMETRIES = [((12, 12), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),  # R
                    ((14, 14), (3, 3), (2, 2), (0, 0, 0, 0), (2, 3), False),  # dilations: odd residues
                    ((12, 12), (3, 3), (1, 2), (1, 1, 1, 1), (1, 1), False),  # unequal strides: slices
                    ((9, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False)]    # stride 1: slices
+POOL_GEOMETRIES_1D = [((16,), (2,), (2,), (0, 0), (1,), False),  # an Enformer-style stem's pool
+                      ((15,), (3,), (2,), (1, 1), (1,), False),  # overlapping, odd length
+                      ((17,), (2,), (2,), (0, 0), (1,), True),   # ceil mode: overhang
+                      ((14,), (3,), (3,), (1, 0), (2,), False)]  # dilated, stride 3
 
 
-@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=lambda g: "x".join(map(str, g[0])) + f"k{g[1]}s{g[2]}p{g[3]}d{g[4]}c{int(g[5])}")
+def _strided_slices(rec) -> int:
+    """Slice nodes a recording holds with a step other than 1."""
+    return sum(1 for node in rec.nodes if node.op_type == "Slice" and len(node.input) > 4
+               and (rec._const_values[node.input[4]] != 1).any())
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES + POOL_GEOMETRIES_1D,
+                         ids=lambda g: "x".join(map(str, g[0])) + f"k{g[1]}s{g[2]}p{g[3]}d{g[4]}c{int(g[5])}")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_traced_window_pieces_equal_numpys_strided_views(geometry, dtype):
     from liftir.kernels.windows import Windows, window_pieces
@@ -983,12 +994,30 @@ def test_traced_window_pieces_equal_numpys_strided_views(geometry, dtype):
     np.testing.assert_array_equal(_run_traced(pieces, x), pieces(np, x))
     rec = tracer.Recorder(17)
     with tracer.recording(rec):
-        window_pieces(tracer, windows, tracer.Traced(rec, "a", x.shape, dtype))
-    lattice = strides[0] == strides[1] > 1
-    assert ("SpaceToDepth" in rec.ops) == lattice
+        pieces(tracer, tracer.Traced(rec, "a", x.shape, dtype))
+    lattice = len(set(strides)) == 1 and strides[0] > 1
+    assert (_strided_slices(rec) > 0) == (max(strides) > 1 and not lattice)
 
 
-@pytest.mark.parametrize("geometry", POOL_GEOMETRIES[:6], ids=lambda g: "x".join(map(str, g[0])) + f"k{g[1]}s{g[2]}")
+@pytest.mark.parametrize("nd", [1, 2])
+def test_traced_interleave_equals_numpys_strided_writes(nd):
+    """A tiling pool's per-offset pieces written back into one input-shaped array: the
+    tracer's concatenations (`windows._interleave`) give NumPy's strided writes."""
+    from liftir.kernels.windows import Windows, untile
+    spatial, kernel = ((12,), (3,)) if nd == 1 else ((6, 8), (3, 2))
+    windows = Windows.make(spatial, kernel, kernel, (0, 0) * nd, (1,) * nd)
+    rng = np.random.default_rng(9)
+    pieces = [rng.standard_normal((2, 3) + windows.out).astype(np.float32) for _ in range(int(np.prod(kernel)))]
+
+    def interleaved(xp, *parts):
+        out = xp.zeros((2, 3) + spatial, dtype=np.float32)
+        untile(xp, windows, list(parts), out)
+        return out
+
+    np.testing.assert_array_equal(_run_traced(interleaved, *pieces), interleaved(np, *pieces))
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES[:6] + POOL_GEOMETRIES_1D, ids=lambda g: "x".join(map(str, g[0])) + f"k{g[1]}s{g[2]}")
 @pytest.mark.filterwarnings("ignore::liftir.diagnostics.ConvergenceWarning")  # the paper rule's, expected
 def test_compiled_max_pool_equals_the_interpreter_on_every_geometry(geometry):
     """After a ReLU (ties at 0 inside windows, dx == 0 where both passes are <= 0), every
@@ -998,7 +1027,7 @@ def test_compiled_max_pool_equals_the_interpreter_on_every_geometry(geometry):
     rng = np.random.default_rng(17)
     c = 3
     out = Windows.make(spatial, kernel, strides, pads, dilations, ceil_mode).out
-    consts = {"w": (rng.standard_normal((4, c * out[0] * out[1])) * 0.3).astype(np.float32)}
+    consts = {"w": (rng.standard_normal((4, c * int(np.prod(out)))) * 0.3).astype(np.float32)}
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
                               dilations=list(dilations), ceil_mode=int(ceil_mode)),
