@@ -411,10 +411,10 @@ def fill_where(xp, out, mask, fn, *args):
 
     For the few elements a rule treats specially (dx ~ 0, where the derivative replaces the
     quotient), evaluating fn on the whole array would cost as much as the rule itself. `fn`
-    must be elementwise; `args` broadcast against `mask`. A trace selects them too (NonZero,
-    GatherND, ScatterND: tracer.fill_masked), so fn must not depend on its arguments' shapes.
+    must be elementwise; `args` broadcast against `mask`. A trace selects them too (Compress,
+    Gather, ScatterND: tracer.fill_masked), so fn must not depend on its arguments' shapes.
     """
-    if is_tracer(xp):  # NonZero, GatherND, fn, ScatterND: fn on the masked elements only
+    if is_tracer(xp):  # Compress, Gather, fn, ScatterND: fn on the masked elements only
         return xp.fill_masked(out, mask, fn, *args)
     if tuple(mask.shape) != tuple(out.shape):
         mask = xp.broadcast_to(mask, out.shape)
@@ -430,7 +430,7 @@ def reduce_rows_where(xp, rows, fn, fallback, *arrays):
     `arrays` broadcast against each other (a shared reference row is read, not repeated).
     fn maps (k, L) arrays to (k, 1); it must not depend on k. For a rule's special case on a
     few rows (a softmax's rows that barely move), which would cost a whole pass of the
-    tensor per op if evaluated everywhere. A trace selects the rows with NonZero and Gather
+    tensor per op if evaluated everywhere. A trace selects the rows with Compress and Gather
     and writes the results with ScatterND (tracer.reduce_rows_where)."""
     if is_tracer(xp):
         return xp.reduce_rows_where(rows, fn, fallback, *arrays)

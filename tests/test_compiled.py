@@ -710,7 +710,7 @@ def _fill_where_case(shape, where):
 @pytest.mark.parametrize("shape", [(2, 5, 6), (3, 40, 300), (3, 41, 296), (3, 37, 301), (40000,), (33411,)])
 @pytest.mark.parametrize("where", ["none", "corners", "scattered", "one row", "all"])
 def test_tracer_fill_where_equals_numpy(shape, where):
-    """fill_where in a trace: NonZero on the whole mask (small arrays) or on the blocks (or
+    """fill_where in a trace: positions from the whole mask (small arrays) or from the blocks (or
     rows) that hold a masked element (large ones); the same elements, the same values as NumPy."""
     rows, length = int(np.prod(shape[:-1])), shape[-1]
     picks = {"none": (np.array([], int), np.array([], int)),
