@@ -419,7 +419,7 @@ class Explainer(PassLoops):
             result = dict(zip(call.wrt, attrs))  # integer inputs: by attributed tensor
         else:
             result = pack(attrs, kind)
-        diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer)
+        diagnostics.warn_if_not_conserving(self, xs, refs, attrs, delta, output=out, layer=layer, call=call)
         if return_convergence_delta:
             return result, delta
         return result
