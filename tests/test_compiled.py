@@ -8,6 +8,7 @@ interpreter, said in a log line, never a silently different answer.
 from __future__ import annotations
 
 import logging
+import warnings
 import math
 
 import numpy as np
@@ -299,6 +300,36 @@ def test_compiled_gelu_slope_where_dx_is_tiny_is_as_accurate_as_the_interpreters
         assert np.all(abs(delta) <= 4 * np.finfo(np.float32).eps * scale), (engine, delta, scale)
     assert errors["compiled"] <= max(errors["interpreter"], 1e-7) * 1.5, errors
     assert errors["interpreter"] < 3e-7, errors
+
+
+def test_compiled_gelus_against_a_variant_reference_equal_the_interpreter():
+    """The reference of each sample is the sequence itself but for one base (a variant's
+    effect): outside that base's receptive field nothing moves, so nearly every element of
+    the GELUs takes the derivative fallback, which a compiled pass then computes on every
+    element with one Where instead of searching, gathering and scattering them all
+    (tracer.fill_masked). The same attributions as the interpreter; summation-to-delta,
+    with no ConvergenceWarning although the outputs move by a few ulps."""
+    rng = np.random.default_rng(11)
+    length, channels = 2048, 16
+    inits = {"w1": (rng.standard_normal((channels, 4, 9)) * 0.3).astype(np.float32),
+             "w2": (rng.standard_normal((8, channels, 9)) * 0.1).astype(np.float32),
+             "ax": np.array([1, 2], np.int64)}
+    m = model([helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[4, 4]), helper.make_node("Gelu", ["c1"], ["g1"]),
+               helper.make_node("Conv", ["g1", "w2"], ["c2"], pads=[4, 4]), helper.make_node("Gelu", ["c2"], ["g2"]),
+               helper.make_node("ReduceSum", ["g2", "ax"], ["y"], keepdims=0)],
+              {"x": (None, 4, length)}, ["y"], inits, opset=20)
+    x0 = np.eye(4, dtype=np.float32)[rng.integers(0, 4, length)].T[None]
+    x = np.repeat(x0, 4, axis=0)
+    for i, at in enumerate(rng.choice(length, 4, replace=False)):
+        x[i, :, at] = np.roll(x0[0, :, at], 1 + i % 3)  # another base there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", liftir.diagnostics.ConvergenceWarning)
+        interp, comp, a, b = _both(m, "deeplift", "cross_max", x, x0, None)
+    _assert_same(a, b)
+    _assert_conserves(comp, x, x0, b[1])
+    # the fallback's slopes reach no attribution (their dx is 0) but every multiplier
+    multipliers = [e.attribute(x, baselines=x0, multiply_by_inputs=False) for e in (interp, comp)]
+    np.testing.assert_allclose(multipliers[1], multipliers[0], rtol=0, atol=REL * float(np.abs(multipliers[0]).max()))
 
 
 # ---- caching ------------------------------------------------------------------------------
@@ -708,15 +739,21 @@ def _fill_where_case(shape, where):
 # below tracer._SMALL; above it in blocks of 32, of 8 (a size 8 divides, 32 does not), by
 # rows of the last axis (an odd size), 1-D in blocks and 1-D whole (odd)
 @pytest.mark.parametrize("shape", [(2, 5, 6), (3, 40, 300), (3, 41, 296), (3, 37, 301), (40000,), (33411,)])
-@pytest.mark.parametrize("where", ["none", "corners", "scattered", "one row", "all"])
+@pytest.mark.parametrize("where", ["none", "corners", "scattered", "one row", "every 7th", "most", "all"])
 def test_tracer_fill_where_equals_numpy(shape, where):
     """fill_where in a trace: positions from the whole mask (small arrays) or from the blocks (or
-    rows) that hold a masked element (large ones); the same elements, the same values as NumPy."""
+    rows) that hold a masked element (large ones), or fn on every element where most are
+    masked ("most", "all"; "every 7th" holds one in nearly every block but stays below the
+    dense fraction); the same elements, the same values as NumPy."""
     rows, length = int(np.prod(shape[:-1])), shape[-1]
+    flat = np.arange(rows * length)
+    most = flat[np.random.default_rng(5).random(flat.size) < 0.6]
     picks = {"none": (np.array([], int), np.array([], int)),
              "corners": (np.array([0, 0, rows - 1, rows - 1]), np.array([0, length - 1, 0, length - 1])),
              "scattered": (np.random.default_rng(3).integers(0, rows, 40), np.random.default_rng(4).integers(0, length, 40)),
              "one row": (np.full(length, rows // 2), np.arange(length)),
+             "every 7th": (flat[::7] // length, flat[::7] % length),
+             "most": (most // length, most % length),
              "all": (slice(None), slice(None))}[where]
     fill, a, row, mask = _fill_where_case(shape, picks)
     np.testing.assert_array_equal(_run_traced(fill, a, row, mask), fill(np, a.copy(), row, mask))

@@ -1617,7 +1617,13 @@ def fill_masked(out: Traced, mask, fn, *args) -> Traced:
     consecutive elements hold a masked element comes from the reduction the If needs anyway,
     and the positions are searched in those blocks only. (By rows of the last axis, a ViT's GELU, 270
     masked of 532k, took 0.87 ms against 2.2 for the whole mask; but an Enformer-style stem's
-    GELU, 1005 masked of 1M spread over 631 of its 1024 rows, still searched 62% of it.)"""
+    GELU, 1005 masked of 1M spread over 631 of its 1024 rows, still searched 62% of it.)
+
+    Where more than `_DENSE_FILL` of the elements are masked, fn runs on every element and
+    one Where picks (a count of the mask decides, in the pass): a reference one base away
+    from each sequence (a variant's effect) leaves almost every activation unmoved, and the
+    gathers and the scatter of nearly all elements cost an Enformer-style stem GELU 5x its
+    Rescale."""
     rec = out.rec
     mask = _as_dtype(_lift(rec, mask), np.bool_)
     if mask.shape != out.shape:
@@ -1629,10 +1635,21 @@ def fill_masked(out: Traced, mask, fn, *args) -> Traced:
     flat = out._reshape_value((-1,))  # the If's value flat: its branch's Reshape back was a copy
     if out.size > _SMALL and block:
         blocks = mask._reshape_value((-1, block)).any(axis=1)
-        filled = cond(blocks.any(),
-                      lambda flat, mask, blocks, *args: _scatter_masked(
-                          flat, shape, _masked_by_blocks(mask, blocks, block), fn, args),
-                      lambda flat, mask, blocks, *args: flat, flat, mask, blocks, *args)
+
+        def sparse(flat, mask, blocks, *args):
+            return _scatter_masked(flat, shape, _masked_by_blocks(mask, blocks, block), fn, args)
+
+        def dense(flat, mask, blocks, *args):
+            return where(mask, fn(*args), flat._reshape_value(shape))._reshape_value((-1,))
+
+        def counted(flat, mask, blocks, *args):  # most elements masked: fn on all, one Where
+            many = mask.astype(np.int32).sum() > int(out.size * _DENSE_FILL)
+            return cond(many, dense, sparse, flat, mask, blocks, *args)
+
+        def some(flat, mask, blocks, *args):  # the mask is counted only where most blocks hold some
+            most = blocks.astype(np.int32).sum() > int(blocks.size * _DENSE_BLOCKS)
+            return cond(most, counted, sparse, flat, mask, blocks, *args)
+        filled = cond(blocks.any(), some, lambda flat, mask, blocks, *args: flat, flat, mask, blocks, *args)
     else:
         filled = cond(mask.any(), lambda flat, mask, *args: _scatter_masked(flat, shape, _masked(mask), fn, args),
                       lambda flat, mask, *args: flat, flat, mask, *args)
@@ -1656,6 +1673,14 @@ def _true_positions(rec: Recorder, flat: str, length: int) -> str:
 
 
 #: elements per block that `fill_masked` searches a large mask by: for k masked elements of n,
+#: the fraction of masked elements above which `fill_masked` evaluates fn everywhere, and
+#: of blocks holding one that it must exceed first (a cheaper count): the sparse path costs
+#: ~3.5 ns per searched element and ~25 per masked one (onnxruntime, one thread), fn on every
+#: element and a Where ~12 ns per element, so dense pays beyond ~35% masked, and only where
+#: nearly every block is searched (an Enformer-style tower GELU, 9% masked in 65% of its
+#: blocks, stays sparse without counting)
+_DENSE_FILL = 0.35
+_DENSE_BLOCKS = 0.85
 #: the search reads n / B block flags and k B elements at most, least near B = sqrt(n / k);
 #: 32 suits the masks measured (a few hundred to a thousand of 0.5-1M)
 _BLOCK = 32
