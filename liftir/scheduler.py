@@ -219,6 +219,8 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     `Unexposed` shapes, known from one full forward at these input shapes).
     """
     signature = _batch_signature(outputs, feeds)
+    if n_actual + n_ref == 1 and signature not in plan._batch_axes:
+        _locate_one_row_by_two(plan, xp, feeds, outputs, mode, options, engine)
     if exposed is not None and (signature not in plan._shapes or signature not in plan._batch_free):
         forward(plan, xp, feeds, n_actual, n_ref, outputs, mode, options, engine)
         if signature not in plan._shapes:  # the full forward did not run on onnxruntime
@@ -262,6 +264,26 @@ def forward(plan: Plan, xp, feeds: dict[str, Any], n_actual: int, n_ref: int,
     plan._static_values.setdefault(signature, {}).update(run.static)
     _locate_batch(plan, run, outputs, feeds)
     return run
+
+
+def _locate_one_row_by_two(plan: Plan, xp, feeds: dict[str, Any], outputs: tuple[str, ...], mode, options,
+                           engine: str) -> None:
+    """The batch location of a forward of one row (a gradient method on one sample, `predict`
+    of one), from a forward of that row twice. With one row every axis of length 1 may hold
+    the samples, and shape propagation cannot tell which: an Enformer-style attention's
+    sequence-major (L, N, heads, d) MatMuls were refused as mixing samples, so saliency of a
+    single sequence failed where two worked. The locations (axis, outer, inner factors) do
+    not depend on the row count, so the two-row run's serve the one-row run. A graph that
+    runs one row only (a batch size frozen into it) leaves the one-row run to locate itself."""
+    doubled = {k: xp.concatenate([v, v]) for k, v in feeds.items()}
+    try:
+        forward(plan, xp, doubled, 2, 0, outputs, mode, options, engine)
+    except Exception:  # noqa: BLE001 - the one-row run goes on as before and reports its own errors
+        return
+    two = _batch_signature(outputs, doubled)
+    one = _batch_signature(outputs, feeds)
+    plan._batch_axes[one] = plan._batch_axes[two]
+    plan._batch_free[one] = plan._batch_free[two]
 
 
 def _batch_signature(outputs: tuple[str, ...], feeds: dict[str, Any]) -> tuple:

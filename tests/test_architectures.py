@@ -450,6 +450,37 @@ def test_architecture(name, how):
         assert isinstance(v["captum"], float) and v["captum"] <= CAPTUM_TOL, v
 
 
+@pytest.mark.parametrize("name", ["enformer_small", "torch_mha", "vit", "swin", "bert", "gpt2", "lstm_bi"])
+def test_one_sample_saliency_and_prediction(name):
+    """A gradient method on one sample, and `predict` of one, run one row through the graph,
+    where every axis of length 1 could hold the samples: the batch is located from two
+    copies of the row (scheduler._locate_one_row_by_two). The Enformer-style net's
+    sequence-major attention was refused before as mixing samples. Saliency equals
+    torch.autograd of the same output; the prediction equals onnxruntime's."""
+    import liftir
+    arch = ARCHS[name]
+    proto, model = exported(name, "ts17"), _model(name)
+    xs, feeds = _feeds(arch, 1, seed=5)
+    ex = liftir.Explainer(proto, method="saliency")
+    np.testing.assert_allclose(ex.predict(feeds if arch.embedding is not None else feeds["input"]),
+                               _ort(proto, feeds), rtol=1e-5, atol=1e-6)
+    target = _target(name)
+    if arch.embedding is None:
+        got = ex.attribute(feeds["input"], target=target)
+        xt = xs[0].clone().requires_grad_(True)
+        model(xt)[:, target].sum().backward()
+        assert _rel(got, xt.grad.numpy()) <= SAL_TOL
+        return
+    got = ex.attribute(feeds, target=target)[ex.attributed[0]]
+    store = {}
+    handle = arch.embedding(model).register_forward_hook(lambda m, a, out: (out.retain_grad(), store.update(e=out)) and None)
+    try:
+        model(*xs)[:, target].sum().backward()
+    finally:
+        handle.remove()
+    assert _rel(got, store["e"].grad.numpy()) <= SAL_TOL
+
+
 @pytest.mark.parametrize("name", ["lstm_bi", "gru"])
 def test_captum_deeplift_through_recurrent_gates_is_gradient_times_delta(name):
     """Why Captum's DeepLift is compared only at the head of the recurrent models: nn.LSTM /

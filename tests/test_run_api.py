@@ -120,8 +120,9 @@ def scheduler_callers(monkeypatch):
 
 #: the Explainer (its calls, and their pass loops: liftir/pass_loops.py) and its engine: the
 #: compiler traces a pass over the scheduler (for the compiled engine, and for which forward
-#: tensors the interpreter's pass reads)
-ENGINE = {"liftir.explainer", "liftir.pass_loops", "liftir.compile.compiler"}
+#: tensors the interpreter's pass reads); the scheduler's own forward locates the batch of a
+#: one-row run from a two-row one
+ENGINE = {"liftir.explainer", "liftir.pass_loops", "liftir.compile.compiler", "liftir.scheduler"}
 
 
 def test_check_and_testing_run_through_the_explainer(scheduler_callers):
