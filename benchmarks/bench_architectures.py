@@ -49,6 +49,8 @@ BENCHES = {
     "lstm_bi": ("ts17", 64, "bidirectional LSTM, 100 steps, 32 features, hidden 64"),
     "gru": ("ts17", 64, "GRU, 100 steps, 32 features, hidden 128"),
     "enformer_small": ("ts17", 16, "Enformer-style, 1024 bp, width 64, 2 attention blocks"),
+    "enformer_variants": ("ts17", 16, "the Enformer-style net, each sequence one base from a shared reference "
+                                      "sequence (a variant's effect)"),
 }
 SEQ, VOCAB = 32, 1000  # zoo_transformers.export allows sequences up to 32 with dynamo
 
@@ -96,11 +98,18 @@ def build(name):
         model = zs.seed_(zs.RecurrentClassifier(kind, bi, hidden=hidden, features=32, front=32), 0)
         x = torch.randn((batch, 100, 32), generator=g)
         return model, (x,), ["input"], (0.3 * torch.randn((1, 100, 32), generator=g),), None
-    if name == "enformer_small":
+    if name in ("enformer_small", "enformer_variants"):
         model = zs.seed_(zs.EnformerSmall(width=64, heads=4, blocks=2, length=1024), 0)
         idx = torch.randint(0, 4, (batch, 1024), generator=g)
         x = torch.nn.functional.one_hot(idx, 4).permute(0, 2, 1).float().contiguous()
-        return model, (x,), ["input"], (torch.full((1, 4, 1024), 0.25),), None
+        if name == "enformer_small":
+            return model, (x,), ["input"], (torch.full((1, 4, 1024), 0.25),), None
+        # every sample the first sequence with one base changed, at a position of its own
+        variants = idx[:1].repeat(batch, 1)
+        at = torch.randperm(1024, generator=g)[:batch]
+        variants[torch.arange(batch), at] = (variants[torch.arange(batch), at] + 1 + torch.arange(batch) % 3) % 4
+        alt = torch.nn.functional.one_hot(variants, 4).permute(0, 2, 1).float().contiguous()
+        return model, (alt,), ["input"], (x[:1],), None
     raise KeyError(name)
 
 
