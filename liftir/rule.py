@@ -412,7 +412,9 @@ def fill_where(xp, out, mask, fn, *args):
     For the few elements a rule treats specially (dx ~ 0, where the derivative replaces the
     quotient), evaluating fn on the whole array would cost as much as the rule itself. `fn`
     must be elementwise; `args` broadcast against `mask`. A trace selects them too (Compress,
-    Gather, ScatterND: tracer.fill_masked), so fn must not depend on its arguments' shapes.
+    Gather, ScatterND: tracer.fill_masked), or where most elements are masked computes fn on
+    the arguments whole and picks with one Where, so fn must not depend on its arguments'
+    shapes.
     """
     if is_tracer(xp):  # Compress, Gather, fn, ScatterND: fn on the masked elements only
         return xp.fill_masked(out, mask, fn, *args)

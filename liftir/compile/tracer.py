@@ -1611,7 +1611,8 @@ def fill_masked(out: Traced, mask, fn, *args) -> Traced:
     the mask is usually empty, and finding the positions alone costs ~2-4 elementwise passes
     where a Cast and a ReduceMax cost ~1.5 (an LSTM's gates: 2.2 ms against 0.8 on
     64x100x192). fn must be elementwise: its array arguments reach it as 1-D arrays whose
-    length is known only when the pass runs (they are declared of length 1).
+    length is known only when the pass runs (they are declared of length 1), or whole, in
+    their own broadcasting shapes, where most elements are masked (below).
 
     A large mask is searched by blocks (`_masked_by_blocks`): which blocks of _BLOCK
     consecutive elements hold a masked element comes from the reduction the If needs anyway,
@@ -1673,17 +1674,17 @@ def _true_positions(rec: Recorder, flat: str, length: int) -> str:
 
 
 #: elements per block that `fill_masked` searches a large mask by: for k masked elements of n,
-#: the fraction of masked elements above which `fill_masked` evaluates fn everywhere, and
-#: of blocks holding one that it must exceed first (a cheaper count): the sparse path costs
-#: ~3.5 ns per searched element and ~25 per masked one (onnxruntime, one thread), fn on every
-#: element and a Where ~12 ns per element, so dense pays beyond ~35% masked, and only where
-#: nearly every block is searched (an Enformer-style tower GELU, 9% masked in 65% of its
-#: blocks, stays sparse without counting)
-_DENSE_FILL = 0.35
-_DENSE_BLOCKS = 0.85
 #: the search reads n / B block flags and k B elements at most, least near B = sqrt(n / k);
 #: 32 suits the masks measured (a few hundred to a thousand of 0.5-1M)
 _BLOCK = 32
+#: the fraction of masked elements above which `fill_masked` evaluates fn everywhere, and
+#: the fraction of blocks holding one that must be exceeded first (a cheaper count): the
+#: search, gathers and scatter cost ~3.5 ns per searched element and ~25 per masked one
+#: (onnxruntime, one thread), fn on every element and a Where ~12 ns per element, so dense
+#: pays beyond ~35% masked, and only where nearly every block is searched (an
+#: Enformer-style tower GELU, 9% masked in 65% of its blocks, stays sparse without counting)
+_DENSE_FILL = 0.35
+_DENSE_BLOCKS = 0.85
 
 
 def _masked_by_blocks(mask: Traced, blocks: Traced, length: int) -> str:
