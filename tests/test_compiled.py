@@ -844,6 +844,8 @@ def test_exported_explainer_runs_in_a_bare_onnxruntime_session(method, target):
     x0 = (rng.standard_normal((1,) + shape) * 0.3).astype(np.float32)
     ex = liftir.Explainer(m, method)
     exported = ex.compile(batch_size=3, target=target)
+    read = {name for node in exported.graph.node for name in tracer.node_reads(node)}
+    assert {t.name for t in exported.graph.initializer} <= read  # onnxruntime warns of any other
     session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"x": x, "x_baseline": x0} if method == "deeplift" else {"x": x}
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))

@@ -109,6 +109,13 @@ def export(explainer, batch_size: int = 1, target=None, output: str | None = Non
         rec.nodes.append(helper.make_node("Identity", [value.ref], [nm], name=rec.fresh("n")))
     body = _topological(list(graph.node) + rec.nodes,
                         {i.name for i in graph.input} | {t.name for t in graph.initializer})
+    # only what the outputs need: onnxruntime warns, each time a session is built, of every
+    # initializer no node reads (a constant the trace made for a branch it dropped)
+    body = tracer.live_nodes(body, {nm for nm, _ in outputs})
+    read = {name for node in body for name in tracer.node_reads(node)}
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     del graph.node[:]
     graph.node.extend(body)
     del graph.output[:]
